@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+# Only the ``spotlighter`` package is installed. The repository's ``trainers/`` and ``datasets/``
+# folders are imported by ``train.py`` from the checkout (as in CoOp), never installed as top-level
+# packages, so ``pip install -e .`` does not shadow HuggingFace ``datasets``.
+setup(
+    name="spotlighter",
+    version="0.1.0",
+    description="Spotlighter (EMNLP 2025 Findings) and CLIP prompt-tuning baselines as Dassl trainers",
+    python_requires=">=3.9",
+    packages=find_packages(include=["spotlighter", "spotlighter.*"]),
+    package_data={"spotlighter": ["data/*.csv"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "numpy",
+        "Pillow",
+        "yacs",
+        "tabulate",
+        "tqdm",
+        "ftfy",
+        "regex",
+        "clip-anytorch>=2.6",
+        # clip-anytorch imports pkg_resources, which setuptools>=82 no longer ships.
+        "setuptools<82",
+    ],
+    extras_require={
+        "plot": ["matplotlib"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["spotlighter-results=spotlighter.results.cli:main"]},
+)
