@@ -1,0 +1,227 @@
+"""Where every dataset lives under ``$DATA``, and the file-level checks shared by everything.
+
+This module is deliberately **free of Dassl** (and of torch): ``scripts/check_data.py`` loads it by
+path to check a ``$DATA`` folder on a machine without Dassl, and the Dassl dataset classes of this
+folder (``datasets/common.py`` and one module per dataset) read their layout from it. The layout is
+the one of CoOp's DATASETS.md (same folder names, split files ``split_zhou_<Name>.json``), so a
+``$DATA`` folder prepared for CoOp, CoCoOp, MaPLe, PromptSRC or KgCoOp works unchanged.
+
+Everything that can go wrong with the data raises :class:`DatasetError`, whose message says what is
+wrong (which file, which key, which class) and what to do about it.
+"""
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+DOC = "DATASETS.md"
+
+
+class DatasetError(RuntimeError):
+    """A dataset cannot be built from the files under ``$DATA``; the message says how to fix it.
+
+    ``train.py`` prints the message without a traceback.
+    """
+
+
+@dataclass(frozen=True)
+class Layout:
+    key: str  # config name: configs/datasets/<key>.yaml
+    name: str  # registered Dassl name (DATASET.NAME)
+    folder: str  # folder under $DATA
+    image_dir: str  # image folder, relative to the dataset folder ("" = the dataset folder)
+    kind: str  # "split" | "imagenet" | "fgvc" | "imagenet_variant" | "generated"
+    section: str  # anchor of its section in DATASETS.md
+    split_file: Optional[str] = None  # split_zhou_<Name>.json for split-json datasets
+    required: Tuple[str, ...] = field(default_factory=tuple)  # other files/folders it reads
+
+    @property
+    def doc(self) -> str:
+        return f"{DOC}#{self.section}"
+
+    def path(self, root: str) -> str:
+        return os.path.join(root, self.folder)
+
+
+def _split(key, name, folder, image_dir, section):
+    return Layout(key, name, folder, image_dir, "split", section, split_file=f"split_zhou_{name}.json")
+
+
+def _variant(key, name, folder, image_dir, section):
+    return Layout(key, name, folder, image_dir, "imagenet_variant", section, required=("classnames.txt",))
+
+
+LAYOUTS: "OrderedDict[str, Layout]" = OrderedDict(
+    (lay.key, lay)
+    for lay in [
+        Layout("imagenet", "ImageNet", "imagenet", "images", "imagenet", "imagenet",
+               required=("classnames.txt", "images/train", "images/val")),
+        _split("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories", "caltech101"),
+        _split("oxford_pets", "OxfordPets", "oxford_pets", "images", "oxfordpets"),
+        _split("stanford_cars", "StanfordCars", "stanford_cars", "", "stanfordcars"),
+        _split("oxford_flowers", "OxfordFlowers", "oxford_flowers", "jpg", "flowers102"),
+        _split("food101", "Food101", "food-101", "images", "food101"),
+        Layout("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", "fgvc", "fgvcaircraft",
+               required=("variants.txt", "images_variant_train.txt", "images_variant_val.txt",
+                         "images_variant_test.txt")),
+        _split("sun397", "SUN397", "sun397", "SUN397", "sun397"),
+        _split("dtd", "DescribableTextures", "dtd", "images", "dtd"),
+        _split("eurosat", "EuroSAT", "eurosat", "2750", "eurosat"),
+        _split("ucf101", "UCF101", "ucf101", "UCF-101-midframes", "ucf101"),
+        _variant("imagenetv2", "ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val",
+                 "imagenetv2"),
+        _variant("imagenet_sketch", "ImageNetSketch", "imagenet-sketch", "images", "imagenet-sketch"),
+        _variant("imagenet_a", "ImageNetA", "imagenet-adversarial", "imagenet-a", "imagenet-a"),
+        _variant("imagenet_r", "ImageNetR", "imagenet-rendition", "imagenet-r", "imagenet-r"),
+        Layout("minibench", "MiniBench", "minibench", "images", "generated", "minibench",
+               split_file="split_zhou_MiniBench.json"),
+    ]
+)
+
+BASE2NEW = [k for k in LAYOUTS if LAYOUTS[k].kind in ("split", "imagenet", "fgvc")]  # the 11 datasets
+XD_TARGETS = [k for k in BASE2NEW if k != "imagenet"]
+DG_TARGETS = [k for k in LAYOUTS if LAYOUTS[k].kind == "imagenet_variant"]
+BY_NAME: Dict[str, Layout] = {lay.name: lay for lay in LAYOUTS.values()}
+
+# Files of ImageNet variants that are not class folders (CoOp ignores the same).
+VARIANT_IGNORED = ("README.txt",)
+# FGVCAircraft image names in images_variant_*.txt have no extension.
+FGVC_EXT = ".jpg"
+
+
+def get_layout(key_or_name: str) -> Layout:
+    if key_or_name in LAYOUTS:
+        return LAYOUTS[key_or_name]
+    if key_or_name in BY_NAME:
+        return BY_NAME[key_or_name]
+    raise DatasetError(
+        f"unknown dataset '{key_or_name}'. Valid datasets: {', '.join(LAYOUTS)} "
+        f"(registered names: {', '.join(BY_NAME)})"
+    )
+
+
+def resolve_root(root: str) -> str:
+    """``$DATA`` as CoOp resolves it (abspath + expanduser, no symlink resolution)."""
+    if not root or not str(root).strip():
+        raise DatasetError(
+            "the dataset root is empty: pass --root $DATA (the folder that holds all datasets, "
+            f"see {DOC}) or set DATASET.ROOT"
+        )
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(root):
+        raise DatasetError(f"the dataset root {root} does not exist or is not a folder (see {DOC})")
+    return root
+
+
+def require_dir(path: str, lay: Layout, what: str = "folder") -> str:
+    if not os.path.isdir(path):
+        raise DatasetError(
+            f"{lay.name}: expected {what} {path} is missing. Prepare it as described in {lay.doc}"
+        )
+    return path
+
+
+def require_file(path: str, lay: Layout, what: str = "file") -> str:
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f"{lay.name}: expected {what} {path} is missing. Prepare it as described in {lay.doc}"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Split files (CoOp format): {"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}
+# --------------------------------------------------------------------------------------------
+SPLIT_KEYS = ("train", "val", "test")
+
+
+def read_split_entries(filepath: str, doc: str = DOC) -> Dict[str, List[Tuple[str, int, str]]]:
+    """Read and validate a CoOp split json; return ``{split: [(relpath, label, classname), ...]}``."""
+    fix = f"re-download it (see {doc})"
+    if not os.path.isfile(filepath):
+        raise DatasetError(f"split file {filepath} is missing: download it as described in {doc}")
+    try:
+        with open(filepath, "r") as f:
+            split = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"split file {filepath} is not valid JSON ({e}): {fix}") from None
+    except OSError as e:
+        raise DatasetError(f"split file {filepath} cannot be read ({e})") from None
+    if not isinstance(split, dict):
+        raise DatasetError(f"split file {filepath}: expected a JSON object with keys "
+                           f"{list(SPLIT_KEYS)}, got {type(split).__name__}: {fix}")
+    out = {}
+    for key in SPLIT_KEYS:
+        if key not in split:
+            raise DatasetError(f"split file {filepath} has no key '{key}' (expected keys "
+                               f"{list(SPLIT_KEYS)}): {fix}")
+        items = split[key]
+        if not isinstance(items, list) or not items:
+            raise DatasetError(f"split file {filepath}: key '{key}' must be a non-empty list of "
+                               f"[relative path, label, class name]: {fix}")
+        entries = []
+        for i, entry in enumerate(items):
+            ok = isinstance(entry, (list, tuple)) and len(entry) == 3
+            if ok:
+                relpath, label, classname = entry
+                ok = isinstance(relpath, str) and isinstance(classname, str)
+                try:
+                    label = int(label)
+                except (TypeError, ValueError):
+                    ok = False
+            if not ok:
+                raise DatasetError(
+                    f"split file {filepath}: entry {i} of key '{key}' is {entry!r}, expected "
+                    f"[relative path, label, class name]: {fix}"
+                )
+            entries.append((relpath, label, classname))
+        out[key] = entries
+    return out
+
+
+def read_classnames(text_file: str) -> "OrderedDict[str, str]":
+    """ImageNet's classnames.txt: lines ``<folder> <class name>`` (CoOp's ImageNet.read_classnames)."""
+    classnames = OrderedDict()
+    with open(text_file, "r") as f:
+        for line in f.readlines():
+            line = line.strip().split(" ")
+            if not line or not line[0]:
+                continue
+            classnames[line[0]] = " ".join(line[1:])
+    return classnames
+
+
+def image_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a usable image file (cheap os-level checks), or None."""
+    if not os.path.exists(path):
+        return "missing"
+    if not os.path.isfile(path):
+        return "not a file"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    if os.path.getsize(path) == 0:
+        return "empty"
+    return None
+
+
+def check_images(paths: Sequence[str], what: str, doc: str = DOC, show: int = 5,
+                 fix: Optional[str] = None) -> None:
+    """Raise a DatasetError naming the first few listed images that are missing or unreadable."""
+    bad = []
+    seen = set()
+    for p in paths:
+        if p in seen:
+            continue
+        seen.add(p)
+        why = image_problem(p)
+        if why is not None:
+            bad.append((p, why))
+    if bad:
+        lines = "\n".join(f"  {p} ({why})" for p, why in bad[:show])
+        more = f"\n  ... and {len(bad) - show} more" if len(bad) > show else ""
+        raise DatasetError(
+            f"{what}: {len(bad)} listed image(s) are missing or unreadable, e.g.\n{lines}{more}\n"
+            + (fix or f"The images do not match the list: re-extract them as described in {doc}")
+        )

@@ -1,0 +1,30 @@
+"""MiniBench: the project's small generated benchmark, ``$DATA/minibench/images`` +
+``split_zhou_MiniBench.json`` (CoOp split format). The folder is generated on first use by
+``spotlighter.benchmark.data.ensure``."""
+
+import os
+
+from dassl.data.datasets import DATASET_REGISTRY
+
+from .common import SplitJsonDataset
+from .layout import DatasetError
+
+
+@DATASET_REGISTRY.register()
+class MiniBench(SplitJsonDataset):
+    layout_key = "minibench"
+
+    def locate(self, dataset_dir):
+        split = os.path.join(dataset_dir, self.layout.split_file)
+        if not os.path.isdir(dataset_dir) or not os.path.isfile(split):
+            try:
+                from spotlighter.benchmark.data import ensure
+            except ImportError as e:
+                raise DatasetError(
+                    f"MiniBench: {dataset_dir} is missing and cannot be generated: "
+                    f"spotlighter.benchmark.data is not importable ({e}). Install the project "
+                    f"(pip install -e .) or generate the folder as described in {self.layout.doc}"
+                ) from None
+            print(f"Generating the mini-benchmark in {dataset_dir}")
+            ensure(dataset_dir)
+        return super().locate(dataset_dir)
