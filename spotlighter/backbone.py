@@ -1,0 +1,305 @@
+"""The one frozen-CLIP module every trainer uses.
+
+* :func:`load_clip` finds the weights (an OpenAI model name resolved in a weights folder and
+  downloaded once with its checksum, or a local file), and builds ``clip.model.CLIP`` from them.
+* :class:`FrozenCLIP` wraps the built model and runs its transformers block by block, so that
+  prompt-learning methods can inject prompt tokens (shallow and deep) and Spotlighter can get, in a
+  single image forward, the global feature, the last block's projected tokens and that block's
+  CLS->patch attention. Only the last block materialises an attention map; every other block uses
+  PyTorch's fused attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming the folder that holds (or receives) the OpenAI weight files.
+WEIGHTS_DIR_ENV = "SPOTLIGHTER_CLIP_DIR"
+#: Environment variable that forbids downloads (clusters without internet).
+OFFLINE_ENV = "SPOTLIGHTER_OFFLINE"
+DEFAULT_WEIGHTS_DIR = os.path.join("~", ".cache", "clip")  # the folder OpenAI's clip.load uses
+
+
+class BackboneError(RuntimeError):
+    """Raised with a user-facing message when CLIP weights cannot be found or used."""
+
+
+def _clip_module():
+    try:
+        import clip  # noqa: F401  (clip-anytorch)
+        from clip import clip as clip_api
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise BackboneError(
+            "The `clip` package is not importable ({}). Install it with `pip install clip-anytorch` "
+            "and keep setuptools below 82 (`pip install 'setuptools<82'`): clip imports "
+            "pkg_resources.".format(exc)
+        ) from exc
+    return clip_api
+
+
+def weights_dir() -> str:
+    return os.path.expanduser(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
+
+
+def resolve_weights(name: str, path: str = "") -> str:
+    """Return a local weight file for backbone ``name`` (or the explicit ``path``)."""
+    if path:
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            raise BackboneError(
+                f"MODEL.BACKBONE.PATH points to {path!r}, which is not a file. Give the path of a "
+                "CLIP weight file (an OpenAI TorchScript archive such as ViT-B-16.pt, or a state dict "
+                "saved with torch.save(model.state_dict(), ...))."
+            )
+        return path
+    clip_api = _clip_module()
+    models = clip_api._MODELS
+    if name not in models:
+        raise BackboneError(
+            f"MODEL.BACKBONE.NAME {name!r} is not an OpenAI CLIP model ({', '.join(models)}). "
+            "For other weights set MODEL.BACKBONE.PATH to a local file."
+        )
+    url = models[name]
+    folder = weights_dir()
+    target = os.path.join(folder, os.path.basename(url))
+    if os.path.isfile(target):
+        return target
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise BackboneError(
+            f"CLIP weights for {name} not found at {target} and {OFFLINE_ENV} forbids downloading. "
+            f"Copy {os.path.basename(url)} there (or set {WEIGHTS_DIR_ENV} to the folder holding it, "
+            "or MODEL.BACKBONE.PATH to the file)."
+        )
+    logger.info("Downloading %s to %s (checksum verified)", name, target)
+    try:
+        return clip_api._download(url, folder)
+    except Exception as exc:  # network errors come in many types
+        raise BackboneError(
+            f"Could not download CLIP {name} ({exc}). On a machine without internet copy "
+            f"{os.path.basename(url)} to {target} (or set {WEIGHTS_DIR_ENV} / MODEL.BACKBONE.PATH)."
+        ) from exc
+
+
+def _is_torchscript(path: str) -> bool:
+    """OpenAI's archives are TorchScript zips (they hold ``code/``); torch.save files are not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def load_state_dict_file(path: str) -> dict:
+    """Read a TorchScript archive or a plain state dict without unpickling arbitrary objects."""
+    if _is_torchscript(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            archive = torch.jit.load(path, map_location="cpu")
+        return {k: v for k, v in archive.state_dict().items()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"{path} is neither a TorchScript archive nor a state dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "visual.conv1.weight" not in state and "visual.proj" not in state:
+        raise BackboneError(f"{path} does not hold CLIP weights (no 'visual.*' tensors found).")
+    return state
+
+
+def load_clip(name: str, path: str = "", device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build ``clip.model.CLIP`` from weights; frozen, in eval mode, on ``device`` in ``dtype``."""
+    from clip.model import build_model
+
+    file = resolve_weights(name, path)
+    state = load_state_dict_file(file)
+    try:
+        model = build_model(dict(state))  # infers the architecture; casts weights to fp16
+        # build_model rounds to fp16: reload the file's own values so fp32 weights stay exact.
+        model = model.float()
+        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    except Exception as exc:
+        raise BackboneError(f"Could not build CLIP from {file}: {exc}") from exc
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    logger.info("Loaded CLIP from %s (%s, %s)", file, device, dtype)
+    return model
+
+
+@dataclass
+class ImageTokens:
+    """Outputs of one image forward (spec section 2)."""
+
+    global_feat: torch.Tensor  # (B, d): exactly CLIP's encode_image
+    tokens: torch.Tensor  # (B, N, d): last block's tokens through ln_post and proj, CLS at 0
+    cls_attn: Optional[torch.Tensor]  # (B, N-1): last block's CLS->patch attention, head mean
+
+
+def _block_attention(block: nn.Module, x: torch.Tensor, need_weights: bool):
+    """Attention sub-layer of a ``clip.model.ResidualAttentionBlock`` (LND layout)."""
+    h = block.ln_1(x)
+    mask = block.attn_mask
+    if mask is not None:
+        n = x.shape[0]
+        mask = mask[..., -n:, -n:].to(dtype=x.dtype, device=x.device)
+    out, weights = block.attn(h, h, h, need_weights=need_weights, attn_mask=mask,
+                              average_attn_weights=True)
+    return out, weights
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, need_weights: bool = False):
+    out, weights = _block_attention(block, x, need_weights)
+    x = x + out
+    x = x + block.mlp(block.ln_2(x))
+    return x, weights
+
+
+class FrozenCLIP(nn.Module):
+    """Frozen CLIP with prompt-injection hooks. Holds no trainable parameter."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.model = clip_model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def is_vit(self) -> bool:
+        return hasattr(self.model.visual, "transformer")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.text_projection.shape[1]
+
+    @property
+    def text_width(self) -> int:
+        return self.model.ln_final.weight.shape[0]
+
+    @property
+    def vision_width(self) -> int:
+        if not self.is_vit:
+            raise BackboneError("Token-level features need a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14).")
+        return self.model.visual.conv1.weight.shape[0]
+
+    @property
+    def input_resolution(self) -> int:
+        return int(self.model.visual.input_resolution)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.positional_embedding.shape[0])
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    def train(self, mode: bool = True):  # frozen CLIP always stays in eval mode
+        return super().train(False)
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        from clip import clip as clip_api
+
+        return clip_api.tokenize(list(texts), context_length=self.context_length, truncate=True)
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens).type(self.dtype)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, tokenized: torch.Tensor,
+                               deep_prompts: Optional[Sequence[torch.Tensor]] = None,
+                               prompt_start: int = 1) -> torch.Tensor:
+        """Text features from token embeddings (C, L, w); ``deep_prompts[i]`` (n, w) replaces the
+        ``n`` tokens after ``prompt_start`` at the input of block ``i + 1`` (MaPLe)."""
+        m = self.model
+        x = embeddings.type(self.dtype) + m.positional_embedding.type(self.dtype)
+        x = x.permute(1, 0, 2)
+        deep = list(deep_prompts or [])
+        for i, block in enumerate(m.transformer.resblocks):
+            if 1 <= i <= len(deep):
+                p = deep[i - 1].type(self.dtype)
+                n = p.shape[0]
+                p = p.unsqueeze(1).expand(-1, x.shape[1], -1)
+                x = torch.cat([x[:prompt_start], p, x[prompt_start + n:]], dim=0)
+            x, _ = _run_block(block, x)
+        x = x.permute(1, 0, 2)
+        x = m.ln_final(x).type(self.dtype)
+        eot = tokenized.argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ m.text_projection
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Plain (frozen) text features of ``texts``, in batches."""
+        device = self.model.positional_embedding.device
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[start:start + batch_size]).to(device)
+            out.append(self.encode_text_embeddings(self.token_embedding(tokens), tokens))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ image
+    def _embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.model.visual
+        x = v.conv1(images.type(self.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return x
+
+    def encode_image(self, images: torch.Tensor,
+                     shallow_prompt: Optional[torch.Tensor] = None,
+                     deep_prompts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """Global image feature; optional visual prompts appended after the patches (MaPLe)."""
+        if not self.is_vit:
+            if shallow_prompt is not None or deep_prompts:
+                raise BackboneError("Visual prompts need a ViT backbone.")
+            return self.model.visual(images.type(self.dtype))
+        v = self.model.visual
+        x = self._embed_patches(images)
+        n_prompt = 0
+        if shallow_prompt is not None:
+            n_prompt = shallow_prompt.shape[0]
+            x = torch.cat([x, shallow_prompt.type(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        x = v.ln_pre(x).permute(1, 0, 2)
+        deep = list(deep_prompts or [])
+        for i, block in enumerate(v.transformer.resblocks):
+            if n_prompt and 1 <= i <= len(deep):
+                p = deep[i - 1].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
+                x = torch.cat([x[:-n_prompt], p], dim=0)
+            x, _ = _run_block(block, x)
+        x = v.ln_post(x[0])
+        return x @ v.proj
+
+    def encode_image_tokens(self, images: torch.Tensor, need_attn: bool = True) -> ImageTokens:
+        """Global feature, projected last-block tokens and last-block CLS->patch attention."""
+        v = self.model.visual
+        if not self.is_vit:
+            raise BackboneError("Token-level features need a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14).")
+        x = v.ln_pre(self._embed_patches(images)).permute(1, 0, 2)
+        blocks = list(v.transformer.resblocks)
+        for block in blocks[:-1]:
+            x, _ = _run_block(block, x)
+        x, weights = _run_block(blocks[-1], x, need_weights=need_attn)
+        tokens = v.ln_post(x.permute(1, 0, 2)) @ v.proj
+        cls_attn = weights[:, 0, 1:] if need_attn else None
+        return ImageTokens(global_feat=tokens[:, 0], tokens=tokens, cls_attn=cls_attn)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)

@@ -1,0 +1,196 @@
+"""Every config key this project adds, with its default, in one place.
+
+``extend_cfg`` is the ecosystem's hook (called on Dassl's defaults before the yaml files). It only
+needs yacs. Spotlighter's defaults are the ``paper`` preset; :data:`PRESETS` lists what the
+``release`` preset changes. ``apply_preset`` puts a preset's values in *before* the yaml files and
+command-line options are merged (see ``train.py``), so anything set explicitly still wins.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List
+
+from yacs.config import CfgNode as CN
+
+PRECISIONS = ("fp16", "fp32", "amp")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and what is expected."""
+
+
+def _prompt_node(n_ctx: int, ctx_init: str, prec: str) -> CN:
+    node = CN()
+    node.N_CTX = n_ctx  # number of learnable context tokens (ignored when CTX_INIT is given)
+    node.CTX_INIT = ctx_init  # words that initialise the context ("" = random init)
+    node.PREC = prec  # fp16 | fp32 | amp (fp16 on CPU falls back to fp32 with a warning)
+    return node
+
+
+def extend_cfg(cfg: CN) -> None:
+    """Add this project's keys to a Dassl config (or any yacs node with the same top-level nodes)."""
+    cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new
+    cfg.MODEL.BACKBONE.PATH = ""  # local CLIP weight file; overrides NAME's download/cache lookup
+
+    cfg.TRAINER.COOP = _prompt_node(4, "a photo of a", "fp16")
+    cfg.TRAINER.COOP.CSC = False  # class-specific context
+    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
+
+    cfg.TRAINER.COCOOP = _prompt_node(4, "a photo of a", "fp16")
+    cfg.TRAINER.COCOOP.META_NET_REDUCTION = 16  # hidden width of the meta-net = d // this
+
+    cfg.TRAINER.MAPLE = _prompt_node(2, "a photo of a", "fp16")
+    cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9  # layers with learnable prompts (1 = shallow only)
+
+    cfg.TRAINER.ZSCLIP = CN()
+    cfg.TRAINER.ZSCLIP.PREC = "fp16"
+    cfg.TRAINER.ZSCLIP.TEMPLATE = ""  # "" = the dataset's CoOp template; else e.g. "a photo of a {}."
+
+    s = cfg.TRAINER.SPOTLIGHTER = _prompt_node(4, "a photo of a", "fp16")
+    s.PRESET = "paper"  # paper | release (see docs/method.md)
+    s.CLASS_TOKEN_POSITION = "end"
+    s.CSC = False
+
+    s.SCORE = CN()  # token score = sum of weight * standardised term (spec section 4)
+    s.SCORE.SAMPLE_WEIGHT = 1.0  # sample-wise term a_n
+    s.SCORE.SEMANTIC_WEIGHT = 1.0  # semantic-wise term b_n (needs the class memory)
+    s.SCORE.ATTN_WEIGHT = 0.0  # last block's CLS->patch attention A
+    s.SCORE.EPS = 1e-6  # standardisation epsilon
+
+    s.TOP_K = 5  # patches kept per image
+    s.LEVEL_SIZES = [3, 2]  # Level-1, Level-2 sizes; must add up to TOP_K
+
+    s.MAPPER = CN()  # token mapping g: 1x1-conv MLP d -> hidden -> d with BatchNorm
+    s.MAPPER.HIDDEN = 0  # 0 = embedding width d
+    s.MAPPER.AT_TEST = True  # use g at test time (release: training only)
+
+    s.MEMORY = CN()
+    s.MEMORY.KIND = "class"  # class (m prototypes per class) | shared (slots shared by all classes)
+    s.MEMORY.PROTOTYPES_PER_CLASS = 4  # m, used when KIND = class
+    s.MEMORY.SHARED_SLOTS = 25  # used when KIND = shared
+    s.MEMORY.MOMENTUM = 0.8  # EMA keep-rate mu
+    s.MEMORY.READ_TEMPERATURE = 0.1  # softmax temperature of memory reads (cosine similarities)
+    s.MEMORY.WRITE = "selected"  # selected (top-k raw tokens, own class) | all_mapped (B x N mapped)
+    s.MEMORY.INIT_SEED = 0  # seed of the random init of a shared memory
+
+    s.TRM = CN()  # text refinement: t' = t + ALPHA * W[t ; read(t)]
+    s.TRM.ALPHA = 0.2
+
+    s.IRM = CN()  # image refinement
+    s.IRM.KIND = "tokens"  # tokens: selected tokens attend over prototypes | global: v attends its read
+    s.IRM.HEADS = 8
+    s.IRM.DROPOUT = 0.0  # attention dropout
+
+    s.FUSION = CN()  # v' = (1 - beta) * v + beta * o
+    s.FUSION.BETA_TRAIN = 0.1
+    s.FUSION.BETA_TEST = 0.1
+
+    s.LOSS = CN()
+    s.LOSS.LEVEL_WEIGHTS = "dynamic"  # dynamic (softmax of level mean scores) | fixed (1 each)
+    s.LOSS.LOCAL_WEIGHT = 1.0  # multiplies the (level-weighted) local CE
+    s.LOSS.CONSISTENCY_WEIGHT = 20.0  # L1 consistency of refined text / image features
+    s.LOSS.LOCAL_TEXT = "refined"  # refined (TRM output) | prompt (prompt-learner output)
+
+    s.TEST = CN()
+    s.TEST.LOCAL_GAMMA = 0.5  # test logits = global + gamma * level-weighted local (0 = global only)
+
+
+#: What each preset changes relative to the defaults above (the ``paper`` preset).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "paper": {},
+    "release": {
+        "SCORE.SAMPLE_WEIGHT": 0.0,
+        "SCORE.SEMANTIC_WEIGHT": 0.0,
+        "SCORE.ATTN_WEIGHT": 1.0,
+        "LEVEL_SIZES": [2, 3],
+        "MAPPER.AT_TEST": False,
+        "MEMORY.KIND": "shared",
+        "MEMORY.WRITE": "all_mapped",
+        "MEMORY.READ_TEMPERATURE": 1.0,
+        "IRM.KIND": "global",
+        "IRM.DROPOUT": 0.1,
+        "FUSION.BETA_TRAIN": 0.05,
+        "FUSION.BETA_TEST": 0.1,
+        "LOSS.LEVEL_WEIGHTS": "fixed",
+        "LOSS.LOCAL_WEIGHT": 0.02,
+        "LOSS.LOCAL_TEXT": "prompt",
+        "TEST.LOCAL_GAMMA": 0.0,
+    },
+}
+
+
+def apply_preset(cfg: CN, preset: str) -> None:
+    """Write ``preset``'s values into ``cfg.TRAINER.SPOTLIGHTER`` (call before merging files)."""
+    if preset not in PRESETS:
+        raise ConfigError(
+            f"TRAINER.SPOTLIGHTER.PRESET = {preset!r} is unknown; expected one of {sorted(PRESETS)}."
+        )
+    node = cfg.TRAINER.SPOTLIGHTER
+    node.PRESET = preset
+    for dotted, value in PRESETS[preset].items():
+        *parents, leaf = dotted.split(".")
+        target = node
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+
+
+def _expect(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}.")
+
+
+def _one_of(key: str, value: Any, options) -> None:
+    _expect(value in options, key, value, f"one of {list(options)}")
+
+
+def check_precision(key: str, value: str) -> None:
+    _one_of(key, value, PRECISIONS)
+
+
+def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:
+    """Validate ``cfg.TRAINER.SPOTLIGHTER``; ``num_patches`` (when known) bounds TOP_K."""
+    p = "TRAINER.SPOTLIGHTER."
+    _one_of(p + "PRESET", node.PRESET, PRESETS)
+    check_precision(p + "PREC", node.PREC)
+    k = node.TOP_K
+    _expect(isinstance(k, int) and k >= 1, p + "TOP_K", k, "an integer >= 1")
+    if num_patches is not None:
+        _expect(k <= num_patches, p + "TOP_K", k, f"at most the number of patches ({num_patches})")
+    sizes: List[int] = list(node.LEVEL_SIZES)
+    _expect(len(sizes) == 2 and all(isinstance(v, int) and v >= 1 for v in sizes),
+            p + "LEVEL_SIZES", sizes, "two integers >= 1 (Level-1, Level-2)")
+    _expect(sum(sizes) == k, p + "LEVEL_SIZES", sizes, f"sizes that add up to TOP_K = {k}")
+    for name in ("SAMPLE_WEIGHT", "SEMANTIC_WEIGHT", "ATTN_WEIGHT"):
+        v = node.SCORE[name]
+        _expect(isinstance(v, (int, float)) and v >= 0, p + "SCORE." + name, v, "a number >= 0")
+    _expect(node.SCORE.SAMPLE_WEIGHT + node.SCORE.SEMANTIC_WEIGHT + node.SCORE.ATTN_WEIGHT > 0,
+            p + "SCORE", dict(node.SCORE), "at least one positive score weight")
+    m = node.MEMORY
+    _one_of(p + "MEMORY.KIND", m.KIND, ("class", "shared"))
+    _one_of(p + "MEMORY.WRITE", m.WRITE, ("selected", "all_mapped"))
+    size_key = "PROTOTYPES_PER_CLASS" if m.KIND == "class" else "SHARED_SLOTS"
+    _expect(isinstance(m[size_key], int) and m[size_key] >= 1, p + "MEMORY." + size_key,
+            m[size_key], "an integer >= 1 (the memory cannot be empty)")
+    _expect(0.0 <= m.MOMENTUM < 1.0, p + "MEMORY.MOMENTUM", m.MOMENTUM, "a number in [0, 1)")
+    _expect(m.READ_TEMPERATURE > 0, p + "MEMORY.READ_TEMPERATURE", m.READ_TEMPERATURE, "a number > 0")
+    if node.SCORE.SEMANTIC_WEIGHT > 0:
+        _expect(m.KIND == "class", p + "SCORE.SEMANTIC_WEIGHT", node.SCORE.SEMANTIC_WEIGHT,
+                "0 unless MEMORY.KIND = class (the semantic score reads class prototypes)")
+    _one_of(p + "IRM.KIND", node.IRM.KIND, ("tokens", "global"))
+    _expect(isinstance(node.IRM.HEADS, int) and node.IRM.HEADS >= 1, p + "IRM.HEADS",
+            node.IRM.HEADS, "an integer >= 1")
+    _expect(0.0 <= node.IRM.DROPOUT < 1.0, p + "IRM.DROPOUT", node.IRM.DROPOUT, "a number in [0, 1)")
+    for name in ("BETA_TRAIN", "BETA_TEST"):
+        v = node.FUSION[name]
+        _expect(0.0 <= v <= 1.0, p + "FUSION." + name, v, "a number in [0, 1]")
+    _one_of(p + "LOSS.LEVEL_WEIGHTS", node.LOSS.LEVEL_WEIGHTS, ("dynamic", "fixed"))
+    _one_of(p + "LOSS.LOCAL_TEXT", node.LOSS.LOCAL_TEXT, ("refined", "prompt"))
+    for name in ("LOCAL_WEIGHT", "CONSISTENCY_WEIGHT"):
+        v = node.LOSS[name]
+        _expect(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v), p + "LOSS." + name, v,
+                "a finite number >= 0")
+    _expect(node.TEST.LOCAL_GAMMA >= 0, p + "TEST.LOCAL_GAMMA", node.TEST.LOCAL_GAMMA, "a number >= 0")
+    _expect(node.MAPPER.HIDDEN >= 0, p + "MAPPER.HIDDEN", node.MAPPER.HIDDEN, "0 (= d) or a width >= 1")
+    _expect(node.TRM.ALPHA >= 0, p + "TRM.ALPHA", node.TRM.ALPHA, "a number >= 0")

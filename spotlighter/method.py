@@ -1,0 +1,406 @@
+"""Spotlighter's components (plain torch): token scoring, top-k selection and two-level ranking,
+token mapping, class-prototype / shared memory, text and image refinement, losses.
+
+Shapes: B images, N = 1 + P tokens (CLS first), P patches, C classes, d joint embedding width,
+m prototypes per class. Patch index ``n`` is token index ``n + 1`` (the released code forgot the +1).
+All computations here run in float32; callers cast backbone outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import ImageTokens
+
+
+# --------------------------------------------------------------------------- scoring and selection
+def standardize(x: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
+    """Zero mean, unit (population) std along ``dim``."""
+    mean = x.mean(dim=dim, keepdim=True)
+    std = x.std(dim=dim, keepdim=True, unbiased=False)
+    return (x - mean) / (std + eps)
+
+
+def sample_wise_score(patches: torch.Tensor, probs: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """a_n = sum_c p_c cos(z_n, t_c); patches (B, P, d) and text (C, d) unit-norm, probs (B, C)."""
+    return torch.einsum("bpd,bd->bp", patches, probs @ text)
+
+
+def semantic_wise_score(patches: torch.Tensor, probs: torch.Tensor, prototypes: torch.Tensor,
+                        class_chunk: int = 256) -> torch.Tensor:
+    """b_n = sum_c p_c max_j cos(z_n, P_cj); prototypes (C, m, d) unit-norm. Chunked over classes."""
+    out = patches.new_zeros(patches.shape[:2])
+    for start in range(0, prototypes.shape[0], class_chunk):
+        protos = prototypes[start:start + class_chunk]
+        sims = torch.einsum("bpd,cmd->bpcm", patches, protos).amax(dim=-1)  # (B, P, c)
+        out = out + torch.einsum("bpc,bc->bp", sims, probs[:, start:start + class_chunk])
+    return out
+
+
+@dataclass
+class ScoreWeights:
+    sample: float = 1.0
+    semantic: float = 1.0
+    attn: float = 0.0
+    eps: float = 1e-6
+
+
+def token_scores(patches: torch.Tensor, probs: torch.Tensor, text: torch.Tensor,
+                 prototypes: Optional[torch.Tensor], cls_attn: Optional[torch.Tensor],
+                 weights: ScoreWeights) -> torch.Tensor:
+    """Label-free score of every patch (B, P): weighted sum of standardised terms (spec section 4)."""
+    score = patches.new_zeros(patches.shape[:2])
+    if weights.sample:
+        score = score + weights.sample * standardize(sample_wise_score(patches, probs, text), weights.eps)
+    if weights.semantic:
+        if prototypes is None:
+            raise ValueError("the semantic-wise score needs class prototypes")
+        score = score + weights.semantic * standardize(
+            semantic_wise_score(patches, probs, prototypes), weights.eps)
+    if weights.attn:
+        if cls_attn is None:
+            raise ValueError("the attention score needs the last block's CLS attention")
+        score = score + weights.attn * standardize(cls_attn.float(), weights.eps)
+    return score
+
+
+def select_top_k(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k patches by score, ranked (highest first): (values (B, k), *token* indices (B, k))."""
+    values, patch_idx = scores.topk(k, dim=-1, largest=True, sorted=True)
+    return values, patch_idx + 1
+
+
+def gather_tokens(tokens: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+    """tokens (B, N, d), token_idx (B, k) -> (B, k, d)."""
+    return tokens.gather(1, token_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def split_levels(x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+    """Split ranked items along dim 1 into Level-1, Level-2, ... of the given sizes."""
+    if sum(sizes) != x.shape[1]:
+        raise ValueError(f"level sizes {list(sizes)} do not add up to {x.shape[1]}")
+    return list(torch.split(x, list(sizes), dim=1))
+
+
+def level_weights(top_scores: torch.Tensor, sizes: Sequence[int], dynamic: bool,
+                  include_all: bool) -> torch.Tensor:
+    """(B, L) weights of the levels (+ the "all" set): softmax of each set's mean score, or ones."""
+    means = [s.mean(dim=1) for s in split_levels(top_scores, sizes)]
+    if include_all:
+        means.append(top_scores.mean(dim=1))
+    means_t = torch.stack(means, dim=1)
+    if dynamic:
+        return means_t.softmax(dim=1)
+    return torch.ones_like(means_t)
+
+
+# --------------------------------------------------------------------------- modules
+class TokenMapper(nn.Module):
+    """g: 1x1-conv MLP d -> hidden -> d with BatchNorm over all tokens, applied token-wise."""
+
+    def __init__(self, dim: int, hidden: int = 0):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.Conv1d(dim, hidden, 1), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Conv1d(hidden, dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, N, d)
+        return self.net(tokens.transpose(1, 2)).transpose(1, 2)
+
+
+def attention_read(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(cos(q, k) / T) @ k over the last two dims."""
+    sims = F.normalize(queries, dim=-1) @ keys.transpose(-1, -2)
+    return (sims / temperature).softmax(dim=-1) @ keys
+
+
+class ClassMemory(nn.Module):
+    """m unit-norm prototypes per class, keyed by class name (spec section 5).
+
+    ``prototypes`` is a non-persistent buffer: it is class-dependent, so checkpoints store it with
+    its class names (:meth:`class_state`) and :meth:`load_class_state` maps it back by name.
+    """
+
+    def __init__(self, class_text: torch.Tensor, classnames: Sequence[str], per_class: int,
+                 momentum: float, temperature: float):
+        super().__init__()
+        if class_text.shape[0] != len(classnames):
+            raise ValueError("one text embedding per class name is needed")
+        protos = F.normalize(class_text.float(), dim=-1).unsqueeze(1).repeat(1, per_class, 1)
+        self.register_buffer("prototypes", protos, persistent=False)  # (C, m, d)
+        self.classnames = list(classnames)
+        self.momentum = momentum
+        self.temperature = temperature
+
+    @property
+    def per_class(self) -> int:
+        return self.prototypes.shape[1]
+
+    def keys(self) -> torch.Tensor:
+        return self.prototypes.flatten(0, 1)
+
+    def read_own(self, text: torch.Tensor) -> torch.Tensor:
+        """Each class query t_c (C, d) reads its own class's prototypes -> (C, d)."""
+        return attention_read(text.unsqueeze(1), self.prototypes, self.temperature).squeeze(1)
+
+    def read(self, queries: torch.Tensor) -> torch.Tensor:
+        return attention_read(queries, self.keys(), self.temperature)
+
+    @torch.no_grad()
+    def write(self, tokens: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -> None:
+        """tokens (n, d) of images with ``labels`` (n,); each goes to the nearest prototype of its
+        class; each prototype moves by EMA towards the softmax(score)-weighted mean of its tokens."""
+        tokens = F.normalize(tokens.float(), dim=-1)
+        C, m, d = self.prototypes.shape
+        own = self.prototypes[labels]  # (n, m, d)
+        nearest = torch.einsum("nd,nmd->nm", tokens, own).argmax(dim=1)
+        key = labels * m + nearest
+        flat = self.prototypes.reshape(C * m, d)
+        top = torch.full((C * m,), float("-inf"), device=tokens.device).scatter_reduce(
+            0, key, scores.float(), reduce="amax", include_self=True)
+        e = (scores.float() - top[key]).exp()
+        denom = torch.zeros(C * m, device=tokens.device).index_add(0, key, e)
+        w = e / denom[key]
+        mean = torch.zeros_like(flat).index_add(0, key, w.unsqueeze(1) * tokens)
+        touched = denom > 0
+        updated = flat.clone()
+        updated[touched] = F.normalize(self.momentum * flat[touched] + (1 - self.momentum) * mean[touched],
+                                       dim=-1)
+        self.prototypes = updated.reshape(C, m, d)  # out of place: autograd may hold the old one
+
+    def class_state(self) -> Dict[str, object]:
+        return {"classnames": list(self.classnames), "prototypes": self.prototypes.detach().cpu()}
+
+    @torch.no_grad()
+    def load_class_state(self, state: Dict[str, object]) -> Tuple[int, int]:
+        """Copy saved prototypes for the classes both have; return (loaded, kept from text init)."""
+        saved = state["prototypes"]
+        names = list(state["classnames"])
+        if saved.shape[1:] != self.prototypes.shape[1:]:
+            raise ValueError(f"saved prototypes have shape {tuple(saved.shape[1:])} per class, "
+                             f"this memory {tuple(self.prototypes.shape[1:])}")
+        index = {n: i for i, n in enumerate(names)}
+        protos = self.prototypes.clone()
+        loaded = 0
+        for c, name in enumerate(self.classnames):
+            if name in index:
+                protos[c] = saved[index[name]].to(protos)
+                loaded += 1
+        self.prototypes = protos
+        return loaded, len(self.classnames) - loaded
+
+
+class SharedMemory(nn.Module):
+    """Slots shared by all classes, written with every mapped token (the released code's memory)."""
+
+    def __init__(self, slots: int, dim: int, momentum: float, temperature: float, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("slots", F.normalize(torch.rand(slots, dim, generator=g), dim=-1))
+        self.momentum = momentum
+        self.temperature = temperature
+
+    def keys(self) -> torch.Tensor:
+        return self.slots
+
+    def read(self, queries: torch.Tensor) -> torch.Tensor:
+        return attention_read(queries, self.slots, self.temperature)
+
+    read_own = read
+
+    @torch.no_grad()
+    def write(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+              scores: Optional[torch.Tensor] = None) -> None:
+        """Released rule: each token goes to its nearest slot, weighted by its softmax-over-tokens
+        score for that slot relative to the slot's best token; slot <- mu*slot + (1-mu)*sum."""
+        tokens = F.normalize(tokens.float(), dim=-1)
+        sims = tokens @ self.slots.t() / self.temperature  # (n, S)
+        over_tokens = sims.softmax(dim=0)
+        slot = sims.argmax(dim=1)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        w = over_tokens[rows, slot] / over_tokens.amax(dim=0)[slot]
+        agg = torch.zeros_like(self.slots).index_add(0, slot, w.unsqueeze(1) * tokens)
+        touched = torch.zeros(self.slots.shape[0], dtype=torch.bool, device=tokens.device)
+        touched[slot] = True
+        updated = self.slots.clone()
+        updated[touched] = self.momentum * self.slots[touched] + (1 - self.momentum) * agg[touched]
+        self.slots = F.normalize(updated, dim=-1)
+
+
+class TextRefiner(nn.Module):
+    """TRM: t' = t + alpha * W [t ; read(t)], W: 2d -> d without bias."""
+
+    def __init__(self, dim: int, alpha: float):
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim, bias=False)
+        self.alpha = alpha
+
+    def forward(self, text: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+        return text + self.alpha * self.proj(torch.cat([text, read], dim=-1))
+
+
+class ImageRefiner(nn.Module):
+    """IRM: multi-head attention from image queries to memory entries."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"TRAINER.SPOTLIGHTER.IRM.HEADS = {heads} must divide the embedding width {dim}")
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """queries (B, q, d); memory (M, d) shared by the batch or (B, M, d)."""
+        if memory.dim() == 2:
+            memory = memory.unsqueeze(0).expand(queries.shape[0], -1, -1)
+        return self.attn(queries, memory, memory, need_weights=False)[0]
+
+
+# --------------------------------------------------------------------------- the head
+@dataclass
+class HeadConfig:
+    """Flat view of ``cfg.TRAINER.SPOTLIGHTER`` used by :class:`SpotlighterHead`."""
+
+    top_k: int = 5
+    level_sizes: Tuple[int, int] = (3, 2)
+    score: ScoreWeights = field(default_factory=ScoreWeights)
+    mapper_hidden: int = 0
+    mapper_at_test: bool = True
+    memory_kind: str = "class"
+    prototypes_per_class: int = 4
+    shared_slots: int = 25
+    momentum: float = 0.8
+    read_temperature: float = 0.1
+    memory_write: str = "selected"
+    memory_seed: int = 0
+    alpha: float = 0.2
+    irm_kind: str = "tokens"
+    irm_heads: int = 8
+    irm_dropout: float = 0.0
+    beta_train: float = 0.1
+    beta_test: float = 0.1
+    dynamic_level_weights: bool = True
+    local_weight: float = 1.0
+    consistency_weight: float = 20.0
+    local_text: str = "refined"
+    test_local_gamma: float = 0.5
+
+    @classmethod
+    def from_cfg(cls, node) -> "HeadConfig":
+        return cls(
+            top_k=node.TOP_K, level_sizes=tuple(node.LEVEL_SIZES),
+            score=ScoreWeights(node.SCORE.SAMPLE_WEIGHT, node.SCORE.SEMANTIC_WEIGHT, node.SCORE.ATTN_WEIGHT,
+                               node.SCORE.EPS),
+            mapper_hidden=node.MAPPER.HIDDEN, mapper_at_test=node.MAPPER.AT_TEST,
+            memory_kind=node.MEMORY.KIND, prototypes_per_class=node.MEMORY.PROTOTYPES_PER_CLASS,
+            shared_slots=node.MEMORY.SHARED_SLOTS, momentum=node.MEMORY.MOMENTUM,
+            read_temperature=node.MEMORY.READ_TEMPERATURE, memory_write=node.MEMORY.WRITE,
+            memory_seed=node.MEMORY.INIT_SEED, alpha=node.TRM.ALPHA, irm_kind=node.IRM.KIND,
+            irm_heads=node.IRM.HEADS, irm_dropout=node.IRM.DROPOUT, beta_train=node.FUSION.BETA_TRAIN,
+            beta_test=node.FUSION.BETA_TEST, dynamic_level_weights=node.LOSS.LEVEL_WEIGHTS == "dynamic",
+            local_weight=node.LOSS.LOCAL_WEIGHT, consistency_weight=node.LOSS.CONSISTENCY_WEIGHT,
+            local_text=node.LOSS.LOCAL_TEXT, test_local_gamma=node.TEST.LOCAL_GAMMA,
+        )
+
+
+@dataclass
+class HeadOutput:
+    logits: torch.Tensor  # (B, C)
+    losses: Dict[str, torch.Tensor]  # named loss terms (already weighted); empty at test
+    token_idx: torch.Tensor  # (B, k) selected token indices, ranked
+    top_scores: torch.Tensor  # (B, k)
+
+
+class SpotlighterHead(nn.Module):
+    """Everything Spotlighter adds on top of a prompt learner and the frozen CLIP."""
+
+    def __init__(self, cfg: HeadConfig, dim: int, classnames: Sequence[str], class_text: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.mapper = TokenMapper(dim, cfg.mapper_hidden)
+        if cfg.memory_kind == "class":
+            self.memory: nn.Module = ClassMemory(class_text, classnames, cfg.prototypes_per_class,
+                                                 cfg.momentum, cfg.read_temperature)
+        else:
+            self.memory = SharedMemory(cfg.shared_slots, dim, cfg.momentum, cfg.read_temperature,
+                                       cfg.memory_seed)
+        self.trm = TextRefiner(dim, cfg.alpha)
+        self.irm = ImageRefiner(dim, cfg.irm_heads, cfg.irm_dropout)
+
+    def forward(self, img: ImageTokens, text: torch.Tensor, logit_scale: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> HeadOutput:
+        cfg = self.cfg
+        training = self.training and labels is not None
+        s = logit_scale.exp().float()
+        v_hat = F.normalize(img.global_feat.float(), dim=-1)
+        tokens = img.tokens.float()
+        t_hat = F.normalize(text.float(), dim=-1)
+        protos = self.memory.prototypes if isinstance(self.memory, ClassMemory) else None
+
+        with torch.no_grad():
+            probs = (s * v_hat @ t_hat.t()).softmax(dim=-1)
+            patches = F.normalize(tokens[:, 1:], dim=-1)
+            scores = token_scores(patches, probs, t_hat, protos, img.cls_attn, cfg.score)
+            top_scores, token_idx = select_top_k(scores, cfg.top_k)
+
+        mapped = self.mapper(tokens) if (training or cfg.mapper_at_test) else tokens
+        selected = gather_tokens(mapped, token_idx)  # (B, k, d)
+
+        t_ref = self.trm(t_hat, self.memory.read_own(t_hat))
+        if cfg.irm_kind == "tokens":
+            rep = selected + self.irm(selected, self.memory.keys())
+            o = (top_scores.softmax(dim=1).unsqueeze(-1) * rep).sum(dim=1)
+        else:
+            read_v = self.memory.read(v_hat)
+            o = self.irm(v_hat.unsqueeze(1), read_v.unsqueeze(1)).squeeze(1)
+            rep = selected
+        beta = cfg.beta_train if training else cfg.beta_test
+        v_fused = (1 - beta) * v_hat + beta * o
+        logits = s * v_fused @ t_ref.t()
+        local_text = F.normalize(t_ref, dim=-1) if cfg.local_text == "refined" else t_hat
+
+        losses: Dict[str, torch.Tensor] = {}
+        if training:
+            losses["global"] = F.cross_entropy(logits, labels)
+            losses["local"] = cfg.local_weight * self._local_loss(mapped, rep, top_scores, local_text, s, labels)
+            losses["consistency"] = cfg.consistency_weight * (
+                F.l1_loss(F.normalize(t_ref, dim=-1), t_hat) + F.l1_loss(F.normalize(o, dim=-1), v_hat))
+            self._write_memory(patches, mapped, token_idx, top_scores, labels)
+        elif cfg.test_local_gamma > 0:
+            levels = split_levels(rep, cfg.level_sizes)
+            w = level_weights(top_scores, cfg.level_sizes, cfg.dynamic_level_weights, include_all=False)
+            w = w / w.sum(dim=1, keepdim=True)
+            local = sum(w[:, i:i + 1] * (s * F.normalize(lv, dim=-1) @ local_text.t()).mean(dim=1)
+                        for i, lv in enumerate(levels))
+            logits = logits + cfg.test_local_gamma * local
+        return HeadOutput(logits=logits, losses=losses, token_idx=token_idx, top_scores=top_scores)
+
+    def _local_loss(self, mapped, rep, top_scores, text, s, labels) -> torch.Tensor:
+        """CE of every token of each set (Level-1, Level-2, all), each set with CLS and mean token."""
+        cfg = self.cfg
+        extra = torch.stack([mapped[:, 0], mapped.mean(dim=1)], dim=1)  # (B, 2, d)
+        sets = split_levels(rep, cfg.level_sizes) + [rep]
+        w = level_weights(top_scores, cfg.level_sizes, cfg.dynamic_level_weights, include_all=True)
+        total = rep.new_zeros(())
+        for i, members in enumerate(sets):
+            x = F.normalize(torch.cat([extra[:, :1], members, extra[:, 1:]], dim=1), dim=-1)
+            logits = s * x @ text.t()  # (B, n, C)
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(x.shape[1]),
+                                 reduction="none").view(x.shape[0], -1).mean(dim=1)
+            total = total + (w[:, i] * ce).mean()
+        return total
+
+    @torch.no_grad()
+    def _write_memory(self, patches, mapped, token_idx, top_scores, labels) -> None:
+        if self.cfg.memory_write == "selected":
+            raw = gather_tokens(patches, token_idx - 1)  # unit-norm projected tokens of the patches
+            self.memory.write(raw.flatten(0, 1), labels.repeat_interleave(raw.shape[1]),
+                              top_scores.flatten())
+        else:  # every mapped token, equally weighted within its prototype/slot
+            n = mapped.shape[1]
+            self.memory.write(mapped.detach().flatten(0, 1), labels.repeat_interleave(n),
+                              mapped.new_zeros(mapped.shape[0] * n))

@@ -1,0 +1,168 @@
+"""Prompt learners (CoOp, CoCoOp, MaPLe) on top of :class:`~spotlighter.backbone.FrozenCLIP`.
+
+Class-dependent tensors (token prefix/suffix, tokenized prompts) are *non-persistent* buffers:
+they never enter a checkpoint, so one checkpoint serves base, new, cross-dataset and DG classes.
+Learnable tensors are kept in float32 and cast to the backbone's dtype at use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .backbone import FrozenCLIP
+
+logger = logging.getLogger(__name__)
+
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+
+
+def _clean(names: Sequence[str]) -> List[str]:
+    return [n.replace("_", " ") for n in names]
+
+
+def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str, n_cls: int = 0,
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, str]:
+    """Context vectors (n_ctx, w) or (n_cls, n_ctx, w) and the text prefix they stand for."""
+    width = clip.text_width
+    if ctx_init:
+        words = ctx_init.replace("_", " ").strip()
+        n_ctx = len(words.split(" "))
+        tokens = clip.tokenize([words]).to(clip.model.positional_embedding.device)
+        with torch.no_grad():
+            emb = clip.token_embedding(tokens).float()
+        ctx = emb[0, 1:1 + n_ctx].clone()
+        if n_cls:
+            ctx = ctx.unsqueeze(0).repeat(n_cls, 1, 1)
+        return ctx.cpu(), words
+    shape = (n_cls, n_ctx, width) if n_cls else (n_ctx, width)
+    ctx = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+    return ctx, " ".join(["X"] * n_ctx)
+
+
+class ClassPrompts(nn.Module):
+    """Token embeddings of ``"<prefix> <classname>."`` split around the learnable context."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], prefix_text: str, n_ctx: int):
+        super().__init__()
+        names = _clean(classnames)
+        device = clip.model.positional_embedding.device
+        tokenized = clip.tokenize([f"{prefix_text} {n}." for n in names]).to(device)
+        with torch.no_grad():
+            emb = clip.token_embedding(tokenized)
+        self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # SOS
+        self.register_buffer("token_suffix", emb[:, 1 + n_ctx:], persistent=False)  # class, ., EOS
+        self.register_buffer("tokenized_prompts", tokenized, persistent=False)
+        self.name_lens = [len(clip.tokenize([n])[0].nonzero()) - 2 for n in names]
+        self.n_ctx = n_ctx
+        self.n_cls = len(names)
+
+    def assemble(self, ctx: torch.Tensor, position: str = "end") -> torch.Tensor:
+        """Prompts (C, L, w) from ctx (n_ctx, w), (C, n_ctx, w); for (B, n_ctx, w) see CoCoOp."""
+        prefix, suffix = self.token_prefix, self.token_suffix
+        ctx = ctx.to(prefix.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        if position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1)
+        half = self.n_ctx // 2
+        out = []
+        for i, n in enumerate(self.name_lens):
+            name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
+            c = ctx[i:i + 1]
+            if position == "middle":
+                out.append(torch.cat([prefix[i:i + 1], c[:, :half], name, c[:, half:], rest], dim=1))
+            else:  # front
+                out.append(torch.cat([prefix[i:i + 1], name, c, rest], dim=1))
+        return torch.cat(out, dim=0)
+
+
+class PromptLearner(nn.Module):
+    """CoOp: a few context vectors shared by all classes (or class-specific with ``csc``)."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int = 4,
+                 ctx_init: str = "a photo of a", csc: bool = False, class_token_position: str = "end"):
+        super().__init__()
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(f"class token position {class_token_position!r} not in {CLASS_TOKEN_POSITIONS}")
+        if csc and ctx_init:
+            logger.info("Class-specific contexts initialised from %r", ctx_init)
+        ctx, prefix = init_context(clip, n_ctx, ctx_init, n_cls=len(classnames) if csc else 0)
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx = ctx.shape[-2]
+        self.class_token_position = class_token_position
+        self.csc = csc
+        self.classes = ClassPrompts(clip, classnames, prefix, self.n_ctx)
+        if csc and self.ctx.shape[0] != len(classnames):
+            raise ValueError("class-specific context needs one context per class")
+
+    @property
+    def tokenized_prompts(self) -> torch.Tensor:
+        return self.classes.tokenized_prompts
+
+    def forward(self) -> torch.Tensor:
+        return self.classes.assemble(self.ctx, self.class_token_position)
+
+
+class TextEncoder(nn.Module):
+    """Encodes prompt embeddings with the frozen CLIP text transformer (no parameters)."""
+
+    def __init__(self, clip: FrozenCLIP):
+        super().__init__()
+        self._clip = [clip]  # not a submodule: keeps CLIP out of state dicts
+
+    def forward(self, prompts: torch.Tensor, tokenized: torch.Tensor,
+                deep_prompts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        return self._clip[0].encode_text_embeddings(prompts, tokenized, deep_prompts)
+
+
+class CoCoOpPromptLearner(PromptLearner):
+    """CoCoOp: context shifted per image by a meta-net of the image feature."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int = 4,
+                 ctx_init: str = "a photo of a", reduction: int = 16):
+        super().__init__(clip, classnames, n_ctx, ctx_init)
+        d, w = clip.embed_dim, clip.text_width
+        hidden = max(1, d // reduction)
+        self.meta_net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, w))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Prompts (B, C, L, w) for image features (B, d)."""
+        bias = self.meta_net(image_features.float()).unsqueeze(1)  # (B, 1, w)
+        ctx = self.ctx.unsqueeze(0) + bias  # (B, n_ctx, w)
+        return torch.stack([self.classes.assemble(c) for c in ctx])
+
+
+class MaPLePromptLearner(PromptLearner):
+    """MaPLe: coupled language->vision prompts in the first ``depth`` layers of both encoders."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_ctx: int = 2,
+                 ctx_init: str = "a photo of a", depth: int = 9):
+        if depth < 1:
+            raise ValueError("MaPLe prompt depth must be >= 1")
+        nn.Module.__init__(self)
+        # As in MaPLe: the n_ctx learnable tokens replace the first n_ctx words of CTX_INIT, the
+        # remaining words stay fixed text ("a photo" learnable + "of a <class>.").
+        ctx, prefix = init_context(clip, n_ctx, ctx_init)
+        if ctx_init:
+            ctx = ctx[:n_ctx].clone()
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx = n_ctx
+        self.class_token_position = "end"
+        self.csc = False
+        self.classes = ClassPrompts(clip, classnames, prefix, n_ctx)
+        w, vw = clip.text_width, clip.vision_width
+        n = self.n_ctx
+        self.proj = nn.Linear(w, vw)
+        self.compound_prompts_text = nn.ParameterList(
+            [nn.Parameter(torch.empty(n, w).normal_(0.0, 0.02)) for _ in range(depth - 1)])
+        self.compound_prompt_projections = nn.ModuleList([nn.Linear(w, vw) for _ in range(depth - 1)])
+
+    def forward(self):  # type: ignore[override]
+        prompts = self.classes.assemble(self.ctx)
+        visual = self.proj(self.ctx)
+        deep_visual = [layer(p) for layer, p in zip(self.compound_prompt_projections, self.compound_prompts_text)]
+        return prompts, list(self.compound_prompts_text), visual, deep_visual

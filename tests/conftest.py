@@ -1,0 +1,41 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# train.py imports the repository's ``trainers`` and ``datasets`` folders from the checkout (as in
+# CoOp); put the checkout first so an installed HuggingFace ``datasets`` never shadows ours.
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+
+def dassl_available() -> bool:
+    try:
+        import dassl  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_dassl = pytest.mark.skipif(
+    not dassl_available(),
+    reason="upstream Dassl.pytorch is not installed (see README: Install Dassl); CI has no git access",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    from tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip.pt")
+
+
+@pytest.fixture(scope="session")
+def frozen_clip(tiny_clip_path):
+    from spotlighter.backbone import FrozenCLIP, load_clip
+
+    return FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))
