@@ -32,6 +32,9 @@ def extend_cfg(cfg: CN) -> None:
     """Add this project's keys to a Dassl config (or any yacs node with the same top-level nodes)."""
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new
     cfg.MODEL.BACKBONE.PATH = ""  # local CLIP weight file; overrides NAME's download/cache lookup
+    # Names recorded in result.json; train.py fills them from the --*config-file stems.
+    cfg.DATASET.CONFIG_NAME = ""
+    cfg.TRAINER.CONFIG_NAME = ""
 
     cfg.TRAINER.COOP = _prompt_node(4, "a photo of a", "fp16")
     cfg.TRAINER.COOP.CSC = False  # class-specific context

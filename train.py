@@ -1,0 +1,214 @@
+"""Train / evaluate a CLIP prompt trainer with Dassl (the ecosystem's train.py command line).
+
+cfg pipeline: Dassl defaults -> extend_cfg (this project's keys) -> Spotlighter preset -> dataset
+yaml -> trainer yaml -> command-line flags -> trailing ``KEY VALUE`` pairs -> freeze.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # the checkout's trainers/ and datasets/ come first (not HF `datasets`)
+    sys.path.insert(0, HERE)
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed without a traceback."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=str, default="", help="path to the datasets ($DATA)")
+    p.add_argument("--output-dir", type=str, default="", help="output directory")
+    p.add_argument("--resume", type=str, default="", help="checkpoint directory to resume from")
+    p.add_argument("--seed", type=int, default=-1, help="only positive value enables a fixed seed")
+    p.add_argument("--source-domains", type=str, nargs="+", help="source domains for DA/DG")
+    p.add_argument("--target-domains", type=str, nargs="+", help="target domains for DA/DG")
+    p.add_argument("--transforms", type=str, nargs="+", help="data augmentation methods")
+    p.add_argument("--config-file", type=str, default="", help="path to the trainer config file")
+    p.add_argument("--dataset-config-file", type=str, default="", help="path to the dataset config file")
+    p.add_argument("--trainer", type=str, default="", help="name of trainer")
+    p.add_argument("--backbone", type=str, default="", help="name of CNN backbone")
+    p.add_argument("--head", type=str, default="", help="name of head")
+    p.add_argument("--eval-only", action="store_true", help="evaluation only")
+    p.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only mode")
+    p.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
+    p.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
+    p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                   help="modify config options using the command-line (KEY VALUE pairs)")
+    return p.parse_args(argv)
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0] if path else ""
+
+
+def reset_cfg(cfg, args) -> None:
+    if args.root:
+        cfg.DATASET.ROOT = args.root
+    if args.output_dir:
+        cfg.OUTPUT_DIR = args.output_dir
+    if args.resume:
+        cfg.RESUME = args.resume
+    if args.seed:
+        cfg.SEED = args.seed
+    if args.source_domains:
+        cfg.DATASET.SOURCE_DOMAINS = args.source_domains
+    if args.target_domains:
+        cfg.DATASET.TARGET_DOMAINS = args.target_domains
+    if args.transforms:
+        cfg.INPUT.TRANSFORMS = args.transforms
+    if args.trainer:
+        cfg.TRAINER.NAME = args.trainer
+    if args.backbone:
+        cfg.MODEL.BACKBONE.NAME = args.backbone
+    if args.head:
+        cfg.MODEL.HEAD.NAME = args.head
+
+
+def _merge_file(cfg, path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} does not exist.")
+    try:
+        cfg.merge_from_file(path)
+    except KeyError as exc:
+        raise UsageError(f"{path}: {exc.args[0]}. Only keys declared by Dassl or by "
+                         "spotlighter/config.py (extend_cfg) may appear in a config file.") from exc
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+
+
+def build_cfg(args, preset: str = ""):
+    from dassl.config import get_cfg_default
+
+    from spotlighter.config import apply_preset, extend_cfg
+
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    if preset:
+        apply_preset(cfg, preset)
+    if args.dataset_config_file:
+        _merge_file(cfg, args.dataset_config_file, "--dataset-config-file")
+    if args.config_file:
+        _merge_file(cfg, args.config_file, "--config-file")
+    reset_cfg(cfg, args)
+    opts = args.opts or []
+    if len(opts) % 2:
+        raise UsageError(f"trailing options must be KEY VALUE pairs; got an odd number: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise UsageError(f"command-line option: {exc.args[0] if exc.args else exc}") from exc
+    return cfg
+
+
+def setup_cfg(args):
+    cfg = build_cfg(args)
+    preset = cfg.TRAINER.SPOTLIGHTER.PRESET
+    if preset != "paper":  # rebuild with the preset underneath the files and options
+        cfg = build_cfg(args, preset)
+    if not cfg.TRAINER.CONFIG_NAME:
+        cfg.TRAINER.CONFIG_NAME = _stem(args.config_file)
+    if not cfg.DATASET.CONFIG_NAME:
+        cfg.DATASET.CONFIG_NAME = _stem(args.dataset_config_file)
+    cfg.freeze()
+    return cfg
+
+
+def check_registered(cfg) -> None:
+    from dassl.data.datasets import DATASET_REGISTRY
+    from dassl.engine import TRAINER_REGISTRY
+
+    trainers = [n for n in TRAINER_REGISTRY.registered_names()]
+    ours = ["Spotlighter", "CoOp", "CoCoOp", "MaPLe", "ZeroshotCLIP"]
+    if cfg.TRAINER.NAME not in trainers:
+        raise UsageError(f"unknown trainer {cfg.TRAINER.NAME!r} (--trainer); this project's trainers: "
+                         f"{', '.join(ours)}.")
+    if cfg.DATASET.NAME not in DATASET_REGISTRY.registered_names():
+        raise UsageError(f"unknown dataset {cfg.DATASET.NAME!r} (DATASET.NAME, from --dataset-config-file); "
+                         "see configs/datasets/ and DATASETS.md.")
+
+
+def configure_logging() -> None:
+    """Route the package loggers to sys.stdout, which Dassl's setup_logger tees into log.txt."""
+    # Importing Dassl runs logging.disable(logging.WARNING) (dassl/data/datasets/dg/wilds), which
+    # would silently drop every INFO and WARNING message of this project: undo it.
+    logging.disable(logging.NOTSET)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for noisy in ("PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(args) -> None:
+    import torch
+    from dassl.engine import build_trainer
+    from dassl.utils import set_random_seed, setup_logger
+
+    import datasets  # noqa: F401  registers the datasets
+    import trainers  # noqa: F401  registers the trainers
+
+    cfg = setup_cfg(args)
+    check_registered(cfg)
+    if cfg.SEED >= 0:
+        set_random_seed(cfg.SEED)
+    setup_logger(cfg.OUTPUT_DIR)
+    configure_logging()
+    if torch.cuda.is_available() and cfg.USE_CUDA:
+        torch.backends.cudnn.benchmark = True
+    print("Command: python " + " ".join(sys.argv))
+    print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
+    print("** Config **")
+    print(cfg)
+
+    trainer = build_trainer(cfg)
+    if args.eval_only:
+        trainer.load_model(args.model_dir, epoch=args.load_epoch)
+        trainer.test()
+        return
+    if not args.no_train:
+        trainer.train()
+
+
+def known_errors():
+    from spotlighter.backbone import BackboneError
+    from spotlighter.checkpoint import CheckpointError
+    from spotlighter.config import ConfigError
+    from trainers.base import TrainingDiverged
+
+    errors = [UsageError, ConfigError, BackboneError, CheckpointError, TrainingDiverged]
+    try:
+        from datasets.layout import DatasetError
+
+        errors.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import dassl  # noqa: F401
+    except ImportError as exc:
+        print(f"error: Dassl is not importable ({exc}). Install it as the README says "
+              "(Install > Dassl.pytorch).", file=sys.stderr)
+        return 2
+    errors = known_errors()
+    try:
+        run(args)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if hasattr(sys.stdout, "file") and sys.stdout is not sys.__stdout__:
+            print(f"error: {exc}")  # also into log.txt
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

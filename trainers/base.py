@@ -1,0 +1,262 @@
+"""The one Dassl adapter every trainer of this project derives from.
+
+It owns what upstream Dassl gets wrong on current torch (warm-up scheduler, pickled checkpoints)
+and what all five trainers share: CLIP loading with the configured precision and device, the
+optimiser and LR schedule, the training step with NaN detection, checkpoints that hold only trained
+state, and the JSON result record of every test evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from dassl.engine import TrainerX
+from dassl.metrics import compute_accuracy
+from dassl.optim import build_optimizer
+
+from spotlighter import checkpoint as ckpt
+from spotlighter.backbone import BackboneError, FrozenCLIP, load_clip
+from spotlighter.config import ConfigError, check_precision
+from spotlighter.models import count_trainable
+from spotlighter.schedule import build_schedule
+
+logger = logging.getLogger(__name__)
+
+BEST_FILE = "model-best.pth.tar"
+LAST_POINTER = "checkpoint"  # Dassl's file naming the last checkpoint of a folder (used to resume)
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32}
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss; the message names the precision and the step."""
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"model.pth.tar-{epoch}"
+
+
+class PromptTrainer(TrainerX):
+    """Base of the CLIP prompt trainers. Subclasses set ``CFG_NODE`` and ``MODULE_NAME`` and
+    implement :meth:`build_custom_model` (a plain model from :mod:`spotlighter.models`)."""
+
+    CFG_NODE = ""  # cfg.TRAINER.<CFG_NODE> holds PREC and the method's keys
+    MODULE_NAME = "prompt_learner"  # folder of the checkpoints inside OUTPUT_DIR
+
+    def __init__(self, cfg):
+        self._start_time = time.time()
+        self.loaded_epoch: Optional[int] = None
+        super().__init__(cfg)
+        self._last_results: Dict[str, float] = {}
+        evaluate = self.evaluator.evaluate
+
+        def evaluate_and_keep():
+            self._last_results = dict(evaluate())
+            return self._last_results
+
+        self.evaluator.evaluate = evaluate_and_keep
+
+    # ------------------------------------------------------------------ config
+    @property
+    def node(self):
+        return self.cfg.TRAINER[self.CFG_NODE]
+
+    @property
+    def preset(self) -> Optional[str]:
+        return None
+
+    def check_cfg(self, cfg) -> None:
+        check_precision(f"TRAINER.{self.CFG_NODE}.PREC", cfg.TRAINER[self.CFG_NODE].PREC)
+
+    def resolve_precision(self) -> str:
+        prec = self.node.PREC
+        if prec == "fp16" and self.device.type == "cpu":
+            logger.warning("TRAINER.%s.PREC = fp16 is not supported on CPU (about 20x slower, and "
+                           "half-precision CPU kernels are incomplete): falling back to fp32.", self.CFG_NODE)
+            return "fp32"
+        return prec
+
+    # ------------------------------------------------------------------ model
+    def build_custom_model(self, clip: FrozenCLIP, classnames) -> nn.Module:
+        raise NotImplementedError
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        self.precision = self.resolve_precision()
+        backbone = cfg.MODEL.BACKBONE
+        path = backbone.PATH.replace("{root}", cfg.DATASET.ROOT)  # "{root}/..." = under DATASET.ROOT
+        clip_model = load_clip(backbone.NAME, path, self.device, DTYPES[self.precision])
+        self.clip = FrozenCLIP(clip_model)
+        size = list(cfg.INPUT.SIZE)
+        if self.clip.input_resolution not in (size[0],) or size[0] != size[-1]:
+            raise ConfigError(f"INPUT.SIZE = {tuple(size)} does not match the CLIP input resolution "
+                              f"{self.clip.input_resolution}; set INPUT.SIZE ({self.clip.input_resolution}, "
+                              f"{self.clip.input_resolution}).")
+        classnames = self.dm.dataset.classnames
+        self.model = self.build_custom_model(self.clip, classnames).to(self.device)
+        n_trainable = count_trainable(self.model)
+        logger.info("Trainable scalars: %s (frozen CLIP excluded); precision %s on %s",
+                    f"{n_trainable:,}", self.precision, self.device)
+        optim = sched = None
+        if n_trainable:
+            optim = build_optimizer(self.model, cfg.OPTIM)
+            sched = build_schedule(optim, cfg.OPTIM)
+        self.optim, self.sched = optim, sched
+        self.register_model(self.MODULE_NAME, self.model, optim, sched)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "amp" and self.device.type == "cuda" else None
+
+    def autocast(self):
+        if self.precision != "amp":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ steps
+    def parse_batch_train(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def forward_backward(self, batch) -> Dict[str, float]:
+        images, labels = self.parse_batch_train(batch)
+        with self.autocast():
+            logits, losses = self.model(images, labels)
+            loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            step = self.epoch * self.num_batches + self.batch_idx + 1
+            raise TrainingDiverged(
+                f"The loss is {loss.item()} at epoch {self.epoch + 1}, batch {self.batch_idx + 1} (step {step}) "
+                f"with precision {self.precision} ({'; '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}). "
+                f"Half precision overflows easily: rerun with TRAINER.{self.CFG_NODE}.PREC fp32 (or amp), "
+                "or lower OPTIM.LR.")
+        self.optim.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optim)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optim.step()
+        summary = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        summary["acc"] = compute_accuracy(logits.detach(), labels)[0].item()
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return summary
+
+    def model_inference(self, images):
+        with self.autocast():
+            return self.model(images)[0].float()
+
+    # ------------------------------------------------------------------ checkpoints
+    def signature(self) -> Dict[str, list]:
+        """Shapes of every saved tensor: a checkpoint must match them exactly."""
+        return {k: list(v.shape) for k, v in self.model.state_dict().items()}
+
+    def class_state(self) -> Optional[dict]:
+        return None
+
+    def load_class_state(self, state: dict) -> None:
+        pass
+
+    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
+        for name in self.get_model_names():
+            folder = os.path.join(directory, name)
+            fname = model_name or checkpoint_name(epoch + 1)
+            optim, sched = self._optims[name], self._scheds[name]
+            payload = {
+                "trainer": self.cfg.TRAINER.NAME, "preset": self.preset, "signature": self.signature(),
+                "state_dict": ckpt.trainable_state(self._models[name]), "class_state": self.class_state(),
+                "optimizer": optim.state_dict() if optim is not None else None,
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "epoch": epoch + 1, "val_result": None if val_result is None else float(val_result),
+            }
+            path = os.path.join(folder, fname)
+            ckpt.save(path, payload)
+            if not model_name:  # periodic/last checkpoints are what a resume continues from
+                with open(os.path.join(folder, LAST_POINTER), "w") as f:
+                    f.write(fname + "\n")
+            logger.info("Checkpoint saved to %s", path)
+
+    def _read(self, path: str) -> dict:
+        return ckpt.load(path, trainer=self.cfg.TRAINER.NAME, preset=self.preset, signature=self.signature(),
+                         map_location=self.device)
+
+    def _restore(self, name: str, data: dict, path: str) -> None:
+        try:
+            self._models[name].load_state_dict(data["state_dict"], strict=True)
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(f"{path} does not fit this model: {exc}") from exc
+        if data.get("class_state") is not None:
+            self.load_class_state(data["class_state"])
+
+    def resume_model_if_exist(self, directory):
+        names = self.get_model_names()
+        pointers = [os.path.join(directory, n, LAST_POINTER) for n in names]
+        if not all(os.path.isfile(p) for p in pointers):
+            logger.info("No checkpoint found in %s, training from scratch", directory)
+            return 0
+        start = 0
+        for name, pointer in zip(names, pointers):
+            with open(pointer) as f:
+                path = os.path.join(directory, name, f.read().strip())
+            data = self._read(path)
+            self._restore(name, data, path)
+            if self._optims[name] is not None and data.get("optimizer"):
+                self._optims[name].load_state_dict(data["optimizer"])
+            if self._scheds[name] is not None and data.get("scheduler"):
+                self._scheds[name].load_state_dict(data["scheduler"])
+            start = int(data["epoch"])
+            logger.info("Resumed from %s (epoch %d)", path, start)
+        return start
+
+    def load_model(self, directory, epoch=None):
+        if not directory:
+            logger.info("No model directory given: evaluating the model as built")
+            return
+        for name in self.get_model_names():
+            folder = os.path.join(directory, name)
+            if epoch is not None:
+                path = os.path.join(folder, checkpoint_name(epoch))
+            elif os.path.isfile(os.path.join(folder, BEST_FILE)):
+                path = os.path.join(folder, BEST_FILE)
+            elif os.path.isfile(os.path.join(folder, LAST_POINTER)):
+                with open(os.path.join(folder, LAST_POINTER)) as f:
+                    path = os.path.join(folder, f.read().strip())
+            else:
+                raise ckpt.CheckpointError(f"No checkpoint in {folder} (expected {BEST_FILE} or a "
+                                           f"'{LAST_POINTER}' file; give --load-epoch N for model.pth.tar-N).")
+            if not os.path.isfile(path):
+                have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+                raise ckpt.CheckpointError(f"No checkpoint at {path}. Present in {folder}: {have or 'nothing'}.")
+            data = self._read(path)
+            self._restore(name, data, path)
+            self.loaded_epoch = int(data["epoch"])
+            logger.info("Loaded %s (epoch %d)", path, self.loaded_epoch)
+
+    # ------------------------------------------------------------------ evaluation
+    def test(self, split=None):
+        split = split or self.cfg.TEST.SPLIT
+        result = super().test(split)
+        if split != "val" or self.val_loader is None:  # Dassl falls back to test without a val set
+            self.write_result_record()
+        return result
+
+    def write_result_record(self) -> None:
+        from spotlighter.results.record import make_record, write_record
+
+        ev, cfg = self.evaluator, self.cfg
+        trained_here = getattr(self, "time_start", None) is not None  # set by Dassl's before_train
+        epoch = self.loaded_epoch if self.loaded_epoch is not None else (self.epoch + 1 if trained_here else None)
+        record = make_record(
+            trainer=cfg.TRAINER.NAME, config=cfg.TRAINER.CONFIG_NAME or None, preset=self.preset,
+            dataset=cfg.DATASET.CONFIG_NAME or cfg.DATASET.NAME, subset=cfg.DATASET.SUBSAMPLE_CLASSES,
+            shots=int(cfg.DATASET.NUM_SHOTS), seed=int(cfg.SEED), split="test", correct=int(ev._correct),
+            total=int(ev._total), accuracy=100.0 * ev._correct / max(ev._total, 1),
+            macro_f1=float(self._last_results.get("macro_f1", float("nan"))), epoch=epoch,
+            wall_time_s=round(time.time() - self._start_time, 3), output_dir=os.path.abspath(cfg.OUTPUT_DIR),
+        )
+        path = write_record(cfg.OUTPUT_DIR, record)
+        logger.info("Result record written to %s", path)
