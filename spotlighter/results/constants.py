@@ -1,0 +1,86 @@
+"""Names shared by the results tool: datasets, protocols, trainers, file names, log signals."""
+
+from __future__ import annotations
+
+PROTOCOLS: tuple[str, ...] = ("base2new", "xd", "dg")
+PROTOCOL_TITLES: dict[str, str] = {
+    "base2new": "Base-to-novel generalisation",
+    "xd": "Cross-dataset transfer",
+    "dg": "Domain generalisation",
+}
+
+# Datasets in the order of the base-to-novel tables of CoOp/CoCoOp/MaPLe/Spotlighter.
+BASE2NEW_DATASETS: tuple[str, ...] = (
+    "imagenet",
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+)
+XD_SOURCE = "imagenet"
+XD_TARGETS: tuple[str, ...] = tuple(d for d in BASE2NEW_DATASETS if d != XD_SOURCE)
+DG_TARGETS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+# Roles of a seed folder. ``subset`` is what a result.json written there must say.
+ROLE_BASE = "base"
+ROLE_NEW = "new"
+ROLE_SOURCE = "source"
+ROLE_TARGET = "target"
+ROLE_SUBSET: dict[str, str] = {ROLE_BASE: "base", ROLE_NEW: "new", ROLE_SOURCE: "all", ROLE_TARGET: "all"}
+
+# Output tree (ecosystem.md, "Output tree users already have").
+BASE2NEW_DIR = "base2new"
+BASE2NEW_ROLE_DIRS: dict[str, str] = {ROLE_BASE: "train_base", ROLE_NEW: "test_new"}
+XD_TRAIN_DIR = XD_SOURCE
+XD_EVAL_DIR = "evaluation"
+SHOTS_DIR_PREFIX = "shots_"
+SEED_DIR_PREFIX = "seed"
+XD_CONFIG_SUFFIX = "shots"  # "<cfg>_<K>shots"
+
+# Files in a seed folder and the lines Dassl prints.
+RESULT_FILE = "result.json"
+LOG_FILE = "log.txt"
+LOG_TIMESTAMP_FORMAT = "%Y-%m-%d-%H-%M-%S"  # Dassl: log.txt-<time.strftime(...)>
+FINISH_SIGNAL = "Finish training"
+RESULT_SIGNAL = "=> result"
+EPOCH_PATTERN = r"epoch \[\d+/\d+\]"
+
+# Trainer names: CLI aliases (lower case) -> registered Dassl class name.
+TRAINER_ALIASES: dict[str, str] = {
+    "spotlighter": "Spotlighter",
+    "coop": "CoOp",
+    "cocoop": "CoCoOp",
+    "maple": "MaPLe",
+    "zsclip": "ZeroshotCLIP",
+    "zeroshotclip": "ZeroshotCLIP",
+    "promptsrc": "PromptSRC",
+    "kgcoop": "KgCoOp",
+}
+# Display order of trainers (others follow alphabetically).
+TRAINER_ORDER: tuple[str, ...] = ("ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "PromptSRC", "Spotlighter")
+
+# Methods of the shipped published table compared with our trainers by default.
+PUBLISHED_METHOD_FOR_TRAINER: dict[str, str] = {
+    "ZeroshotCLIP": "CLIP",
+    "CoOp": "CoOp",
+    "MaPLe": "MaPLe",
+    "Spotlighter": "CoOp w/ Spotlighter",
+}
+PUBLISHED_FILE = "base2new_published.csv"
+PUBLISHED_AVERAGE_ROW = "average"
+
+# Presentation.
+DECIMALS = 2
+MISSING_MARK = "—"
+PLOT_HINT = "--plot needs matplotlib: pip install matplotlib (or pip install -e .[plot])"
+
+# CLI exit codes.
+EXIT_OK = 0
+EXIT_NOTHING_FOUND = 1
+EXIT_PLOT_UNAVAILABLE = 2

@@ -1,0 +1,148 @@
+"""The output tree of CoOp-style codebases: where each protocol's seed folders live."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .constants import (
+    BASE2NEW_DIR,
+    BASE2NEW_ROLE_DIRS,
+    DG_TARGETS,
+    PROTOCOLS,
+    ROLE_SOURCE,
+    ROLE_TARGET,
+    SEED_DIR_PREFIX,
+    SHOTS_DIR_PREFIX,
+    XD_CONFIG_SUFFIX,
+    XD_EVAL_DIR,
+    XD_SOURCE,
+    XD_TRAIN_DIR,
+)
+
+_SEED_RE = re.compile(rf"^{SEED_DIR_PREFIX}(\d+)$")
+_SHOTS_RE = re.compile(rf"^{SHOTS_DIR_PREFIX}(\d+)$")
+_XD_CONFIG_RE = re.compile(rf"^(.+)_(\d+){XD_CONFIG_SUFFIX}$")
+
+
+@dataclass(frozen=True)
+class SeedDir:
+    """One seed folder and what its place in the tree says about it."""
+
+    protocol: str
+    trainer: str
+    config: str
+    dataset: str
+    role: str
+    shots: int
+    seed: int
+    path: Path
+
+
+def check_protocol(protocol: str) -> None:
+    """ValueError for an unknown protocol name."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+
+def _seeds(config_dir: Path) -> Iterator[tuple[int, Path]]:
+    for seed_dir in _subdirs(config_dir):
+        match = _SEED_RE.match(seed_dir.name)
+        if match:
+            yield int(match.group(1)), seed_dir
+
+
+def base2new_dir(root: Path) -> Path:
+    """``ROOT/base2new``; ROOT itself when it already is that folder."""
+    if not (root / BASE2NEW_DIR).is_dir() and any((root / d).is_dir() for d in BASE2NEW_ROLE_DIRS.values()):
+        return root
+    return root / BASE2NEW_DIR
+
+
+def _discover_base2new(root: Path) -> Iterator[SeedDir]:
+    top = base2new_dir(root)
+    for role, role_dir in BASE2NEW_ROLE_DIRS.items():
+        for dataset_dir in _subdirs(top / role_dir):
+            for shots_dir in _subdirs(dataset_dir):
+                shots = _SHOTS_RE.match(shots_dir.name)
+                if not shots:
+                    continue
+                for trainer_dir in _subdirs(shots_dir):
+                    for config_dir in _subdirs(trainer_dir):
+                        for seed, path in _seeds(config_dir):
+                            yield SeedDir(
+                                "base2new", trainer_dir.name, config_dir.name, dataset_dir.name,
+                                role, int(shots.group(1)), seed, path,
+                            )
+
+
+def _xd_configs(trainer_dir: Path) -> Iterator[tuple[str, int, Path]]:
+    for config_dir in _subdirs(trainer_dir):
+        match = _XD_CONFIG_RE.match(config_dir.name)
+        if match:
+            yield match.group(1), int(match.group(2)), config_dir
+
+
+def _is_protocol_target(protocol: str, dataset: str) -> bool:
+    return (dataset in DG_TARGETS) == (protocol == "dg") and dataset != XD_SOURCE
+
+
+def _discover_transfer(root: Path, protocol: str) -> Iterator[SeedDir]:
+    for trainer_dir in _subdirs(root / XD_TRAIN_DIR):
+        for config, shots, config_dir in _xd_configs(trainer_dir):
+            for seed, path in _seeds(config_dir):
+                yield SeedDir(protocol, trainer_dir.name, config, XD_SOURCE, ROLE_SOURCE, shots, seed, path)
+    for trainer_dir in _subdirs(root / XD_EVAL_DIR):
+        for config, shots, config_dir in _xd_configs(trainer_dir):
+            for target_dir in _subdirs(config_dir):
+                if not _is_protocol_target(protocol, target_dir.name):
+                    continue
+                for seed, path in _seeds(target_dir):
+                    yield SeedDir(protocol, trainer_dir.name, config, target_dir.name, ROLE_TARGET, shots, seed, path)
+
+
+def discover(root: str | Path, protocol: str) -> list[SeedDir]:
+    """Every seed folder of ``protocol`` under the output root."""
+    check_protocol(protocol)
+    root = Path(root)
+    found = _discover_base2new(root) if protocol == "base2new" else _discover_transfer(root, protocol)
+    return list(found)
+
+
+def seed_dir_path(
+    root: str | Path, protocol: str, trainer: str, config: str, dataset: str, role: str, shots: int, seed: int
+) -> Path:
+    """Where the seed folder of one run lives (whether or not it exists)."""
+    root = Path(root)
+    seed_name = f"{SEED_DIR_PREFIX}{seed}"
+    if protocol == "base2new":
+        role_dir = base2new_dir(root) / BASE2NEW_ROLE_DIRS[role]
+        return role_dir / dataset / f"{SHOTS_DIR_PREFIX}{shots}" / trainer / config / seed_name
+    config_name = f"{config}_{shots}{XD_CONFIG_SUFFIX}"
+    if role == ROLE_SOURCE:
+        return root / XD_TRAIN_DIR / trainer / config_name / seed_name
+    return root / XD_EVAL_DIR / trainer / config_name / dataset / seed_name
+
+
+def search_patterns(root: str | Path, protocol: str) -> list[str]:
+    """The folder patterns searched for ``protocol``, for messages."""
+    check_protocol(protocol)
+    root = Path(root)
+    if protocol == "base2new":
+        top = base2new_dir(root)
+        return [
+            str(top / role_dir / "<dataset>" / f"{SHOTS_DIR_PREFIX}<K>" / "<Trainer>" / "<cfg>" / f"{SEED_DIR_PREFIX}<S>")
+            for role_dir in BASE2NEW_ROLE_DIRS.values()
+        ]
+    targets = "<" + "|".join(DG_TARGETS) + ">" if protocol == "dg" else "<target>"
+    config_name = f"<cfg>_<K>{XD_CONFIG_SUFFIX}"
+    return [
+        str(root / XD_TRAIN_DIR / "<Trainer>" / config_name / f"{SEED_DIR_PREFIX}<S>"),
+        str(root / XD_EVAL_DIR / "<Trainer>" / config_name / targets / f"{SEED_DIR_PREFIX}<S>"),
+    ]

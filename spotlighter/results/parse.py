@@ -1,0 +1,247 @@
+"""Read one accuracy per seed folder (``result.json`` first, Dassl ``log.txt*`` as fallback)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .constants import (
+    EPOCH_PATTERN,
+    FINISH_SIGNAL,
+    LOG_FILE,
+    LOG_TIMESTAMP_FORMAT,
+    RESULT_FILE,
+    RESULT_SIGNAL,
+    ROLE_SOURCE,
+    ROLE_SUBSET,
+    TRAINER_ALIASES,
+)
+from .layout import SeedDir, discover
+from .record import read_record
+
+logger = logging.getLogger(__name__)
+
+_ITEM_RE = re.compile(r"^\*\s*(total|correct|accuracy|error|macro_f1):\s*([\d,]+(?:\.\d+)?)\s*%?\s*$")
+_EPOCH_RE = re.compile(EPOCH_PATTERN)
+
+
+@dataclass(frozen=True)
+class EvalBlock:
+    """One ``=> result`` block of a Dassl log (accuracy exact when correct/total are printed)."""
+
+    line: int
+    accuracy: float
+    correct: int | None
+    total: int | None
+    macro_f1: float | None
+
+
+@dataclass(frozen=True)
+class LogOutcome:
+    """The test result a log holds, or why it holds none."""
+
+    path: str
+    block: EvalBlock | None
+    reason: str | None
+    is_train: bool
+
+
+@dataclass(frozen=True)
+class Result:
+    """One (trainer, config, dataset, role, shots, seed): its accuracy, or why it is missing."""
+
+    protocol: str
+    trainer: str
+    config: str
+    dataset: str
+    role: str
+    shots: int
+    seed: int
+    path: str
+    accuracy: float | None = None
+    correct: int | None = None
+    total: int | None = None
+    macro_f1: float | None = None
+    source: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.accuracy is not None
+
+
+def _block_from_items(line: int, items: dict[str, str]) -> EvalBlock | None:
+    correct = int(items["correct"].replace(",", "")) if "correct" in items else None
+    total = int(items["total"].replace(",", "")) if "total" in items else None
+    macro_f1 = float(items["macro_f1"]) if "macro_f1" in items else None
+    if correct is not None and total:
+        return EvalBlock(line, 100.0 * correct / total, correct, total, macro_f1)
+    if "accuracy" in items:
+        return EvalBlock(line, float(items["accuracy"]), correct, total, macro_f1)
+    return None  # truncated block
+
+
+def parse_blocks(lines: Sequence[str]) -> list[EvalBlock]:
+    """Every complete ``=> result`` block, in order, with the index of its first line."""
+    blocks: list[EvalBlock] = []
+    for start, line in enumerate(lines):
+        if line.strip() != RESULT_SIGNAL:
+            continue
+        items: dict[str, str] = {}
+        for item_line in lines[start + 1 :]:
+            match = _ITEM_RE.match(item_line.strip())
+            if not match:
+                break
+            items[match.group(1)] = match.group(2)
+        block = _block_from_items(start, items)
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def parse_log_text(text: str, path: str = "") -> LogOutcome:
+    """The test result of one log: after ``Finish training`` in a train log, else the last block."""
+    lines = text.splitlines()
+    is_train = any(_EPOCH_RE.search(line) for line in lines)
+    blocks = parse_blocks(lines)
+    if not is_train:
+        if not blocks:
+            return LogOutcome(path, None, f"eval-only log without a '{RESULT_SIGNAL}' block", False)
+        return LogOutcome(path, blocks[-1], None, False)
+    finish = [i for i, line in enumerate(lines) if line.strip() == FINISH_SIGNAL]
+    if not finish:
+        return LogOutcome(path, None, f"unfinished training log (no '{FINISH_SIGNAL}' line)", True)
+    after = [b for b in blocks if b.line > finish[-1]]
+    if not after:
+        return LogOutcome(path, None, f"training log without a test '{RESULT_SIGNAL}' after '{FINISH_SIGNAL}'", True)
+    return LogOutcome(path, after[-1], None, True)
+
+
+def parse_log(path: str | Path) -> LogOutcome:
+    """``parse_log_text`` of a file (undecodable bytes are replaced)."""
+    return parse_log_text(Path(path).read_text(encoding="utf-8", errors="replace"), str(path))
+
+
+def _log_age(path: Path) -> float:
+    """Sort key, larger is newer: ``log.txt`` is the first run, re-runs carry a start timestamp."""
+    if path.name == LOG_FILE:
+        return -math.inf
+    suffix = path.name[len(LOG_FILE) :].lstrip("-")
+    try:
+        return time.mktime(time.strptime(suffix, LOG_TIMESTAMP_FORMAT))
+    except ValueError:
+        return path.stat().st_mtime
+
+
+def log_files_newest_first(seed_dir: str | Path) -> list[Path]:
+    """``log.txt`` and its re-run siblings ``log.txt-<timestamp>``, newest first."""
+    logs = [p for p in Path(seed_dir).glob(f"{LOG_FILE}*") if p.is_file()]
+    return sorted(logs, key=_log_age, reverse=True)
+
+
+def _from_record(seed: SeedDir) -> Result | None:
+    path = seed.path / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = read_record(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring invalid %s: %s", path, exc)
+        return None
+    expected_subset = ROLE_SUBSET[seed.role]
+    if record["split"] != "test" or record["subset"] != expected_subset:
+        logger.warning(
+            "ignoring %s: split=%r subset=%r, expected split='test' subset=%r",
+            path, record["split"], record["subset"], expected_subset,
+        )
+        return None
+    return _result(
+        seed,
+        accuracy=100.0 * record["correct"] / record["total"],
+        correct=record["correct"],
+        total=record["total"],
+        macro_f1=record["macro_f1"],
+        source=str(path),
+    )
+
+
+def _from_logs(seed: SeedDir) -> Result:
+    logs = log_files_newest_first(seed.path)
+    if not logs:
+        return _result(seed, reason=f"no {RESULT_FILE} or {LOG_FILE}*")
+    outcomes = [parse_log(p) for p in logs]
+    for outcome in outcomes:
+        if outcome.block is not None:
+            block = outcome.block
+            return _result(
+                seed,
+                accuracy=block.accuracy,
+                correct=block.correct,
+                total=block.total,
+                macro_f1=block.macro_f1,
+                source=outcome.path,
+            )
+        logger.info("skipping %s: %s", outcome.path, outcome.reason)
+    newest = outcomes[0]
+    tried = f" (also tried {len(outcomes) - 1} older log(s))" if len(outcomes) > 1 else ""
+    return _result(seed, reason=f"{newest.reason}: {newest.path}{tried}")
+
+
+def _result(seed: SeedDir, **fields: object) -> Result:
+    return Result(
+        seed.protocol, seed.trainer, seed.config, seed.dataset, seed.role, seed.shots, seed.seed,
+        str(seed.path), **fields,  # type: ignore[arg-type]
+    )
+
+
+def read_seed_dir(seed: SeedDir) -> Result:
+    """The result of one seed folder: its valid ``result.json``, else its newest valid log."""
+    return _from_record(seed) or _from_logs(seed)
+
+
+def canonical_trainer(name: str) -> str:
+    """Registered trainer class name for a CLI alias (case-insensitive); unknown names unchanged."""
+    return TRAINER_ALIASES.get(name.lower(), name)
+
+
+def _matches(value: str, wanted: Iterable[str] | None, *, fold_case: bool) -> bool:
+    if wanted is None:
+        return True
+    if fold_case:
+        return value.lower() in {w.lower() for w in wanted}
+    return value in set(wanted)
+
+
+def collect(
+    root: str | Path,
+    protocol: str,
+    *,
+    trainers: Sequence[str] | None = None,
+    configs: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[Result]:
+    """One Result per seed folder of ``protocol`` under ``root`` that passes the filters.
+
+    Trainers match case-insensitively, through the CLI aliases. The source dataset of cross-dataset
+    and domain-generalisation runs is kept whatever ``datasets`` says (it filters the targets).
+    """
+    wanted_trainers = None if trainers is None else [canonical_trainer(t) for t in trainers] + list(trainers)
+    selected = [
+        seed
+        for seed in discover(root, protocol)
+        if _matches(seed.trainer, wanted_trainers, fold_case=True)
+        and _matches(seed.config, configs, fold_case=False)
+        and (seed.role == ROLE_SOURCE or _matches(seed.dataset, datasets, fold_case=False))
+        and (shots is None or seed.shots in shots)
+        and (seeds is None or seed.seed in seeds)
+    ]
+    results = [read_seed_dir(seed) for seed in selected]
+    logger.info("%s: %d seed folder(s), %d with a result", protocol, len(results), sum(r.ok for r in results))
+    return results
