@@ -28,13 +28,11 @@ require_data "$DATASET"
 print_header "base2new on $DATASET"
 
 COMMON="$DATASET/shots_$SHOTS/$TRAINER/$CFG"
-DCFG="configs/datasets/$DATASET.yaml"
 
 for SEED in $SEEDS; do
     TRAIN_DIR="$OUTPUT/base2new/train_base/$COMMON/seed$SEED"
     TEST_DIR="$OUTPUT/base2new/test_new/$COMMON/seed$SEED"
-    ARGS=(--root "$DATA" --seed "$SEED" --trainer "$TRAINER" --dataset-config-file "$DCFG"
-          --config-file "$CFG_FILE")
+    train_args "$SEED" "$DATASET"
     if [ "$TRAINER" = ZeroshotCLIP ]; then
         run_job eval "$TRAIN_DIR" "${ARGS[@]}" --output-dir "$TRAIN_DIR" --eval-only \
             DATASET.NUM_SHOTS "$SHOTS" DATASET.SUBSAMPLE_CLASSES base "${EXTRA[@]}"

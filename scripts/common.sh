@@ -209,6 +209,11 @@ accuracy_of() {  # accuracy of a finished folder: result.json's "accuracy", else
     echo "${acc:-NA}"
 }
 
+train_args() {  # train_args SEED DATASET -> ARGS: the leading train.py options, in CoOp's order
+    ARGS=(--root "$DATA" --seed "$1" --trainer "$TRAINER" --dataset-config-file "configs/datasets/$2.yaml"
+          --config-file "$CFG_FILE")
+}
+
 # --- running jobs ----------------------------------------------------------------------------
 print_cmd() {
     local out="" a

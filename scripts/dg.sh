@@ -30,9 +30,9 @@ EVAL_REL="evaluation/$TRAINER/${CFG}_${SHOTS}shots"
 
 for SEED in $SEEDS; do
     SRC_DIR="$OUTPUT/$SRC_REL/seed$SEED"
-    ARGS=(--root "$DATA" --seed "$SEED" --trainer "$TRAINER" --config-file "$CFG_FILE")
+    train_args "$SEED" "$SOURCE"
     if [ "$TRAINER" != ZeroshotCLIP ] && ! train_finished "$SRC_DIR"; then
-        TRAIN_CMD="$(print_cmd "${PY[@]}" train.py "${ARGS[@]}" --dataset-config-file "configs/datasets/$SOURCE.yaml" --output-dir "$SRC_DIR" DATASET.NUM_SHOTS "$SHOTS" "${EXTRA[@]}")"
+        TRAIN_CMD="$(print_cmd "${PY[@]}" train.py "${ARGS[@]}" --output-dir "$SRC_DIR" DATASET.NUM_SHOTS "$SHOTS" "${EXTRA[@]}")"
         MSG="no finished $SOURCE checkpoint in $SRC_DIR: run scripts/xd.sh $1 $SHOTS first (with DATASETS= it only trains), or train it: $TRAIN_CMD"
         if [ "${DRY_RUN:-0}" != "1" ]; then
             echo "error: $MSG" >&2
@@ -44,8 +44,8 @@ for SEED in $SEEDS; do
     model_args "$SRC_DIR" || { FAILED+=("seed$SEED: no model.pth.tar-N checkpoint in $SRC_DIR/*/"); continue; }
     for T in $TARGETS; do
         DIR="$OUTPUT/$EVAL_REL/$T/seed$SEED"
-        run_job eval "$DIR" "${ARGS[@]}" --dataset-config-file "configs/datasets/$T.yaml" \
-            --output-dir "$DIR" "${LOAD_ARGS[@]}" --eval-only "${EXTRA[@]}"
+        train_args "$SEED" "$T"
+        run_job eval "$DIR" "${ARGS[@]}" --output-dir "$DIR" "${LOAD_ARGS[@]}" --eval-only "${EXTRA[@]}"
     done
 done
 

@@ -32,13 +32,11 @@ EVAL_REL="evaluation/$TRAINER/${CFG}_${SHOTS}shots"
 
 for SEED in $SEEDS; do
     SRC_DIR="$OUTPUT/$SRC_REL/seed$SEED"
-    ARGS=(--root "$DATA" --seed "$SEED" --trainer "$TRAINER" --config-file "$CFG_FILE")
+    train_args "$SEED" "$SOURCE"
     if [ "$TRAINER" = ZeroshotCLIP ]; then
-        run_job eval "$SRC_DIR" "${ARGS[@]}" --dataset-config-file "configs/datasets/$SOURCE.yaml" \
-            --output-dir "$SRC_DIR" --eval-only DATASET.NUM_SHOTS "$SHOTS" "${EXTRA[@]}"
+        run_job eval "$SRC_DIR" "${ARGS[@]}" --output-dir "$SRC_DIR" --eval-only DATASET.NUM_SHOTS "$SHOTS" "${EXTRA[@]}"
     else
-        run_job train "$SRC_DIR" "${ARGS[@]}" --dataset-config-file "configs/datasets/$SOURCE.yaml" \
-            --output-dir "$SRC_DIR" DATASET.NUM_SHOTS "$SHOTS" "${EXTRA[@]}"
+        run_job train "$SRC_DIR" "${ARGS[@]}" --output-dir "$SRC_DIR" DATASET.NUM_SHOTS "$SHOTS" "${EXTRA[@]}"
     fi
     if [ $? -ne 0 ]; then
         say "seed $SEED: training on $SOURCE failed, so its evaluations are not run"
@@ -50,8 +48,8 @@ for SEED in $SEEDS; do
     fi
     for T in $TARGETS; do
         DIR="$OUTPUT/$EVAL_REL/$T/seed$SEED"
-        run_job eval "$DIR" "${ARGS[@]}" --dataset-config-file "configs/datasets/$T.yaml" \
-            --output-dir "$DIR" "${LOAD_ARGS[@]}" --eval-only "${EXTRA[@]}"
+        train_args "$SEED" "$T"
+        run_job eval "$DIR" "${ARGS[@]}" --output-dir "$DIR" "${LOAD_ARGS[@]}" --eval-only "${EXTRA[@]}"
     done
 done
 

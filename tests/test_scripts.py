@@ -1,0 +1,431 @@
+"""scripts/base2new.sh, xd.sh, dg.sh without Dassl and without trainers.
+
+Each test copies scripts/ into a throwaway repository (with minimal trainer configs) and runs it
+from another directory. ``DRY_RUN=1`` checks the exact train.py commands; real runs use
+``PYTHON=<stub>``, a fake interpreter whose ``train.py`` writes what the real trainer writes
+(checkpoints + ``checkpoint`` file, log.txt with ``Finish training`` / ``=> result``, result.json),
+so skip / resume / FORCE / failure reporting are tested without training anything.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["common.sh", "base2new.sh", "xd.sh", "dg.sh"]
+CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
+        "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
+        "ZeroshotCLIP": "vit_b16"}
+FOLDERS = {"imagenet": "imagenet", "caltech101": "caltech-101", "oxford_pets": "oxford_pets",
+           "stanford_cars": "stanford_cars", "oxford_flowers": "oxford_flowers", "food101": "food-101",
+           "fgvc_aircraft": "fgvc_aircraft", "sun397": "sun397", "dtd": "dtd", "eurosat": "eurosat",
+           "ucf101": "ucf101", "imagenetv2": "imagenetv2", "imagenet_sketch": "imagenet-sketch",
+           "imagenet_a": "imagenet-adversarial", "imagenet_r": "imagenet-rendition"}
+XD = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+      "sun397", "dtd", "eurosat", "ucf101"]
+
+STUB = r'''#!{python}
+"""Fake interpreter: `stub train.py ARGS` imitates the trainer; anything else runs real Python."""
+import json, os, sys
+
+argv = sys.argv[1:]
+if os.environ.get("STUB_RESULTS") and argv[:2] == ["-m", "spotlighter.results"]:
+    print("TABLE", " ".join(argv[2:]))
+    sys.exit(0)
+if argv[:2] == ["-m", "spotlighter.results"] and os.environ.get("STUB_NO_RESULTS"):
+    print("No module named spotlighter.results", file=sys.stderr)
+    sys.exit(1)
+if not argv or argv[0] != "train.py":
+    os.execv({python!r}, [{python!r}] + argv)
+
+args, i, opts = {{}}, 1, []
+while i < len(argv):
+    a = argv[i]
+    if a == "--eval-only":
+        args[a] = True; i += 1
+    elif a.startswith("--"):
+        args[a] = argv[i + 1]; i += 2
+    else:
+        opts.append(a); i += 1
+out = args["--output-dir"]
+with open(os.environ["STUB_CALLS"], "a") as f:
+    f.write(json.dumps({{"argv": argv, "cwd": os.getcwd(),
+                        "resumed": os.path.isfile(os.path.join(out, "prompt_learner", "checkpoint"))}}) + "\n")
+os.makedirs(out, exist_ok=True)
+log = os.path.join(out, "log.txt")
+if os.path.exists(log):
+    log = log + "-2024-01-01-00-00-00-%d" % len(os.listdir(out))
+fail = os.environ.get("STUB_FAIL")
+if fail and fail in out:
+    open(log, "w").write("Traceback: boom\n")
+    print("error: boom", file=sys.stderr)
+    sys.exit(1)
+seed = int(args["--seed"])
+sub = opts[opts.index("DATASET.SUBSAMPLE_CLASSES") + 1] if "DATASET.SUBSAMPLE_CLASSES" in opts else "all"
+acc = {{"base": 80.0, "new": 70.0}}.get(sub, 60.0) + seed
+if "--eval-only" not in args:
+    epochs = int(os.environ.get("STUB_EPOCHS", "2"))
+    mod = os.path.join(out, "prompt_learner")
+    os.makedirs(mod, exist_ok=True)
+    cut = os.environ.get("STUB_INTERRUPT")
+    last = 1 if (cut and cut in out and not os.path.exists(os.path.join(mod, "checkpoint"))) else epochs
+    for e in range(1, last + 1):
+        open(os.path.join(mod, "model.pth.tar-%d" % e), "w").write("x")
+        open(os.path.join(mod, "checkpoint"), "w").write("model.pth.tar-%d\n" % e)
+    if last < epochs:
+        open(log, "w").write("epoch [1/%d]\n" % epochs)
+        sys.exit(137)
+    text = "Finish training\n"
+else:
+    text = ""
+text += "=> result\n* total: 100\n* correct: %d\n* accuracy: %.1f%%\n" % (acc, acc)
+open(log, "w").write(text)
+json.dump({{"accuracy": acc, "correct": int(acc), "total": 100, "subset": sub, "seed": seed}},
+          open(os.path.join(out, "result.json"), "w"), indent=2)
+'''
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A throwaway repository with the scripts, a $DATA with every dataset folder, and the stub."""
+    repo = tmp_path / "repo"
+    os.makedirs(repo / "scripts")
+    for s in SCRIPTS:
+        shutil.copy(os.path.join(ROOT, "scripts", s), repo / "scripts" / s)
+    for trainer, cfg in CFGS.items():
+        os.makedirs(repo / "configs" / "trainers" / trainer)
+        (repo / "configs" / "trainers" / trainer / f"{cfg}.yaml").write_text(
+            "DATALOADER:\n  NUM_WORKERS: 0\nOPTIM:\n  NAME: \"sgd\"\n  MAX_EPOCH: 5\n")
+    data = tmp_path / "data"
+    for folder in FOLDERS.values():
+        os.makedirs(data / folder)
+    stub = tmp_path / "stub_python"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("DATA", "SEEDS", "CFG", "OUTPUT", "PYTHON", "FORCE", "DRY_RUN", "DATASETS",
+                         "SOURCE")}
+    base.update(DATA=str(data), STUB_CALLS=str(tmp_path / "calls.jsonl"), STUB_NO_RESULTS="1")
+
+    class Env:
+        pass
+
+    e = Env()
+    e.repo, e.data, e.stub, e.cwd, e.tmp = str(repo), str(data), str(stub), str(elsewhere), tmp_path
+    e.out = os.path.join(str(repo), "output")
+
+    def run(script, *args, **extra):
+        environ = dict(base)
+        environ.update({k: str(v) for k, v in extra.items() if v is not None})
+        for k, v in extra.items():
+            if v is None:
+                environ.pop(k, None)
+        return subprocess.run(["bash", os.path.join(e.repo, "scripts", script), *map(str, args)],
+                              cwd=e.cwd, env=environ, capture_output=True, text=True, timeout=60)
+
+    def calls():
+        path = tmp_path / "calls.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    e.run, e.calls = run, calls
+    return e
+
+
+def commands(stdout):
+    """The train.py command lines of a DRY_RUN output (comments and the cd dropped)."""
+    return [line for line in stdout.splitlines() if " train.py " in line and not line.startswith("#")]
+
+
+def coop_cmd(data, seed, dataset, out, *rest):
+    return " ".join(["python train.py", "--root", data, "--seed", str(seed), "--trainer", "CoOp",
+                     "--dataset-config-file", f"configs/datasets/{dataset}.yaml",
+                     "--config-file", "configs/trainers/CoOp/vit_b16_ep20_ctx4.yaml",
+                     "--output-dir", out, *rest])
+
+
+# ------------------------------------------------------------------------------------------------
+# DRY_RUN: exact commands
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("typed", ["coop", "CoOp", "COOP"])
+def test_base2new_dry_run_exact_commands(env, typed):
+    r = env.run("base2new.sh", typed, "dtd", 16, "OPTIM.LR", "0.1", DRY_RUN=1)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f"cd {env.repo}" in lines
+    rel = "dtd/shots_16/CoOp/vit_b16_ep20_ctx4"
+    expected = []
+    for s in (1, 2, 3):
+        tr = f"output/base2new/train_base/{rel}/seed{s}"
+        te = f"output/base2new/test_new/{rel}/seed{s}"
+        expected.append(coop_cmd(env.data, s, "dtd", tr, "DATASET.NUM_SHOTS", "16",
+                                 "DATASET.SUBSAMPLE_CLASSES", "base", "OPTIM.LR", "0.1"))
+        expected.append(coop_cmd(env.data, s, "dtd", te, "--model-dir", tr, "--load-epoch", "5",
+                                 "--eval-only", "DATASET.NUM_SHOTS", "16",
+                                 "DATASET.SUBSAMPLE_CLASSES", "new", "OPTIM.LR", "0.1"))
+    assert commands(r.stdout) == expected
+    assert ("python -m spotlighter.results base2new --root output --trainers CoOp --datasets dtd "
+            "--shots 16") in lines
+    assert not os.path.exists(env.out)  # nothing created
+    # every non-command line is a comment: the output is a runnable script
+    assert all(l.startswith(("#", "cd ", "python ")) for l in lines)
+
+
+def test_base2new_dry_run_env_overrides(env):
+    os.makedirs(os.path.join(env.repo, "configs", "trainers", "Spotlighter"), exist_ok=True)
+    open(os.path.join(env.repo, "configs", "trainers", "Spotlighter", "vit_b16_ep20_release.yaml"),
+         "w").write("OPTIM:\n  MAX_EPOCH: 20\n")
+    r = env.run("base2new.sh", "Spotlighter", "eurosat", 4, "OPTIM.MAX_EPOCH", "3", DRY_RUN=1,
+                SEEDS="7 8", CFG="vit_b16_ep20_release", OUTPUT="myout", PYTHON="python3 -u")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert len(cmds) == 4
+    out = os.path.join(env.cwd, "myout")  # relative OUTPUT: relative to where the script was called
+    assert cmds[0].startswith("python3 -u train.py ")
+    assert f"--output-dir {out}/base2new/train_base/eurosat/shots_4/Spotlighter/vit_b16_ep20_release/seed7" in cmds[0]
+    assert "--config-file configs/trainers/Spotlighter/vit_b16_ep20_release.yaml" in cmds[0]
+    assert "--load-epoch 3 " in cmds[1]  # OPTIM.MAX_EPOCH of the trailing options wins in a dry run
+    assert "--seed 8" in cmds[3]
+
+
+def test_base2new_zeroshot_is_eval_only(env):
+    r = env.run("base2new.sh", "zsclip", "caltech101", 16, DRY_RUN=1, SEEDS="1")
+    assert r.returncode == 0, r.stderr
+    base, new = commands(r.stdout)
+    rel = "caltech101/shots_16/ZeroshotCLIP/vit_b16/seed1"
+    assert f"--output-dir output/base2new/train_base/{rel} --eval-only DATASET.NUM_SHOTS 16 DATASET.SUBSAMPLE_CLASSES base" in base
+    assert f"--output-dir output/base2new/test_new/{rel} --eval-only DATASET.NUM_SHOTS 16 DATASET.SUBSAMPLE_CLASSES new" in new
+    assert "--model-dir" not in base + new and "--trainer ZeroshotCLIP" in base
+
+
+def test_dry_run_skip_force_and_epoch_from_checkpoint(env):
+    rel = "dtd/shots_16/CoOp/vit_b16_ep20_ctx4"
+    tr = os.path.join(env.out, "base2new", "train_base", rel, "seed1")
+    os.makedirs(os.path.join(tr, "prompt_learner"))
+    open(os.path.join(tr, "log.txt"), "w").write("...\nFinish training\n")
+    open(os.path.join(tr, "result.json"), "w").write('{"accuracy": 81.0}')
+    for e in (1, 2, 7):
+        open(os.path.join(tr, "prompt_learner", f"model.pth.tar-{e}"), "w").write("x")
+    open(os.path.join(tr, "prompt_learner", "checkpoint"), "w").write("model.pth.tar-7\n")
+    r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert len(cmds) == 1 and "--load-epoch 7 " in cmds[0] and "test_new" in cmds[0]
+    assert f"# skip (finished): output/base2new/train_base/{rel}/seed1" in r.stdout
+
+    os.remove(os.path.join(tr, "prompt_learner", "checkpoint"))  # highest model.pth.tar-N instead
+    open(os.path.join(tr, "prompt_learner", "model-best.pth.tar"), "w").write("x")
+    r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1")
+    assert "--load-epoch 7 " in commands(r.stdout)[0]
+
+    r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1", FORCE=1)
+    assert re.search(rf"^mv output/base2new/train_base/{rel}/seed1 output/base2new/train_base/{rel}/seed1\.bak-\d{{8}}-\d{{6}}$",
+                     r.stdout, re.M), r.stdout
+    assert "train_base" in commands(r.stdout)[0] and os.path.isdir(tr)  # dry run moves nothing
+
+
+def test_xd_dry_run(env):
+    r = env.run("xd.sh", "CoOp", 16, DRY_RUN=1, SEEDS="1")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    src = "output/imagenet/CoOp/vit_b16_ep20_ctx4_16shots/seed1"
+    assert cmds[0] == coop_cmd(env.data, 1, "imagenet", src, "DATASET.NUM_SHOTS", "16")
+    assert len(cmds) == 11
+    for cmd, target in zip(cmds[1:], XD):
+        assert cmd == coop_cmd(env.data, 1, target,
+                               f"output/evaluation/CoOp/vit_b16_ep20_ctx4_16shots/{target}/seed1",
+                               "--model-dir", src, "--load-epoch", "5", "--eval-only")
+    assert "python -m spotlighter.results xd --root output --trainers CoOp --shots 16" in r.stdout
+
+    r = env.run("xd.sh", "maple", 16, DRY_RUN=1, SEEDS="2", DATASETS="dtd eurosat")
+    cmds = commands(r.stdout)
+    assert len(cmds) == 3 and "--trainer MaPLe" in cmds[0] and cmds[2].split("--output-dir ")[1].startswith(
+        "output/evaluation/MaPLe/vit_b16_c2_ep5_batch4_2ctx_16shots/eurosat/seed2")
+
+    r = env.run("xd.sh", "zsclip", 16, DRY_RUN=1, SEEDS="1", DATASETS="dtd")
+    src_cmd, dtd_cmd = commands(r.stdout)
+    assert "--eval-only" in src_cmd and "--model-dir" not in dtd_cmd
+
+
+def test_dg_dry_run_and_missing_checkpoint(env):
+    r = env.run("dg.sh", "coop", 16, SEEDS="1 2")
+    assert r.returncode == 1
+    assert "run scripts/xd.sh coop 16 first" in r.stderr
+    assert "output/imagenet/CoOp/vit_b16_ep20_ctx4_16shots/seed1" in r.stderr
+    assert not glob.glob(os.path.join(env.out, "evaluation", "*"))
+
+    src = os.path.join(env.out, "imagenet", "CoOp", "vit_b16_ep20_ctx4_16shots", "seed1")
+    os.makedirs(os.path.join(src, "prompt_learner"))
+    open(os.path.join(src, "log.txt"), "w").write("Finish training\n")
+    open(os.path.join(src, "result.json"), "w").write("{}")
+    open(os.path.join(src, "prompt_learner", "model.pth.tar-2"), "w").write("x")
+    open(os.path.join(src, "prompt_learner", "checkpoint"), "w").write("model.pth.tar-2\n")
+    r = env.run("dg.sh", "coop", 16, DRY_RUN=1, SEEDS="1")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert [c.split("--dataset-config-file configs/datasets/")[1].split(".yaml")[0] for c in cmds] == \
+        ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+    assert all("--model-dir output/imagenet/CoOp/vit_b16_ep20_ctx4_16shots/seed1 --load-epoch 2 --eval-only" in c
+               for c in cmds)
+    assert "python -m spotlighter.results dg --root output --trainers CoOp --shots 16" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script,args,extra,expect", [
+    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple zsclip"),
+    ("xd.sh", ["bar", 16], {}, "unknown trainer 'bar'"),
+    ("base2new.sh", ["coop", "pets", 16], {}, "unknown dataset 'pets'. Valid datasets for base-to-novel: imagenet caltech101"),
+    ("base2new.sh", ["coop", "imagenet_a", 16], {}, "unknown dataset 'imagenet_a'"),
+    ("xd.sh", ["coop", 16], {"DATASETS": "dtd nope"}, "unknown dataset 'nope'"),
+    ("base2new.sh", ["coop", "dtd", 16], {"DATA": None}, "DATA is not set: export DATA="),
+    ("dg.sh", ["coop", 16], {"DATA": None}, "DATA is not set"),
+    ("base2new.sh", ["coop", "dtd", 16], {"DATA": "/no/such/dir"}, "DATA=/no/such/dir does not exist"),
+    ("base2new.sh", ["coop", "dtd", "x"], {}, "SHOTS must be a positive integer"),
+    ("base2new.sh", ["coop", "dtd", 16, "OPTIM.LR"], {}, "KEY VALUE pairs"),
+    ("base2new.sh", ["coop", "dtd", 16], {"SEEDS": "1 a"}, "SEEDS must be integers"),
+    ("base2new.sh", ["coop", "dtd", 16], {"CFG": "nope"}, "configs/trainers/CoOp/nope.yaml does not exist. Set CFG to one of: vit_b16_ep20_ctx4"),
+    ("base2new.sh", ["coop"], {}, "usage:"),
+])
+def test_bad_input(env, script, args, extra, expect):
+    r = env.run(script, *args, **extra)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert expect in r.stderr
+
+
+def test_missing_dataset_folder(env):
+    shutil.rmtree(os.path.join(env.data, "food-101"))
+    shutil.rmtree(os.path.join(env.data, "dtd"))
+    r = env.run("base2new.sh", "coop", "food101", 16, DRY_RUN=1)
+    assert r.returncode == 2
+    assert f"expected folder {env.data}/food-101 (see DATASETS.md#food101)" in r.stderr
+    assert "scripts/check_data.py" in r.stderr
+    r = env.run("xd.sh", "coop", 16)  # every missing target is listed before anything runs
+    assert r.returncode == 2 and "'food101'" in r.stderr and "'dtd'" in r.stderr and not env.calls()
+    r = env.run("base2new.sh", "coop", "minibench", 16, DRY_RUN=1)  # generated on first use
+    assert r.returncode == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# real runs through the stub interpreter
+# ------------------------------------------------------------------------------------------------
+def test_base2new_run_skip_and_summary(env):
+    r = env.run("base2new.sh", "coop", "dtd", 16, "OPTIM.LR", "0.1", SEEDS="1 2", PYTHON=env.stub)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = env.calls()
+    assert len(calls) == 4 and all(c["cwd"] == env.repo for c in calls)
+    assert calls[1]["argv"][calls[1]["argv"].index("--load-epoch") + 1] == "2"
+    assert all(c["argv"][-2:] == ["OPTIM.LR", "0.1"] for c in calls)
+    rel = "dtd/shots_16/CoOp/vit_b16_ep20_ctx4"
+    for s in (1, 2):
+        assert os.path.isfile(os.path.join(env.out, "base2new", "train_base", rel, f"seed{s}", "result.json"))
+        assert os.path.isfile(os.path.join(env.out, "base2new", "test_new", rel, f"seed{s}", "result.json"))
+    # plain summary (the results module is unavailable to the stub): means 81.5 / 71.5
+    assert "results table unavailable" in r.stdout
+    assert "Base 81.50  New 71.50  HM 76.17" in r.stdout
+
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub)
+    assert r.returncode == 0 and len(env.calls()) == 4  # nothing re-run
+    assert r.stdout.count("skip (finished)") == 4
+
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, STUB_RESULTS=1)
+    assert "TABLE base2new --root output --trainers CoOp --datasets dtd --shots 16" in r.stdout
+    assert "results table unavailable" not in r.stdout
+
+
+def test_interrupted_training_resumes(env):
+    rel = "dtd/shots_16/CoOp/vit_b16_ep20_ctx4"
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub,
+                STUB_INTERRUPT="train_base/" + rel + "/seed1", STUB_EPOCHS=3)
+    assert r.returncode == 1
+    assert "FAILED jobs:" in r.stderr
+    tr1 = os.path.join("output", "base2new", "train_base", rel, "seed1")
+    assert re.search(rf"train {re.escape(tr1)}: exit status 137; see {re.escape(tr1)}/run-[0-9-]+\.log", r.stderr)
+    assert "its evaluation on new is not run" in r.stdout
+    assert len(env.calls()) == 3  # seed1 train (killed), seed2 train + eval
+
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, STUB_EPOCHS=3)
+    assert r.returncode == 0, r.stderr
+    assert "resume:" in r.stdout
+    calls = env.calls()[3:]
+    assert len(calls) == 2 and calls[0]["resumed"] is True
+    assert calls[1]["argv"][calls[1]["argv"].index("--load-epoch") + 1] == "3"
+
+
+def test_failed_eval_is_reported_and_other_seeds_continue(env):
+    rel = "dtd/shots_16/CoOp/vit_b16_ep20_ctx4"
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2 3", PYTHON=env.stub,
+                STUB_FAIL="test_new/" + rel + "/seed2")
+    assert r.returncode == 1
+    te2 = os.path.join("output", "base2new", "test_new", rel, "seed2")
+    assert f"eval {te2}: exit status 1; see {te2}/run-" in r.stderr
+    assert f"(Dassl log: {te2}/log.txt)" in r.stderr
+    assert len(env.calls()) == 6  # seed 3 still ran
+    assert "1 failed" in r.stdout
+
+
+def test_force_moves_finished_results_aside(env):
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub)
+    assert r.returncode == 0
+    rel = os.path.join(env.out, "base2new", "train_base", "dtd", "shots_16", "CoOp", "vit_b16_ep20_ctx4")
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, FORCE=1)
+    assert r.returncode == 0, r.stderr
+    assert len(env.calls()) == 4
+    backups = glob.glob(os.path.join(rel, "seed1.bak-*"))
+    assert len(backups) == 1 and os.path.isfile(os.path.join(backups[0], "result.json"))
+    assert os.path.isfile(os.path.join(rel, "seed1", "result.json"))
+
+
+def test_train_exit_zero_without_result_is_a_failure(env, tmp_path):
+    bad = tmp_path / "bad_python"
+    bad.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(0)\n")
+    bad.chmod(0o755)
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=str(bad))
+    assert r.returncode == 1 and "exited 0 but the folder lacks 'Finish training'" in r.stderr
+
+
+def test_xd_then_dg_run(env):
+    r = env.run("xd.sh", "coop", 4, SEEDS="1", DATASETS="dtd eurosat", PYTHON=env.stub)
+    assert r.returncode == 0, r.stderr
+    assert len(env.calls()) == 3
+    ev = os.path.join(env.out, "evaluation", "CoOp", "vit_b16_ep20_ctx4_4shots")
+    assert os.path.isfile(os.path.join(ev, "eurosat", "seed1", "result.json"))
+    assert re.search(r"^eurosat\s+61\.00", r.stdout, re.M)  # plain summary
+
+    r = env.run("dg.sh", "coop", 4, SEEDS="1", DATASETS="imagenet_a", PYTHON=env.stub)
+    assert r.returncode == 0, r.stderr
+    last = env.calls()[-1]["argv"]
+    assert last[last.index("--model-dir") + 1] == "output/imagenet/CoOp/vit_b16_ep20_ctx4_4shots/seed1"
+    assert os.path.isfile(os.path.join(ev, "imagenet_a", "seed1", "result.json"))
+
+    r = env.run("xd.sh", "coop", 4, SEEDS="1", DATASETS="dtd eurosat", PYTHON=env.stub)
+    assert r.returncode == 0 and len(env.calls()) == 4 and r.stdout.count("skip (finished)") == 3
+
+
+def test_scripts_never_touch_cuda_visible_devices_and_parse():
+    for s in SCRIPTS:
+        text = open(os.path.join(ROOT, "scripts", s)).read()
+        assert "CUDA_VISIBLE_DEVICES" not in text
+        assert subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", s)]).returncode == 0
+    for s in SCRIPTS[1:]:
+        assert os.access(os.path.join(ROOT, "scripts", s), os.X_OK), s
+
+
+def test_real_repo_default_configs_exist_when_trainers_landed():
+    """The default CFG of each trainer in common.sh names a config of configs/trainers/."""
+    text = open(os.path.join(ROOT, "scripts", "common.sh")).read()
+    for trainer, cfg in CFGS.items():
+        assert re.search(rf"{trainer}\) echo {cfg} ;;", text), trainer
+        if os.path.isdir(os.path.join(ROOT, "configs", "trainers", trainer)):
+            assert os.path.isfile(os.path.join(ROOT, "configs", "trainers", trainer, f"{cfg}.yaml"))
