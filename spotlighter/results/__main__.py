@@ -1,0 +1,5 @@
+"""``python -m spotlighter.results``."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""``python -m spotlighter.results {base2new,xd,dg} --root OUTPUT ...``: seed-averaged tables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .constants import EXIT_NOTHING_FOUND, EXIT_OK, EXIT_PLOT_UNAVAILABLE, PROTOCOL_TITLES, PROTOCOLS
+from .layout import search_patterns
+from .parse import canonical_trainer, collect
+from .published import load_published
+from .tables import build_tables, to_csv, to_markdown
+
+logger = logging.getLogger(__name__)
+PROG = "spotlighter-results"
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+
+
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _names(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    parser.add_argument("protocol", choices=PROTOCOLS, help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_TITLES.items()))
+    parser.add_argument("--root", default="output", help="output root of the runs (default: output)")
+    parser.add_argument("--trainers", type=_names, help="e.g. spotlighter,coop,maple,zsclip (case-insensitive)")
+    parser.add_argument("--configs", type=_names, help="trainer config names, e.g. vit_b16_ep20_paper")
+    parser.add_argument("--datasets", type=_names, help="datasets (base2new) or targets (xd, dg) to show")
+    parser.add_argument("--shots", type=_ints, help="shot counts, e.g. 16 (default: every one found)")
+    parser.add_argument("--seeds", type=_ints, help="expected seeds, e.g. 1,2,3 (default: every one found)")
+    parser.add_argument("--csv", metavar="FILE", help="also write the table(s) as CSV")
+    parser.add_argument("--plot", metavar="FILE_OR_DIR", help="also write PNG bar chart(s) (needs matplotlib)")
+    parser.add_argument("--no-published", action="store_true", help="hide published numbers and deltas")
+    parser.add_argument("--published-methods", type=_names, default=[],
+                        help="more published methods to show, or TRAINER=METHOD to compare a trainer with one")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: progress, -vv: every log read")
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    return code
+
+
+def _warn_unmatched(trainers: Sequence[str] | None, found: set[str]) -> None:
+    for name in trainers or []:
+        if canonical_trainer(name).lower() not in {f.lower() for f in found} and name.lower() not in found:
+            logger.warning("no runs of trainer %r (%s) found", name, canonical_trainer(name))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``spotlighter-results``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.plot:
+        from .plot import PlotUnavailable, figure_class
+
+        try:
+            figure_class()
+        except PlotUnavailable as exc:
+            return _fail(str(exc), EXIT_PLOT_UNAVAILABLE)
+
+    results = collect(args.root, args.protocol, trainers=args.trainers, configs=args.configs,
+                      datasets=args.datasets, shots=args.shots, seeds=args.seeds)
+    if not results:
+        patterns = "\n  ".join(search_patterns(args.root, args.protocol))
+        return _fail(f"no {args.protocol} runs under {Path(args.root)} matching the filters; searched:\n  {patterns}",
+                     EXIT_NOTHING_FOUND)
+    _warn_unmatched(args.trainers, {r.trainer for r in results})
+    published = None if args.no_published or args.protocol != "base2new" else load_published()
+    try:
+        tables = build_tables(results, args.protocol, root=args.root, seeds=args.seeds, datasets=args.datasets,
+                              published=published, published_methods=args.published_methods)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    sys.stdout.write("\n".join(to_markdown(t) for t in tables))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.csv).write_text(to_csv(tables), encoding="utf-8")
+        logger.info("CSV written to %s", args.csv)
+    if args.plot:
+        from .plot import plot_tables
+
+        for path in plot_tables(args.plot, tables):
+            logger.info("plot written to %s", path)
+    return EXIT_OK
