@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Check a $DATA folder against the layout of DATASETS.md and say what is missing.
+
+    python scripts/check_data.py --root $DATA                 # every dataset
+    python scripts/check_data.py --root $DATA dtd eurosat     # some of them
+    python scripts/check_data.py --root $DATA --quick imagenet  # skip per-image checks
+
+For each dataset it checks the folder, the split file (valid JSON with train/val/test lists of
+[relative path, label, class name]) or the files the dataset reads instead (ImageNet's
+classnames.txt and images/train|val, FGVCAircraft's variants.txt and images_variant_*.txt), that
+every listed image exists, and that the few-shot caches in split_fewshot/ point into this $DATA.
+Exit status: 0 when every checked dataset is usable, 1 otherwise, 2 on bad arguments.
+Needs neither Dassl nor torch.
+"""
+
+import argparse
+import glob
+import importlib.util
+import os
+import pickle
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_layout():
+    spec = importlib.util.spec_from_file_location("_spotlighter_dataset_layout",
+                                                  os.path.join(REPO, "datasets", "layout.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+L = _load_layout()
+SHOW = 3
+
+
+class _Datum:  # stands in for dassl's Datum when reading few-shot caches without Dassl
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    @property
+    def impath(self):
+        return self.__dict__.get("_impath", "")
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name == "Datum":
+            return _Datum
+        return super().find_class(module, name)
+
+
+def missing_images(paths):
+    bad = [(p, L.image_problem(p)) for p in paths]
+    return [(p, why) for p, why in bad if why]
+
+
+def describe_missing(bad, what, fix):
+    ex = "; ".join(f"{p} ({why})" for p, why in bad[:SHOW])
+    return f"{len(bad)} image(s) listed in {what} are missing or unreadable, e.g. {ex}. {fix}"
+
+
+def check_split(lay, ddir, quick):
+    problems, info = [], ""
+    split_path = os.path.join(ddir, lay.split_file)
+    idir = os.path.join(ddir, lay.image_dir) if lay.image_dir else ddir
+    if not os.path.isfile(split_path):
+        return [f"split file {split_path} is missing: download {lay.split_file}"], info
+    if lay.image_dir and not os.path.isdir(idir):
+        problems.append(f"image folder {idir} is missing")
+    try:
+        split = L.read_split_entries(split_path, doc=lay.doc)
+    except L.DatasetError as e:
+        return problems + [str(e)], info
+    classes = {e[1] for e in split["train"]}
+    info = (f"{len(classes)} classes, train/val/test {len(split['train'])}/{len(split['val'])}/"
+            f"{len(split['test'])}")
+    if not quick and not problems:
+        for key in ("train", "val", "test"):
+            bad = missing_images([os.path.join(idir, e[0]) for e in split[key]])
+            if bad:
+                problems.append(describe_missing(bad, f"the {key} split", "Re-extract the images"))
+    return problems, info
+
+
+def check_imagenet(lay, ddir, quick):
+    problems = []
+    cfile = os.path.join(ddir, "classnames.txt")
+    classnames = L.read_classnames(cfile) if os.path.isfile(cfile) else None
+    if classnames is None:
+        problems.append(f"{cfile} is missing: download classnames.txt")
+    counts = {}
+    for split in ("train", "val"):
+        d = os.path.join(ddir, "images", split)
+        if not os.path.isdir(d):
+            problems.append(f"image folder {d} is missing")
+            continue
+        folders = sorted(f.name for f in os.scandir(d) if f.is_dir())
+        counts[split] = len(folders)
+        if not folders:
+            problems.append(f"{d} has no class folders")
+        if classnames is not None:
+            unknown = [f for f in folders if f not in classnames]
+            if unknown:
+                problems.append(f"{len(unknown)} folder(s) of {d} are not in classnames.txt, e.g. {unknown[:SHOW]}")
+    if counts and counts.get("train") != counts.get("val"):
+        problems.append(f"images/train has {counts.get('train', 0)} class folders but images/val has "
+                        f"{counts.get('val', 0)}")
+    pre = os.path.join(ddir, "preprocessed.pkl")
+    if os.path.isfile(pre):
+        problems += check_pickle(pre, ddir, ("train", "test"), quick=True)
+    info = f"{counts.get('train', 0)} classes" + ("" if counts.get("train") in (None, 1000) or not counts
+                                                    else " (the benchmark uses all 1000)")
+    return problems, info
+
+
+def check_fgvc(lay, ddir, quick):
+    problems = []
+    vfile = os.path.join(ddir, "variants.txt")
+    if not os.path.isfile(vfile):
+        return [f"{vfile} is missing: keep the data/ folder of fgvc-aircraft-2013b"], ""
+    with open(vfile) as f:
+        variants = [line.strip() for line in f if line.strip()]
+    known = set(variants)
+    idir = os.path.join(ddir, "images")
+    if not os.path.isdir(idir):
+        problems.append(f"image folder {idir} is missing")
+    sizes = []
+    for split in ("train", "val", "test"):
+        path = os.path.join(ddir, f"images_variant_{split}.txt")
+        if not os.path.isfile(path):
+            problems.append(f"{path} is missing")
+            continue
+        paths = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                parts = line.strip().split(" ")
+                if not parts[0]:
+                    continue
+                if " ".join(parts[1:]) not in known:
+                    problems.append(f"line {n} of {path} names a variant not in variants.txt")
+                    break
+                paths.append(os.path.join(idir, parts[0] + L.FGVC_EXT))
+        sizes.append(len(paths))
+        if not quick and os.path.isdir(idir):
+            bad = missing_images(paths)
+            if bad:
+                problems.append(describe_missing(bad, os.path.basename(path), "Re-extract the images"))
+    return problems, f"{len(variants)} classes, train/val/test {'/'.join(map(str, sizes))}"
+
+
+def check_variant(lay, ddir, quick):
+    problems = []
+    idir = os.path.join(ddir, lay.image_dir)
+    cfile = os.path.join(ddir, "classnames.txt")
+    shared = os.path.join(os.path.dirname(ddir), "imagenet", "classnames.txt")
+    if not os.path.isfile(cfile):
+        if os.path.isfile(shared):
+            cfile = shared  # the dataset falls back to ImageNet's
+        else:
+            problems.append(f"{os.path.join(ddir, 'classnames.txt')} is missing: copy "
+                            f"$DATA/imagenet/classnames.txt there")
+            cfile = None
+    if not os.path.isdir(idir):
+        return problems + [f"image folder {idir} is missing"], ""
+    folders = [f for f in sorted(os.listdir(idir)) if not f.startswith(".") and f not in L.VARIANT_IGNORED]
+    if not folders:
+        problems.append(f"{idir} has no class folders")
+    if cfile:
+        classnames = L.read_classnames(cfile)
+        if lay.key == "imagenetv2":
+            missing = [str(i) for i in range(len(classnames)) if not os.path.isdir(os.path.join(idir, str(i)))]
+            if missing:
+                problems.append(f"{len(missing)} class folder(s) 0..{len(classnames) - 1} missing in {idir}, "
+                                f"e.g. {missing[:SHOW]}")
+        else:
+            unknown = [f for f in folders if f not in classnames]
+            if unknown:
+                problems.append(f"folder(s) {unknown[:SHOW]} of {idir} are not in classnames.txt")
+    return problems, f"{len(folders)} classes"
+
+
+def check_pickle(path, ddir, keys, quick):
+    """Few-shot cache / preprocessed.pkl: readable, expected keys, paths inside this dataset folder."""
+    try:
+        with open(path, "rb") as f:
+            data = _Unpickler(f).load()
+    except Exception as e:
+        return [f"{path} cannot be read ({type(e).__name__}): delete it (it is re-created)"]
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        return [f"{path} lacks the keys {list(keys)}: delete it (it is re-created)"]
+    prefix = ddir.rstrip(os.sep) + os.sep
+    impaths = [getattr(it, "impath", "") for k in keys for it in data[k]]
+    foreign = [p for p in impaths if not p.startswith(prefix)]
+    if foreign:
+        name = os.path.basename(ddir.rstrip(os.sep))
+        local = [prefix + p.split(f"/{name}/", 1)[1] for p in foreign if f"/{name}/" in p]
+        if len(local) == len(foreign) and not missing_images(local[:50]):
+            return [f"note: {path} was written under another $DATA (e.g. {foreign[0]}); its paths are "
+                    f"remapped to {ddir} when loaded (delete it to re-create it with local paths)"]
+        return [f"{path} lists images outside {ddir} (e.g. {foreign[0]}) that are not found here: "
+                f"delete it (it is re-created from the split file)"]
+    if not quick:
+        bad = missing_images(impaths)
+        if bad:
+            return [describe_missing(bad, path, "Delete the cache or restore the images")]
+    return []
+
+
+CHECKS = {"split": check_split, "generated": check_split, "imagenet": check_imagenet,
+          "fgvc": check_fgvc, "imagenet_variant": check_variant}
+
+
+def check_dataset(root, key, quick=False):
+    """Return (ok, lines) for one dataset."""
+    lay = L.LAYOUTS[key]
+    ddir = lay.path(root)
+    if not os.path.isdir(ddir):
+        if lay.kind == "generated":
+            return True, [f"SKIP    {key}: {ddir} does not exist yet; it is generated on first use"]
+        return False, [f"MISSING {key}: folder {ddir} does not exist; see {lay.doc}"]
+    problems, info = CHECKS[lay.kind](lay, ddir, quick)
+    if lay.kind in ("split", "generated", "fgvc"):
+        for pkl in sorted(glob.glob(os.path.join(ddir, "split_fewshot", "*.pkl"))):
+            problems += check_pickle(pkl, ddir, ("train", "val"), quick)
+    elif lay.kind == "imagenet":
+        for pkl in sorted(glob.glob(os.path.join(ddir, "split_fewshot", "*.pkl"))):
+            problems += check_pickle(pkl, ddir, ("train",), quick)
+    notes = [p for p in problems if p.startswith("note: ")]
+    errors = [p for p in problems if not p.startswith("note: ")]
+    if errors:
+        lines = [f"PROBLEM {key} ({ddir}): see {lay.doc}"] + [f"    - {p}" for p in errors]
+    else:
+        lines = [f"OK      {key}: {info}"]
+    return not errors, lines + [f"    - {p}" for p in notes]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=os.environ.get("DATA"),
+                   help="the $DATA folder (default: the DATA environment variable)")
+    p.add_argument("--quick", action="store_true", help="skip the per-image existence checks")
+    p.add_argument("datasets", nargs="*", metavar="DATASET",
+                   help=f"datasets to check (default: all): {' '.join(L.LAYOUTS)}")
+    args = p.parse_args(argv)
+    if not args.root:
+        print("error: give --root $DATA (or set DATA); see DATASETS.md", file=sys.stderr)
+        return 2
+    root = os.path.abspath(os.path.expanduser(args.root))
+    if not os.path.isdir(root):
+        print(f"error: {root} does not exist or is not a folder; see DATASETS.md", file=sys.stderr)
+        return 2
+    unknown = [d for d in args.datasets if d not in L.LAYOUTS]
+    if unknown:
+        print(f"error: unknown dataset(s) {' '.join(unknown)}. Valid datasets: {' '.join(L.LAYOUTS)}",
+              file=sys.stderr)
+        return 2
+    keys = args.datasets or list(L.LAYOUTS)
+    print(f"Checking {len(keys)} dataset(s) under {root}")
+    bad = []
+    for key in keys:
+        ok, lines = check_dataset(root, key, quick=args.quick)
+        print("\n".join(lines))
+        if not ok:
+            bad.append(key)
+    if bad:
+        print(f"\n{len(bad)} of {len(keys)} dataset(s) need attention: {' '.join(bad)} "
+              f"(instructions: DATASETS.md)")
+        return 1
+    print(f"\nAll {len(keys)} dataset(s) are ready.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

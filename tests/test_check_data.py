@@ -1,0 +1,127 @@
+"""scripts/check_data.py on synthetic $DATA trees (no Dassl needed)."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+from test_datasets_trees import fgvc_tree, imagenet_tree, split_tree, variant_tree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "check_data.py")
+
+
+def check(*args, env=None):
+    e = {k: v for k, v in os.environ.items() if k != "DATA"}
+    e.update(env or {})
+    r = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
+                       timeout=60, env=e, cwd="/")
+    return r.returncode, r.stdout, r.stderr
+
+
+class Datum:  # pickles like dassl's Datum (same attribute names); the checker maps any "Datum"
+    def __init__(self, impath, label, classname):
+        self._impath, self._label, self._domain, self._classname = impath, label, 0, classname
+
+
+def write_cache(path, impaths):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    items = [Datum(p, 0, "c") for p in impaths]
+    with open(path, "wb") as f:
+        pickle.dump({"train": items, "val": items}, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def test_all_layouts_ok(tmp_path):
+    split_tree(tmp_path, "oxford_pets")
+    split_tree(tmp_path, "stanford_cars")
+    imagenet_tree(tmp_path)
+    variant_tree(tmp_path, "imagenet_a")
+    variant_tree(tmp_path, "imagenetv2")
+    fgvc_tree(tmp_path)
+    code, out, err = check("--root", tmp_path, "oxford_pets", "stanford_cars", "imagenet", "imagenet_a",
+                           "imagenetv2", "fgvc_aircraft", "minibench")
+    assert code == 0, out + err
+    assert "OK      oxford_pets: 5 classes, train/val/test 30/15/10" in out
+    assert "OK      fgvc_aircraft: 4 classes" in out
+    assert "SKIP    minibench" in out and "All 7 dataset(s) are ready." in out
+
+
+def test_reports_what_is_missing(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    os.remove(os.path.join(ddir, "images", "class_1", "val_0.jpg"))
+    eur = split_tree(tmp_path, "eurosat")
+    os.remove(os.path.join(eur, "split_zhou_EuroSAT.json"))
+    ucf = split_tree(tmp_path, "ucf101")
+    json.dump({"train": [], "val": [], "test": []}, open(os.path.join(ucf, "split_zhou_UCF101.json"), "w"))
+    code, out, _ = check("--root", tmp_path, "dtd", "eurosat", "ucf101", "food101")
+    assert code == 1
+    assert "PROBLEM dtd" in out and "class_1/val_0.jpg (missing)" in out and "DATASETS.md#dtd" in out
+    assert "split_zhou_EuroSAT.json is missing" in out
+    assert "key 'train' must be a non-empty list" in out
+    assert f"MISSING food101: folder {tmp_path}/food-101 does not exist; see DATASETS.md#food101" in out
+    assert "4 of 4 dataset(s) need attention" in out
+
+
+def test_quick_skips_image_checks(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    os.remove(os.path.join(ddir, "images", "class_1", "val_0.jpg"))
+    code, out, _ = check("--root", tmp_path, "--quick", "dtd")
+    assert code == 0, out
+
+
+def test_imagenet_and_variant_problems(tmp_path):
+    ddir = imagenet_tree(tmp_path)
+    os.remove(os.path.join(ddir, "classnames.txt"))
+    variant_tree(tmp_path, "imagenet_r", classnames=False)
+    code, out, _ = check("--root", tmp_path, "imagenet", "imagenet_r")
+    assert code == 1
+    assert "imagenet/classnames.txt is missing" in out
+    assert "imagenet-rendition/classnames.txt is missing: copy $DATA/imagenet/classnames.txt" in out
+
+
+def test_few_shot_caches(tmp_path):
+    ddir = split_tree(tmp_path, "oxford_pets")
+    img = os.path.join(ddir, "images", "class_0", "train_0.jpg")
+    write_cache(os.path.join(ddir, "split_fewshot", "shot_1-seed_1.pkl"), [img])
+    code, out, _ = check("--root", tmp_path, "oxford_pets")
+    assert code == 0 and "note:" not in out
+
+    # copied from another machine, same files here: a note (the dataset remaps the paths)
+    write_cache(os.path.join(ddir, "split_fewshot", "shot_1-seed_2.pkl"),
+                ["/old/DATA/oxford_pets/images/class_0/train_0.jpg"])
+    code, out, _ = check("--root", tmp_path, "oxford_pets")
+    assert code == 0 and "shot_1-seed_2.pkl was written under another $DATA" in out
+
+    # paths that exist nowhere here: a problem, with the fix
+    write_cache(os.path.join(ddir, "split_fewshot", "shot_1-seed_3.pkl"), ["/elsewhere/x.jpg"])
+    with open(os.path.join(ddir, "split_fewshot", "shot_2-seed_1.pkl"), "wb") as f:
+        f.write(b"garbage")
+    code, out, _ = check("--root", tmp_path, "oxford_pets")
+    assert code == 1
+    assert "shot_1-seed_3.pkl lists images outside" in out and "delete it" in out
+    assert "shot_2-seed_1.pkl cannot be read" in out
+
+
+def test_bad_arguments(tmp_path):
+    code, _, err = check()
+    assert code == 2 and "--root $DATA" in err
+    code, _, err = check("--root", tmp_path / "nope")
+    assert code == 2 and "does not exist" in err
+    code, _, err = check("--root", tmp_path, "pets")
+    assert code == 2 and "unknown dataset(s) pets. Valid datasets: imagenet caltech101" in err
+    code, out, _ = check("dtd", env={"DATA": str(tmp_path)})  # DATA from the environment
+    assert code == 1 and "MISSING dtd" in out
+
+
+def test_does_not_need_dassl(tmp_path):
+    """The checker runs with dassl made unimportable."""
+    split_tree(tmp_path, "dtd")
+    write_cache(os.path.join(tmp_path, "dtd", "split_fewshot", "shot_1-seed_1.pkl"),
+                [os.path.join(tmp_path, "dtd", "images", "class_0", "train_0.jpg")])
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "dassl.py").write_text("raise ImportError('dassl blocked for this test')\n")
+    (block / "torch.py").write_text("raise ImportError('torch blocked for this test')\n")
+    code, out, err = check("--root", tmp_path, "dtd", env={"PYTHONPATH": str(block)})
+    assert code == 0, out + err
