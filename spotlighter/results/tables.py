@@ -21,6 +21,7 @@ from .constants import (
     ROLE_NEW,
     ROLE_SOURCE,
     ROLE_TARGET,
+    SEED_DIR_PREFIX,
     TRAINER_ORDER,
     XD_SOURCE,
     XD_TARGETS,
@@ -108,9 +109,14 @@ def method_labels(methods: Sequence[Method]) -> dict[Method, str]:
 
 
 def ordered_datasets(found: Iterable[str], canonical: Sequence[str]) -> list[str]:
-    """``canonical`` order first, any other dataset (e.g. a synthetic one) after, alphabetically."""
+    """Every ``canonical`` dataset (in order) once one of them is found, then any other found, alphabetically.
+
+    A protocol's table thus shows its missing datasets as missing; a tree holding only non-canonical
+    datasets (e.g. a synthetic one) shows just those.
+    """
     found = set(found)
-    return [d for d in canonical if d in found] + sorted(found - set(canonical))
+    listed = list(canonical) if found & set(canonical) else []
+    return listed + sorted(found - set(canonical))
 
 
 def _single_shots(results: Sequence[Result], shots: int | None) -> int:
@@ -148,7 +154,12 @@ class _Index:
             if seed in runs and runs[seed].reason:
                 refs.append(notes.add(f"{where} seed {seed}: {runs[seed].reason}"))
         absent = [s for s in self.expected.get(method, []) if s not in runs]
-        if absent:
+        if absent and not runs:
+            pattern = seed_dir_path(self.root, self.protocol, method.trainer, method.config, "<dataset>", role,
+                                    self.shots, 0).parent / f"{SEED_DIR_PREFIX}<S>"
+            refs.append(notes.add(f"{method.trainer}/{method.config} {role}: no run folder for this dataset "
+                                  f"(searched {pattern})"))
+        elif absent:
             path = seed_dir_path(self.root, self.protocol, method.trainer, method.config, dataset, role,
                                  self.shots, absent[0]).parent
             seeds = ", ".join(map(str, absent))
@@ -182,6 +193,13 @@ B2N_CSV_COLUMNS = [
     "seeds_expected", "complete", "published_method", "pub_base", "pub_new", "pub_hm",
     "delta_base", "delta_new", "delta_hm", "notes",
 ]
+
+
+PUBLISHED_NOTE = (
+    "\n\nPub. = Table I of the Spotlighter paper (spotlighter/data/base2new_published.csv, see its caveats); "
+    "Δ = ours − published; the published Average is recomputed as HM(mean Base, mean New) over the datasets "
+    "our Average covers."
+)
 
 
 @dataclass
@@ -325,10 +343,6 @@ def base2new_table(
         pub = published.average(method, have) if published and have else None
         add_row(f"Average ({len(have)} of {len(shown)} datasets)", f"{method} (published)", MISSING_MARK,
                 _fmt_pub(pub), None, None, (None, None, None), {"dataset": "average", "notes": "published numbers only"})
-    if with_pub and any(m.trainer in mapping for m in methods):
-        notes.add("Published: Table I of the Spotlighter paper (spotlighter/data/base2new_published.csv); "
-                  "Δ = ours − published; the published average is recomputed as HM(mean Base, mean New) "
-                  "over the same datasets as ours.")
 
     chart = Chart(
         f"{PROTOCOL_TITLES['base2new']} ({shots} shots)",
@@ -339,8 +353,8 @@ def base2new_table(
             "HM": {labels[m]: [computed[(m, d)].hm for d in shown] + [averages["HM"][i]] for i, m in enumerate(methods)},
         },
     )
-    return Table("base2new", shots, f"{PROTOCOL_TITLES['base2new']} ({shots} shots)",
-                 _meta(root, shots, index, seeds is not None), columns, rows, notes.texts, records, chart)
+    meta = _meta(root, shots, index, seeds is not None) + (PUBLISHED_NOTE if with_pub else "")
+    return Table("base2new", shots, f"{PROTOCOL_TITLES['base2new']} ({shots} shots)", meta, columns, rows, notes.texts, records, chart)
 
 
 # ----------------------------------------------------------------------------- cross-dataset, DG
