@@ -51,7 +51,7 @@ REQUIRED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "split": (lambda v: v in SPLITS, f"one of {SPLITS}"),
     "correct": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "total": (lambda v: _is_int(v) and v > 0, "an int > 0"),
-    "accuracy": (lambda v: _is_number(v) and 0 <= v <= 100, "a float percent in [0, 100]"),
+    "accuracy": (_is_number, "a float percent (100 * correct / total)"),
     "macro_f1": (lambda v: _is_number(v) and 0 <= v <= 100, "a float percent in [0, 100]"),
     "epoch": (_optional(lambda v: _is_int(v) and v >= 0), "an int >= 0 or None"),
     "wall_time_s": (lambda v: _is_number(v) and v >= 0, "a float >= 0"),
