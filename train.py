@@ -9,6 +9,9 @@ import logging
 import os
 import sys
 
+# Dassl imports wilds -> ogb/outdated, which would query PyPI for newer versions at import time.
+os.environ.setdefault("OUTDATED_IGNORE", "1")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # the checkout's trainers/ and datasets/ come first (not HF `datasets`)
     sys.path.insert(0, HERE)

@@ -117,6 +117,11 @@ class PromptTrainer(TrainerX):
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ steps
+    def train(self):
+        if self.optim is None:
+            raise ConfigError(f"{self.cfg.TRAINER.NAME} has no trainable parameters: run it with --eval-only.")
+        super().train()
+
     def parse_batch_train(self, batch):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 

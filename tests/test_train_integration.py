@@ -1,0 +1,230 @@
+"""The real ``train.py`` through upstream Dassl: train on base classes, save, evaluate on new classes.
+
+Runs only when Dassl is importable (CI has no git access to install it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, requires_dassl
+from tiny_data import make_tiny_minibench
+
+pytestmark = requires_dassl
+
+# 16 patches (32 px, patch 8); tiny widths; short schedule.
+FAST = ["INPUT.SIZE", "(32, 32)", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
+        "DATALOADER.TEST.BATCH_SIZE", "8", "DATALOADER.NUM_WORKERS", "0", "DATASET.NUM_SHOTS", "4"]
+CONFIGS = {
+    "Spotlighter": "configs/trainers/Spotlighter/vit_b16_ep20_paper.yaml",
+    "Spotlighter-release": "configs/trainers/Spotlighter/vit_b16_ep20_release.yaml",
+    "CoOp": "configs/trainers/CoOp/vit_b16_ep20_ctx4.yaml",
+    "CoCoOp": "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml",
+    "MaPLe": "configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml",
+    "ZeroshotCLIP": "configs/trainers/ZeroshotCLIP/vit_b16.yaml",
+}
+EXTRA = {"Spotlighter": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
+         "Spotlighter-release": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
+         "MaPLe": ["TRAINER.MAPLE.PROMPT_DEPTH", "2"]}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, tiny_clip_path):
+    root = tmp_path_factory.mktemp("data")
+    make_tiny_minibench(str(root))
+    return str(root)
+
+
+def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", extra=(), eval_only=False,
+              model_dir=None, load_epoch=None, check=True):
+    cmd = [sys.executable, "train.py", "--root", data_root, "--seed", "1",
+           "--trainer", trainer.split("-")[0], "--dataset-config-file", "configs/datasets/minibench.yaml",
+           "--config-file", CONFIGS[trainer], "--output-dir", str(out)]
+    if eval_only:
+        cmd.append("--eval-only")
+    if model_dir:
+        cmd += ["--model-dir", str(model_dir)]
+    if load_epoch is not None:
+        cmd += ["--load-epoch", str(load_epoch)]
+    cmd += FAST + EXTRA.get(trainer, []) + ["MODEL.BACKBONE.PATH", clip_path,
+                                            "DATASET.SUBSAMPLE_CLASSES", subset] + list(extra)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_in_process(argv, capsys):
+    """train.main in this process (imports paid once); restores the stdout Dassl's logger replaces."""
+    import train
+
+    saved = sys.stdout
+    try:
+        code = train.main(argv)
+    finally:
+        sys.stdout = saved
+    return code, capsys.readouterr().err
+
+
+def train_argv(data_root, clip_path, out, trainer="Spotlighter", extra=()):
+    return (["--root", data_root, "--seed", "1", "--trainer", trainer.split("-")[0],
+             "--dataset-config-file", os.path.join(ROOT, "configs/datasets/minibench.yaml"),
+             "--config-file", os.path.join(ROOT, CONFIGS[trainer]), "--output-dir", str(out)]
+            + FAST + EXTRA.get(trainer, []) + ["MODEL.BACKBONE.PATH", clip_path] + list(extra))
+
+
+def read_result(folder):
+    with open(os.path.join(folder, "result.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def spot_base(tmp_path_factory, data_root, tiny_clip_path):
+    out = tmp_path_factory.mktemp("out") / "train_base"
+    proc = run_train(data_root, tiny_clip_path, out)
+    return out, proc
+
+
+def test_train_base_then_eval_new(spot_base, data_root, tiny_clip_path, tmp_path):
+    out, proc = spot_base
+    log = open(out / "log.txt").read()
+    assert "Finish training" in log and "=> result" in log
+    assert "Trainable scalars: 33,536" in log  # ctx 4x64 + mapper + TRM + IRM at d = 64
+    ckpt_path = out / "spotlighter" / "model.pth.tar-2"
+    assert (out / "spotlighter" / "checkpoint").read_text().strip() == "model.pth.tar-2"
+    data = torch.load(ckpt_path, weights_only=True)  # no pickled objects
+    assert data["trainer"] == "Spotlighter" and data["preset"] == "paper" and data["epoch"] == 2
+    assert not any(k.startswith(("clip", "visual", "transformer", "token_embedding")) or ".clip." in k
+                   for k in data["state_dict"])
+    assert data["class_state"]["classnames"] == ["colour 0", "colour 1", "colour 2"]
+    assert os.path.getsize(ckpt_path) < 1_000_000
+    rec = read_result(out)
+    assert (rec["trainer"], rec["subset"], rec["shots"], rec["seed"], rec["epoch"]) == ("Spotlighter", "base", 4, 1, 2)
+    assert rec["total"] == 9 and rec["accuracy"] == pytest.approx(100 * rec["correct"] / 9)
+    assert rec["config"] == "vit_b16_ep20_paper" and rec["dataset"] == "minibench"
+
+    new = tmp_path / "test_new"
+    run_train(data_root, tiny_clip_path, new, subset="new", eval_only=True, model_dir=out, load_epoch=2)
+    new_log = open(new / "log.txt").read()
+    assert "0 classes loaded from the checkpoint by name, 3 start from their zero-shot text embedding" in new_log
+    rec_new = read_result(new)
+    assert rec_new["subset"] == "new" and rec_new["total"] == 9 and rec_new["epoch"] == 2
+
+    # all classes: the 3 trained prototypes are mapped back by name
+    both = tmp_path / "all"
+    run_train(data_root, tiny_clip_path, both, subset="all", eval_only=True, model_dir=out, load_epoch=2)
+    assert "3 classes loaded from the checkpoint by name, 3 start" in open(both / "log.txt").read()
+
+
+def test_eval_is_deterministic_and_uses_the_trained_prototypes(spot_base, data_root, tiny_clip_path, tmp_path):
+    out, _ = spot_base
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_train(data_root, tiny_clip_path, a, subset="base", eval_only=True, model_dir=out, load_epoch=2)
+    run_train(data_root, tiny_clip_path, b, subset="base", eval_only=True, model_dir=out)  # last via pointer
+    assert read_result(a)["correct"] == read_result(b)["correct"] == read_result(out)["correct"]
+
+
+def test_resume_continues_from_last_checkpoint(data_root, tiny_clip_path, tmp_path):
+    out = tmp_path / "resume"
+    run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["OPTIM.MAX_EPOCH", "1"])
+    first = torch.load(out / "prompt_learner" / "model.pth.tar-1", weights_only=True)
+    proc = run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["OPTIM.MAX_EPOCH", "2"])
+    assert "Resumed from" in proc.stdout and "(epoch 1)" in proc.stdout
+    assert "epoch [1/2]" not in proc.stdout and "epoch [2/2]" in proc.stdout
+    second = torch.load(out / "prompt_learner" / "model.pth.tar-2", weights_only=True)
+    assert second["scheduler"]["last_epoch"] == 2 and second["optimizer"]["state"]
+    assert not torch.equal(first["state_dict"]["prompt_learner.ctx"], second["state_dict"]["prompt_learner.ctx"])
+
+
+@pytest.mark.parametrize("trainer", ["Spotlighter-release", "CoCoOp", "MaPLe"])
+def test_other_trainers_train_and_evaluate(trainer, data_root, tiny_clip_path, tmp_path):
+    out = tmp_path / trainer
+    run_train(data_root, tiny_clip_path, out, trainer=trainer, extra=["OPTIM.MAX_EPOCH", "1"])
+    rec = read_result(out)
+    assert rec["trainer"] == trainer.split("-")[0] and rec["total"] == 9 and rec["epoch"] == 1
+    if trainer == "Spotlighter-release":
+        assert rec["preset"] == "release"
+        assert "Trainable scalars: 33,536" in open(out / "log.txt").read()
+
+
+def test_zero_shot_eval_only(data_root, tiny_clip_path, tmp_path):
+    out = tmp_path / "zs"
+    run_train(data_root, tiny_clip_path, out, trainer="ZeroshotCLIP", eval_only=True)
+    rec = read_result(out)
+    assert rec["trainer"] == "ZeroshotCLIP" and rec["epoch"] is None and rec["subset"] == "base"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["TRAINER.SPOTLIGHTER.TOP_K", "20", "TRAINER.SPOTLIGHTER.LEVEL_SIZES", "[10, 10]"],
+     "TRAINER.SPOTLIGHTER.TOP_K = 20 is invalid: expected at most the number of patches (16)"),
+    (["TRAINER.SPOTLIGHTER.LEVEL_SIZES", "[2, 2]"], "TRAINER.SPOTLIGHTER.LEVEL_SIZES = [2, 2] is invalid"),
+    (["TRAINER.SPOTLIGHTER.MEMORY.PROTOTYPES_PER_CLASS", "0"], "the memory cannot be empty"),
+    (["TRAINER.SPOTLIGHTER.PRESET", "fancy"], "TRAINER.SPOTLIGHTER.PRESET = 'fancy' is unknown"),
+    (["TRAINER.SPOTLIGHTER.TOP_K", "five"], "TRAINER.SPOTLIGHTER.TOP_K"),
+    (["TRAINER.SPOTLIGHTER.NO_SUCH_KEY", "1"], "TRAINER.SPOTLIGHTER.NO_SUCH_KEY"),
+    (["TRAINER.SPOTLIGHTER.PREC", "fp8"], "TRAINER.SPOTLIGHTER.PREC = 'fp8' is invalid"),
+])
+def test_bad_config_is_a_clear_error(extra, message, data_root, tiny_clip_path, tmp_path, capsys):
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "bad", extra=extra), capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_trainer(data_root, tiny_clip_path, tmp_path, capsys):
+    argv = ["--root", data_root, "--trainer", "SpotLight", "--dataset-config-file",
+            os.path.join(ROOT, "configs/datasets/minibench.yaml"), "--output-dir", str(tmp_path / "x")]
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and "unknown trainer 'SpotLight'" in err and "Spotlighter" in err
+
+
+def test_nan_loss_stops_with_precision_and_step(data_root, tiny_clip_path, tmp_path, capsys, monkeypatch):
+    from spotlighter import models
+
+    def nan_forward(self, images, labels=None):
+        logits = torch.zeros(images.shape[0], 3, requires_grad=True)
+        return logits, {"ce": logits.sum() * float("nan")}
+
+    monkeypatch.setattr(models.CoOp, "forward", nan_forward)
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "nan", trainer="CoOp",
+                                          extra=["DATASET.SUBSAMPLE_CLASSES", "base"]), capsys)
+    assert code == 2
+    assert "at epoch 1, batch 1 (step 1) with precision fp32" in err and "PREC fp32 (or amp)" in err
+
+
+def test_checkpoint_of_another_preset_or_trainer_is_refused(spot_base, data_root, tiny_clip_path, tmp_path):
+    out, _ = spot_base
+    proc = run_train(data_root, tiny_clip_path, tmp_path / "rel", trainer="Spotlighter-release", subset="new",
+                     eval_only=True, model_dir=out, load_epoch=2, check=False)
+    assert proc.returncode == 2 and "PRESET = 'paper'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_train(data_root, tiny_clip_path, tmp_path / "mism", subset="new", eval_only=True, model_dir=out,
+                     load_epoch=2, extra=["TRAINER.SPOTLIGHTER.MAPPER.HIDDEN", "128"], check=False)
+    assert proc.returncode == 2 and "head.mapper.net.0.weight" in proc.stderr
+    proc = run_train(data_root, tiny_clip_path, tmp_path / "coop", trainer="CoOp", subset="new",
+                     eval_only=True, model_dir=out, load_epoch=2, check=False)
+    assert proc.returncode == 2 and "No checkpoint" in proc.stderr  # CoOp's folder is prompt_learner/
+    proc = run_train(data_root, tiny_clip_path, tmp_path / "ep", subset="new", eval_only=True, model_dir=out,
+                     load_epoch=7, check=False)
+    assert proc.returncode == 2 and "model.pth.tar-7" in proc.stderr and "model.pth.tar-2" in proc.stderr
+
+
+def test_missing_clip_weights_file(data_root, tmp_path, capsys):
+    code, err = run_in_process(train_argv(data_root, str(tmp_path / "nope.pt"), tmp_path / "o"), capsys)
+    assert code == 2 and "nope.pt" in err and "not a file" in err
+
+
+def test_zero_shot_refuses_to_train(data_root, tiny_clip_path, tmp_path, capsys):
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "zs", trainer="ZeroshotCLIP"), capsys)
+    assert code == 2 and "ZeroshotCLIP has no trainable parameters: run it with --eval-only" in err
+
+
+def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(data_root, tiny_clip_path, tmp_path, capsys):
+    out = tmp_path / "fp16"
+    code, _ = run_in_process(["--eval-only"] + train_argv(data_root, tiny_clip_path, out, trainer="ZeroshotCLIP",
+                                                          extra=["TRAINER.ZSCLIP.PREC", "fp16"]), capsys)
+    log = open(out / "log.txt").read()
+    assert code == 0 and "PREC = fp16 is not supported on CPU" in log and "precision fp32 on cpu" in log
