@@ -26,5 +26,8 @@ class MiniBench(SplitJsonDataset):
                     f"(pip install -e .) or generate the folder as described in {self.layout.doc}"
                 ) from None
             print(f"Generating the mini-benchmark in {dataset_dir}")
-            ensure(dataset_dir)
+            try:
+                ensure(dataset_dir)
+            except (ValueError, OSError) as e:
+                raise DatasetError(f"MiniBench: cannot generate {dataset_dir}: {e}") from None
         return super().locate(dataset_dir)
