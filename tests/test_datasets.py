@@ -381,3 +381,24 @@ def test_minibench_generated_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "spotlighter.benchmark.data", types.SimpleNamespace(ensure=ensure))
     ds = build(tmp_path, "MiniBench")
     assert calls == [os.path.join(str(tmp_path), "minibench")] and ds.num_classes == 2
+
+
+def test_minibench_generator_error_is_a_dataset_error(tmp_path, monkeypatch):
+    import types
+
+    def ensure(dataset_dir):
+        raise ValueError("generated with other parameters: n_classes: existing=24 requested=12")
+
+    monkeypatch.setitem(sys.modules, "spotlighter.benchmark.data", types.SimpleNamespace(ensure=ensure))
+    with pytest.raises(DatasetError, match="MiniBench: cannot generate .*other parameters"):
+        build(tmp_path, "MiniBench")
+
+
+def test_minibench_with_the_real_generator(tmp_path):
+    """The project's generator writes what the MiniBench dataset reads (CoOp split format)."""
+    pytest.importorskip("spotlighter.benchmark.data", reason="spotlighter.benchmark is not importable")
+    ds = build(tmp_path, "MiniBench", shots=2, seed=1, subsample="base")
+    n = len(json.load(open(os.path.join(tmp_path, "minibench", "split_zhou_MiniBench.json")))["test"])
+    assert n > 0 and ds.num_classes >= 1 and set(per_class(ds.train_x).values()) == {2}
+    new = build(tmp_path, "MiniBench", shots=2, seed=1, subsample="new")
+    assert not set(ds.classnames) & set(new.classnames)
