@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import FrozenCLIP
+from .config import ConfigError
 from .method import HeadConfig, SpotlighterHead
 from .prompt import CoCoOpPromptLearner, MaPLePromptLearner, PromptLearner, TextEncoder
 
@@ -87,6 +88,11 @@ class CoCoOp(_CLIPHolder):
 class MaPLe(_CLIPHolder):
     def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], **prompt_kwargs):
         super().__init__(clip)
+        depth = prompt_kwargs.get("depth", 1)
+        layers = min(len(clip.model.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
+        if depth > layers:
+            raise ConfigError(f"TRAINER.MAPLE.PROMPT_DEPTH = {depth} is invalid: expected at most the number "
+                              f"of transformer layers of this CLIP ({layers}).")
         self.prompt_learner = MaPLePromptLearner(clip, classnames, **prompt_kwargs)
         self.text_encoder = TextEncoder(clip)
 
