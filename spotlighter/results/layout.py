@@ -137,7 +137,8 @@ def search_patterns(root: str | Path, protocol: str) -> list[str]:
     if protocol == "base2new":
         top = base2new_dir(root)
         return [
-            str(top / role_dir / "<dataset>" / f"{SHOTS_DIR_PREFIX}<K>" / "<Trainer>" / "<cfg>" / f"{SEED_DIR_PREFIX}<S>")
+            str(top / role_dir / "<dataset>" / f"{SHOTS_DIR_PREFIX}<K>" / "<Trainer>" / "<cfg>"
+                / f"{SEED_DIR_PREFIX}<S>")
             for role_dir in BASE2NEW_ROLE_DIRS.values()
         ]
     targets = "<" + "|".join(DG_TARGETS) + ">" if protocol == "dg" else "<target>"

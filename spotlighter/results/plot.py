@@ -65,4 +65,4 @@ def draw_chart(chart: Chart, path: str | Path) -> Path:
 
 def plot_tables(target: str | Path, tables: Sequence[Table]) -> list[Path]:
     """Write one PNG per table; return their paths."""
-    return [draw_chart(t.chart, p) for t, p in zip(tables, plot_paths(target, tables)) if t.chart]
+    return [draw_chart(t.chart, p) for t, p in zip(tables, plot_paths(target, tables), strict=True) if t.chart]

@@ -163,7 +163,8 @@ class _Index:
             path = seed_dir_path(self.root, self.protocol, method.trainer, method.config, dataset, role,
                                  self.shots, absent[0]).parent
             seeds = ", ".join(map(str, absent))
-            refs.append(notes.add(f"{where}: seed{'s' if len(absent) > 1 else ''} {seeds} missing (no folder in {path})"))
+            plural = "s" if len(absent) > 1 else ""
+            refs.append(notes.add(f"{where}: seed{plural} {seeds} missing (no folder in {path})"))
         return values, tuple(refs)
 
     def seeds_text(self, given: bool) -> str:
@@ -202,14 +203,17 @@ PUBLISHED_NOTE = (
 )
 
 
+METRICS = ("base", "new", "hm")
+METRIC_LABELS = ("Base", "New", "HM")
+
+
 @dataclass
 class _B2NRow:
-    base: Stat
-    new: Stat
-    hm: Stat
+    """Base, New and HM of one method on one dataset, their footnotes, and whether every seed is there."""
+
+    stats: tuple[Stat, Stat, Stat]
+    refs: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
     complete: bool
-    base_refs: tuple[int, ...]
-    new_refs: tuple[int, ...]
 
 
 def _b2n_row(index: _Index, method: Method, dataset: str, notes: Notes) -> _B2NRow:
@@ -223,7 +227,7 @@ def _b2n_row(index: _Index, method: Method, dataset: str, notes: Notes) -> _B2NR
         hm = Stat(harmonic_mean(base.mean, new.mean), per_seed.std, per_seed.n)  # type: ignore[arg-type]
     expected = set(index.expected.get(method, []))
     complete = bool(expected) and expected <= set(base_vals) and expected <= set(new_vals)
-    return _B2NRow(base, new, hm, complete, base_refs, new_refs)
+    return _B2NRow((base, new, hm), (base_refs, new_refs, base_refs + new_refs), complete)
 
 
 def resolve_published_methods(
@@ -250,14 +254,53 @@ def resolve_published_methods(
     return mapping, only
 
 
-def _fmt_pub(values: BaseNew | None) -> list[Cell]:
-    return [Cell(None if values is None else v) for v in (values or (None, None, None))]
+def _pub_cells(values: BaseNew | None) -> list[Cell]:
+    return [Cell(v) for v in (values or (None, None, None))]
 
 
 def _deltas(ours: Sequence[float | None], pub: BaseNew | None) -> list[float | None]:
     if pub is None:
         return [None, None, None]
-    return [None if o is None else o - p for o, p in zip(ours, pub)]
+    return [None if o is None else o - p for o, p in zip(ours, pub, strict=True)]
+
+
+def _average_of(rows: Sequence[_B2NRow]) -> tuple[float | None, float | None, float | None]:
+    """HM(mean Base, mean New) over ``rows``; Nones when there are none."""
+    if not rows:
+        return None, None, None
+    base = statistics.fmean(r.stats[0].mean for r in rows)  # type: ignore[misc]
+    new = statistics.fmean(r.stats[1].mean for r in rows)  # type: ignore[misc]
+    return base, new, harmonic_mean(base, new)
+
+
+@dataclass
+class _B2NLayout:
+    """Collects the rows and CSV records of one base-to-novel table."""
+
+    shots: int
+    with_config: bool
+    with_pub: bool
+    rows: list[list[Cell]] = field(default_factory=list)
+    records: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[str]:
+        columns = ["Dataset", "Trainer"] + (["Config"] if self.with_config else []) + list(METRIC_LABELS)
+        pub = [f"Pub. {m}" for m in METRIC_LABELS] + [f"Δ {m}" for m in METRIC_LABELS]
+        return columns + (pub if self.with_pub else [])
+
+    def add(self, first: str, method: Method, ours: Sequence[Cell], values: Sequence[float | None],
+            pub_method: str | None, pub: BaseNew | None, record: dict[str, object]) -> None:
+        deltas = _deltas(values, pub)
+        cells = [Cell(first), Cell(method.trainer)] + ([Cell(method.config)] if self.with_config else []) + list(ours)
+        if self.with_pub:
+            cells += _pub_cells(pub) + [Cell(d, signed=True) for d in deltas]
+        self.rows.append(cells)
+        record.update(protocol="base2new", shots=self.shots, trainer=method.trainer, config=method.config,
+                      published_method=pub_method or "")
+        for key, pub_value, delta in zip(METRICS, pub or (None, None, None), deltas, strict=True):
+            record.update({f"pub_{key}": _round(pub_value), f"delta_{key}": _round(delta)})
+        self.records.append(record)
 
 
 def base2new_table(
@@ -274,87 +317,62 @@ def base2new_table(
     shots = _single_shots(results, shots)
     index = _Index(results, root, "base2new", shots, seeds)
     methods = [m for m in methods_of(results) if m in index.expected]
-    shown = list(datasets) if datasets else ordered_datasets((r.dataset for r in results if r.shots == shots),
-                                                              BASE2NEW_DATASETS)
+    shown = list(datasets) if datasets else ordered_datasets(
+        (r.dataset for r in results if r.shots == shots), BASE2NEW_DATASETS)
     labels = method_labels(methods)
-    with_config = any(labels[m] != m.trainer for m in methods)
     mapping, only = resolve_published_methods(published, methods, published_methods) if published else ({}, [])
     with_pub = published is not None and (any(m.trainer in mapping for m in methods) or bool(only))
-    columns = ["Dataset", "Trainer"] + (["Config"] if with_config else []) + ["Base", "New", "HM"]
-    if with_pub:
-        columns += ["Pub. Base", "Pub. New", "Pub. HM", "Δ Base", "Δ New", "Δ HM"]
-
-    notes, rows, records = Notes(), [], []
+    layout = _B2NLayout(shots, any(labels[m] != m.trainer for m in methods), with_pub)
+    notes = Notes()
     computed = {(m, d): _b2n_row(index, m, d, notes) for m in methods for d in shown}
 
-    def add_row(first: str, trainer: str, config: str, ours: list[Cell], pub_method: str | None,
-                pub: BaseNew | None, values: Sequence[float | None], record: dict[str, object]) -> None:
-        cells = [Cell(first), Cell(trainer)] + ([Cell(config)] if with_config else []) + ours
-        deltas = _deltas(values, pub)
-        if with_pub:
-            cells += _fmt_pub(pub) + [Cell(d, signed=True) for d in deltas]
-        rows.append(cells)
-        record.update(protocol="base2new", shots=shots, trainer=trainer, config=config,
-                      published_method=pub_method or "",
-                      **{f"pub_{k}": _round(getattr(pub, k)) if pub else None for k in ("base", "new", "hm")},
-                      **{f"delta_{k}": _round(d) for k, d in zip(("base", "new", "hm"), deltas)})
-        records.append(record)
+    def pub_of(method: str | None, dataset: str) -> BaseNew | None:
+        return published.get(method, dataset) if published and method else None
 
     for dataset in shown:
         for m in methods:
-            row = computed[(m, dataset)]
-            pub_method = mapping.get(m.trainer)
-            pub = published.get(pub_method, dataset) if published and pub_method else None
-            refs = row.base_refs + row.new_refs
-            ours = [Cell(row.base, row.base_refs), Cell(row.new, row.new_refs), Cell(row.hm, refs)]
-            record = {"dataset": dataset, "seeds_expected": " ".join(map(str, index.expected[m])),
-                      "complete": row.complete, "notes": _join(notes, refs)}
-            for key, stat in (("base", row.base), ("new", row.new), ("hm", row.hm)):
+            row, seeds_text = computed[(m, dataset)], " ".join(map(str, index.expected[m]))
+            record: dict[str, object] = {"dataset": dataset, "seeds_expected": seeds_text, "complete": row.complete,
+                                         "notes": _join(notes, row.refs[2])}
+            for key, stat in zip(METRICS, row.stats, strict=True):
                 record.update({f"{key}_mean": _round(stat.mean), f"{key}_std": _round(stat.std), f"{key}_n": stat.n})
-            add_row(dataset, m.trainer, m.config, ours, pub_method, pub, (row.base.mean, row.new.mean, row.hm.mean),
-                    record)
+            layout.add(dataset, m, [Cell(st, r) for st, r in zip(row.stats, row.refs, strict=True)],
+                       [st.mean for st in row.stats], mapping.get(m.trainer), pub_of(mapping.get(m.trainer), dataset),
+                       record)
         for method in only:
-            pub = published.get(method, dataset) if published else None
-            add_row(dataset, f"{method} (published)", MISSING_MARK, _fmt_pub(pub), None, None,
-                    (None, None, None), {"dataset": dataset, "notes": "published numbers only"})
+            layout.add(dataset, Method(f"{method} (published)", MISSING_MARK), _pub_cells(pub_of(method, dataset)),
+                       (None, None, None), None, None, {"dataset": dataset, "notes": "published numbers only"})
 
-    averages: dict[str, list[Stat]] = {"Base": [], "New": [], "HM": []}
+    averages: dict[Method, list[Stat]] = {}
     for m in methods:
         covered = [d for d in shown if computed[(m, d)].complete]
         excluded = [d for d in shown if d not in covered]
         refs = (notes.add(f"{labels[m]} average: HM(mean Base, mean New) over complete datasets only; "
                           f"excluded: {', '.join(excluded)}"),) if excluded else ()
-        values: tuple[float | None, ...] = (None, None, None)
-        if covered:
-            base = statistics.fmean(computed[(m, d)].base.mean for d in covered)  # type: ignore[misc]
-            new = statistics.fmean(computed[(m, d)].new.mean for d in covered)  # type: ignore[misc]
-            values = (base, new, harmonic_mean(base, new))
-        for key, v in zip(averages, values):
-            averages[key].append(Stat(v, None, len(covered)))
+        values = _average_of([computed[(m, d)] for d in covered])
+        averages[m] = [Stat(v, None, len(covered)) for v in values]
         pub_method = mapping.get(m.trainer)
         pub = published.average(pub_method, covered) if published and pub_method and covered else None
-        label = f"Average ({len(covered)} of {len(shown)} datasets)"
         record = {"dataset": "average", "seeds_expected": " ".join(map(str, index.expected[m])),
-                  "complete": not excluded, "notes": _join(notes, refs)}
-        record.update({f"{k}_mean": _round(v) for k, v in zip(("base", "new", "hm"), values)})
-        add_row(label, m.trainer, m.config, [Cell(v, refs) for v in values], pub_method, pub, values, record)
+                  "complete": not excluded, "notes": _join(notes, refs),
+                  **{f"{k}_mean": _round(v) for k, v in zip(METRICS, values, strict=True)}}
+        layout.add(f"Average ({len(covered)} of {len(shown)} datasets)", m, [Cell(v, refs) for v in values], values,
+                   pub_method, pub, record)
     for method in only:
-        have = [d for d in shown if published and published.get(method, d)]
+        have = [d for d in shown if pub_of(method, d)]
         pub = published.average(method, have) if published and have else None
-        add_row(f"Average ({len(have)} of {len(shown)} datasets)", f"{method} (published)", MISSING_MARK,
-                _fmt_pub(pub), None, None, (None, None, None), {"dataset": "average", "notes": "published numbers only"})
+        layout.add(f"Average ({len(have)} of {len(shown)} datasets)", Method(f"{method} (published)", MISSING_MARK),
+                   _pub_cells(pub), (None, None, None), None, None,
+                   {"dataset": "average", "notes": "published numbers only"})
 
-    chart = Chart(
-        f"{PROTOCOL_TITLES['base2new']} ({shots} shots)",
-        shown + ["Average"],
-        {
-            "Base": {labels[m]: [computed[(m, d)].base for d in shown] + [averages["Base"][i]] for i, m in enumerate(methods)},
-            "New": {labels[m]: [computed[(m, d)].new for d in shown] + [averages["New"][i]] for i, m in enumerate(methods)},
-            "HM": {labels[m]: [computed[(m, d)].hm for d in shown] + [averages["HM"][i]] for i, m in enumerate(methods)},
-        },
-    )
+    title = f"{PROTOCOL_TITLES['base2new']} ({shots} shots)"
+    panels = {
+        label: {labels[m]: [computed[(m, d)].stats[i] for d in shown] + [averages[m][i]] for m in methods}
+        for i, label in enumerate(METRIC_LABELS)
+    }
     meta = _meta(root, shots, index, seeds is not None) + (PUBLISHED_NOTE if with_pub else "")
-    return Table("base2new", shots, f"{PROTOCOL_TITLES['base2new']} ({shots} shots)", meta, columns, rows, notes.texts, records, chart)
+    return Table("base2new", shots, title, meta, layout.columns, layout.rows, notes.texts, layout.records,
+                 Chart(title, shown + ["Average"], panels))
 
 
 # ----------------------------------------------------------------------------- cross-dataset, DG
