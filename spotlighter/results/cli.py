@@ -54,8 +54,9 @@ def _fail(message: str, code: int) -> int:
 
 
 def _warn_unmatched(trainers: Sequence[str] | None, found: set[str]) -> None:
+    found_lower = {f.lower() for f in found}
     for name in trainers or []:
-        if canonical_trainer(name).lower() not in {f.lower() for f in found} and name.lower() not in found:
+        if not {canonical_trainer(name).lower(), name.lower()} & found_lower:
             logger.warning("no runs of trainer %r (%s) found", name, canonical_trainer(name))
 
 

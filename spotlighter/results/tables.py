@@ -400,7 +400,7 @@ def transfer_table(
     methods = [m for m in methods_of(results) if m in index.expected]
     labels = method_labels(methods)
     canonical = DG_TARGETS if protocol == "dg" else XD_TARGETS
-    targets = list(datasets) if datasets else ordered_datasets(
+    targets = [d for d in datasets if d != XD_SOURCE] if datasets else ordered_datasets(
         (r.dataset for r in results if r.role == ROLE_TARGET and r.shots == shots), canonical)
     notes, records = Notes(), []
     stats: dict[tuple[Method, str], Stat] = {}
