@@ -174,21 +174,17 @@ def _from_logs(seed: SeedDir) -> Result:
     logs = log_files_newest_first(seed.path)
     if not logs:
         return _result(seed, reason=f"no {RESULT_FILE} or {LOG_FILE}*")
-    outcomes = [parse_log(p) for p in logs]
-    for outcome in outcomes:
+    newest: LogOutcome | None = None
+    for path in logs:  # newest first; older logs are read only when the newer ones hold no result
+        outcome = parse_log(path)
+        newest = newest or outcome
         if outcome.block is not None:
             block = outcome.block
-            return _result(
-                seed,
-                accuracy=block.accuracy,
-                correct=block.correct,
-                total=block.total,
-                macro_f1=block.macro_f1,
-                source=outcome.path,
-            )
+            return _result(seed, accuracy=block.accuracy, correct=block.correct, total=block.total,
+                           macro_f1=block.macro_f1, source=outcome.path)
         logger.info("skipping %s: %s", outcome.path, outcome.reason)
-    newest = outcomes[0]
-    tried = f" (also tried {len(outcomes) - 1} older log(s))" if len(outcomes) > 1 else ""
+    assert newest is not None
+    tried = f" (also tried {len(logs) - 1} older log(s))" if len(logs) > 1 else ""
     return _result(seed, reason=f"{newest.reason}: {newest.path}{tried}")
 
 
