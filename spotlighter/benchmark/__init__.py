@@ -21,5 +21,11 @@ from .data import (  # noqa: F401
     render,
 )
 
-DATASET_SUBDIR = "minibench"
-CLIP_RELPATH = "clip/minibench_clip.pt"
+from .pretrain import (  # noqa: F401  (imports torch; clip is imported lazily)
+    DEFAULT_CLIP_PARAMS,
+    build_clip,
+    ensure_clip,
+    load_clip,
+    zeroshot_accuracy,
+)
+from .cli import CLIP_RELPATH, DATASET_SUBDIR, clip_path, dataset_dir, prepare  # noqa: F401,E402

@@ -214,6 +214,16 @@ def _jitter(rgb: Sequence[int], rng: np.random.Generator, amount: float = 22.0) 
     return tuple(int(x) for x in np.clip(v, 0, 255))
 
 
+_GRIDS: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _grid(size: int) -> Tuple[np.ndarray, np.ndarray]:
+    if size not in _GRIDS:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        _GRIDS[size] = (yy, xx)
+    return _GRIDS[size]
+
+
 def render(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
     """Render one image of class ``label`` from ``rng`` (64x64 RGB by default)."""
     p = dict(DEFAULT_PARAMS)
@@ -225,16 +235,18 @@ def render(label: int, rng: np.random.Generator, params: Optional[dict] = None) 
     colour, shape = CLASS_ATTRIBUTES[label]
 
     # Background: muted random colour, low-frequency blotches, optional stripes, pixel noise.
-    base = rng.uniform(60, 170, 3) * rng.uniform(0.6, 1.0) + rng.uniform(0, 40)
-    coarse = rng.normal(0.0, 22.0, (4, 4, 3))
-    bg = np.kron(coarse, np.ones((S // 4, S // 4, 1))) + base
+    # (computed at the output resolution, then upsampled: only the shapes need supersampling)
+    base = (rng.uniform(60, 170, 3) * rng.uniform(0.6, 1.0) + rng.uniform(0, 40)).astype(np.float32)
+    coarse = rng.normal(0.0, 22.0, (4, 4, 3)).astype(np.float32)
+    bg = np.repeat(np.repeat(coarse, size // 4, axis=0), size // 4, axis=1) + base
     if rng.random() < 0.5:
-        period = rng.uniform(6, 20) * ss
+        period = rng.uniform(6, 20)
         ang = rng.uniform(0, math.pi)
-        yy, xx = np.mgrid[0:S, 0:S]
-        stripes = np.sin((xx * math.cos(ang) + yy * math.sin(ang)) * 2 * math.pi / period)
-        bg = bg + (stripes[..., None] * rng.uniform(5, 18))
-    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
+        yy, xx = _grid(size)
+        stripes = np.sin((xx * math.cos(ang) + yy * math.sin(ang)) * (2 * math.pi / period))
+        bg = bg + (stripes[..., None] * np.float32(rng.uniform(5, 18)))
+    bg = np.clip(bg, 0, 255).astype(np.uint8)
+    img = Image.fromarray(np.repeat(np.repeat(bg, ss, axis=0), ss, axis=1), "RGB")
     draw = ImageDraw.Draw(img)
 
     all_colours = list(COLOURS.items()) + list(EXTRA_COLOURS.items())

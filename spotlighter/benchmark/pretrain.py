@@ -1,0 +1,332 @@
+"""A small CLIP (``clip.model.CLIP``, ViT-8 at 64 px) pretrained contrastively on MiniBench renders.
+
+The model is the real OpenAI CLIP architecture at a tiny size, so every trainer that accepts
+CLIP weights accepts it: :func:`ensure_clip` saves ``model.state_dict()`` (float32 tensors only)
+and ``clip.model.build_model(torch.load(path, weights_only=True))`` or
+``clip.load(path, jit=False)`` rebuild it.
+
+Pretraining draws image-caption pairs on the fly from the MiniBench generator over *all* classes
+(real CLIP has seen every concept) using the seed domain ``DOMAIN_PRETRAIN``, disjoint from the
+benchmark's own images, with varied caption templates including attribute-only phrases
+("a photo of something red."). Because many captions in a batch describe the same concept, the
+CLIP loss is used in its multi-positive form (UniCL-style): the target distribution of an image
+is uniform over every caption in the batch that correctly describes it, and vice versa. With one
+caption per concept this reduces to the standard symmetric CLIP loss. The learnable temperature
+is initialised at ``log(1 / 0.07)`` and clamped at 100 as in CLIP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN_VERSION = 1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ZEROSHOT_TEMPLATE = "a photo of a {}."
+
+DEFAULT_CLIP_PARAMS: Dict[str, object] = {
+    "seed": 0,
+    # architecture (all widths multiples of 64: build_model infers heads = width // 64)
+    "embed_dim": 128,
+    "image_resolution": 64,
+    "vision_patch_size": 8,
+    "vision_width": 128,
+    "vision_layers": 4,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "transformer_width": 128,
+    "transformer_layers": 3,
+    # optimisation
+    "steps": 300,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "warmup_steps": 30,
+    "attribute_only_prob": 0.15,
+    # rendering parameters of the pretraining stream (same generator as the benchmark)
+    "render": data.render_params(data.DEFAULT_PARAMS),
+}
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_clip(params: Optional[dict] = None) -> "torch.nn.Module":
+    """A freshly initialised float32 ``clip.model.CLIP`` of the MiniBench size."""
+    from clip.model import CLIP
+
+    p = _normalise(params or {})
+    for key in ("vision_width", "transformer_width"):
+        if int(p[key]) % 64:
+            raise ValueError(f"{key} must be a multiple of 64 (clip.model.build_model uses width // 64 heads)")
+    return CLIP(
+        embed_dim=p["embed_dim"],
+        image_resolution=p["image_resolution"],
+        vision_layers=p["vision_layers"],
+        vision_width=p["vision_width"],
+        vision_patch_size=p["vision_patch_size"],
+        context_length=p["context_length"],
+        vocab_size=p["vocab_size"],
+        transformer_width=p["transformer_width"],
+        transformer_heads=p["transformer_width"] // 64,
+        transformer_layers=p["transformer_layers"],
+    ).float()
+
+
+def load_clip(path: str) -> "torch.nn.Module":
+    """Rebuild the saved model exactly as users of real CLIP weights do (float32, eval mode)."""
+    from clip.model import build_model
+
+    return build_model(torch.load(path, map_location="cpu", weights_only=True)).float().eval()
+
+
+def _normalise(params: dict) -> dict:
+    unknown = set(params) - set(DEFAULT_CLIP_PARAMS)
+    if unknown:
+        raise TypeError(f"unknown pretraining parameter(s): {sorted(unknown)}")
+    p = dict(DEFAULT_CLIP_PARAMS)
+    p.update(params)
+    r = dict(DEFAULT_CLIP_PARAMS["render"])
+    r.update(params.get("render") or {})
+    p["render"] = r
+    return json.loads(json.dumps(p))
+
+
+def to_tensor(images: Sequence, dtype=torch.float32) -> torch.Tensor:
+    """PIL images / uint8 HWC arrays -> CLIP-normalised NCHW tensor."""
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    x = torch.from_numpy(arr).to(dtype).div_(255.0).permute(0, 3, 1, 2)
+    mean = torch.tensor(CLIP_MEAN, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --------------------------------------------------------------------------- data stream
+
+
+class _CaptionBank:
+    def __init__(self, context_length: int):
+        import clip
+
+        self.texts, cons = data.caption_bank()
+        self.index = {t: i for i, t in enumerate(self.texts)}
+        tokens = clip.tokenize(self.texts, context_length=context_length)
+        eot = tokens.argmax(dim=-1)
+        # Causal attention: positions after EOT never influence the EOT feature, so training on
+        # the first (max EOT + 1) positions is exact and much cheaper than all 77.
+        self.train_len = int(eot.max()) + 1
+        self.tokens = tokens[:, : self.train_len].contiguous()
+        # positive[c, u]: caption u correctly describes an image of class c
+        pos = torch.zeros(data.NUM_CLASSES, len(self.texts), dtype=torch.bool)
+        for c, (colour, shape) in enumerate(data.CLASS_ATTRIBUTES):
+            for u, (cc, cs) in enumerate(cons):
+                pos[c, u] = (cc is None or cc == colour) and (cs is None or cs == shape)
+        self.positive = pos
+
+
+def sample_batch(step: int, batch_size: int, params: dict, bank: _CaptionBank):
+    """Deterministic batch ``step`` of the pretraining stream: (images, labels, caption ids)."""
+    rng = data.image_rng(params["seed"], data.DOMAIN_PRETRAIN, step)
+    labels = rng.integers(data.NUM_CLASSES, size=batch_size)
+    images = [data.render(int(l), rng, params["render"]) for l in labels]
+    caps = [bank.index[data.caption(int(l), rng, params["attribute_only_prob"])] for l in labels]
+    return to_tensor(images), torch.as_tensor(labels), torch.as_tensor(caps)
+
+
+def contrastive_loss(model, images, labels, caption_ids, bank: _CaptionBank) -> torch.Tensor:
+    """Symmetric multi-positive CLIP loss over the batch's images and its distinct captions."""
+    uniq = torch.unique(caption_ids)
+    img = F.normalize(model.encode_image(images), dim=-1)
+    txt = F.normalize(model.encode_text(bank.tokens[uniq]), dim=-1)
+    scale = model.logit_scale.exp()
+    logits = scale * img @ txt.t()  # [B, U]
+    pos = bank.positive[labels][:, uniq].float()  # [B, U]
+    t_i2t = pos / pos.sum(1, keepdim=True)
+    t_t2i = pos / pos.sum(0, keepdim=True)
+    loss_i2t = -(t_i2t * logits.log_softmax(dim=1)).sum(1).mean()
+    loss_t2i = -(t_t2i * logits.log_softmax(dim=0)).sum(0).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim >= 2 and "embedding" not in name and name not in ("text_projection", "visual.proj"):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pretrain(params: Optional[dict] = None, *, log_every: int = 10) -> "torch.nn.Module":
+    """Train the small CLIP from scratch with a fixed seed; return it in eval mode (float32)."""
+    p = _normalise(params or {})
+    torch.manual_seed(p["seed"])
+    model = build_clip(p)
+    model.train()
+    bank = _CaptionBank(p["context_length"])
+    opt = torch.optim.AdamW(_param_groups(model, p["weight_decay"]), lr=p["lr"], betas=(0.9, 0.98), eps=1e-6)
+    steps, warm = int(p["steps"]), int(p["warmup_steps"])
+
+    def lr_at(s: int) -> float:
+        if s < warm:
+            return p["lr"] * (s + 1) / warm
+        return 0.5 * p["lr"] * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    logger.info(
+        "Pretraining MiniBench CLIP: %d steps x batch %d, %d torch threads, text trained on %d positions",
+        steps, p["batch_size"], torch.get_num_threads(), bank.train_len,
+    )
+    t0, c0 = time.time(), time.process_time()
+    running = None
+    # Render batch s+1 in a helper thread while batch s trains (torch releases the GIL); each
+    # batch depends only on (seed, step), so this changes no number.
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending = pool.submit(sample_batch, 0, p["batch_size"], p, bank)
+    for step in range(steps):
+        images, labels, caps = pending.result()
+        if step + 1 < steps:
+            pending = pool.submit(sample_batch, step + 1, p["batch_size"], p, bank)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = contrastive_loss(model, images, labels, caps, bank)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            el = time.time() - t0
+            eta = el / (step + 1) * (steps - step - 1)
+            logger.info(
+                "step %d/%d loss %.4f (avg %.4f) logit_scale %.1f lr %.2e elapsed %.0fs (cpu %.0fs) ETA %.0fs",
+                step + 1, steps, loss.item(), running, model.logit_scale.exp().item(), lr_at(step), el,
+                time.process_time() - c0, eta,
+            )
+    pool.shutdown()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def encode_images(model, paths: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    from PIL import Image
+
+    feats = []
+    for i in range(0, len(paths), batch_size):
+        ims = [Image.open(pth).convert("RGB") for pth in paths[i : i + batch_size]]
+        feats.append(F.normalize(model.encode_image(to_tensor(ims)).float(), dim=-1))
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_classnames(model, classnames: Sequence[str], template: str = ZEROSHOT_TEMPLATE) -> torch.Tensor:
+    import clip
+
+    tokens = clip.tokenize([template.format(c) for c in classnames], context_length=model.context_length)
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+@torch.no_grad()
+def zeroshot_accuracy(model, dataset_dir: str, split: str = "test", template: str = ZEROSHOT_TEMPLATE) -> dict:
+    """Zero-shot accuracy (%) with ``template``: base among base classes, new among new classes,
+    all among all classes (the base-to-novel protocol), plus the matching chance levels."""
+    items = data.read_split(dataset_dir)[split]
+    paths = [it[0] for it in items]
+    labels = torch.tensor([it[1] for it in items])
+    img = encode_images(model, paths)
+    txt = encode_classnames(model, data.CLASSNAMES, template)
+    sims = img @ txt.t()
+    out = {}
+    for name, classes in (("base", data.BASE_CLASSES), ("new", data.NEW_CLASSES), ("all", tuple(range(data.NUM_CLASSES)))):
+        cls = torch.tensor(classes)
+        mask = torch.isin(labels, cls)
+        pred = cls[sims[mask][:, cls].argmax(dim=1)]
+        out[name] = round(100.0 * (pred == labels[mask]).float().mean().item(), 2)
+        out[f"chance_{name}"] = round(100.0 / len(classes), 2)
+    out["split"] = split
+    out["template"] = template
+    out["num_images"] = int(len(items))
+    return out
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def sidecar_path(path: str) -> str:
+    return path + ".json"
+
+
+def read_sidecar(path: str) -> Optional[dict]:
+    sp = sidecar_path(path)
+    if not (os.path.isfile(sp) and os.path.isfile(path)):
+        return None
+    with open(sp) as f:
+        return json.load(f)
+
+
+def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, **params) -> dict:
+    """Pretrain and cache the MiniBench CLIP at ``path`` unless it exists with the same params.
+
+    Writes ``path`` (plain float32 state dict) and then ``path + ".json"`` (version, params,
+    training time and, when ``dataset_dir`` is given, the zero-shot accuracies on its test split).
+    Returns the sidecar dict. Raises ``ValueError`` naming the differing parameters when a cached
+    model was built with other parameters.
+    """
+    p = _normalise(params)
+    meta = read_sidecar(path)
+    if meta is not None:
+        found = dict(meta.get("params", {}))
+        found["pretrain_version"] = meta.get("pretrain_version")
+        wanted = dict(p)
+        wanted["pretrain_version"] = PRETRAIN_VERSION
+        diff = data.param_diff(wanted, found)
+        if diff:
+            desc = ", ".join(f"{k}: existing={a!r} requested={b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"MiniBench CLIP at {path} was built with different parameters ({desc}). "
+                f"Delete {path!r} and {sidecar_path(path)!r} to rebuild it."
+            )
+        logger.info("MiniBench CLIP already present at %s; nothing to do", path)
+        return meta
+    if os.path.exists(sidecar_path(path)):
+        os.remove(sidecar_path(path))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    t0, c0 = time.time(), time.process_time()
+    model = pretrain(p)
+    train_s, cpu_s = time.time() - t0, time.process_time() - c0
+    tmp = path + ".tmp"
+    torch.save({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    meta = {
+        "pretrain_version": PRETRAIN_VERSION,
+        "params": p,
+        "train_seconds": round(train_s, 1),
+        "train_cpu_seconds": round(cpu_s, 1),
+        "torch_threads": torch.get_num_threads(),
+        "file_bytes": os.path.getsize(path),
+    }
+    if dataset_dir is not None:
+        meta["zeroshot"] = zeroshot_accuracy(load_clip(path), dataset_dir)
+        meta["dataset_dir"] = os.path.abspath(dataset_dir)
+        logger.info("Zero-shot accuracy: %s", meta["zeroshot"])
+    data._write_json_atomic(sidecar_path(path), meta)  # last: marks the cache complete
+    return meta
