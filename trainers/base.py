@@ -256,11 +256,11 @@ class PromptTrainer(TrainerX):
         trained_here = getattr(self, "time_start", None) is not None  # set by Dassl's before_train
         epoch = self.loaded_epoch if self.loaded_epoch is not None else (self.epoch + 1 if trained_here else None)
         record = make_record(
-            trainer=cfg.TRAINER.NAME, config=cfg.TRAINER.CONFIG_NAME or None, preset=self.preset,
+            trainer=cfg.TRAINER.NAME, config=cfg.TRAINER.CONFIG_NAME or "default", preset=self.preset,
             dataset=cfg.DATASET.CONFIG_NAME or cfg.DATASET.NAME, subset=cfg.DATASET.SUBSAMPLE_CLASSES,
             shots=int(cfg.DATASET.NUM_SHOTS), seed=int(cfg.SEED), split="test", correct=int(ev._correct),
             total=int(ev._total), accuracy=100.0 * ev._correct / max(ev._total, 1),
-            macro_f1=float(self._last_results.get("macro_f1", float("nan"))), epoch=epoch,
+            macro_f1=float(self._last_results["macro_f1"]), epoch=epoch,
             wall_time_s=round(time.time() - self._start_time, 3), output_dir=os.path.abspath(cfg.OUTPUT_DIR),
         )
         path = write_record(cfg.OUTPUT_DIR, record)
