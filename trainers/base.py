@@ -258,7 +258,7 @@ class PromptTrainer(TrainerX):
         record = make_record(
             trainer=cfg.TRAINER.NAME, config=cfg.TRAINER.CONFIG_NAME or "default", preset=self.preset,
             dataset=cfg.DATASET.CONFIG_NAME or cfg.DATASET.NAME, subset=cfg.DATASET.SUBSAMPLE_CLASSES,
-            shots=int(cfg.DATASET.NUM_SHOTS), seed=int(cfg.SEED), split="test", correct=int(ev._correct),
+            shots=int(cfg.DATASET.NUM_SHOTS) if cfg.DATASET.NUM_SHOTS >= 1 else None, seed=int(cfg.SEED), split="test", correct=int(ev._correct),
             total=int(ev._total), accuracy=100.0 * ev._correct / max(ev._total, 1),
             macro_f1=float(self._last_results["macro_f1"]), epoch=epoch,
             wall_time_s=round(time.time() - self._start_time, 3), output_dir=os.path.abspath(cfg.OUTPUT_DIR),

@@ -46,7 +46,8 @@ REQUIRED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preset": (_optional(_is_str), "a non-empty str or None"),
     "dataset": (_is_str, "a non-empty str (dataset config stem)"),
     "subset": (lambda v: v in SUBSETS, f"one of {SUBSETS}"),
-    "shots": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    # None: the full training/test set (cross-dataset and DG evaluations do not subsample shots)
+    "shots": (lambda v: v is None or (_is_int(v) and v >= 0), "an int >= 0 or null"),
     "seed": (_is_int, "an int"),
     "split": (lambda v: v in SPLITS, f"one of {SPLITS}"),
     "correct": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
