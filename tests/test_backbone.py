@@ -10,6 +10,16 @@ from spotlighter.backbone import (OFFLINE_ENV, WEIGHTS_DIR_ENV, BackboneError, F
                                   load_state_dict_file, resolve_weights)
 from tiny_clip import save_tiny_clip
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TEXTS = ["a photo of a cat.", "a dog", "x"]
 
 

@@ -1,0 +1,238 @@
+"""spotlighter.models on the tiny CLIP: shapes, what a state dict holds, zero-shot equivalences, autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from spotlighter.config import apply_preset, extend_cfg
+from spotlighter.method import HeadConfig
+from spotlighter.models import (CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP, count_trainable,
+                                zero_shot_text)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+NAMES = ["cat", "dog_house", "red car", "x"]
+B = 3
+FORBIDDEN = ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final",
+             "text_projection", "logit_scale")
+CLASS_BUFFERS = ("token_prefix", "token_suffix", "tokenized_prompts")
+
+
+def images(batch=B, seed=0):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def head_cfg(preset, heads=8):
+    cfg = CN()
+    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
+    cfg.MODEL.BACKBONE = CN()
+    extend_cfg(cfg)
+    apply_preset(cfg, preset)
+    cfg.TRAINER.SPOTLIGHTER.IRM.HEADS = heads
+    return HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
+
+
+def build(kind, clip):
+    torch.manual_seed(0)
+    if kind == "zsclip":
+        return ZeroShotCLIP(clip, NAMES)
+    if kind == "coop":
+        return CoOp(clip, NAMES)
+    if kind == "cocoop":
+        return CoCoOp(clip, NAMES)
+    if kind == "maple":
+        return MaPLe(clip, NAMES, depth=2)
+    if kind == "spot-paper":
+        return Spotlighter(clip, NAMES, head_cfg("paper", 8))
+    if kind == "spot-release":
+        return Spotlighter(clip, NAMES, head_cfg("release", 1))
+    raise KeyError(kind)
+
+
+KINDS = ["zsclip", "coop", "cocoop", "maple", "spot-paper", "spot-release"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_shapes_eval_and_train(kind, frozen_clip):
+    model = build(kind, frozen_clip)
+    model.eval()
+    with torch.no_grad():
+        logits, losses = model(images())
+    assert logits.shape == (B, len(NAMES)) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all() and losses == {}
+    if kind == "zsclip":
+        return
+    model.train()
+    labels = torch.tensor([0, 3, 1])
+    logits, losses = model(images(), labels)
+    assert logits.shape == (B, len(NAMES))
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    if kind.startswith("spot"):
+        assert set(losses) == {"global", "local", "consistency"}
+    else:
+        torch.testing.assert_close(losses["ce"], F.cross_entropy(logits, labels))
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert not any(p.grad is not None for p in frozen_clip.parameters())  # CLIP stays frozen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_holds_no_clip_and_no_class_buffer(kind, frozen_clip):
+    model = build(kind, frozen_clip)
+    keys = list(model.state_dict())
+    assert not [k for k in keys if any(f in k for f in FORBIDDEN)], keys
+    assert not [k for k in keys if any(f in k for f in CLASS_BUFFERS)], keys
+    assert not [k for k in keys if "prototypes" in k or k.endswith(".text") or k == "text"], keys
+    # every saved tensor is a trainable parameter or a (class-independent) persistent buffer
+    n_saved = sum(v.numel() for v in model.state_dict().values())
+    n_buffers = sum(b.numel() for n, b in model.named_buffers() if n in model.state_dict())
+    assert n_saved == count_trainable(model) + n_buffers
+    if kind == "zsclip":
+        assert keys == []
+    if kind == "coop":
+        assert keys == ["prompt_learner.ctx"] and count_trainable(model) == 4 * 64
+
+
+def test_spotlighter_memory_kinds(frozen_clip):
+    paper, release = build("spot-paper", frozen_clip), build("spot-release", frozen_clip)
+    assert "head.memory.slots" in release.state_dict()  # shared slots: class-independent, saved
+    # class prototypes start from the zero-shot text "a photo of a {class}."
+    want = zero_shot_text(frozen_clip, NAMES).unsqueeze(1).expand(-1, 4, -1)
+    torch.testing.assert_close(paper.head.memory.prototypes, want)
+    assert paper.head.memory.classnames == NAMES
+
+
+def test_coop_init_equals_zero_shot_text(frozen_clip):
+    model = CoOp(frozen_clip, NAMES, n_ctx=4, ctx_init="a photo of a")
+    with torch.no_grad():
+        got = model.text_features()
+        want = frozen_clip.encode_text([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
+    torch.testing.assert_close(got, want)
+    zs = ZeroShotCLIP(frozen_clip, NAMES, template="a photo of a {}.")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images())[0], zs(images())[0])
+
+
+def test_coop_prompt_embeddings_are_the_sentence_embeddings(frozen_clip):
+    model = CoOp(frozen_clip, NAMES)
+    tok = frozen_clip.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
+    with torch.no_grad():
+        assert torch.equal(model.prompt_learner(), frozen_clip.token_embedding(tok))
+    assert torch.equal(model.prompt_learner.tokenized_prompts, tok)
+
+
+@pytest.mark.parametrize("position, sentence", [
+    ("front", "{} a photo of a."),
+    ("middle", "a photo {} of a."),
+])
+def test_coop_class_token_position(position, sentence, frozen_clip):
+    model = CoOp(frozen_clip, NAMES, class_token_position=position)
+    end = CoOp(frozen_clip, NAMES)
+    with torch.no_grad():
+        prompts = model.prompt_learner()
+        assert prompts.shape == end.prompt_learner().shape == (len(NAMES), 77, 64)
+        texts = [sentence.format(n.replace("_", " ")) for n in NAMES]
+        tok = frozen_clip.tokenize(texts)
+        # the same tokens, re-ordered: "dog house" is 2 tokens, so name lengths matter
+        assert model.prompt_learner.classes.name_lens == [1, 2, 2, 1]
+        assert torch.equal(prompts, frozen_clip.token_embedding(tok))
+        # EOT stays where it was, so the features are those of the reordered sentences
+        assert torch.equal(tok.argmax(-1), model.prompt_learner.tokenized_prompts.argmax(-1))
+        torch.testing.assert_close(model.text_features(), frozen_clip.encode_text(texts))
+
+
+def test_coop_random_init_and_csc(frozen_clip):
+    model = CoOp(frozen_clip, NAMES, n_ctx=6, ctx_init="", csc=True)
+    assert model.prompt_learner.ctx.shape == (len(NAMES), 6, 64)
+    assert count_trainable(model) == len(NAMES) * 6 * 64
+    with torch.no_grad():
+        assert model.prompt_learner().shape == (len(NAMES), 77, 64)
+        assert model.text_features().shape == (len(NAMES), 64)
+
+
+def test_maple_depth1_init_text_equals_zero_shot(frozen_clip):
+    model = MaPLe(frozen_clip, NAMES, n_ctx=2, ctx_init="a photo of a", depth=1)
+    assert len(model.prompt_learner.compound_prompts_text) == 0
+    with torch.no_grad():
+        prompts, deep_text, visual, deep_visual = model.prompt_learner()
+        assert deep_text == [] and deep_visual == [] and visual.shape == (2, 64)
+        got = model.text_encoder(prompts, model.prompt_learner.tokenized_prompts, deep_text)
+        want = frozen_clip.encode_text([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
+    torch.testing.assert_close(got, want)
+
+
+def test_maple_deep_prompts_change_features(frozen_clip):
+    """With depth 2, layer-1 text prompts replace tokens 1..n_ctx: changing them changes the text."""
+    model = MaPLe(frozen_clip, NAMES, depth=2)
+    with torch.no_grad():
+        prompts, deep_text, visual, deep_visual = model.prompt_learner()
+        assert len(deep_text) == 1 and deep_text[0].shape == (2, 64) and deep_visual[0].shape == (2, 64)
+        tok = model.prompt_learner.tokenized_prompts
+        a = model.text_encoder(prompts, tok, deep_text)
+        b = model.text_encoder(prompts, tok, [deep_text[0] + 1.0])
+        c = model.text_encoder(prompts, tok)
+        assert not torch.allclose(a, b) and not torch.allclose(a, c)
+        # visual deep prompts: without a shallow prompt they are ignored, with one they matter
+        x = images(2)
+        v0 = frozen_clip.encode_image(x)
+        v1 = frozen_clip.encode_image(x, visual, deep_visual)
+        v2 = frozen_clip.encode_image(x, visual, [deep_visual[0] + 1.0])
+        assert not torch.allclose(v0, v1) and not torch.allclose(v1, v2)
+
+
+def test_zero_shot_logits_value(frozen_clip):
+    zs = ZeroShotCLIP(frozen_clip, NAMES, template="itap of a {}.")
+    x = images()
+    with torch.no_grad():
+        v = F.normalize(frozen_clip.encode_image(x), dim=-1)
+        t = F.normalize(frozen_clip.encode_text([f"itap of a {n.replace('_', ' ')}." for n in NAMES]), dim=-1)
+        want = frozen_clip.logit_scale.exp() * v @ t.t()
+        torch.testing.assert_close(zs(x)[0], want)
+    assert count_trainable(zs) == 0
+
+
+def test_cocoop_zero_meta_net_equals_coop(frozen_clip):
+    """With the meta-net's output layer zeroed, CoCoOp's prompts are CoOp's for every image."""
+    cocoop, coop = CoCoOp(frozen_clip, NAMES), CoOp(frozen_clip, NAMES)
+    with torch.no_grad():
+        cocoop.prompt_learner.meta_net[2].weight.zero_()
+        cocoop.prompt_learner.meta_net[2].bias.zero_()
+        torch.testing.assert_close(cocoop.eval()(images())[0], coop.eval()(images())[0])
+
+
+def _autocast_dtypes():
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                torch.ones(2, 2) @ torch.ones(2, 2)
+            out.append(dtype)
+        except Exception:  # pragma: no cover - depends on the CPU / torch build
+            pass
+    return out
+
+
+@pytest.mark.parametrize("dtype", _autocast_dtypes(), ids=str)
+def test_coop_autocast_close_to_fp32(dtype, frozen_clip):
+    model = CoOp(frozen_clip, NAMES).eval()
+    x = images()
+    with torch.no_grad():
+        ref = model(x)[0]
+        with torch.autocast("cpu", dtype=dtype):
+            low = model(x)[0]
+    low = low.float()
+    assert torch.isfinite(low).all()
+    # logits here are O(1) (tiny random CLIP); bf16 keeps ~3 significant digits, fp16 ~4
+    tol = 0.1 if dtype == torch.bfloat16 else 0.02
+    torch.testing.assert_close(low, ref, atol=tol, rtol=0.05)
+    assert (low - ref).abs().max() > 0  # autocast really ran in lower precision
