@@ -30,8 +30,13 @@ def save(path: str, payload: Dict[str, Any]) -> None:
     payload = {"format": FORMAT, **payload}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load(path: str, *, trainer: str, preset: Optional[str] = None,

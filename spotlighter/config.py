@@ -8,6 +8,7 @@ command-line options are merged (see ``train.py``), so anything set explicitly s
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, List
 
@@ -136,7 +137,7 @@ def apply_preset(cfg: CN, preset: str) -> None:
         target = node
         for part in parents:
             target = target[part]
-        target[leaf] = value
+        target[leaf] = copy.deepcopy(value)  # never share the preset table's lists with a cfg
 
 
 def _expect(cond: bool, key: str, value: Any, expected: str) -> None:

@@ -3,7 +3,8 @@
 Upstream Dassl's warm-up scheduler passes ``verbose`` positionally to torch's LR scheduler, which
 torch >= 2.7 removed; this replaces it. The epoch-wise values reproduce Dassl's: during the warm-up
 epochs the LR is constant (``WARMUP_CONS_LR``) or linear from ``WARMUP_MIN_LR``; afterwards the main
-schedule continues as Dassl's successor scheduler does (its first step after warm-up is step 1).
+schedule continues as Dassl's successor scheduler does: the first epoch after warm-up runs at the
+successor's step 0 (the base LR for cosine), as CoOp's logs show ("epoch [2/..] lr 2.0000e-03").
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class EpochLRSchedule:
             return self.warmup_min_lr if epoch == 0 else base_lr * epoch / self.warmup_epoch
         if self.warmup_epoch == 0:
             t = epoch
-        else:  # Dassl's successor is first stepped right after warm-up
-            t = (epoch - self.warmup_epoch + 1) if self.warmup_recount else epoch + 1
+        else:  # Dassl's wrapper hands over at the successor's step 0 (the base LR), then steps it
+            t = (epoch - self.warmup_epoch) if self.warmup_recount else epoch
         if self.name == "cosine":
             return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.max_epoch)) / 2
         if self.name == "single_step":

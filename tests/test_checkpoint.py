@@ -214,9 +214,6 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert load(path, trainer="Spotlighter")["epoch"] == 5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): checkpoint.save does not remove its '<path>.tmp-<pid>' "
-                   "file when torch.save fails (e.g. disk full), leaving a truncated checkpoint-sized file "
-                   "next to the real ones")
 def test_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
     path = saved(tmp_path, epoch=5)
     monkeypatch.setattr(ckpt.torch, "save", _failing_save)

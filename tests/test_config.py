@@ -102,9 +102,6 @@ def test_explicit_values_win_over_the_preset():
     check_spotlighter_cfg(cfg.TRAINER.SPOTLIGHTER, num_patches=196)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: apply_preset stores the PRESETS list object itself in the cfg "
-                   "(LEVEL_SIZES is PRESETS['release']['LEVEL_SIZES']); an in-place edit of one config "
-                   "leaks into the module-level preset table and every later config")
 def test_preset_lists_are_not_shared_between_configs():
     original = list(PRESETS["release"]["LEVEL_SIZES"])
     try:

@@ -108,11 +108,6 @@ def test_constant_warmup_epoch_zero_then_cosine_decreasing():
     assert all(0 < v <= LR for v in got[1:])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after warm-up the cosine runs one epoch ahead of Dassl's. "
-                   "Dassl's warm-up wrapper returns successor.get_last_lr() (= the base LR, successor step 0) "
-                   "at epoch WARMUP_EPOCH and only steps the successor from the next epoch on, so epoch e >= W "
-                   "gets cos(pi*(e-W)/T); EpochLRSchedule.lr_at uses t = e-W+1 (epoch 1 = 1.9877e-3, Dassl "
-                   "2.0e-3; last epoch 1.23e-5, Dassl 4.89e-5)")
 def test_constant_warmup_matches_dassl_hand_computed():
     """Dassl (run on its own lr_scheduler.py): epoch 0 = 1e-5, epoch 1 = 0.002, epoch e = cos(pi*(e-1)/20)."""
     opt = optim()
@@ -122,8 +117,6 @@ def test_constant_warmup_matches_dassl_hand_computed():
     assert got == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: same off-by-one as above, against a copy of Dassl's warm-up "
-                   "wrapper (constant and linear)")
 @pytest.mark.parametrize("kind, warmup", [("constant", 1), ("linear", 3)])
 def test_warmup_matches_dassl_reference(kind, warmup):
     opt = optim()
