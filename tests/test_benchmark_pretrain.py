@@ -115,3 +115,11 @@ def test_cli_prepare_idempotent_and_zeroshot(tmp_path, capsys, monkeypatch):
     assert "zero-shot" in out and "chance" in out
     assert cli.main(["prepare", "--root", root, "--seed", "1"]) == 2  # mismatch -> clear error
     assert "Delete" in capsys.readouterr().err
+
+
+def test_pretraining_is_seeded():
+    a = pretrain.pretrain(dict(TINY, batch_size=8)).state_dict()
+    b = pretrain.pretrain(dict(TINY, batch_size=8)).state_dict()
+    c = pretrain.pretrain(dict(TINY, batch_size=8, seed=1)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])

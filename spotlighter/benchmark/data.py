@@ -132,6 +132,10 @@ CAPTION_TEMPLATES: Tuple[str, ...] = (
     "a drawing of a {}.",
     "a blurry and noisy low resolution picture of one large {} surrounded by several small objects.",
     "this is a synthetic image made of many small random shapes and one large {} in it.",
+    # long captions exercise text positions ~20-32, where prompt learners (e.g. CoOp with 16
+    # context tokens) put the class name
+    "a synthetic low resolution picture with a noisy textured background, many small coloured "
+    "shapes and thin strokes as distractors, and one large {} in it.",
 )
 COLOUR_ONLY_TEMPLATES: Tuple[str, ...] = (
     "a photo of something {}.",

@@ -51,11 +51,11 @@ DEFAULT_CLIP_PARAMS: Dict[str, object] = {
     "transformer_width": 128,
     "transformer_layers": 3,
     # optimisation
-    "steps": 300,
+    "steps": 240,
     "batch_size": 128,
     "lr": 1e-3,
     "weight_decay": 0.1,
-    "warmup_steps": 30,
+    "warmup_steps": 24,
     "attribute_only_prob": 0.15,
     # rendering parameters of the pretraining stream (same generator as the benchmark)
     "render": data.render_params(data.DEFAULT_PARAMS),
