@@ -58,6 +58,11 @@ class EpochLRSchedule:
         else:  # Dassl's wrapper hands over at the successor's step 0 (the base LR), then steps it
             t = (epoch - self.warmup_epoch) if self.warmup_recount else epoch
         if self.name == "cosine":
+            if self.warmup_epoch and not self.warmup_recount:
+                # Dassl sets the successor's last_epoch to W; torch's chainable cosine then rescales
+                # from the base LR held at epoch W.
+                w = math.cos(math.pi * self.warmup_epoch / self.max_epoch)
+                return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.max_epoch)) / (1 + w)
             return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.max_epoch)) / 2
         if self.name == "single_step":
             size = self.stepsize[-1] if self.stepsize[-1] > 0 else self.max_epoch

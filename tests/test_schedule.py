@@ -145,9 +145,6 @@ def test_dassl_reference_without_recount_sanity():
     assert got == pytest.approx(want, rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor, non-default option): with OPTIM.WARMUP_RECOUNT False "
-                   "lr_at uses t = epoch, i.e. base*(1+cos(pi e/T))/2, while Dassl gives "
-                   "base*(1+cos(pi e/T))/(1+cos(pi W/T)) (base LR at epoch W; epoch 1 = 1.98769e-3 vs 2.0e-3)")
 @pytest.mark.parametrize("kind, warmup", [("constant", 1), ("linear", 3)])
 def test_warmup_without_recount_matches_dassl_reference(kind, warmup):
     opt = optim()
