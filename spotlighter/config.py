@@ -89,6 +89,7 @@ def extend_cfg(cfg: CN) -> None:
     s.FUSION = CN()  # v' = (1 - beta) * v + beta * o
     s.FUSION.BETA_TRAIN = 0.1
     s.FUSION.BETA_TEST = 0.1
+    s.FUSION.NORMALIZE = True  # fuse normalize(o) with the unit-norm v (release: raw o, as released)
 
     s.LOSS = CN()
     s.LOSS.LEVEL_WEIGHTS = "dynamic"  # dynamic (softmax of level mean scores) | fixed (1 each)
@@ -116,6 +117,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "IRM.DROPOUT": 0.1,
         "FUSION.BETA_TRAIN": 0.05,
         "FUSION.BETA_TEST": 0.1,
+        "FUSION.NORMALIZE": False,
         "LOSS.LEVEL_WEIGHTS": "fixed",
         "LOSS.LOCAL_WEIGHT": 0.02,
         "LOSS.LOCAL_TEXT": "prompt",

@@ -283,6 +283,7 @@ class HeadConfig:
     irm_dropout: float = 0.0
     beta_train: float = 0.1
     beta_test: float = 0.1
+    normalize_fused: bool = True
     dynamic_level_weights: bool = True
     local_weight: float = 1.0
     consistency_weight: float = 20.0
@@ -301,7 +302,8 @@ class HeadConfig:
             read_temperature=node.MEMORY.READ_TEMPERATURE, memory_write=node.MEMORY.WRITE,
             memory_seed=node.MEMORY.INIT_SEED, alpha=node.TRM.ALPHA, irm_kind=node.IRM.KIND,
             irm_heads=node.IRM.HEADS, irm_dropout=node.IRM.DROPOUT, beta_train=node.FUSION.BETA_TRAIN,
-            beta_test=node.FUSION.BETA_TEST, dynamic_level_weights=node.LOSS.LEVEL_WEIGHTS == "dynamic",
+            beta_test=node.FUSION.BETA_TEST, normalize_fused=node.FUSION.NORMALIZE,
+            dynamic_level_weights=node.LOSS.LEVEL_WEIGHTS == "dynamic",
             local_weight=node.LOSS.LOCAL_WEIGHT, consistency_weight=node.LOSS.CONSISTENCY_WEIGHT,
             local_text=node.LOSS.LOCAL_TEXT, test_local_gamma=node.TEST.LOCAL_GAMMA,
         )
@@ -359,7 +361,7 @@ class SpotlighterHead(nn.Module):
             o = self.irm(v_hat.unsqueeze(1), read_v.unsqueeze(1)).squeeze(1)
             rep = selected
         beta = cfg.beta_train if training else cfg.beta_test
-        v_fused = (1 - beta) * v_hat + beta * o
+        v_fused = (1 - beta) * v_hat + beta * (F.normalize(o, dim=-1) if cfg.normalize_fused else o)
         logits = s * v_fused @ t_ref.t()
         local_text = F.normalize(t_ref, dim=-1) if cfg.local_text == "refined" else t_hat
 

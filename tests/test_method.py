@@ -451,7 +451,7 @@ def _paper_global_logits(head, img, text):
     selected = gather_tokens(head.mapper(img.tokens), idx)
     rep = selected + head.irm(selected, head.memory.keys())
     o = (top.softmax(1).unsqueeze(-1) * rep).sum(1)
-    v_fused = 0.9 * v_hat + 0.1 * o
+    v_fused = 0.9 * v_hat + 0.1 * F.normalize(o, dim=-1)  # paper: FUSION.NORMALIZE
     t_ref = t_hat + 0.2 * head.trm.proj(torch.cat([t_hat, head.memory.read_own(t_hat)], dim=-1))
     return s * v_fused @ t_ref.t(), rep, top, t_ref
 
