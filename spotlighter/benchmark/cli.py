@@ -29,7 +29,8 @@ def clip_path(root: str) -> str:
 def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, clip_params: Optional[dict] = None) -> dict:
     """Ensure ``root/minibench`` (dataset) and ``root/minibench/clip/minibench_clip.pt`` (weights).
 
-    The pretraining stream renders with the dataset's rendering parameters. Returns a summary
+    The pretraining stream renders with ``pretrain.DEFAULT_CLIP_PARAMS["render"]`` (cleaner than the
+    benchmark) unless ``clip_params["render"]`` overrides it. Returns a summary
     dict: paths, whether anything was built, the dataset meta and the CLIP sidecar (with its
     zero-shot accuracies).
     """
@@ -44,7 +45,6 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
     t0 = time.time()
     meta = data.ensure(ddir, **dparams)
     t_data = time.time() - t0
-    cparams.setdefault("render", data.render_params(meta["params"]))
     t0 = time.time()
     side = pretrain.ensure_clip(cpath, dataset_dir=ddir, **cparams)
     t_clip = time.time() - t0
