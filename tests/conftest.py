@@ -3,6 +3,9 @@ import sys
 
 import pytest
 
+# Dassl imports wilds -> ogb -> outdated, which would query PyPI at import time (train.py does the same).
+os.environ.setdefault("OUTDATED_IGNORE", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py imports the repository's ``trainers`` and ``datasets`` folders from the checkout (as in
 # CoOp); put the checkout first so an installed HuggingFace ``datasets`` never shadows ours.

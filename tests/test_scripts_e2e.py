@@ -1,0 +1,71 @@
+"""The protocol scripts end to end with the real train.py through upstream Dassl, on a tiny
+MiniBench-format dataset and the tiny CLIP: train, checkpoint, evaluate, table, safe re-run."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, requires_dassl
+from tiny_data import make_tiny_minibench
+
+pytestmark = requires_dassl
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_clip_path):
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    make_tiny_minibench(str(data))
+    return {**os.environ, "DATA": str(data), "OUTPUT": str(root / "output"), "PYTHONUNBUFFERED": "1"}
+
+
+def fast(clip, extra=()):
+    return ["INPUT.SIZE", "(32, 32)", "OPTIM.MAX_EPOCH", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.BACKBONE.PATH", clip, *extra]
+
+
+def script(name, args, env, **extra_env):
+    return subprocess.run(["bash", f"scripts/{name}", *args], cwd=ROOT, env={**env, **extra_env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def result(path):
+    with open(os.path.join(path, "result.json")) as f:
+        return json.load(f)
+
+
+def test_base2new_trains_evaluates_tabulates_and_skips_on_rerun(env, tiny_clip_path):
+    args = ["spotlighter", "minibench", "4", *fast(tiny_clip_path, ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"])]
+    proc = script("base2new.sh", args, env, SEEDS="1 2", CFG="minibench_ep10_paper")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    out = env["OUTPUT"]
+    rel = "minibench/shots_4/Spotlighter/minibench_ep10_paper"
+    for seed in (1, 2):
+        base = result(f"{out}/base2new/train_base/{rel}/seed{seed}")
+        new = result(f"{out}/base2new/test_new/{rel}/seed{seed}")
+        assert (base["subset"], new["subset"], base["seed"], new["epoch"]) == ("base", "new", seed, 1)
+        assert os.path.isfile(f"{out}/base2new/train_base/{rel}/seed{seed}/spotlighter/model.pth.tar-1")
+    # the table of the results tool, with both seeds counted
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| minibench | Spotlighter"))
+    assert "(2)" in row
+
+    again = script("base2new.sh", args, env, SEEDS="1 2", CFG="minibench_ep10_paper")
+    assert again.returncode == 0
+    assert again.stdout.count("skip (finished)") == 4 and "Finish training" not in again.stdout
+
+
+def test_xd_and_dg_evaluate_the_checkpoint_training_wrote(env, tiny_clip_path):
+    common = dict(SEEDS="1", CFG="minibench_ep10_ctx4", SOURCE="minibench", DATASETS="minibench")
+    proc = script("xd.sh", ["coop", "4", *fast(tiny_clip_path)], env, **common)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    out = env["OUTPUT"]
+    src = f"{out}/minibench/CoOp/minibench_ep10_ctx4_4shots/seed1"
+    assert result(src)["subset"] == "all" and result(src)["shots"] == 4
+    target = result(f"{out}/evaluation/CoOp/minibench_ep10_ctx4_4shots/minibench/seed1")
+    assert target["epoch"] == 1 and target["shots"] is None and target["total"] == 18  # full test split
+
+    proc = script("dg.sh", ["coop", "4", *fast(tiny_clip_path)], env, **common)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "skip (finished)" in proc.stdout  # the same evaluation folder is already finished
