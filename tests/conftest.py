@@ -30,6 +30,17 @@ requires_dassl = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory):
     from tiny_clip import save_tiny_clip

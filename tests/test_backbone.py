@@ -11,13 +11,7 @@ from spotlighter.backbone import (OFFLINE_ENV, WEIGHTS_DIR_ENV, BackboneError, F
 from tiny_clip import save_tiny_clip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TEXTS = ["a photo of a cat.", "a dog", "x"]

@@ -16,13 +16,7 @@ from spotlighter.method import (ClassMemory, HeadConfig, ScoreWeights, SharedMem
 from spotlighter.models import count_trainable
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 S2 = 1 / math.sqrt(2)

@@ -419,6 +419,18 @@ def param_diff(wanted: dict, found: dict) -> Dict[str, Tuple[object, object]]:
     return {k: (found.get(k), wanted.get(k)) for k in keys if found.get(k) != wanted.get(k)}
 
 
+def require_same_params(meta: dict, wanted: dict, version_key: str, version: int, what: str,
+                        remedy: str) -> None:
+    """Raise ``ValueError`` naming each parameter where a cached artefact differs from ``wanted``."""
+    found = dict(meta.get("params", {}))
+    found[version_key] = meta.get(version_key)
+    diff = param_diff({**wanted, version_key: version}, found)
+    if diff:
+        desc = ", ".join(f"{k}: existing={a!r} requested={b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{what} was {'generated' if 'generator' in version_key else 'built'} with "
+                         f"different parameters ({desc}). {remedy}")
+
+
 def ensure(dataset_dir: str, **params) -> dict:
     """Generate the benchmark unless a complete one with the same parameters exists; return meta.
 
@@ -428,17 +440,8 @@ def ensure(dataset_dir: str, **params) -> dict:
     p = _normalise_params(params)
     meta = read_meta(dataset_dir)
     if meta is not None and os.path.isfile(os.path.join(dataset_dir, SPLIT_FILENAME)):
-        found = dict(meta.get("params", {}))
-        found["generator_version"] = meta.get("generator_version")
-        wanted = dict(p)
-        wanted["generator_version"] = GENERATOR_VERSION
-        diff = param_diff(wanted, found)
-        if diff:
-            desc = ", ".join(f"{k}: existing={a!r} requested={b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"MiniBench at {dataset_dir} was generated with different parameters ({desc}). "
-                f"Delete the folder {dataset_dir!r} (or pick another root) to regenerate it."
-            )
+        require_same_params(meta, p, "generator_version", GENERATOR_VERSION, f"MiniBench at {dataset_dir}",
+                            f"Delete the folder {dataset_dir!r} (or pick another root) to regenerate it.")
         logger.info("MiniBench already present at %s; nothing to do", dataset_dir)
         return meta
     if os.path.isdir(os.path.join(dataset_dir, IMAGE_DIRNAME)):

@@ -305,17 +305,8 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, **params) -> di
     p = _normalise(params)
     meta = read_sidecar(path)
     if meta is not None:
-        found = dict(meta.get("params", {}))
-        found["pretrain_version"] = meta.get("pretrain_version")
-        wanted = dict(p)
-        wanted["pretrain_version"] = PRETRAIN_VERSION
-        diff = data.param_diff(wanted, found)
-        if diff:
-            desc = ", ".join(f"{k}: existing={a!r} requested={b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"MiniBench CLIP at {path} was built with different parameters ({desc}). "
-                f"Delete {path!r} and {sidecar_path(path)!r} to rebuild it."
-            )
+        data.require_same_params(meta, p, "pretrain_version", PRETRAIN_VERSION, f"MiniBench CLIP at {path}",
+                                 f"Delete {path!r} and {sidecar_path(path)!r} to rebuild it.")
         logger.info("MiniBench CLIP already present at %s; nothing to do", path)
         return meta
     if os.path.exists(sidecar_path(path)):
