@@ -54,13 +54,13 @@ runs=()
 for run in $DEMO_RUNS; do for seed in $SEEDS; do runs+=("$run:$seed"); done; done
 total=${#runs[@]}
 mkdir -p "$OUTPUT/demo-logs"
-done_n=0; spent=0; failed=0
+done_n=0; ran=0; spent=0; failed=0
 for item in "${runs[@]}"; do
     IFS=: read -r trainer cfg seed <<<"$item"
     log="$OUTPUT/demo-logs/$trainer-$cfg-seed$seed.log"
     t0=$(date +%s)
-    if [ "$done_n" -gt 0 ]; then
-        eta=$(( spent / done_n * (total - done_n) ))
+    if [ "$ran" -gt 0 ]; then
+        eta=$(( spent / ran * (total - done_n) ))
         say "[$((done_n + 1))/$total] $trainer ($cfg) seed $seed — ETA $((eta / 60))m$((eta % 60))s"
     else
         say "[1/$total] $trainer ($cfg) seed $seed"
@@ -70,8 +70,13 @@ for item in "${runs[@]}"; do
         failed=$((failed + 1))
     fi
     dt=$(( $(date +%s) - t0 ))
-    spent=$((spent + dt)); done_n=$((done_n + 1))
-    say "      done in ${dt}s ($(grep -h -o 'accuracy: [0-9.]*%' "$log" | tr '\n' ' '))"
+    done_n=$((done_n + 1))
+    if grep -q "done: 0 job(s) run" "$log"; then
+        say "      already finished (skipped; FORCE=1 re-runs it)"
+    else
+        spent=$((spent + dt)); ran=$((ran + 1))
+        say "      done in ${dt}s ($(grep -h -o 'accuracy: [0-9.]*%' "$log" | tr '\n' ' '))"
+    fi
 done
 
 # 4. The table.
