@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 
-# Dassl imports wilds -> ogb/outdated, which would query PyPI for newer versions at import time.
+# Dassl imports wilds -> ogb, which checks PyPI for a newer ogb in a background thread and warns
+# when it cannot (offline clusters): silence that warning.
 os.environ.setdefault("OUTDATED_IGNORE", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -201,6 +202,12 @@ def main(argv=None) -> int:
     except ImportError as exc:
         print(f"error: Dassl is not importable ({exc}). Install it as the README says "
               "(Install > Dassl.pytorch).", file=sys.stderr)
+        return 2
+    try:
+        import dassl.engine  # noqa: F401  (imports wilds, tensorboard, sklearn, gdown)
+    except ImportError as exc:
+        print(f"error: Dassl is installed but cannot be imported: {exc}. Its import-time "
+              "dependencies: pip install gdown tensorboard scikit-learn wilds", file=sys.stderr)
         return 2
     errors = known_errors()
     try:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-# Dassl imports wilds -> ogb -> outdated, which would query PyPI at import time (train.py does the same).
+# Dassl imports wilds -> ogb, which warns when its background PyPI version check fails (offline).
 os.environ.setdefault("OUTDATED_IGNORE", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -64,7 +64,7 @@ def test_xd_and_dg_evaluate_the_checkpoint_training_wrote(env, tiny_clip_path):
     src = f"{out}/minibench/CoOp/minibench_ep10_ctx4_4shots/seed1"
     assert result(src)["subset"] == "all" and result(src)["shots"] == 4
     target = result(f"{out}/evaluation/CoOp/minibench_ep10_ctx4_4shots/minibench/seed1")
-    assert target["epoch"] == 1 and target["shots"] is None and target["total"] == 18  # full test split
+    assert target["epoch"] == 1 and target["shots"] is None and target["total"] == 72  # full test split, 24 x 3
 
     proc = script("dg.sh", ["coop", "4", *fast(tiny_clip_path)], env, **common)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, requires_dassl
-from tiny_data import make_tiny_minibench
+from tiny_data import BASE_CLASSNAMES, make_tiny_minibench
 
 pytestmark = requires_dassl
 
@@ -100,24 +100,24 @@ def test_train_base_then_eval_new(spot_base, data_root, tiny_clip_path, tmp_path
     assert data["trainer"] == "Spotlighter" and data["preset"] == "paper" and data["epoch"] == 2
     assert not any(k.startswith(("clip", "visual", "transformer", "token_embedding")) or ".clip." in k
                    for k in data["state_dict"])
-    assert data["class_state"]["classnames"] == ["colour 0", "colour 1", "colour 2"]
+    assert data["class_state"]["classnames"] == BASE_CLASSNAMES
     assert os.path.getsize(ckpt_path) < 1_000_000
     rec = read_result(out)
     assert (rec["trainer"], rec["subset"], rec["shots"], rec["seed"], rec["epoch"]) == ("Spotlighter", "base", 4, 1, 2)
-    assert rec["total"] == 9 and rec["accuracy"] == pytest.approx(100 * rec["correct"] / 9)
+    assert rec["total"] == 36 and rec["accuracy"] == pytest.approx(100 * rec["correct"] / 36)  # 12 x 3
     assert rec["config"] == "vit_b16_ep20_paper" and rec["dataset"] == "minibench"
 
     new = tmp_path / "test_new"
     run_train(data_root, tiny_clip_path, new, subset="new", eval_only=True, model_dir=out, load_epoch=2)
     new_log = open(new / "log.txt").read()
-    assert "0 classes loaded from the checkpoint by name, 3 start from their zero-shot text embedding" in new_log
+    assert "0 classes loaded from the checkpoint by name, 12 start from their zero-shot text embedding" in new_log
     rec_new = read_result(new)
-    assert rec_new["subset"] == "new" and rec_new["total"] == 9 and rec_new["epoch"] == 2
+    assert rec_new["subset"] == "new" and rec_new["total"] == 36 and rec_new["epoch"] == 2
 
-    # all classes: the 3 trained prototypes are mapped back by name
+    # all classes: the 12 trained classes' prototypes are mapped back by name
     both = tmp_path / "all"
     run_train(data_root, tiny_clip_path, both, subset="all", eval_only=True, model_dir=out, load_epoch=2)
-    assert "3 classes loaded from the checkpoint by name, 3 start" in open(both / "log.txt").read()
+    assert "12 classes loaded from the checkpoint by name, 12 start" in open(both / "log.txt").read()
 
 
 def test_eval_is_deterministic_and_uses_the_trained_prototypes(spot_base, data_root, tiny_clip_path, tmp_path):
@@ -145,7 +145,7 @@ def test_other_trainers_train_and_evaluate(trainer, data_root, tiny_clip_path, t
     out = tmp_path / trainer
     run_train(data_root, tiny_clip_path, out, trainer=trainer, extra=["OPTIM.MAX_EPOCH", "1"])
     rec = read_result(out)
-    assert rec["trainer"] == trainer.split("-")[0] and rec["total"] == 9 and rec["epoch"] == 1
+    assert rec["trainer"] == trainer.split("-")[0] and rec["total"] == 36 and rec["epoch"] == 1
     if trainer == "Spotlighter-release":
         assert rec["preset"] == "release"
         assert "Trainable scalars: 33,536" in open(out / "log.txt").read()
@@ -186,7 +186,7 @@ def test_nan_loss_stops_with_precision_and_step(data_root, tiny_clip_path, tmp_p
     from spotlighter import models
 
     def nan_forward(self, images, labels=None):
-        logits = torch.zeros(images.shape[0], 3, requires_grad=True)
+        logits = torch.zeros(images.shape[0], 12, requires_grad=True)
         return logits, {"ce": logits.sum() * float("nan")}
 
     monkeypatch.setattr(models.CoOp, "forward", nan_forward)
@@ -228,3 +228,14 @@ def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(data_root, tiny_clip_path
                                                           extra=["TRAINER.ZSCLIP.PREC", "fp16"]), capsys)
     log = open(out / "log.txt").read()
     assert code == 0 and "PREC = fp16 is not supported on CPU" in log and "precision fp32 on cpu" in log
+
+
+def test_final_model_best_val_deploys_the_best_checkpoint(data_root, tiny_clip_path, tmp_path):
+    out = tmp_path / "best"
+    proc = run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["TEST.FINAL_MODEL", "best_val"])
+    best_path = out / "prompt_learner" / "model-best.pth.tar"
+    best = torch.load(best_path, weights_only=True)
+    assert "Deploy the model with the best val performance" in proc.stdout
+    assert best["val_result"] is not None and 1 <= best["epoch"] <= 2
+    assert f"Loaded {best_path} (epoch {best['epoch']})" in proc.stdout
+    assert read_result(out)["epoch"] == best["epoch"]
