@@ -239,3 +239,17 @@ def test_final_model_best_val_deploys_the_best_checkpoint(data_root, tiny_clip_p
     assert best["val_result"] is not None and 1 <= best["epoch"] <= 2
     assert f"Loaded {best_path} (epoch {best['epoch']})" in proc.stdout
     assert read_result(out)["epoch"] == best["epoch"]
+
+
+def test_best_val_on_a_dataset_whose_val_is_its_test_warns(tmp_path, tiny_clip_path, capsys):
+    root = tmp_path / "data"
+    folder = make_tiny_minibench(str(root))
+    split_file = os.path.join(folder, "split_zhou_MiniBench.json")
+    split = json.load(open(split_file))
+    split["val"] = split["test"]  # like CoOp's ImageNet
+    json.dump(split, open(split_file, "w"))
+    out = tmp_path / "out"
+    code, _ = run_in_process(["--eval-only"] + train_argv(str(root), tiny_clip_path, out, trainer="ZeroshotCLIP",
+                                                          extra=["TEST.FINAL_MODEL", "best_val"]), capsys)
+    assert code == 0
+    assert "the model would be selected on the test set" in open(out / "log.txt").read()

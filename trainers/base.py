@@ -87,6 +87,7 @@ class PromptTrainer(TrainerX):
 
     def build_model(self) -> None:
         cfg = self.cfg
+        self.warn_if_selecting_on_test()
         self.precision = self.resolve_precision()
         backbone = cfg.MODEL.BACKBONE
         path = backbone.PATH.replace("{root}", cfg.DATASET.ROOT)  # "{root}/..." = under DATASET.ROOT
@@ -109,6 +110,17 @@ class PromptTrainer(TrainerX):
         self.optim, self.sched = optim, sched
         self.register_model(self.MODULE_NAME, self.model, optim, sched)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "amp" and self.device.type == "cuda" else None
+
+    def warn_if_selecting_on_test(self) -> None:
+        """CoOp's ImageNet (and its variants) use the test images as the val split: choosing the
+        model on "val" would then select it on the test set (a defect of the released code)."""
+        ds = self.dm.dataset
+        if self.cfg.TEST.FINAL_MODEL != "best_val" or not ds.val or not ds.test:
+            return
+        if {d.impath for d in ds.val} & {d.impath for d in ds.test}:
+            logger.warning("TEST.FINAL_MODEL = best_val, but %s's val split shares images with its test "
+                           "split: the model would be selected on the test set. Use TEST.FINAL_MODEL "
+                           "last_step (the shipped configs do).", self.cfg.DATASET.NAME)
 
     def autocast(self):
         if self.precision != "amp":
