@@ -54,12 +54,13 @@ def draw_chart(chart: Chart, path: str | Path) -> Path:
         axes.set_ylabel(f"{panel} (%)")
         axes.set_xticks(list(positions))
         axes.set_xticklabels(chart.categories, rotation=30, ha="right", fontsize="small")
-        axes.legend(fontsize="small")
+        if i == 0:  # one legend, outside the bars
+            axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.suptitle(chart.title)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    figure.savefig(path, format="png", bbox_inches="tight")
     return path
 
 
