@@ -65,5 +65,6 @@ summary() {
     printf '%s: %s %s shots  Base %s  New %s  HM %s\n' "$DATASET" "$TRAINER" "$SHOTS" "$b" "$n" "$(hm_of "$b" "$n")"
 }
 
-results_table summary base2new --root "$OUTPUT" --trainers "$TRAINER" --datasets "$DATASET" --shots "$SHOTS"
+results_table summary base2new --root "$OUTPUT" --trainers "$TRAINER" --configs "$CFG" --datasets "$DATASET" \
+    --shots "$SHOTS" --seeds "$(echo $SEEDS | tr ' ' ',')"
 finish

@@ -20,6 +20,7 @@ ALL_DATASETS="$BASE2NEW_DATASETS $DG_TARGETS minibench"
 VALID_TRAINERS="spotlighter coop cocoop maple zsclip"
 
 FAILED=()
+MODEL_CKPT=""  # the checkpoint the next evaluation loads (set by model_args)
 NSKIP=0
 NRUN=0
 
@@ -221,6 +222,12 @@ print_cmd() {
     echo "${out% }"
 }
 
+# The trailing KEY VALUE options a job ran with: a finished job is only skipped when they match.
+OPTIONS_FILE="run-options.txt"
+same_options() {
+    [ ! -f "$1/$OPTIONS_FILE" ] || [ "$(cat "$1/$OPTIONS_FILE")" = "${EXTRA[*]:-none}" ]
+}
+
 move_aside() {
     local dst="$1.bak-$TS"
     [ -e "$dst" ] && dst="$dst-$$"
@@ -242,9 +249,18 @@ run_job() {
     if [ -e "$dir" ]; then
         if [ "${FORCE:-0}" = "1" ]; then
             move_aside "$dir"
+        elif $finished "$dir" && [ "$kind" = eval ] && [ -n "$MODEL_CKPT" ] && [ "$MODEL_CKPT" -nt "$dir/result.json" ]; then
+            say "stale: $MODEL_CKPT is newer than $dir/result.json (the model was retrained); re-evaluating"
+            move_aside "$dir"
         elif $finished "$dir"; then
+            if ! same_options "$dir"; then
+                FAILED+=("$kind $dir: finished with other trailing options ($(cat "$dir/$OPTIONS_FILE")) than now (${EXTRA[*]:-none}); FORCE=1 re-runs it (the old folder is kept as .bak), or use another OUTPUT")
+                MODEL_CKPT=""
+                return 1
+            fi
             say "skip (finished): $dir"
             NSKIP=$((NSKIP + 1))
+            MODEL_CKPT=""
             return 0
         elif [ "$kind" = train ] && has_checkpoint "$dir"; then
             say "resume: $dir has checkpoints but no finished run; re-running into it resumes training"
@@ -257,7 +273,9 @@ run_job() {
         print_cmd "${cmd[@]}"
         return 0
     fi
+    MODEL_CKPT=""
     mkdir -p "$dir"
+    printf '%s\n' "${EXTRA[*]:-none}" >"$dir/$OPTIONS_FILE"
     local runlog="$dir/run-$TS.log"
     say "run ($kind): $dir"
     echo "$(print_cmd "${cmd[@]}")" >"$runlog"
@@ -277,11 +295,20 @@ run_job() {
     return 0
 }
 
-# model_args MODEL_DIR: --model-dir/--load-epoch of a trained folder (sets LOAD_ARGS; 1 if none)
+# model_args MODEL_DIR: --model-dir/--load-epoch of a trained folder (sets LOAD_ARGS, and
+# MODEL_CKPT: the file the evaluation will load, so that run_job can tell a stale result; 1 if none).
+# With TEST.FINAL_MODEL best_val training deployed model-best.pth.tar: evaluate that one too.
 model_args() {
-    local mdir="$1" ep
+    local mdir="$1" ep best
     LOAD_ARGS=()
+    MODEL_CKPT=""
     if [ "$TRAINER" = ZeroshotCLIP ]; then return 0; fi
+    best="$(ls "$mdir"/*/model-best.pth.tar 2>/dev/null | head -n 1)"
+    if [ -n "$best" ]; then
+        LOAD_ARGS=(--model-dir "$mdir")
+        MODEL_CKPT="$best"
+        return 0
+    fi
     ep="$(last_epoch "$mdir")"
     if [ -z "$ep" ]; then
         if [ "${DRY_RUN:-0}" = "1" ]; then
@@ -293,6 +320,7 @@ model_args() {
         fi
     fi
     LOAD_ARGS=(--model-dir "$mdir" --load-epoch "$ep")
+    MODEL_CKPT="$(ls "$mdir"/*/"model.pth.tar-$ep" 2>/dev/null | head -n 1)"
     return 0
 }
 

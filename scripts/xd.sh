@@ -28,7 +28,10 @@ require_data "$SOURCE" $TARGETS
 print_header "cross-dataset: $SOURCE -> $TARGETS"
 
 SRC_REL="$SOURCE/$TRAINER/${CFG}_${SHOTS}shots"
-EVAL_REL="evaluation/$TRAINER/${CFG}_${SHOTS}shots"
+# Evaluations of models trained on another source than ImageNet never share ImageNet's folders.
+EVAL_ROOT=evaluation
+[ "$SOURCE" = imagenet ] || EVAL_ROOT="evaluation_from_$SOURCE"
+EVAL_REL="$EVAL_ROOT/$TRAINER/${CFG}_${SHOTS}shots"
 
 for SEED in $SEEDS; do
     SRC_DIR="$OUTPUT/$SRC_REL/seed$SEED"
@@ -65,5 +68,6 @@ summary() {
     done
 }
 
-results_table summary xd --root "$OUTPUT" --trainers "$TRAINER" --shots "$SHOTS"
+results_table summary xd --root "$OUTPUT" --trainers "$TRAINER" --configs "$CFG" --shots "$SHOTS" \
+    --seeds "$(echo $SEEDS | tr ' ' ',')" --datasets "$(echo $TARGETS | tr ' ' ',')"
 finish

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import textwrap
 
 import pytest
@@ -174,8 +175,8 @@ def test_base2new_dry_run_exact_commands(env, typed):
                                  "--eval-only", "DATASET.NUM_SHOTS", "16",
                                  "DATASET.SUBSAMPLE_CLASSES", "new", "OPTIM.LR", "0.1"))
     assert commands(r.stdout) == expected
-    assert ("python -m spotlighter.results base2new --root output --trainers CoOp --datasets dtd "
-            "--shots 16") in lines
+    assert ("python -m spotlighter.results base2new --root output --trainers CoOp --configs vit_b16_ep20_ctx4 "
+            "--datasets dtd --shots 16 --seeds 1,2,3") in [l.replace("\\,", ",") for l in lines]  # printf %q
     assert not os.path.exists(env.out)  # nothing created
     # every non-command line is a comment: the output is a runnable script
     assert all(l.startswith(("#", "cd ", "python ")) for l in lines)
@@ -224,9 +225,15 @@ def test_dry_run_skip_force_and_epoch_from_checkpoint(env):
     assert f"# skip (finished): output/base2new/train_base/{rel}/seed1" in r.stdout
 
     os.remove(os.path.join(tr, "prompt_learner", "checkpoint"))  # highest model.pth.tar-N instead
+    open(os.path.join(tr, "prompt_learner", "model.pth.tar-9"), "w").write("x")
+    r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1")
+    assert "--load-epoch 9 " in commands(r.stdout)[0]
+
+    # TEST.FINAL_MODEL best_val deployed model-best.pth.tar at the end of training: evaluate that one
     open(os.path.join(tr, "prompt_learner", "model-best.pth.tar"), "w").write("x")
     r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1")
-    assert "--load-epoch 7 " in commands(r.stdout)[0]
+    cmd = commands(r.stdout)[0]
+    assert f"--model-dir output/base2new/train_base/{rel}/seed1 --eval-only" in cmd and "--load-epoch" not in cmd
 
     r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1", FORCE=1)
     assert re.search(rf"^mv output/base2new/train_base/{rel}/seed1 output/base2new/train_base/{rel}/seed1\.bak-\d{{8}}-\d{{6}}$",
@@ -245,7 +252,8 @@ def test_xd_dry_run(env):
         assert cmd == coop_cmd(env.data, 1, target,
                                f"output/evaluation/CoOp/vit_b16_ep20_ctx4_16shots/{target}/seed1",
                                "--model-dir", src, "--load-epoch", "5", "--eval-only")
-    assert "python -m spotlighter.results xd --root output --trainers CoOp --shots 16" in r.stdout
+    assert ("python -m spotlighter.results xd --root output --trainers CoOp --configs vit_b16_ep20_ctx4 "
+            "--shots 16 --seeds 1 --datasets " + ",".join(XD)) in r.stdout.replace("\\,", ",")
 
     r = env.run("xd.sh", "maple", 16, DRY_RUN=1, SEEDS="2", DATASETS="dtd eurosat")
     cmds = commands(r.stdout)
@@ -277,7 +285,8 @@ def test_dg_dry_run_and_missing_checkpoint(env):
         ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
     assert all("--model-dir output/imagenet/CoOp/vit_b16_ep20_ctx4_16shots/seed1 --load-epoch 2 --eval-only" in c
                for c in cmds)
-    assert "python -m spotlighter.results dg --root output --trainers CoOp --shots 16" in r.stdout
+    assert ("python -m spotlighter.results dg --root output --trainers CoOp --configs vit_b16_ep20_ctx4 "
+            "--shots 16 --seeds 1 --datasets imagenetv2,imagenet_sketch,imagenet_a,imagenet_r") in r.stdout.replace("\\,", ",")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,12 +344,19 @@ def test_base2new_run_skip_and_summary(env):
     assert "results table unavailable" in r.stdout
     assert "Base 81.50  New 71.50  HM 76.17" in r.stdout
 
-    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub)
+    r = env.run("base2new.sh", "coop", "dtd", 16, "OPTIM.LR", "0.1", SEEDS="1 2", PYTHON=env.stub)
     assert r.returncode == 0 and len(env.calls()) == 4  # nothing re-run
     assert r.stdout.count("skip (finished)") == 4
 
-    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, STUB_RESULTS=1)
-    assert "TABLE base2new --root output --trainers CoOp --datasets dtd --shots 16" in r.stdout
+    # the same folders with other trailing options are not taken for finished: an error, nothing run
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub)
+    assert r.returncode == 1 and len(env.calls()) == 4
+    assert "finished with other trailing options (OPTIM.LR 0.1) than now (none); FORCE=1 re-runs it" in r.stderr
+
+    r = env.run("base2new.sh", "coop", "dtd", 16, "OPTIM.LR", "0.1", SEEDS="1 2", PYTHON=env.stub,
+                STUB_RESULTS=1)
+    assert ("TABLE base2new --root output --trainers CoOp --configs vit_b16_ep20_ctx4 --datasets dtd "
+            "--shots 16 --seeds 1,2") in r.stdout
     assert "results table unavailable" not in r.stdout
 
 
@@ -429,3 +445,18 @@ def test_real_repo_default_configs_exist_when_trainers_landed():
         assert re.search(rf"{trainer}\) echo {cfg} ;;", text), trainer
         if os.path.isdir(os.path.join(ROOT, "configs", "trainers", trainer)):
             assert os.path.isfile(os.path.join(ROOT, "configs", "trainers", trainer, f"{cfg}.yaml"))
+
+
+def test_evaluations_of_a_retrained_model_are_redone(env):
+    r = env.run("xd.sh", "coop", 4, SEEDS="1", DATASETS="dtd", PYTHON=env.stub)
+    assert r.returncode == 0 and len(env.calls()) == 2
+    src = os.path.join(env.out, "imagenet", "CoOp", "vit_b16_ep20_ctx4_4shots", "seed1")
+    later = time.time() + 60
+    for ckpt in glob.glob(os.path.join(src, "*", "model.pth.tar-*")):
+        os.utime(ckpt, (later, later))  # the model was retrained after its evaluation
+    r = env.run("xd.sh", "coop", 4, SEEDS="1", DATASETS="dtd", PYTHON=env.stub)
+    assert r.returncode == 0 and len(env.calls()) == 3  # only the dtd evaluation is run again
+    assert "is newer than" in r.stdout and "re-evaluating" in r.stdout
+    ev = os.path.join(env.out, "evaluation", "CoOp", "vit_b16_ep20_ctx4_4shots", "dtd")
+    assert glob.glob(os.path.join(ev, "seed1.bak-*", "result.json"))  # the old result is kept aside
+    assert os.path.isfile(os.path.join(ev, "seed1", "result.json"))
