@@ -20,12 +20,13 @@ from another machine: they are remapped to the current root when the files exist
 import math
 import os
 import pickle
-import tempfile
 import warnings
 from typing import List, Optional, Sequence
 
 from dassl.data.datasets import Datum, DatasetBase
 from dassl.utils import listdir_nohidden
+
+from spotlighter.fileio import atomic_path
 
 from .layout import (
     DOC,
@@ -120,17 +121,8 @@ def save_split(train, val, test, filepath, path_prefix):
 def atomic_pickle(obj, path):
     """``pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)`` written atomically (a run killed
     mid-write, or two runs writing the same cache, never leave a truncated file)."""
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _remap_prefix(impath: str, dataset_dir: str) -> Optional[str]:

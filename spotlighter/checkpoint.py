@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .fileio import atomic_path
+
 FORMAT = "spotlighter-ckpt/1"
 
 
@@ -28,15 +30,8 @@ class CheckpointError(RuntimeError):
 def save(path: str, payload: Dict[str, Any]) -> None:
     """Atomic write: an interrupted save never leaves a truncated checkpoint behind."""
     payload = {"format": FORMAT, **payload}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load(path: str, *, trainer: str, preset: Optional[str] = None,

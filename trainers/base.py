@@ -266,7 +266,9 @@ class PromptTrainer(TrainerX):
 
         ev, cfg = self.evaluator, self.cfg
         trained_here = getattr(self, "time_start", None) is not None  # set by Dassl's before_train
-        epoch = self.loaded_epoch if self.loaded_epoch is not None else (self.epoch + 1 if trained_here else None)
+        # a resume that starts at the last epoch runs no epoch loop (self.epoch stays 0)
+        last = max(self.start_epoch, self.epoch + 1)
+        epoch = self.loaded_epoch if self.loaded_epoch is not None else (last if trained_here else None)
         record = make_record(
             trainer=cfg.TRAINER.NAME, config=cfg.TRAINER.CONFIG_NAME or "default", preset=self.preset,
             dataset=cfg.DATASET.CONFIG_NAME or cfg.DATASET.NAME, subset=cfg.DATASET.SUBSAMPLE_CLASSES,

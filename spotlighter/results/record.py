@@ -7,12 +7,12 @@ import json
 import math
 import os
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from spotlighter import __version__
+from spotlighter.fileio import atomic_path
 
 from .constants import RESULT_FILE
 
@@ -130,18 +130,9 @@ def write_record(output_dir: str, record: dict[str, Any]) -> str:
     validate_record(record)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, RESULT_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=f".{RESULT_FILE}.", suffix=".tmp", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, sort_keys=True)
+        handle.write("\n")
     return path
 
 
