@@ -213,9 +213,12 @@ def main(argv=None) -> int:
     try:
         run(args)
     except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc).strip()
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep our message
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         if hasattr(sys.stdout, "file") and sys.stdout is not sys.__stdout__:
-            print(f"error: {exc}")  # also into log.txt
+            print(f"error: {message}")  # also into log.txt
         return 2
     return 0
 

@@ -139,6 +139,12 @@ def test_resume_continues_from_last_checkpoint(data_root, tiny_clip_path, tmp_pa
     assert second["scheduler"]["last_epoch"] == 2 and second["optimizer"]["state"]
     assert not torch.equal(first["state_dict"]["prompt_learner.ctx"], second["state_dict"]["prompt_learner.ctx"])
 
+    # killed during the final test: the resume starts at the last epoch, runs no epoch, tests it
+    os.remove(out / "result.json")
+    proc = run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["OPTIM.MAX_EPOCH", "2"])
+    assert "(epoch 2)" in proc.stdout and "epoch [" not in proc.stdout
+    assert read_result(out)["epoch"] == 2
+
 
 @pytest.mark.parametrize("trainer", ["Spotlighter-release", "CoCoOp", "MaPLe"])
 def test_other_trainers_train_and_evaluate(trainer, data_root, tiny_clip_path, tmp_path):
@@ -253,3 +259,15 @@ def test_best_val_on_a_dataset_whose_val_is_its_test_warns(tmp_path, tiny_clip_p
                                                           extra=["TEST.FINAL_MODEL", "best_val"]), capsys)
     assert code == 0
     assert "the model would be selected on the test set" in open(out / "log.txt").read()
+
+
+def test_unreadable_image_is_named(tmp_path, tiny_clip_path, capsys):
+    root = tmp_path / "data"
+    folder = make_tiny_minibench(str(root))
+    split = json.load(open(os.path.join(folder, "split_zhou_MiniBench.json")))
+    bad = os.path.join(folder, "images", split["test"][0][0])
+    open(bad, "wb").write(b"not a png")
+    argv = ["--eval-only"] + train_argv(str(root), tiny_clip_path, tmp_path / "o", trainer="ZeroshotCLIP",
+                                        extra=["DATALOADER.NUM_WORKERS", "1"])
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and f"cannot read image {bad} (UnidentifiedImageError" in err and "Traceback" not in err

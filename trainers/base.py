@@ -16,10 +16,13 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from dassl.data import DataManager
+from dassl.data.data_manager import DatasetWrapper
 from dassl.engine import TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 
+from datasets.layout import DatasetError
 from spotlighter import checkpoint as ckpt
 from spotlighter.backbone import BackboneError, FrozenCLIP, load_clip
 from spotlighter.config import ConfigError, check_precision
@@ -35,6 +38,18 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32}
 
 class TrainingDiverged(FloatingPointError):
     """A non-finite loss; the message names the precision and the step."""
+
+
+class CheckedDatasetWrapper(DatasetWrapper):
+    """Dassl's wrapper, but an image that cannot be read is a DatasetError naming the file."""
+
+    def __getitem__(self, idx):
+        try:
+            return super().__getitem__(idx)
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            path = self.data_source[idx].impath
+            raise DatasetError(f"cannot read image {path} ({type(exc).__name__}: {exc}). Replace it with a "
+                               "good copy (see DATASETS.md) or remove it from the split file.") from None
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -80,6 +95,16 @@ class PromptTrainer(TrainerX):
                            "half-precision CPU kernels are incomplete): falling back to fp32.", self.CFG_NODE)
             return "fp32"
         return prec
+
+    # ------------------------------------------------------------------ data
+    def build_data_loader(self) -> None:
+        """Dassl's, with :class:`CheckedDatasetWrapper` (same attributes as Dassl sets)."""
+        dm = DataManager(self.cfg, dataset_wrapper=CheckedDatasetWrapper)
+        self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
+        self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
+        self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
+        self.lab2cname = dm.lab2cname
+        self.dm = dm
 
     # ------------------------------------------------------------------ model
     def build_custom_model(self, clip: FrozenCLIP, classnames) -> nn.Module:
