@@ -87,6 +87,8 @@ def test_newest_valid_rerun_log_wins(tmp_path):
     assert [p.name for p in log_files_newest_first(sd.path)] == [newest.name, rerun.name, "log.txt"]
     result = read_seed_dir(sd)
     assert result.accuracy == 71.0 and result.source == str(rerun)
+    # not silently: the unfinished newest re-run is named (the table shows it as a footnote)
+    assert result.reason.startswith(f"newest log {newest} has no result") and str(rerun) in result.reason
 
 
 def test_all_logs_invalid_reports_newest_reason(tmp_path):

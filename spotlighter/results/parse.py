@@ -180,8 +180,12 @@ def _from_logs(seed: SeedDir) -> Result:
         newest = newest or outcome
         if outcome.block is not None:
             block = outcome.block
+            note = None  # a value from an older log than the newest is shown with a footnote
+            if outcome is not newest:
+                note = (f"newest log {newest.path} has no result ({newest.reason}); "
+                        f"the value is from the older {outcome.path}")
             return _result(seed, accuracy=block.accuracy, correct=block.correct, total=block.total,
-                           macro_f1=block.macro_f1, source=outcome.path)
+                           macro_f1=block.macro_f1, source=outcome.path, reason=note)
         logger.info("skipping %s: %s", outcome.path, outcome.reason)
     assert newest is not None
     tried = f" (also tried {len(logs) - 1} older log(s))" if len(logs) > 1 else ""
