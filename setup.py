@@ -7,7 +7,7 @@ setup(
     name="spotlighter",
     version="0.1.0",
     description="Spotlighter (EMNLP 2025 Findings) and CLIP prompt-tuning baselines as Dassl trainers",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["spotlighter", "spotlighter.*"]),
     package_data={"spotlighter": ["data/*.csv"]},
     install_requires=[

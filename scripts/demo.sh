@@ -6,17 +6,20 @@
 #
 #   bash scripts/demo.sh
 #
-# Environment: DATA (default ./data), OUTPUT (default output/demo), SEEDS (default "1 2 3"),
+# Environment: DATA (default <repo>/data), OUTPUT (default <repo>/output/demo), SEEDS (default "1 2 3"),
 # PYTHON (default python), DEMO_RUNS (default "zsclip:minibench coop:minibench_ep10_ctx4
 # spotlighter:minibench_ep10_paper"; add e.g. spotlighter:minibench_ep10_release,
 # cocoop:minibench_ep2_batch1_ctx4, maple:minibench_ep5_batch4_2ctx_depth3). Finished runs are
 # skipped on a re-run (FORCE=1 re-runs them); per-run logs are in $OUTPUT/demo-logs/.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# DATA and OUTPUT given relative to where the user is; the defaults live in the checkout.
+export DATA="$(abspath "${DATA:-$REPO/data}")"
+export OUTPUT="$(abspath "${OUTPUT:-$REPO/output/demo}")"
+cd "$REPO"
 
 PYTHON="${PYTHON:-python}"
-export DATA="${DATA:-$PWD/data}"
-export OUTPUT="${OUTPUT:-output/demo}"
 SEEDS="${SEEDS:-1 2 3}"
 DEMO_RUNS="${DEMO_RUNS:-zsclip:minibench coop:minibench_ep10_ctx4 spotlighter:minibench_ep10_paper}"
 SHOTS=16
