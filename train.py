@@ -135,12 +135,20 @@ def check_registered(cfg) -> None:
                          "see configs/datasets/ and DATASETS.md.")
 
 
+class _CurrentStdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (Dassl's log.txt tee), never a stale stream."""
+
+    def emit(self, record):
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def configure_logging() -> None:
     """Route the package loggers to sys.stdout, which Dassl's setup_logger tees into log.txt."""
     # Importing Dassl runs logging.disable(logging.WARNING) (dassl/data/datasets/dg/wilds), which
     # would silently drop every INFO and WARNING message of this project: undo it.
     logging.disable(logging.NOTSET)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _CurrentStdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
