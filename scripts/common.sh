@@ -160,6 +160,28 @@ print_header() {
     if [ "${DRY_RUN:-0}" = "1" ]; then echo "cd $(printf '%q' "$REPO")"; fi
 }
 
+# --- cross-dataset / domain generalisation (xd.sh, dg.sh) -------------------------------------
+transfer_targets() {  # $1: default targets -> SOURCE, TARGETS (checked)
+    SOURCE="${SOURCE:-imagenet}"
+    check_dataset_name "$SOURCE" "$BASE2NEW_DATASETS minibench" "SOURCE"
+    TARGETS="${DATASETS-$1}"
+    local d
+    for d in $TARGETS; do check_dataset_name "$d" "$ALL_DATASETS" "DATASETS"; done
+}
+
+transfer_paths() {  # -> SRC_REL (training on SOURCE) and EVAL_REL (its evaluations)
+    SRC_REL="$SOURCE/$TRAINER/${CFG}_${SHOTS}shots"
+    # Evaluations of models trained on another source than ImageNet never share ImageNet's folders.
+    local root=evaluation
+    [ "$SOURCE" = imagenet ] || root="evaluation_from_$SOURCE"
+    EVAL_REL="$root/$TRAINER/${CFG}_${SHOTS}shots"
+}
+
+transfer_table() {  # $1: xd | dg
+    results_table summary "$1" --root "$OUTPUT" --trainers "$TRAINER" --configs "$CFG" --shots "$SHOTS" \
+        --seeds "$(echo $SEEDS | tr ' ' ',')" --datasets "$(echo $TARGETS | tr ' ' ',')"
+}
+
 # --- state of an output folder ---------------------------------------------------------------
 train_finished() {  # a finished training run: its log says "Finish training" and result.json exists
     [ -f "$1/result.json" ] && cat "$1"/log.txt* 2>/dev/null | grep -q "Finish training"

@@ -17,19 +17,12 @@ usage="usage: DATA=/path/to/datasets $0 TRAINER SHOTS [KEY VALUE ...]   (TRAINER
 SHOTS="$2"
 EXTRA=("${@:3}")
 setup_trainer "$1"
-SOURCE="${SOURCE:-imagenet}"
-check_dataset_name "$SOURCE" "$BASE2NEW_DATASETS minibench" "SOURCE"
-TARGETS="${DATASETS-$DG_TARGETS}"
-for d in $TARGETS; do check_dataset_name "$d" "$ALL_DATASETS" "DATASETS"; done
+transfer_targets "$DG_TARGETS"
 setup_env
 require_data $TARGETS
 print_header "domain generalisation: $SOURCE -> $TARGETS"
 
-SRC_REL="$SOURCE/$TRAINER/${CFG}_${SHOTS}shots"
-# Evaluations of models trained on another source than ImageNet never share ImageNet's folders.
-EVAL_ROOT=evaluation
-[ "$SOURCE" = imagenet ] || EVAL_ROOT="evaluation_from_$SOURCE"
-EVAL_REL="$EVAL_ROOT/$TRAINER/${CFG}_${SHOTS}shots"
+transfer_paths
 
 for SEED in $SEEDS; do
     SRC_DIR="$OUTPUT/$SRC_REL/seed$SEED"
@@ -61,6 +54,5 @@ summary() {
     done
 }
 
-results_table summary dg --root "$OUTPUT" --trainers "$TRAINER" --configs "$CFG" --shots "$SHOTS" \
-    --seeds "$(echo $SEEDS | tr ' ' ',')" --datasets "$(echo $TARGETS | tr ' ' ',')"
+transfer_table dg
 finish

@@ -19,19 +19,12 @@ usage="usage: DATA=/path/to/datasets $0 TRAINER SHOTS [KEY VALUE ...]   (TRAINER
 SHOTS="$2"
 EXTRA=("${@:3}")
 setup_trainer "$1"
-SOURCE="${SOURCE:-imagenet}"
-check_dataset_name "$SOURCE" "$BASE2NEW_DATASETS minibench" "SOURCE"
-TARGETS="${DATASETS-$XD_TARGETS}"
-for d in $TARGETS; do check_dataset_name "$d" "$ALL_DATASETS" "DATASETS"; done
+transfer_targets "$XD_TARGETS"
 setup_env
 require_data "$SOURCE" $TARGETS
 print_header "cross-dataset: $SOURCE -> $TARGETS"
 
-SRC_REL="$SOURCE/$TRAINER/${CFG}_${SHOTS}shots"
-# Evaluations of models trained on another source than ImageNet never share ImageNet's folders.
-EVAL_ROOT=evaluation
-[ "$SOURCE" = imagenet ] || EVAL_ROOT="evaluation_from_$SOURCE"
-EVAL_REL="$EVAL_ROOT/$TRAINER/${CFG}_${SHOTS}shots"
+transfer_paths
 
 for SEED in $SEEDS; do
     SRC_DIR="$OUTPUT/$SRC_REL/seed$SEED"
@@ -68,6 +61,5 @@ summary() {
     done
 }
 
-results_table summary xd --root "$OUTPUT" --trainers "$TRAINER" --configs "$CFG" --shots "$SHOTS" \
-    --seeds "$(echo $SEEDS | tr ' ' ',')" --datasets "$(echo $TARGETS | tr ' ' ',')"
+transfer_table xd
 finish
