@@ -313,14 +313,17 @@ def render_params(params: dict) -> dict:
 # --------------------------------------------------------------------------- dataset on disk
 
 
-def _normalise_params(params: dict) -> dict:
-    unknown = set(params) - set(DEFAULT_PARAMS)
+def merge_params(defaults: dict, params: dict, what: str) -> dict:
+    """``defaults`` updated with ``params`` (unknown keys: TypeError naming ``what``), JSON
+    round-tripped so tuples/lists and ints/floats compare as they will be read back."""
+    unknown = set(params) - set(defaults)
     if unknown:
-        raise TypeError(f"unknown MiniBench parameter(s): {sorted(unknown)}")
-    p = dict(DEFAULT_PARAMS)
-    p.update(params)
-    # JSON round-trip so tuples/lists and ints/floats compare as they will be read back.
-    p = json.loads(json.dumps(p))
+        raise TypeError(f"unknown {what} parameter(s): {sorted(unknown)}")
+    return json.loads(json.dumps({**defaults, **params}))
+
+
+def _normalise_params(params: dict) -> dict:
+    p = merge_params(DEFAULT_PARAMS, params, "MiniBench")
     if p["format"] not in ("png", "jpg"):
         raise ValueError("format must be 'png' or 'jpg'")
     if int(p["image_size"]) != 64:

@@ -99,22 +99,16 @@ def build_clip(params: Optional[dict] = None) -> "torch.nn.Module":
 
 
 def load_clip(path: str) -> "torch.nn.Module":
-    """Rebuild the saved model exactly as users of real CLIP weights do (float32, eval mode)."""
-    from clip.model import build_model
+    """Load the saved model through the trainers' loader (exact float32 weights, eval mode)."""
+    from ..backbone import load_clip as load_backbone
 
-    return build_model(torch.load(path, map_location="cpu", weights_only=True)).float().eval()
+    return load_backbone("MiniBench-ViT", path=path)
 
 
 def _normalise(params: dict) -> dict:
-    unknown = set(params) - set(DEFAULT_CLIP_PARAMS)
-    if unknown:
-        raise TypeError(f"unknown pretraining parameter(s): {sorted(unknown)}")
-    p = dict(DEFAULT_CLIP_PARAMS)
-    p.update(params)
-    r = dict(DEFAULT_CLIP_PARAMS["render"])
-    r.update(params.get("render") or {})
-    p["render"] = r
-    return json.loads(json.dumps(p))
+    p = data.merge_params(DEFAULT_CLIP_PARAMS, params, "pretraining")
+    p["render"] = data.merge_params(DEFAULT_CLIP_PARAMS["render"], params.get("render") or {}, "render")
+    return p
 
 
 def to_tensor(images: Sequence, dtype=torch.float32) -> torch.Tensor:
