@@ -191,16 +191,10 @@ def known_errors():
     from spotlighter.backbone import BackboneError
     from spotlighter.checkpoint import CheckpointError
     from spotlighter.config import ConfigError
+    from datasets.layout import DatasetError
     from trainers.base import TrainingDiverged
 
-    errors = [UsageError, ConfigError, BackboneError, CheckpointError, TrainingDiverged]
-    try:
-        from datasets.layout import DatasetError
-
-        errors.append(DatasetError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (UsageError, ConfigError, BackboneError, CheckpointError, TrainingDiverged, DatasetError)
 
 
 def main(argv=None) -> int:

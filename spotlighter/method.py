@@ -320,11 +320,15 @@ class HeadOutput:
 class SpotlighterHead(nn.Module):
     """Everything Spotlighter adds on top of a prompt learner and the frozen CLIP."""
 
-    def __init__(self, cfg: HeadConfig, dim: int, classnames: Sequence[str], class_text: torch.Tensor):
+    def __init__(self, cfg: HeadConfig, dim: int, classnames: Sequence[str],
+                 class_text: Optional[torch.Tensor] = None):
+        """``class_text`` (C, d): the prototypes' initialisation, needed by the class memory only."""
         super().__init__()
         self.cfg = cfg
         self.mapper = TokenMapper(dim, cfg.mapper_hidden)
         if cfg.memory_kind == "class":
+            if class_text is None:
+                raise ValueError("the class memory is initialised from class text embeddings")
             self.memory: nn.Module = ClassMemory(class_text, classnames, cfg.prototypes_per_class,
                                                  cfg.momentum, cfg.read_temperature)
         else:

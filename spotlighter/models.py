@@ -60,6 +60,18 @@ class CoOp(_CLIPHolder):
         self.text_encoder = TextEncoder(clip)
 
     def text_features(self) -> torch.Tensor:
+        """Class text features (C, d). Without gradients they are computed once and reused until a
+        prompt parameter changes (optimizer step, checkpoint load: both bump tensor versions), so
+        evaluation does not re-encode every class prompt for every batch."""
+        if torch.is_grad_enabled():
+            return self._encode_text()
+        key = tuple((p.data_ptr(), p._version) for p in self.prompt_learner.parameters())
+        cached = getattr(self, "_text_cache", None)
+        if cached is None or cached[0] != key:
+            self._text_cache = (key, self._encode_text())
+        return self._text_cache[1]
+
+    def _encode_text(self) -> torch.Tensor:
         return self.text_encoder(self.prompt_learner(), self.prompt_learner.tokenized_prompts).float()
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Output:
@@ -110,10 +122,7 @@ class Spotlighter(CoOp):
     def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], head_cfg: HeadConfig, **prompt_kwargs):
         super().__init__(clip, classnames, **prompt_kwargs)
         class_text = zero_shot_text(clip, classnames) if head_cfg.memory_kind == "class" else None
-        dim = clip.embed_dim
-        if class_text is None:
-            class_text = torch.zeros(len(classnames), dim)
-        self.head = SpotlighterHead(head_cfg, dim, classnames, class_text)
+        self.head = SpotlighterHead(head_cfg, clip.embed_dim, classnames, class_text)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Output:
         img = self.clip.encode_image_tokens(images, need_attn=self.head.cfg.score.attn > 0)

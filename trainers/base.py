@@ -24,7 +24,7 @@ from dassl.optim import build_optimizer
 
 from datasets.layout import DatasetError
 from spotlighter import checkpoint as ckpt
-from spotlighter.backbone import BackboneError, FrozenCLIP, load_clip
+from spotlighter.backbone import FrozenCLIP, load_clip
 from spotlighter.config import ConfigError, check_precision
 from spotlighter.models import count_trainable
 from spotlighter.schedule import build_schedule
@@ -119,7 +119,7 @@ class PromptTrainer(TrainerX):
         clip_model = load_clip(backbone.NAME, path, self.device, DTYPES[self.precision])
         self.clip = FrozenCLIP(clip_model)
         size = list(cfg.INPUT.SIZE)
-        if self.clip.input_resolution not in (size[0],) or size[0] != size[-1]:
+        if size != [self.clip.input_resolution] * 2:
             raise ConfigError(f"INPUT.SIZE = {tuple(size)} does not match the CLIP input resolution "
                               f"{self.clip.input_resolution}; set INPUT.SIZE ({self.clip.input_resolution}, "
                               f"{self.clip.input_resolution}).")
