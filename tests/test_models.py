@@ -230,3 +230,21 @@ def test_coop_autocast_close_to_fp32(dtype, frozen_clip):
     tol = 0.1 if dtype == torch.bfloat16 else 0.02
     torch.testing.assert_close(low, ref, atol=tol, rtol=0.05)
     assert (low - ref).abs().max() > 0  # autocast really ran in lower precision
+
+
+def test_coop_text_features_are_encoded_once_at_inference_until_the_prompt_changes(frozen_clip, monkeypatch):
+    model = CoOp(frozen_clip, ["cat", "dog"]).eval()
+    calls = []
+    encode = model._encode_text
+    monkeypatch.setattr(model, "_encode_text", lambda: calls.append(1) or encode())
+    with torch.no_grad():
+        first = model.text_features()
+        assert torch.equal(model.text_features(), first) and len(calls) == 1
+        model.prompt_learner.ctx.add_(0.5)  # like an optimizer step
+        changed = model.text_features()
+        assert len(calls) == 2 and not torch.equal(changed, first)
+        model.load_state_dict({"prompt_learner.ctx": model.prompt_learner.ctx - 0.5})  # like a checkpoint load
+        torch.testing.assert_close(model.text_features(), first)
+        assert len(calls) == 3
+    model.text_features()  # with gradients: always encoded, never cached
+    assert len(calls) == 4
