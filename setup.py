@@ -16,6 +16,7 @@ setup(
         "numpy",
         "Pillow",
         "yacs",
+        "filelock",
         "tabulate",
         "tqdm",
         "ftfy",
