@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 from yacs.config import CfgNode as CN
 
 PRECISIONS = ("fp16", "fp32", "amp")
+LOCAL_LOGITS = ("cosine", "dot")  # TRAINER.SPOTLIGHTER.LOSS.LOCAL_LOGITS
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,8 @@ def extend_cfg(cfg: CN) -> None:
     s.LOSS.LOCAL_WEIGHT = 1.0  # multiplies the (level-weighted) local CE
     s.LOSS.CONSISTENCY_WEIGHT = 20.0  # L1 consistency of refined text / image features
     s.LOSS.LOCAL_TEXT = "refined"  # refined (TRM output) | prompt (prompt-learner output)
+    # Local logits of a token u: cosine = s * cos(u, t) | dot = s * u . t (u unnormalised, as released)
+    s.LOSS.LOCAL_LOGITS = "cosine"
 
     s.TEST = CN()
     s.TEST.LOCAL_GAMMA = 0.5  # test logits = global + gamma * level-weighted local (0 = global only)
@@ -121,6 +124,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "LOSS.LEVEL_WEIGHTS": "fixed",
         "LOSS.LOCAL_WEIGHT": 0.02,
         "LOSS.LOCAL_TEXT": "prompt",
+        "LOSS.LOCAL_LOGITS": "dot",
         "TEST.LOCAL_GAMMA": 0.0,
     },
 }
@@ -193,6 +197,7 @@ def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:
         _expect(0.0 <= v <= 1.0, p + "FUSION." + name, v, "a number in [0, 1]")
     _one_of(p + "LOSS.LEVEL_WEIGHTS", node.LOSS.LEVEL_WEIGHTS, ("dynamic", "fixed"))
     _one_of(p + "LOSS.LOCAL_TEXT", node.LOSS.LOCAL_TEXT, ("refined", "prompt"))
+    _one_of(p + "LOSS.LOCAL_LOGITS", node.LOSS.LOCAL_LOGITS, LOCAL_LOGITS)
     for name in ("LOCAL_WEIGHT", "CONSISTENCY_WEIGHT"):
         v = node.LOSS[name]
         _expect(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v), p + "LOSS." + name, v,
