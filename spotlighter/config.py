@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 def _prompt_node(n_ctx: int, ctx_init: str, prec: str) -> CN:
     node = CN()
-    node.N_CTX = n_ctx  # number of learnable context tokens (ignored when CTX_INIT is given)
+    node.N_CTX = n_ctx  # learnable context tokens (CoOp/CoCoOp/Spotlighter: CTX_INIT's words win)
     node.CTX_INIT = ctx_init  # words that initialise the context ("" = random init)
     node.PREC = prec  # fp16 | fp32 | amp (fp16 on CPU falls back to fp32 with a warning)
     return node
@@ -38,13 +38,16 @@ def extend_cfg(cfg: CN) -> None:
     cfg.DATASET.CONFIG_NAME = ""
     cfg.TRAINER.CONFIG_NAME = ""
 
-    cfg.TRAINER.COOP = _prompt_node(4, "a photo of a", "fp16")
-    cfg.TRAINER.COOP.CSC = False  # class-specific context
+    # CoOp's own defaults (KaiyangZhou/CoOp train.py), so the options of CoOp's scripts mean what they
+    # say; the shipped yaml files set the 4-token "a photo of a" init where the papers use it.
+    cfg.TRAINER.COOP = _prompt_node(16, "", "fp16")
+    cfg.TRAINER.COOP.CSC = False  # class-specific context (ignored when CTX_INIT is set, as in CoOp)
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
 
-    cfg.TRAINER.COCOOP = _prompt_node(4, "a photo of a", "fp16")
+    cfg.TRAINER.COCOOP = _prompt_node(16, "", "fp16")
     cfg.TRAINER.COCOOP.META_NET_REDUCTION = 16  # hidden width of the meta-net = d // this
 
+    # MaPLe's own defaults; N_CTX > 4 (or > the words of CTX_INIT) initialises randomly, as MaPLe does
     cfg.TRAINER.MAPLE = _prompt_node(2, "a photo of a", "fp16")
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9  # layers with learnable prompts (1 = shallow only)
 
