@@ -331,3 +331,16 @@ def test_original_checkpoint_of_another_shape_names_the_keys(data_root, tiny_cli
     code, err = run_in_process(argv + train_argv(data_root, tiny_clip_path, tmp_path / "o", trainer="CoOp"), capsys)
     assert code == 2 and "Traceback" not in err
     assert "prompt_learner.ctx: checkpoint [16, 64] vs config [4, 64]" in err and "TRAINER.COOP.N_CTX" in err
+
+
+def test_dataset_warnings_land_in_log_txt(tmp_path, tiny_clip_path, capsys):
+    """Few-shot shortfalls (and path remaps) are logged, so Dassl's log.txt keeps them."""
+    root = tmp_path / "data"
+    make_tiny_minibench(str(root))  # fresh: the few-shot split is made (and checked) in this run
+    out = tmp_path / "zs"
+    code, err = run_in_process(["--eval-only"] + train_argv(str(root), tiny_clip_path, out, trainer="ZeroshotCLIP"),
+                               capsys)
+    assert code == 0, err
+    log = open(out / "log.txt").read()
+    assert "MiniBench val split: 4 shots requested but 24 class(es) have fewer images" in log
+    assert "all their images are used" in log and "Saving preprocessed few-shot data to" in log
