@@ -16,6 +16,8 @@ setup(
         "numpy",
         "Pillow",
         "yacs",
+        # Not imported by this project: import-time dependencies of upstream Dassl
+        # (dassl.data.data_manager, dassl.engine.trainer), which the README installs with --no-deps.
         "tabulate",
         "tqdm",
         "ftfy",
