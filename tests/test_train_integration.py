@@ -305,6 +305,9 @@ def test_eval_only_reads_original_repo_checkpoints(trainer, pointer, load_epoch,
     build, module = BUILD[trainer]
     model = _perturbed(build(FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))))
     save_original(tmp_path / "theirs", module, _original_keys(trainer, model), epoch=2, pointer=pointer)
+    if not pointer:  # an earlier epoch beside it, with other weights: the pointer-less folder picks epoch 2
+        save_original(tmp_path / "theirs", module, _original_keys(trainer, _perturbed(build(model.clip), seed=5)),
+                      epoch=1, pointer=False)
     state = ckpt.trainable_state(model)
     ckpt.save(str(tmp_path / "ours" / module / "model.pth.tar-2"),
               {"trainer": trainer, "preset": None, "signature": {k: list(v.shape) for k, v in state.items()},
@@ -318,6 +321,8 @@ def test_eval_only_reads_original_repo_checkpoints(trainer, pointer, load_epoch,
         assert code == 0, err
     log = open(tmp_path / "eval_theirs" / "log.txt").read()
     assert f"was written by the original {trainer} code: converted" in log
+    if not pointer and load_epoch is None:
+        assert "loading the last epoch's model.pth.tar-2" in log
     theirs, ours = read_result(tmp_path / "eval_theirs"), read_result(tmp_path / "eval_ours")
     assert theirs["epoch"] == 2 and theirs["total"] == 36
     assert (theirs["correct"], theirs["macro_f1"]) == (ours["correct"], ours["macro_f1"])
