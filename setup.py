@@ -17,6 +17,8 @@ setup(
         "Pillow",
         "yacs",
         "filelock",
+        # Not imported by this project: import-time dependencies of upstream Dassl
+        # (dassl.data.data_manager, dassl.engine.trainer), which the README installs with --no-deps.
         "tabulate",
         "tqdm",
         "ftfy",

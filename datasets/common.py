@@ -17,16 +17,19 @@ the images of a class, and few-shot caches whose paths point outside the current
 from another machine: they are remapped to the current root when the files exist there).
 """
 
+import logging
 import math
 import os
 import pickle
-import warnings
 from typing import List, Optional, Sequence
 
 from dassl.data.datasets import Datum, DatasetBase
 from dassl.utils import listdir_nohidden
 
 from spotlighter.fileio import atomic_path
+
+# train.py routes the root logger to the stdout Dassl tees into log.txt: what users must see lands there
+logger = logging.getLogger(__name__)
 
 from .layout import (
     DOC,
@@ -68,7 +71,7 @@ def subsample_classes(*args, subsample="all"):
         return args
     labels = sorted({item.label for item in args[0]})
     m = math.ceil(len(labels) / 2)
-    print(f"SUBSAMPLE {subsample.upper()} CLASSES!")
+    logger.info(f"SUBSAMPLE {subsample.upper()} CLASSES!")
     selected = labels[:m] if subsample == "base" else labels[m:]
     relabeler = {y: y_new for y_new, y in enumerate(selected)}
     output = []
@@ -88,7 +91,7 @@ def items_from_entries(entries, path_prefix):
 
 def read_split(filepath, path_prefix, doc=DOC, check=True):
     """CoOp's ``OxfordPets.read_split`` with validation: returns (train, val, test) Datum lists."""
-    print(f"Reading split from {filepath}")
+    logger.info(f"Reading split from {filepath}")
     split = read_split_entries(filepath, doc=doc)
     out = []
     for key in ("train", "val", "test"):
@@ -115,7 +118,7 @@ def save_split(train, val, test, filepath, path_prefix):
     split = {"train": _extract(train), "val": _extract(val), "test": _extract(test)}
     with open(filepath, "w") as f:
         json.dump(split, f, indent=4, separators=(",", ": "))
-    print(f"Saved split to {filepath}")
+    logger.info(f"Saved split to {filepath}")
 
 
 def atomic_pickle(obj, path):
@@ -159,7 +162,7 @@ def localize_items(groups: dict, dataset_dir: str, source: str, doc: str = DOC) 
             f"--root it was made with"
         )
     new = dataset_dir.rstrip(os.sep)
-    warnings.warn(
+    logger.warning(
         f"{source} was written under {old}; its image paths are remapped to {new} for this run "
         f"(the file is left unchanged; delete it to re-create it with local paths)"
     )
@@ -229,7 +232,7 @@ def check_shots(items, num_shots, what, strict, doc=DOC):
             f"{msg}. Use at most {short[0][0]} shots (DATASET.NUM_SHOTS), or set "
             f"{ALLOW_FEWER_SHOTS_ENV}=1 to use all images of those classes (CoOp's behaviour)"
         )
-    warnings.warn(msg + "; all their images are used")
+    logger.warning(msg + "; all their images are used")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +286,7 @@ class CoOpDataset(DatasetBase):
         """Load ``split_fewshot/shot_<K>-seed_<S>.pkl`` or create it exactly as CoOp does."""
         path = self.fewshot_path(num_shots, seed)
         if os.path.exists(path):
-            print(f"Loading preprocessed few-shot data from {path}")
+            logger.info(f"Loading preprocessed few-shot data from {path}")
             data = load_datum_pickle(path, self.fewshot_keys, self.dataset_dir, doc=self.layout.doc)
             check_images([it.impath for key in self.fewshot_keys for it in data[key]],
                          f"{self.layout.name} few-shot cache {path}", doc=self.layout.doc,
@@ -301,11 +304,11 @@ class CoOpDataset(DatasetBase):
             check_shots(val, val_shots, f"{self.layout.name} val split", strict=False)
             val = self.generate_fewshot_dataset(val, num_shots=val_shots)
             data["val"] = val
-        print(f"Saving preprocessed few-shot data to {path}")
+        logger.info(f"Saving preprocessed few-shot data to {path}")
         try:
             atomic_pickle(data, path)
         except OSError as e:
-            warnings.warn(f"could not write the few-shot cache {path} ({e}); continuing without it")
+            logger.warning(f"could not write the few-shot cache {path} ({e}); continuing without it")
         return train, val
 
 
@@ -344,7 +347,7 @@ class ImageNetFolderDataset(CoOpDataset):
             try:
                 atomic_pickle({"train": train, "test": test}, self.preprocessed)
             except OSError as e:
-                warnings.warn(f"could not write {self.preprocessed} ({e}); continuing without it")
+                logger.warning(f"could not write {self.preprocessed} ({e}); continuing without it")
         check_images([it.impath for it in test], f"{self.layout.name} test set (images/val)",
                      doc=self.layout.doc)
         return train, test, test  # CoOp: the val folder is both the validation and the test set
@@ -395,7 +398,7 @@ class ImageNetVariantDataset(DatasetBase):
             return own
         shared = os.path.join(self.root, "imagenet", "classnames.txt")
         if os.path.isfile(shared):
-            print(f"{own} is missing; using {shared}")
+            logger.info(f"{own} is missing; using {shared}")
             return shared
         raise DatasetError(
             f"{self.layout.name}: {own} is missing: copy ImageNet's classnames.txt there "

@@ -13,7 +13,7 @@ wrong (which file, which key, which class) and what to do about it.
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 DOC = "DATASETS.md"
@@ -35,7 +35,6 @@ class Layout:
     kind: str  # "split" | "imagenet" | "fgvc" | "imagenet_variant" | "generated"
     section: str  # anchor of its section in DATASETS.md
     split_file: Optional[str] = None  # split_zhou_<Name>.json for split-json datasets
-    required: Tuple[str, ...] = field(default_factory=tuple)  # other files/folders it reads
 
     @property
     def doc(self) -> str:
@@ -50,22 +49,19 @@ def _split(key, name, folder, image_dir, section):
 
 
 def _variant(key, name, folder, image_dir, section):
-    return Layout(key, name, folder, image_dir, "imagenet_variant", section, required=("classnames.txt",))
+    return Layout(key, name, folder, image_dir, "imagenet_variant", section)
 
 
 LAYOUTS: "OrderedDict[str, Layout]" = OrderedDict(
     (lay.key, lay)
     for lay in [
-        Layout("imagenet", "ImageNet", "imagenet", "images", "imagenet", "imagenet",
-               required=("classnames.txt", "images/train", "images/val")),
+        Layout("imagenet", "ImageNet", "imagenet", "images", "imagenet", "imagenet"),
         _split("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories", "caltech101"),
         _split("oxford_pets", "OxfordPets", "oxford_pets", "images", "oxfordpets"),
         _split("stanford_cars", "StanfordCars", "stanford_cars", "", "stanfordcars"),
         _split("oxford_flowers", "OxfordFlowers", "oxford_flowers", "jpg", "flowers102"),
         _split("food101", "Food101", "food-101", "images", "food101"),
-        Layout("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", "fgvc", "fgvcaircraft",
-               required=("variants.txt", "images_variant_train.txt", "images_variant_val.txt",
-                         "images_variant_test.txt")),
+        Layout("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", "fgvc", "fgvcaircraft"),
         _split("sun397", "SUN397", "sun397", "SUN397", "sun397"),
         _split("dtd", "DescribableTextures", "dtd", "images", "dtd"),
         _split("eurosat", "EuroSAT", "eurosat", "2750", "eurosat"),

@@ -2,12 +2,15 @@
 ``split_zhou_MiniBench.json`` (CoOp split format). The folder is generated on first use by
 ``spotlighter.benchmark.data.ensure``."""
 
+import logging
 import os
 
 from dassl.data.datasets import DATASET_REGISTRY
 
 from .common import SplitJsonDataset
 from .layout import DatasetError
+
+logger = logging.getLogger(__name__)
 
 
 @DATASET_REGISTRY.register()
@@ -25,7 +28,7 @@ class MiniBench(SplitJsonDataset):
                     f"spotlighter.benchmark.data is not importable ({e}). Install the project "
                     f"(pip install -e .) or generate the folder as described in {self.layout.doc}"
                 ) from None
-            print(f"Generating the mini-benchmark in {dataset_dir}")
+            logger.info("Generating the mini-benchmark in %s", dataset_dir)
             try:
                 ensure(dataset_dir)
             except (ValueError, OSError) as e:

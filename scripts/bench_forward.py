@@ -62,12 +62,15 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     args = p.parse_args(argv)
 
-    from clip.model import CLIP
+    from clip.model import CLIP, convert_weights
 
     device = torch.device(args.device)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     torch.manual_seed(0)
-    clip = FrozenCLIP(CLIP(**ARCHS[args.arch], **TEXT).to(device=device, dtype=dtype).eval())
+    model = CLIP(**ARCHS[args.arch], **TEXT).eval()
+    if dtype == torch.float16:
+        convert_weights(model)  # OpenAI's half precision, as load_clip builds it (LayerNorm stays fp32)
+    clip = FrozenCLIP(model.to(device))
     res = clip.input_resolution
     images = torch.randn(args.batch, 3, res, res, device=device, dtype=dtype)
     runs = {

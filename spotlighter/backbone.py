@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -117,24 +116,43 @@ def load_state_dict_file(path: str) -> dict:
     return state
 
 
+#: The precisions :func:`load_clip` builds: fp32, or OpenAI's half precision (``convert_weights``).
+CLIP_DTYPES = (torch.float32, torch.float16)
+
+
 def load_clip(name: str, path: str = "", device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build ``clip.model.CLIP`` from weights; frozen, in eval mode, on ``device`` in ``dtype``."""
-    from clip.model import build_model
-
+    """Build ``clip.model.CLIP`` from weights (see :func:`build_clip`) found by :func:`resolve_weights`."""
     file = resolve_weights(name, path)
-    state = load_state_dict_file(file)
+    return build_clip(load_state_dict_file(file), device, dtype, source=file)
+
+
+def build_clip(state: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               source: str = "a state dict") -> nn.Module:
+    """``clip.model.CLIP`` from a state dict; frozen, in eval mode, on ``device``.
+
+    ``dtype`` float32 keeps the given values exactly. float16 is OpenAI's half precision, built by
+    ``clip.model.convert_weights`` itself (what ``clip.load`` and the original CoOp/CoCoOp/MaPLe code
+    run): convolutions, linear layers, attention projections, ``proj`` and ``text_projection`` in
+    fp16; LayerNorms (which upcast their input to fp32), embeddings and ``logit_scale`` in fp32.
+    """
+    from clip.model import build_model, convert_weights
+
+    if dtype not in CLIP_DTYPES:
+        raise BackboneError(f"CLIP can be built in {', '.join(map(str, CLIP_DTYPES))}; got {dtype}.")
     try:
         model = build_model(dict(state))  # infers the architecture; casts weights to fp16
         # build_model rounds to fp16: reload the file's own values so fp32 weights stay exact.
         model = model.float()
         model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
     except Exception as exc:
-        raise BackboneError(f"Could not build CLIP from {file}: {exc}") from exc
-    model = model.to(device=device, dtype=dtype).eval()
+        raise BackboneError(f"Could not build CLIP from {source}: {exc}") from exc
+    if dtype == torch.float16:
+        convert_weights(model)  # from the exact fp32 values: the same rounding as build_model's
+    model = model.to(device=device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    logger.info("Loaded CLIP from %s (%s, %s)", file, device, dtype)
+    logger.info("Loaded CLIP from %s (%s, %s)", source, device, dtype)
     return model
 
 
@@ -299,7 +317,3 @@ class FrozenCLIP(nn.Module):
         tokens = v.ln_post(x.permute(1, 0, 2)) @ v.proj
         cls_attn = weights[:, 0, 1:] if need_attn else None
         return ImageTokens(global_feat=tokens[:, 0], tokens=tokens, cls_attn=cls_attn)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

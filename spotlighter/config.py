@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 from yacs.config import CfgNode as CN
 
 PRECISIONS = ("fp16", "fp32", "amp")
+LOCAL_LOGITS = ("cosine", "dot")  # TRAINER.SPOTLIGHTER.LOSS.LOCAL_LOGITS
 
 
 class ConfigError(ValueError):
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
 
 def _prompt_node(n_ctx: int, ctx_init: str, prec: str) -> CN:
     node = CN()
-    node.N_CTX = n_ctx  # number of learnable context tokens (ignored when CTX_INIT is given)
+    node.N_CTX = n_ctx  # learnable context tokens (CoOp/CoCoOp/Spotlighter: CTX_INIT's words win)
     node.CTX_INIT = ctx_init  # words that initialise the context ("" = random init)
     node.PREC = prec  # fp16 | fp32 | amp (fp16 on CPU falls back to fp32 with a warning)
     return node
@@ -37,13 +38,16 @@ def extend_cfg(cfg: CN) -> None:
     cfg.DATASET.CONFIG_NAME = ""
     cfg.TRAINER.CONFIG_NAME = ""
 
-    cfg.TRAINER.COOP = _prompt_node(4, "a photo of a", "fp16")
-    cfg.TRAINER.COOP.CSC = False  # class-specific context
+    # CoOp's own defaults (KaiyangZhou/CoOp train.py), so the options of CoOp's scripts mean what they
+    # say; the shipped yaml files set the 4-token "a photo of a" init where the papers use it.
+    cfg.TRAINER.COOP = _prompt_node(16, "", "fp16")
+    cfg.TRAINER.COOP.CSC = False  # class-specific context (ignored when CTX_INIT is set, as in CoOp)
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
 
-    cfg.TRAINER.COCOOP = _prompt_node(4, "a photo of a", "fp16")
+    cfg.TRAINER.COCOOP = _prompt_node(16, "", "fp16")
     cfg.TRAINER.COCOOP.META_NET_REDUCTION = 16  # hidden width of the meta-net = d // this
 
+    # MaPLe's own defaults; N_CTX > 4 (or > the words of CTX_INIT) initialises randomly, as MaPLe does
     cfg.TRAINER.MAPLE = _prompt_node(2, "a photo of a", "fp16")
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9  # layers with learnable prompts (1 = shallow only)
 
@@ -96,6 +100,8 @@ def extend_cfg(cfg: CN) -> None:
     s.LOSS.LOCAL_WEIGHT = 1.0  # multiplies the (level-weighted) local CE
     s.LOSS.CONSISTENCY_WEIGHT = 20.0  # L1 consistency of refined text / image features
     s.LOSS.LOCAL_TEXT = "refined"  # refined (TRM output) | prompt (prompt-learner output)
+    # Local logits of a token u: cosine = s * cos(u, t) | dot = s * u . t (u unnormalised, as released)
+    s.LOSS.LOCAL_LOGITS = "cosine"
 
     s.TEST = CN()
     s.TEST.LOCAL_GAMMA = 0.5  # test logits = global + gamma * level-weighted local (0 = global only)
@@ -121,6 +127,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "LOSS.LEVEL_WEIGHTS": "fixed",
         "LOSS.LOCAL_WEIGHT": 0.02,
         "LOSS.LOCAL_TEXT": "prompt",
+        "LOSS.LOCAL_LOGITS": "dot",
         "TEST.LOCAL_GAMMA": 0.0,
     },
 }
@@ -193,6 +200,7 @@ def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:
         _expect(0.0 <= v <= 1.0, p + "FUSION." + name, v, "a number in [0, 1]")
     _one_of(p + "LOSS.LEVEL_WEIGHTS", node.LOSS.LEVEL_WEIGHTS, ("dynamic", "fixed"))
     _one_of(p + "LOSS.LOCAL_TEXT", node.LOSS.LOCAL_TEXT, ("refined", "prompt"))
+    _one_of(p + "LOSS.LOCAL_LOGITS", node.LOSS.LOCAL_LOGITS, LOCAL_LOGITS)
     for name in ("LOCAL_WEIGHT", "CONSISTENCY_WEIGHT"):
         v = node.LOSS[name]
         _expect(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v), p + "LOSS." + name, v,

@@ -288,6 +288,7 @@ class HeadConfig:
     local_weight: float = 1.0
     consistency_weight: float = 20.0
     local_text: str = "refined"
+    local_logits: str = "cosine"
     test_local_gamma: float = 0.5
 
     @classmethod
@@ -305,7 +306,8 @@ class HeadConfig:
             beta_test=node.FUSION.BETA_TEST, normalize_fused=node.FUSION.NORMALIZE,
             dynamic_level_weights=node.LOSS.LEVEL_WEIGHTS == "dynamic",
             local_weight=node.LOSS.LOCAL_WEIGHT, consistency_weight=node.LOSS.CONSISTENCY_WEIGHT,
-            local_text=node.LOSS.LOCAL_TEXT, test_local_gamma=node.TEST.LOCAL_GAMMA,
+            local_text=node.LOSS.LOCAL_TEXT, local_logits=node.LOSS.LOCAL_LOGITS,
+            test_local_gamma=node.TEST.LOCAL_GAMMA,
         )
 
 
@@ -380,10 +382,17 @@ class SpotlighterHead(nn.Module):
             levels = split_levels(rep, cfg.level_sizes)
             w = level_weights(top_scores, cfg.level_sizes, cfg.dynamic_level_weights, include_all=False)
             w = w / w.sum(dim=1, keepdim=True)
-            local = sum(w[:, i:i + 1] * (s * F.normalize(lv, dim=-1) @ local_text.t()).mean(dim=1)
+            local = sum(w[:, i:i + 1] * self._local_logits(lv, local_text, s).mean(dim=1)
                         for i, lv in enumerate(levels))
             logits = logits + cfg.test_local_gamma * local
         return HeadOutput(logits=logits, losses=losses, token_idx=token_idx, top_scores=top_scores)
+
+    def _local_logits(self, tokens: torch.Tensor, text: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) tokens -> (B, n, C): ``s·cos(u, t)`` (cosine) or ``s·u·tᵀ`` (dot, as released:
+        the tokens stay unnormalised; ``text`` is already unit-norm)."""
+        if self.cfg.local_logits == "cosine":
+            tokens = F.normalize(tokens, dim=-1)
+        return s * tokens @ text.t()
 
     def _local_loss(self, mapped, rep, top_scores, text, s, labels) -> torch.Tensor:
         """CE of every token of each set (Level-1, Level-2, all), each set with CLS and mean token."""
@@ -393,8 +402,8 @@ class SpotlighterHead(nn.Module):
         w = level_weights(top_scores, cfg.level_sizes, cfg.dynamic_level_weights, include_all=True)
         total = rep.new_zeros(())
         for i, members in enumerate(sets):
-            x = F.normalize(torch.cat([extra[:, :1], members, extra[:, 1:]], dim=1), dim=-1)
-            logits = s * x @ text.t()  # (B, n, C)
+            x = torch.cat([extra[:, :1], members, extra[:, 1:]], dim=1)
+            logits = self._local_logits(x, text, s)  # (B, n, C)
             ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(x.shape[1]),
                                  reduction="none").view(x.shape[0], -1).mean(dim=1)
             total = total + (w[:, i] * ce).mean()

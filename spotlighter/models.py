@@ -17,12 +17,12 @@ from .backbone import FrozenCLIP
 from .config import ConfigError
 from .method import HeadConfig, SpotlighterHead
 from .prompt import CoCoOpPromptLearner, MaPLePromptLearner, PromptLearner, TextEncoder
+from .templates import DEFAULT_TEMPLATE
 
 Output = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
-ZS_TEMPLATE = "a photo of a {}."
 
 
-def zero_shot_text(clip: FrozenCLIP, classnames: Sequence[str], template: str = ZS_TEMPLATE) -> torch.Tensor:
+def zero_shot_text(clip: FrozenCLIP, classnames: Sequence[str], template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
     """Unit-norm frozen-CLIP text features of ``template.format(name)`` (C, d), float32."""
     texts = [template.format(n.replace("_", " ")) for n in classnames]
     return F.normalize(clip.encode_text(texts).float(), dim=-1)
@@ -44,7 +44,7 @@ class _CLIPHolder(nn.Module):
 class ZeroShotCLIP(_CLIPHolder):
     """Frozen CLIP with hand-written prompts (no trainable parameter)."""
 
-    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], template: str = ZS_TEMPLATE):
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], template: str = DEFAULT_TEMPLATE):
         super().__init__(clip)
         self.register_buffer("text", zero_shot_text(clip, classnames, template), persistent=False)
 

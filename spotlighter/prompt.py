@@ -89,7 +89,12 @@ class PromptLearner(nn.Module):
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"class token position {class_token_position!r} not in {CLASS_TOKEN_POSITIONS}")
         if csc and ctx_init:
-            logger.info("Class-specific contexts initialised from %r", ctx_init)
+            # As in CoOp: initialisation words give one context shared by all classes, CSC is ignored
+            # (its checkpoints of such runs hold a shared context, and load here).
+            logger.warning("CSC = True is ignored because CTX_INIT = %r is set: as in CoOp, the context "
+                           "initialised from these words is shared by all classes. For class-specific "
+                           "contexts set CTX_INIT \"\" (random init).", ctx_init)
+            csc = False
         ctx, prefix = init_context(clip, n_ctx, ctx_init, n_cls=len(classnames) if csc else 0)
         self.ctx = nn.Parameter(ctx)
         self.n_ctx = ctx.shape[-2]
@@ -136,6 +141,18 @@ class CoCoOpPromptLearner(PromptLearner):
         return torch.stack([self.classes.assemble(c) for c in ctx])
 
 
+#: MaPLe initialises its context from CTX_INIT only when N_CTX is at most this (``n_ctx <= 4`` in
+#: ``MultiModalPromptLearner``), random otherwise.
+MAPLE_MAX_WORD_INIT = 4
+
+
+def maple_inits_from_words(n_ctx: int, ctx_init: str) -> bool:
+    """MaPLe's rule, plus N_CTX <= the words of CTX_INIT: with fewer words MaPLe's own code would use
+    the end-of-text token as context and cut the class name out of the prompt; here that is random."""
+    words = ctx_init.replace("_", " ").strip().split()
+    return bool(words) and n_ctx <= MAPLE_MAX_WORD_INIT and n_ctx <= len(words)
+
+
 class MaPLePromptLearner(PromptLearner):
     """MaPLe: coupled language->vision prompts in the first ``depth`` layers of both encoders."""
 
@@ -145,7 +162,12 @@ class MaPLePromptLearner(PromptLearner):
             raise ValueError("MaPLe prompt depth must be >= 1")
         nn.Module.__init__(self)
         # As in MaPLe: the n_ctx learnable tokens replace the first n_ctx words of CTX_INIT, the
-        # remaining words stay fixed text ("a photo" learnable + "of a <class>.").
+        # remaining words stay fixed text ("a photo" learnable + "of a <class>."); with more than
+        # MAPLE_MAX_WORD_INIT tokens the context is random ("X X ... <class>.").
+        if ctx_init and not maple_inits_from_words(n_ctx, ctx_init):
+            logger.info("N_CTX = %d: random context init (MaPLe initialises from CTX_INIT %r only with "
+                        "at most %d tokens and at most its words)", n_ctx, ctx_init, MAPLE_MAX_WORD_INIT)
+            ctx_init = ""
         ctx, prefix = init_context(clip, n_ctx, ctx_init)
         if ctx_init:
             ctx = ctx[:n_ctx].clone()

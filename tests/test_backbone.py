@@ -146,15 +146,48 @@ def test_fp32_weights_survive_bit_for_bit(tiny_clip_path):
     assert not torch.equal(w.half().float(), w)
 
 
-def test_float16_loading(tiny_clip_path):
+def test_float16_is_openai_half_precision(tiny_clip_path):
+    """fp16 = clip.model.build_model's convert_weights: same dtype *and* value per tensor."""
+    from clip.model import build_model
+
     saved = torch.load(tiny_clip_path, weights_only=True)
     model = load_clip("ViT-B/16", path=tiny_clip_path, dtype=torch.float16)
-    params = list(model.parameters())
-    assert params and all(p.dtype == torch.float16 for p in params)
-    assert not any(p.requires_grad for p in params)
+    reference = build_model(dict(saved))  # OpenAI's builder: convert_weights on the fp32 file
+    ours = dict(model.named_parameters()) | dict(model.named_buffers())
+    theirs = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype, k
+        assert torch.equal(ours[k], v), k
+    kinds = {k: v.dtype for k, v in ours.items()}
+    # both kinds are present, so the comparison above can fail either way
+    assert kinds["visual.conv1.weight"] == kinds["transformer.resblocks.0.attn.in_proj_weight"] == torch.float16
+    assert kinds["visual.proj"] == kinds["text_projection"] == torch.float16
+    assert kinds["ln_final.weight"] == kinds["visual.ln_pre.bias"] == torch.float32
+    assert kinds["token_embedding.weight"] == kinds["positional_embedding"] == torch.float32
+    assert kinds["logit_scale"] == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
     assert not model.training
-    assert torch.equal(model.visual.conv1.weight, saved["visual.conv1.weight"].half())
     assert FrozenCLIP(model).dtype == torch.float16
+
+
+def test_float16_forward_runs_and_stays_close_to_fp32(tiny_clip_path):
+    """The whole-model cast (LayerNorm in fp16) failed here with "mixed dtype (CPU)"."""
+    half = FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path, dtype=torch.float16))
+    full = FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))
+    x = images(2, seed=3)
+    with torch.no_grad():
+        got, want = half.encode_image_tokens(x), full.encode_image_tokens(x)
+        text_half, text_full = half.encode_text(["a photo of a cat."]), full.encode_text(["a photo of a cat."])
+    assert got.tokens.dtype == text_half.dtype == torch.float16
+    torch.testing.assert_close(got.tokens.float(), want.tokens, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.cls_attn.float(), want.cls_attn, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(text_half.float(), text_full, atol=2e-2, rtol=2e-2)
+
+
+def test_unsupported_dtype_is_refused(tiny_clip_path):
+    with pytest.raises(BackboneError, match="bfloat16"):
+        load_clip("ViT-B/16", path=tiny_clip_path, dtype=torch.bfloat16)
 
 
 def test_frozen_clip_stays_in_eval(frozen_clip):

@@ -1,10 +1,17 @@
 """spotlighter.config: defaults (paper preset), the release preset, validation messages."""
 
+import glob
+import os
+
 import pytest
+import yaml
 from yacs.config import CfgNode as CN
 
 from spotlighter.config import (PRESETS, ConfigError, apply_preset, check_precision,
                                 check_spotlighter_cfg, extend_cfg)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def minimal_cfg() -> CN:
@@ -47,8 +54,7 @@ def test_extend_cfg_adds_the_other_trainers_and_shared_keys():
     assert cfg.DATASET.SUBSAMPLE_CLASSES == "all"
     assert cfg.MODEL.BACKBONE.PATH == ""
     assert cfg.TRAINER.COOP.CLASS_TOKEN_POSITION == "end"
-    assert cfg.TRAINER.COOP.N_CTX == 4
-    assert cfg.TRAINER.MAPLE.N_CTX == 2
+    assert cfg.TRAINER.MAPLE.N_CTX == 2 and cfg.TRAINER.MAPLE.CTX_INIT == "a photo of a"
     assert cfg.TRAINER.MAPLE.PROMPT_DEPTH == 9
     assert cfg.TRAINER.ZSCLIP.TEMPLATE == ""
 
@@ -187,3 +193,20 @@ def test_invalid_precision_message():
         check_precision("TRAINER.COOP.PREC", "fp64")
     assert str(err.value) == ("TRAINER.COOP.PREC = 'fp64' is invalid: expected one of "
                               "['fp16', 'fp32', 'amp'].")
+
+
+@pytest.mark.parametrize("node", ["COOP", "COCOOP"])
+def test_coop_and_cocoop_defaults_are_coops_own(node):
+    """KaiyangZhou/CoOp train.py: N_CTX 16, CTX_INIT "", CSC False, CLASS_TOKEN_POSITION end, PREC fp16."""
+    n = minimal_cfg().TRAINER[node]
+    assert (n.N_CTX, n.CTX_INIT, n.PREC) == (16, "", "fp16")
+    if node == "COOP":
+        assert (n.CSC, n.CLASS_TOKEN_POSITION) == (False, "end")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs/trainers/Co*Op/*.yaml"))))
+def test_shipped_coop_yaml_files_keep_the_four_token_init(path):
+    node = "COCOOP" if "/CoCoOp/" in path else "COOP"
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    assert data["TRAINER"][node]["CTX_INIT"] == "a photo of a" and data["TRAINER"][node]["N_CTX"] == 4

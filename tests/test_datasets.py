@@ -165,7 +165,7 @@ def test_reads_cache_written_the_coop_way(tmp_path):
     assert paths(nb.train_x) == [it.impath for it in train if it.label < 3]
 
 
-def test_foreign_cache_is_remapped(tmp_path):
+def test_foreign_cache_is_remapped(tmp_path, caplog):
     """A cache copied from another machine: paths under another root are remapped."""
     here = tmp_path / "here"
     ddir = split_tree(here, "oxford_pets")
@@ -182,8 +182,9 @@ def test_foreign_cache_is_remapped(tmp_path):
     with open(cache, "wb") as f:
         pickle.dump(moved, f, protocol=pickle.HIGHEST_PROTOCOL)
 
-    with pytest.warns(UserWarning, match="remapped"):
+    with caplog.at_level("WARNING", logger="datasets.common"):
         ds = build(here, "OxfordPets", shots=2, seed=1)
+    assert "its image paths are remapped to" in caplog.text
     assert paths(ds.train_x) == paths(data["train"])
 
 
@@ -225,7 +226,7 @@ def test_malformed_cache(tmp_path):
         build(tmp_path, "OxfordPets", shots=2)
 
 
-def test_too_many_shots_names_the_class(tmp_path, monkeypatch):
+def test_too_many_shots_names_the_class(tmp_path, monkeypatch, caplog):
     split_tree(tmp_path, "oxford_pets", counts={3: (2, 3, 2)})
     with pytest.raises(DatasetError) as e:
         build(tmp_path, "OxfordPets", shots=4)
@@ -233,8 +234,9 @@ def test_too_many_shots_names_the_class(tmp_path, monkeypatch):
     assert "'class_3' (label 3) has 2" in msg and "4 shots" in msg and ALLOW_FEWER_SHOTS_ENV in msg
     assert not os.path.exists(os.path.join(tmp_path, "oxford_pets", "split_fewshot", "shot_4-seed_1.pkl"))
     monkeypatch.setenv(ALLOW_FEWER_SHOTS_ENV, "1")
-    with pytest.warns(UserWarning, match="class_3"):
+    with caplog.at_level("WARNING", logger="datasets.common"):
         ds = build(tmp_path, "OxfordPets", shots=4)
+    assert "'class_3' (label 3) has 2" in caplog.text and "all their images are used" in caplog.text
     assert per_class(ds.train_x)[3] == 2
 
 

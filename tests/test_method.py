@@ -474,6 +474,50 @@ def test_head_gamma_adds_level_weighted_local_logits():
     assert not torch.allclose(got, base, atol=1e-2)
 
 
+def _release_local_ce_by_hand(head, img, text, labels, normalize_tokens=False):
+    """The released local CE: ``s · u · T̂ᵀ`` of the unnormalised mapped tokens u (CLS, the 5
+    attention-selected tokens split [2, 3], the mean token), fixed level weights, × 0.02."""
+    import copy
+
+    s = 100.0
+    t_hat = F.normalize(text, dim=-1)
+    top = standardize(img.cls_attn, 1e-6).topk(5, dim=-1).indices + 1  # release: attention score only
+    u = copy.deepcopy(head.mapper).train()(img.tokens)  # batch statistics, as in the training forward
+    selected = gather_tokens(u, top)
+    cls, mean = u[:, :1], u.mean(dim=1, keepdim=True)
+    total = 0.0
+    for members in (selected[:, :2], selected[:, 2:], selected):  # Level-1, Level-2, all
+        x = torch.cat([cls, members, mean], dim=1)
+        if normalize_tokens:
+            x = F.normalize(x, dim=-1)
+        logits = s * x @ t_hat.t()
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(x.shape[1]), reduction="none")
+        total = total + ce.view(x.shape[0], -1).mean(dim=1).mean()  # fixed level weight 1
+    return 0.02 * total
+
+
+def test_release_local_ce_is_the_released_dot_product():
+    head = make_head("release").train()
+    assert head.cfg.local_logits == "dot"
+    img, text = fake_image(), class_text(2)
+    want = _release_local_ce_by_hand(head, img, text, LABELS)
+    cosine = _release_local_ce_by_hand(head, img, text, LABELS, normalize_tokens=True)
+    got = head(img, text, LOGIT_SCALE, LABELS).losses["local"]
+    close(got, want, rtol=1e-6, atol=1e-6)
+    assert abs(want.item() - cosine.item()) > 0.1  # the key really changes the loss
+    # the same preset with cosine local logits gives the cosine formula
+    cos_head = make_head("release", LOSS__LOCAL_LOGITS="cosine").train()
+    close(cos_head(img, text, LOGIT_SCALE, LABELS).losses["local"], cosine, rtol=1e-6, atol=1e-6)
+
+
+def test_paper_local_logits_are_cosine():
+    assert HeadConfig.from_cfg(spot_node("paper")).local_logits == "cosine"
+    with pytest.raises(ValueError, match="LOCAL_LOGITS"):
+        from spotlighter.config import check_spotlighter_cfg
+
+        check_spotlighter_cfg(spot_node("paper", LOSS__LOCAL_LOGITS="raw"))
+
+
 def test_head_release_test_logits_are_global_only():
     head = make_head("release").eval()
     img, text = fake_image(), class_text(2)

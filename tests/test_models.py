@@ -154,6 +154,57 @@ def test_coop_random_init_and_csc(frozen_clip):
         assert model.text_features().shape == (len(NAMES), 64)
 
 
+def test_coop_csc_with_ctx_init_is_one_shared_context_as_in_coop(frozen_clip, caplog):
+    """CoOp ignores CSC when CTX_INIT is given (one context from the words); so do we, and say so."""
+    with caplog.at_level("WARNING", logger="spotlighter.prompt"):
+        model = CoOp(frozen_clip, NAMES, n_ctx=16, ctx_init="a photo of a", csc=True)
+    assert "CSC = True is ignored because CTX_INIT = 'a photo of a' is set" in caplog.text
+    assert model.prompt_learner.ctx.shape == (4, 64) and model.prompt_learner.csc is False
+    shared = CoOp(frozen_clip, NAMES, n_ctx=4, ctx_init="a photo of a")
+    assert torch.equal(model.prompt_learner.ctx, shared.prompt_learner.ctx)
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_features(), shared.text_features())
+
+
+def test_coop_n_ctx_16_without_init_gives_16_random_vectors(frozen_clip):
+    """CoOp's defaults (N_CTX 16, CTX_INIT ""): 16 context vectors, prompts "X x16 <class>."."""
+    torch.manual_seed(3)
+    model = CoOp(frozen_clip, NAMES, n_ctx=16, ctx_init="")
+    assert model.prompt_learner.ctx.shape == (16, 64)
+    torch.manual_seed(3)
+    assert torch.equal(model.prompt_learner.ctx, torch.empty(16, 64).normal_(0, 0.02))  # nn.init.normal_(std=.02)
+    tok = frozen_clip.tokenize([" ".join(["X"] * 16) + f" {n.replace('_', ' ')}." for n in NAMES])
+    assert torch.equal(model.prompt_learner.tokenized_prompts, tok)
+
+
+@pytest.mark.parametrize("n_ctx, ctx_init", [(5, "a photo of a"), (8, "a photo of a"), (3, "a photo")])
+def test_maple_more_tokens_than_init_words_is_random_init(n_ctx, ctx_init, frozen_clip):
+    """MaPLe: N_CTX > 4 (or here, > the words) initialises randomly ("X X ..."), instead of crashing."""
+    torch.manual_seed(0)
+    model = MaPLe(frozen_clip, NAMES, n_ctx=n_ctx, ctx_init=ctx_init, depth=2)
+    pl = model.prompt_learner
+    torch.manual_seed(0)
+    assert torch.equal(pl.ctx, torch.empty(n_ctx, 64).normal_(0, 0.02))
+    tok = frozen_clip.tokenize([" ".join(["X"] * n_ctx) + f" {n.replace('_', ' ')}." for n in NAMES])
+    assert torch.equal(pl.tokenized_prompts, tok)
+    with torch.no_grad():
+        prompts, deep_text, visual, deep_visual = pl()
+        assert prompts.shape == (len(NAMES), 77, 64) and visual.shape == (n_ctx, 64)
+        logits, _ = model.eval()(images(2))
+    assert logits.shape == (2, len(NAMES)) and torch.isfinite(logits).all()
+
+
+def test_maple_init_from_words_up_to_four_tokens(frozen_clip):
+    from spotlighter.prompt import maple_inits_from_words
+
+    assert [maple_inits_from_words(n, "a photo of a") for n in (1, 2, 4, 5)] == [True, True, True, False]
+    assert not maple_inits_from_words(2, "") and not maple_inits_from_words(3, "a photo")
+    model = MaPLe(frozen_clip, NAMES, n_ctx=4, ctx_init="a photo of a", depth=1)
+    tok = frozen_clip.tokenize(["a photo of a"])
+    with torch.no_grad():
+        assert torch.equal(model.prompt_learner.ctx, frozen_clip.token_embedding(tok)[0, 1:5].float())
+
+
 def test_maple_depth1_init_text_equals_zero_shot(frozen_clip):
     model = MaPLe(frozen_clip, NAMES, n_ctx=2, ctx_init="a photo of a", depth=1)
     assert len(model.prompt_learner.compound_prompts_text) == 0

@@ -4,6 +4,7 @@ MiniBench-format dataset and the tiny CLIP: train, checkpoint, evaluate, table, 
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -18,7 +19,9 @@ def env(tmp_path_factory, tiny_clip_path):
     root = tmp_path_factory.mktemp("e2e")
     data = root / "data"
     make_tiny_minibench(str(data))
-    return {**os.environ, "DATA": str(data), "OUTPUT": str(root / "output"), "PYTHONUNBUFFERED": "1"}
+    # PYTHON: the interpreter running the tests (not whatever `python` is first on PATH)
+    return {**os.environ, "DATA": str(data), "OUTPUT": str(root / "output"), "PYTHONUNBUFFERED": "1",
+            "PYTHON": sys.executable}
 
 
 def fast(clip, extra=()):

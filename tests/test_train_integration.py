@@ -282,3 +282,70 @@ def test_unreadable_image_is_named(tmp_path, tiny_clip_path, capsys):
                                         extra=["DATALOADER.NUM_WORKERS", "1"])
     code, err = run_in_process(argv, capsys)
     assert code == 2 and f"cannot read image {bad} (UnidentifiedImageError" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- original-repo checkpoints
+ORIGINAL_LAYOUTS = [  # (trainer, write Dassl's 'checkpoint' pointer, --load-epoch)
+    ("CoOp", True, None),
+    ("CoCoOp", False, 2),
+    ("MaPLe", False, None),  # neither pointer nor epoch: the last model.pth.tar-N
+]
+
+
+@pytest.mark.parametrize("trainer, pointer, load_epoch", ORIGINAL_LAYOUTS)
+def test_eval_only_reads_original_repo_checkpoints(trainer, pointer, load_epoch, data_root, tiny_clip_path,
+                                                  tmp_path, capsys):
+    """--eval-only --model-dir on a folder the original repo wrote = the same weights in our format."""
+    from original_ckpt import save_original
+    from test_foreign import BUILD, _original_keys, _perturbed
+
+    from spotlighter import checkpoint as ckpt
+    from spotlighter.backbone import FrozenCLIP, load_clip
+
+    build, module = BUILD[trainer]
+    model = _perturbed(build(FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))))
+    save_original(tmp_path / "theirs", module, _original_keys(trainer, model), epoch=2, pointer=pointer)
+    if not pointer:  # an earlier epoch beside it, with other weights: the pointer-less folder picks epoch 2
+        save_original(tmp_path / "theirs", module, _original_keys(trainer, _perturbed(build(model.clip), seed=5)),
+                      epoch=1, pointer=False)
+    state = ckpt.trainable_state(model)
+    ckpt.save(str(tmp_path / "ours" / module / "model.pth.tar-2"),
+              {"trainer": trainer, "preset": None, "signature": {k: list(v.shape) for k, v in state.items()},
+               "state_dict": state, "class_state": None, "epoch": 2})
+
+    for name, folder, epoch in (("eval_theirs", "theirs", load_epoch), ("eval_ours", "ours", 2)):
+        argv = ["--eval-only", "--model-dir", str(tmp_path / folder)]
+        argv += ["--load-epoch", str(epoch)] if epoch is not None else []
+        code, err = run_in_process(argv + train_argv(data_root, tiny_clip_path, tmp_path / name, trainer=trainer,
+                                                     extra=["DATASET.SUBSAMPLE_CLASSES", "base"]), capsys)
+        assert code == 0, err
+    log = open(tmp_path / "eval_theirs" / "log.txt").read()
+    assert f"was written by the original {trainer} code: converted" in log
+    if not pointer and load_epoch is None:
+        assert "loading the last epoch's model.pth.tar-2" in log
+    theirs, ours = read_result(tmp_path / "eval_theirs"), read_result(tmp_path / "eval_ours")
+    assert theirs["epoch"] == 2 and theirs["total"] == 36
+    assert (theirs["correct"], theirs["macro_f1"]) == (ours["correct"], ours["macro_f1"])
+
+
+def test_original_checkpoint_of_another_shape_names_the_keys(data_root, tiny_clip_path, tmp_path, capsys):
+    from original_ckpt import coop_state, save_original
+
+    save_original(tmp_path / "theirs", "prompt_learner", coop_state(torch.zeros(16, 64).half()), epoch=3)
+    argv = ["--eval-only", "--model-dir", str(tmp_path / "theirs")]
+    code, err = run_in_process(argv + train_argv(data_root, tiny_clip_path, tmp_path / "o", trainer="CoOp"), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "prompt_learner.ctx: checkpoint [16, 64] vs config [4, 64]" in err and "TRAINER.COOP.N_CTX" in err
+
+
+def test_dataset_warnings_land_in_log_txt(tmp_path, tiny_clip_path, capsys):
+    """Few-shot shortfalls (and path remaps) are logged, so Dassl's log.txt keeps them."""
+    root = tmp_path / "data"
+    make_tiny_minibench(str(root))  # fresh: the few-shot split is made (and checked) in this run
+    out = tmp_path / "zs"
+    code, err = run_in_process(["--eval-only"] + train_argv(str(root), tiny_clip_path, out, trainer="ZeroshotCLIP"),
+                               capsys)
+    assert code == 0, err
+    log = open(out / "log.txt").read()
+    assert "MiniBench val split: 4 shots requested but 24 class(es) have fewer images" in log
+    assert "all their images are used" in log and "Saving preprocessed few-shot data to" in log

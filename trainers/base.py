@@ -24,6 +24,7 @@ from dassl.optim import build_optimizer
 
 from datasets.layout import DatasetError
 from spotlighter import checkpoint as ckpt
+from spotlighter import foreign
 from spotlighter.backbone import FrozenCLIP, load_clip
 from spotlighter.config import ConfigError, check_precision
 from spotlighter.models import count_trainable
@@ -54,6 +55,15 @@ class CheckedDatasetWrapper(DatasetWrapper):
 
 def checkpoint_name(epoch: int) -> str:
     return f"model.pth.tar-{epoch}"
+
+
+def _last_numbered(folder: str) -> Optional[str]:
+    """The highest-epoch ``model.pth.tar-N`` in ``folder`` (None if there is none)."""
+    if not os.path.isdir(folder):
+        return None
+    epochs = [int(n.rsplit("-", 1)[1]) for n in os.listdir(folder)
+              if n.startswith("model.pth.tar-") and n.rsplit("-", 1)[1].isdigit()]
+    return checkpoint_name(max(epochs)) if epochs else None
 
 
 class PromptTrainer(TrainerX):
@@ -267,16 +277,40 @@ class PromptTrainer(TrainerX):
             elif os.path.isfile(os.path.join(folder, LAST_POINTER)):
                 with open(os.path.join(folder, LAST_POINTER)) as f:
                     path = os.path.join(folder, f.read().strip())
+            elif _last_numbered(folder):  # e.g. an original-repo folder copied without its pointer file
+                path = os.path.join(folder, _last_numbered(folder))
+                logger.info("No %s or '%s' file in %s: loading the last epoch's %s", BEST_FILE, LAST_POINTER,
+                            folder, os.path.basename(path))
             else:
                 raise ckpt.CheckpointError(f"No checkpoint in {folder} (expected {BEST_FILE} or a "
                                            f"'{LAST_POINTER}' file; give --load-epoch N for model.pth.tar-N).")
             if not os.path.isfile(path):
                 have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
                 raise ckpt.CheckpointError(f"No checkpoint at {path}. Present in {folder}: {have or 'nothing'}.")
-            data = self._read(path)
+            data = self._read_for_eval(path)
             self._restore(name, data, path)
             self.loaded_epoch = int(data["epoch"])
             logger.info("Loaded %s (epoch %d)", path, self.loaded_epoch)
+
+    def _read_for_eval(self, path: str) -> dict:
+        """One of our checkpoints, or one the original repository of this trainer wrote (CoOp, CoCoOp:
+        ``prompt_learner/``; MaPLe: ``MultiModalPromptLearner/``), converted by :mod:`spotlighter.foreign`."""
+        raw = foreign.read(path)
+        if not foreign.is_original(raw):
+            return self._read(path)
+        trainer = self.cfg.TRAINER.NAME
+        state, epoch = foreign.convert(raw, trainer, path)
+        want = self.signature()
+        have = {k: list(v.shape) for k, v in state.items()}
+        diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+            raise ckpt.CheckpointError(
+                f"{path} (a checkpoint of the original {trainer} code) does not fit this config ({lines}). "
+                f"Set TRAINER.{self.CFG_NODE}.N_CTX / CTX_INIT (and CSC or PROMPT_DEPTH) as in the run that "
+                "trained it.")
+        logger.info("%s was written by the original %s code: converted (%s)", path, trainer, ", ".join(state))
+        return {"state_dict": state, "epoch": epoch}
 
     # ------------------------------------------------------------------ evaluation
     def test(self, split=None):

@@ -1,0 +1,284 @@
+"""Train and evaluate every trainer's model for a few steps in fp32, fp16 and amp; one pass/fail line each.
+
+    scripts/gpu_check.sh                       # CUDA, real ViT-B/16 size (random weights)
+    scripts/gpu_check.sh --device cpu --size tiny --steps 2
+
+A run builds random CLIP weights of the chosen size once, loads them in each precision exactly as the
+trainers do (:func:`spotlighter.backbone.build_clip`: fp16 = OpenAI's ``convert_weights``), builds
+each model as the shipped configs do, and per (trainer, precision):
+
+* evaluates the untrained model (logits finite; max |logits - fp32 logits| is printed),
+* takes ``--steps`` SGD steps as the trainers do (``autocast`` for amp: fp16 on CUDA, bf16 on CPU;
+  a ``GradScaler`` for amp on CUDA): every loss finite, every gradient finite, the trainable tensors
+  changed,
+* evaluates again (logits finite).
+
+ZeroshotCLIP has nothing to train and is only evaluated. Without CUDA (and without ``--device cpu``)
+it prints one SKIP line and exits 0. The exit status is 1 if any line fails. The Dassl trainers add
+data loading and logging around these same models and steps; ``PREC fp16`` on a CPU makes them
+fall back to fp32, while this check runs fp16 wherever the kernels exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .backbone import FrozenCLIP, build_clip
+
+PRECISIONS = ("fp32", "fp16", "amp")
+#: clip.model.CLIP arguments: OpenAI's ViT-B/16, and a tiny model of the same architecture.
+SIZES = {
+    "vit_b16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                    vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                    transformer_heads=8, transformer_layers=12),
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2),
+}
+CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "dog house", "cat"]
+LR = 0.002  # the shipped configs' SGD learning rate
+MOMENTUM = 0.9
+
+
+def _spotlighter_head_cfg(preset: str, heads: Optional[int]):
+    from yacs.config import CfgNode as CN
+
+    from .config import apply_preset, extend_cfg
+    from .method import HeadConfig
+
+    cfg = CN()
+    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
+    cfg.MODEL.BACKBONE = CN()
+    extend_cfg(cfg)
+    apply_preset(cfg, preset)
+    head = HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
+    if heads is not None:
+        head.irm_heads = heads
+    return head, cfg.TRAINER.SPOTLIGHTER
+
+
+def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
+    """Trainer -> model, with the shipped vit_b16 configs' prompt settings."""
+    from . import models
+
+    small = size == "tiny"
+    heads = 1 if small else None  # the tiny width 64 with 1 attention head
+    maple_depth = 2 if small else 9
+
+    def spot(preset):
+        def build(clip):
+            head, node = _spotlighter_head_cfg(preset, heads)
+            return models.Spotlighter(clip, CLASSNAMES, head, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
+        return build
+
+    return {
+        "ZeroshotCLIP": lambda clip: models.ZeroShotCLIP(clip, CLASSNAMES),
+        "CoOp": lambda clip: models.CoOp(clip, CLASSNAMES, n_ctx=4, ctx_init="a photo of a"),
+        "CoCoOp": lambda clip: models.CoCoOp(clip, CLASSNAMES, n_ctx=4, ctx_init="a photo of a"),
+        "MaPLe": lambda clip: models.MaPLe(clip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", depth=maple_depth),
+        "Spotlighter-paper": spot("paper"),
+        "Spotlighter-release": spot("release"),
+    }
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision != "amp":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def check_one(clip: FrozenCLIP, build: Callable[[FrozenCLIP], nn.Module], precision: str, device: torch.device,
+              images: torch.Tensor, labels: torch.Tensor, steps: int,
+              reference: Optional[torch.Tensor]) -> Tuple[bool, str, torch.Tensor]:
+    """(passed, details, untrained eval logits) for one trainer in one precision."""
+    torch.manual_seed(0)  # the same initial prompts/modules in every precision
+    model = build(clip).to(device)
+    model.eval()
+    with torch.no_grad(), _autocast(precision, device):
+        logits0 = model(images)[0].float()
+    if not _finite(logits0):
+        return False, "untrained eval logits are not finite", logits0
+    notes = [f"eval {tuple(logits0.shape)}"]
+    if reference is not None:
+        notes.append(f"max|logits-fp32| {(logits0 - reference).abs().max().item():.3g}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params and steps:
+        before = [p.detach().clone() for p in params]
+        optim = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+        scaler = torch.amp.GradScaler("cuda") if precision == "amp" and device.type == "cuda" else None
+        model.train()
+        losses = []
+        for step in range(steps):
+            with _autocast(precision, device):
+                _, terms = model(images, labels)
+                loss = sum(terms.values())
+            if not _finite(loss):
+                return False, f"step {step + 1}: loss {loss.item()} ({', '.join(terms)})", logits0
+            optim.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optim)
+            else:
+                loss.backward()
+            bad = [i for i, p in enumerate(params) if p.grad is None or not _finite(p.grad)]
+            if bad and scaler is None:
+                return False, f"step {step + 1}: {len(bad)} of {len(params)} gradients missing or not finite", logits0
+            if scaler is not None:
+                scaler.step(optim)
+                scaler.update()
+            else:
+                optim.step()
+            losses.append(loss.item())
+        moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+        if moved == 0:
+            return False, f"{steps} steps changed no trainable tensor", logits0
+        notes.insert(0, f"train {steps} steps loss {losses[0]:.3f}->{losses[-1]:.3f} ({moved}/{len(params)} tensors moved)")
+        model.eval()
+        with torch.no_grad(), _autocast(precision, device):
+            logits1 = model(images)[0].float()
+        if not _finite(logits1):
+            return False, "trained eval logits are not finite", logits0
+    elif not params:
+        notes.insert(0, "eval only (nothing to train)")
+    return True, "; ".join(notes), logits0
+
+
+def run(device: str = "cuda", size: str = "vit_b16", steps: int = 3, batch: int = 4,
+        precisions: Sequence[str] = PRECISIONS, trainers: Optional[Sequence[str]] = None,
+        out=sys.stdout) -> int:
+    """Print one line per (trainer, precision); return the number of failures (-1: skipped)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"SKIP gpu_check: no CUDA device (torch {torch.__version__}, CUDA available: False). "
+              "Run it on a GPU machine, or with --device cpu for what CPU kernels support.", file=out)
+        return -1
+    dev = torch.device(device)
+    from clip.model import CLIP
+
+    torch.manual_seed(0)
+    state = CLIP(**SIZES[size]).state_dict()  # random weights, OpenAI's initialisation
+    res = SIZES[size]["image_resolution"]
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, res, res, generator=g).to(dev)
+    labels = torch.randint(len(CLASSNAMES), (batch,), generator=g).to(dev)
+    table = builders(size)
+    names = list(trainers or table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown trainer(s) {unknown}; choose from {list(table)}")
+    what = "GPU " + torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"gpu_check: {size} (random weights), batch {batch}, {steps} steps, on {what} "
+          f"(torch {torch.__version__})", file=out)
+    failures = 0
+    reference: Dict[str, torch.Tensor] = {}
+    for precision in precisions:
+        try:
+            clip = FrozenCLIP(build_clip(state, dev, torch.float16 if precision == "fp16" else torch.float32,
+                                         source=f"random {size} weights"))
+        except Exception as exc:  # report, keep going
+            for name in names:
+                failures += 1
+                print(f"FAIL {name:20s} {precision:4s}  CLIP build: {type(exc).__name__}: {exc}", file=out)
+            continue
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                ok, details, logits0 = check_one(clip, table[name], precision, dev, images, labels, steps,
+                                                 reference.get(name))
+                if precision == "fp32" and ok:
+                    reference[name] = logits0
+            except Exception as exc:
+                ok, details = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            failures += not ok
+            print(f"{'PASS' if ok else 'FAIL'} {name:20s} {precision:4s}  {details}  "
+                  f"[{time.perf_counter() - t0:.1f} s]", file=out)
+        del clip
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    total = len(names) * len(precisions)
+    print(f"gpu_check: {total - failures} passed, {failures} failed", file=out)
+    return failures
+
+
+def _kind(model: nn.Module, name: str) -> str:
+    """The module kind a parameter belongs to (for :func:`dtype_table`)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if isinstance(module, nn.MultiheadAttention):
+        return f"MultiheadAttention.{leaf}"
+    if type(module).__name__ in ("Conv2d", "Linear", "NonDynamicallyQuantizableLinear", "LayerNorm", "Embedding"):
+        kind = "Linear" if type(module).__name__ == "NonDynamicallyQuantizableLinear" else type(module).__name__
+        return f"{kind}.{leaf}" + (" (attention out_proj)" if owner.endswith("out_proj") else "")
+    return leaf  # a bare parameter of CLIP or its towers (embeddings, proj, logit_scale)
+
+
+def dtype_table(size: str = "tiny", out=sys.stdout) -> None:
+    """Per parameter kind: dtype when the whole model is cast with ``.to(float16)`` (before) and as
+    :func:`~spotlighter.backbone.build_clip` builds fp16 (OpenAI's ``convert_weights``); then whether
+    an image and a text forward run on this machine's CPU kernels either way."""
+    from clip.model import CLIP
+
+    torch.manual_seed(0)
+    state = CLIP(**SIZES[size]).state_dict()
+    before = build_clip(state, "cpu", torch.float32, source="random weights").half()
+    after = build_clip(state, "cpu", torch.float16, source="random weights")
+    rows: Dict[str, Tuple[set, set]] = {}
+    for (name, p), q in zip(before.named_parameters(), after.parameters()):
+        kind = _kind(after, name)
+        a, b = rows.setdefault(kind, (set(), set()))
+        a.add(str(p.dtype).replace("torch.", ""))
+        b.add(str(q.dtype).replace("torch.", ""))
+    print("| parameter kind | whole-model .to(float16) (before) | convert_weights (now) |", file=out)
+    print("|---|---|---|", file=out)
+    for kind, (a, b) in sorted(rows.items()):
+        print(f"| {kind} | {', '.join(sorted(a))} | {', '.join(sorted(b))} |", file=out)
+    res = SIZES[size]["image_resolution"]
+    x = torch.randn(1, 3, res, res)
+    for label, model in (("before", before), ("now", after)):
+        clip = FrozenCLIP(model)
+        try:
+            with torch.no_grad():
+                clip.encode_image_tokens(x)
+                clip.encode_text(["a photo of a cat."])
+            result = "runs"
+        except Exception as exc:
+            result = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+        print(f"CPU image+text forward, {label}: {result}", file=out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--size", default="vit_b16", choices=sorted(SIZES))
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help="comma-separated subset of " + ",".join(PRECISIONS))
+    p.add_argument("--trainers", default="", help="comma-separated subset (default: all)")
+    p.add_argument("--dtype-table", action="store_true",
+                   help="print the fp16 model's dtype per parameter kind, before/after, and exit")
+    args = p.parse_args(argv)
+    if args.dtype_table:
+        dtype_table(args.size)
+        return 0
+    precisions = [x for x in args.precisions.split(",") if x]
+    bad = [x for x in precisions if x not in PRECISIONS]
+    if bad:
+        p.error(f"unknown precision(s) {bad}; choose from {PRECISIONS}")
+    failures = run(args.device, args.size, args.steps, args.batch, precisions,
+                   [x for x in args.trainers.split(",") if x] or None)
+    return 1 if failures > 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

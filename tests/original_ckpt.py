@@ -1,0 +1,127 @@
+"""Checkpoint folders laid out and written the way the original CoOp/CoCoOp/MaPLe repositories write
+them: Dassl's ``TrainerX.save_model`` -> ``save_checkpoint`` -> ``<dir>/<module>/model.pth.tar-N`` and
+a ``checkpoint`` pointer file, with an SGD optimizer and a constant warm-up scheduler whose state
+dict pickles the successor ``CosineAnnealingLR`` *object* (which holds the ``SGD`` object).
+
+With Dassl installed, Dassl's own ``build_optimizer`` / ``build_lr_scheduler`` / ``save_checkpoint``
+write the file (its warm-up scheduler passes ``verbose`` positionally, which torch >= 2.7 rejects:
+``LRScheduler.__init__`` accepts it again while the scheduler is built, as the torch those repos ran
+on did). Without Dassl a faithful equivalent of the same objects is written.
+"""
+
+import contextlib
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from torch.optim import lr_scheduler
+
+EPOCHS = 5
+LR = 0.002
+
+
+def coop_state(ctx, prefix_suffix_shape=(3, 1, 64)):
+    """The state_dict of CoOp's / CoCoOp's ``PromptLearner`` (ctx + the class-dependent buffers)."""
+    return OrderedDict(ctx=ctx, token_prefix=torch.zeros(prefix_suffix_shape, dtype=ctx.dtype),
+                       token_suffix=torch.zeros(prefix_suffix_shape[0], 72, prefix_suffix_shape[2],
+                                                dtype=ctx.dtype))
+
+
+FROZEN = ("token_prefix", "token_suffix", "prompt_learner.token_prefix", "prompt_learner.token_suffix",
+          "image_encoder.", "text_encoder.", "logit_scale")
+
+
+class _Holder(nn.Module):
+    """The trainable tensors of ``state`` as parameters (what Dassl's optimizer is built on)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.params = nn.ParameterList([nn.Parameter(v.clone()) for k, v in state.items()
+                                        if not k.startswith(FROZEN) and v.is_floating_point()])
+
+
+@contextlib.contextmanager
+def _old_torch_scheduler_signature():
+    """Let ``LRScheduler.__init__`` take Dassl's positional ``verbose`` again (torch < 2.7 did)."""
+    original = lr_scheduler.LRScheduler.__init__
+
+    def init(self, optimizer, last_epoch=-1, verbose=False):
+        original(self, optimizer, last_epoch)
+
+    lr_scheduler.LRScheduler.__init__ = init
+    try:
+        yield
+    finally:
+        lr_scheduler.LRScheduler.__init__ = original
+
+
+class _ConstantWarmup(lr_scheduler.LRScheduler):
+    """Dassl's ``ConstantWarmupScheduler`` (dassl/optim/lr_scheduler.py), without Dassl."""
+
+    def __init__(self, optimizer, successor, warmup_epoch, cons_lr):
+        self.successor, self.warmup_epoch, self.cons_lr = successor, warmup_epoch, cons_lr
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+
+    def step(self, epoch=None):
+        if self.last_epoch >= self.warmup_epoch:
+            self.successor.step(epoch)
+            self._last_lr = self.successor.get_last_lr()
+        else:
+            super().step(epoch)
+
+
+def _train_a_little(module, optim, sched, epochs):
+    for _ in range(epochs):
+        for p in module.parameters():
+            p.grad = torch.ones_like(p) * 1e-3
+        optim.step()
+        sched.step()
+
+
+def save_original(out_dir, module_name, state, epoch=2, pointer=True, use_dassl=None):
+    """Write ``<out_dir>/<module_name>/model.pth.tar-<epoch>`` as the original repos do; returns its
+    path. Its ``state_dict`` is ``state`` (original key names) exactly."""
+    if use_dassl is None:
+        try:
+            import dassl.utils  # noqa: F401
+            use_dassl = True
+        except Exception:
+            use_dassl = False
+    module = _Holder(state)
+    folder = os.path.join(str(out_dir), module_name)
+    if use_dassl:
+        from dassl.config import get_cfg_default
+        from dassl.optim import build_lr_scheduler, build_optimizer
+        from dassl.utils import save_checkpoint
+
+        cfg = get_cfg_default().OPTIM
+        cfg.NAME, cfg.LR, cfg.MAX_EPOCH, cfg.LR_SCHEDULER = "sgd", LR, EPOCHS, "cosine"
+        cfg.WARMUP_EPOCH, cfg.WARMUP_TYPE, cfg.WARMUP_CONS_LR = 1, "constant", 1e-5
+        optim = build_optimizer(module, cfg)
+        with _old_torch_scheduler_signature():
+            sched = build_lr_scheduler(optim, cfg)
+    else:
+        optim = torch.optim.SGD(module.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+        sched = _ConstantWarmup(optim, lr_scheduler.CosineAnnealingLR(optim, float(EPOCHS)), 1, 1e-5)
+    _train_a_little(module, optim, sched, epoch)  # fills the momentum buffers, moves the schedule
+    state = OrderedDict((k, v.clone()) for k, v in state.items())  # the values the caller asked for
+    payload = {"state_dict": state, "epoch": epoch, "optimizer": optim.state_dict(),
+               "scheduler": sched.state_dict(), "val_result": None}
+    assert isinstance(payload["scheduler"]["successor"], lr_scheduler.CosineAnnealingLR)
+    if use_dassl:
+        save_checkpoint(payload, folder, is_best=False)  # also writes the 'checkpoint' pointer
+        if not pointer:
+            os.remove(os.path.join(folder, "checkpoint"))
+    else:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(payload, os.path.join(folder, f"model.pth.tar-{epoch}"))
+        if pointer:
+            with open(os.path.join(folder, "checkpoint"), "w") as f:
+                f.write(f"model.pth.tar-{epoch}\n")
+    return os.path.join(folder, f"model.pth.tar-{epoch}")
