@@ -36,6 +36,12 @@ def extend_cfg(cfg: CN) -> None:
     # Names recorded in result.json; train.py fills them from the --*config-file stems.
     cfg.DATASET.CONFIG_NAME = ""
     cfg.TRAINER.CONFIG_NAME = ""
+    # A resumable checkpoint (model.pth.tar-<epoch>, with optimizer, scheduler and RNG states) at the
+    # end of every epoch; only the newest such one is kept besides the final model and the
+    # TRAIN.CHECKPOINT_FREQ ones. A killed run resumes from it, bit-identical to an uninterrupted run.
+    if "TRAIN" not in cfg:  # Dassl's defaults have it; minimal test configs may not
+        cfg.TRAIN = CN()
+    cfg.TRAIN.RESUMABLE_EVERY_EPOCH = True
 
     cfg.TRAINER.COOP = _prompt_node(4, "a photo of a", "fp16")
     cfg.TRAINER.COOP.CSC = False  # class-specific context

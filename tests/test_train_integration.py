@@ -39,8 +39,8 @@ def data_root(tmp_path_factory, tiny_clip_path):
     return str(root)
 
 
-def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", extra=(), eval_only=False,
-              model_dir=None, load_epoch=None, check=True):
+def train_cmd(data_root, clip_path, out, trainer="Spotlighter", subset="base", extra=(), eval_only=False,
+              model_dir=None, load_epoch=None):
     cmd = [sys.executable, "train.py", "--root", data_root, "--seed", "1",
            "--trainer", trainer.split("-")[0], "--dataset-config-file", "configs/datasets/minibench.yaml",
            "--config-file", CONFIGS[trainer], "--output-dir", str(out)]
@@ -50,9 +50,15 @@ def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", e
         cmd += ["--model-dir", str(model_dir)]
     if load_epoch is not None:
         cmd += ["--load-epoch", str(load_epoch)]
-    cmd += FAST + EXTRA.get(trainer, []) + ["MODEL.BACKBONE.PATH", clip_path,
-                                            "DATASET.SUBSAMPLE_CLASSES", subset] + list(extra)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return cmd + FAST + EXTRA.get(trainer, []) + ["MODEL.BACKBONE.PATH", clip_path,
+                                                  "DATASET.SUBSAMPLE_CLASSES", subset] + list(extra)
+
+
+def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", extra=(), eval_only=False,
+              model_dir=None, load_epoch=None, check=True, env=None):
+    cmd = train_cmd(data_root, clip_path, out, trainer, subset, extra, eval_only, model_dir, load_epoch)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -210,7 +216,9 @@ def test_nan_loss_stops_with_precision_and_step(data_root, tiny_clip_path, tmp_p
     code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "nan", trainer="CoOp",
                                           extra=["DATASET.SUBSAMPLE_CLASSES", "base"]), capsys)
     assert code == 2
-    assert "at epoch 1, batch 1 (step 1) with precision fp32" in err and "PREC fp32 (or amp)" in err
+    assert "at epoch 1, batch 1 (step 1) with precision fp32" in err
+    assert "already in full precision (fp32)" in err and "lower OPTIM.LR (now 0.002)" in err
+    assert "PREC" not in err  # no advice to leave a half precision the run does not use
 
 
 def test_checkpoint_of_another_preset_or_trainer_is_refused(spot_base, data_root, tiny_clip_path, tmp_path):
