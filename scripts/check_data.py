@@ -254,6 +254,8 @@ def check_pickle(path, ddir, keys, quick, images=None, fix=FEWSHOT_FIX):
         name = os.path.basename(ddir.rstrip(os.sep))
         local = [prefix + p.split(f"/{name}/", 1)[1] for p in foreign if f"/{name}/" in p]
         if len(local) == len(foreign) and not missing_images(local[:50]):
+            if not quick and images is not None:  # decode what training will read: the remapped files
+                images[os.path.relpath(path, ddir)] = [p for p in impaths if p.startswith(prefix)] + local
             return [f"note: {path} was written under another $DATA (e.g. {foreign[0]}); its paths are "
                     f"remapped to {ddir} when loaded (delete it to re-create it with local paths)"]
         return [f"{path} lists images outside {ddir} (e.g. {foreign[0]}) that are not found here: {fix}"]

@@ -41,10 +41,12 @@ def save(path: str, payload: Dict[str, Any]) -> None:
             raise OutputWriteError.from_os_error(exc, path) from None
         raise
     except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
-        if "write" not in str(exc).lower():
+        if _nearly_full(path):  # its message varies ("file write failed", "unexpected pos 64 vs 0")
+            reason = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        elif "write" in str(exc).lower():
+            reason = OSError(errno.EIO, f"write failed: {str(exc).splitlines()[0]}", path)
+        else:
             raise
-        reason = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if _nearly_full(path) else \
-            OSError(errno.EIO, f"write failed: {str(exc).splitlines()[0]}", path)
         raise OutputWriteError.from_os_error(reason) from None
 
 

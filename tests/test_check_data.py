@@ -207,3 +207,13 @@ def test_images_are_decoded(tmp_path):
     assert "the test split cannot be decoded (all images checked)" in out
     code, out, _ = check("--root", tmp_path, "--quick", "dtd")
     assert code == 0, out
+
+
+def test_images_of_a_cache_from_another_machine_are_decoded_where_they_are_read(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    write_cache(os.path.join(ddir, "split_fewshot", "shot_1-seed_1.pkl"), ["/old/DATA/dtd/images/class_0/train_0.jpg"])
+    with open(os.path.join(ddir, "images", "class_0", "train_0.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff" + b"not a jpeg" * 10)
+    code, out, _ = check("--root", tmp_path, "--sample", "0", "dtd")
+    assert code == 1 and "was written under another $DATA" in out
+    assert "1 image(s) of split_fewshot/shot_1-seed_1.pkl cannot be decoded" in out

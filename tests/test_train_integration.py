@@ -110,6 +110,7 @@ def test_train_base_then_eval_new(spot_base, data_root, tiny_clip_path, tmp_path
     out, proc = spot_base
     log = open(out / "log.txt").read()
     assert "Finish training" in log and "=> result" in log
+    assert "is deprecated" not in proc.stderr  # no packaging notice opens every run
     assert "Trainable scalars: 33,536" in log  # ctx 4x64 + mapper + TRM + IRM at d = 64
     ckpt_path = out / "spotlighter" / "model.pth.tar-2"
     assert (out / "spotlighter" / "checkpoint").read_text().strip() == "model.pth.tar-2"
