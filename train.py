@@ -8,10 +8,16 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 # Dassl imports wilds -> ogb, which checks PyPI for a newer ogb in a background thread and warns
 # when it cannot (offline clusters): silence that warning.
 os.environ.setdefault("OUTDATED_IGNORE", "1")
+# ogb's `outdated` and clip-anytorch import pkg_resources, whose deprecation notice would open every
+# run's output; it concerns those packages, not the run (setup.py pins setuptools<82 for them).
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+logger = logging.getLogger("train")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # the checkout's trainers/ and datasets/ come first (not HF `datasets`)
@@ -158,19 +164,45 @@ def configure_logging() -> None:
 
 
 def run(args) -> None:
-    import torch
-    from dassl.engine import build_trainer
-    from dassl.utils import set_random_seed, setup_logger
-
     import datasets  # noqa: F401  registers the datasets
     import trainers  # noqa: F401  registers the trainers
 
     cfg = setup_cfg(args)
     check_registered(cfg)
+    # One process per output folder, for its whole life: taken before Dassl opens log.txt or a
+    # checkpoint is read, released (by the kernel, however the process ends) when it exits.
+    lock = lock_output_dir(cfg.OUTPUT_DIR)
+    try:
+        run_locked(args, cfg, lock)
+    finally:
+        lock.release()
+
+
+def lock_output_dir(directory: str):
+    """The acquired :class:`~spotlighter.runlock.OutputLock` of ``directory`` (created if needed)."""
+    from spotlighter.fileio import OutputWriteError
+    from spotlighter.runlock import OutputLock
+
+    lock = OutputLock(directory, announce=False)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(exc, "the output folder (--output-dir)") from None
+    return lock
+
+
+def run_locked(args, cfg, lock) -> None:
+    import torch
+    from dassl.engine import build_trainer
+    from dassl.utils import set_random_seed, setup_logger
+
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)
     configure_logging()
+    if lock.taken_over is not None:
+        logger.warning("Took over the lock of %s left by a process that is no longer running (%s)",
+                       cfg.OUTPUT_DIR, lock.taken_over.describe())
     if torch.cuda.is_available() and cfg.USE_CUDA:
         torch.backends.cudnn.benchmark = True
     print("Command: python " + " ".join(sys.argv))
@@ -191,10 +223,26 @@ def known_errors():
     from spotlighter.backbone import BackboneError
     from spotlighter.checkpoint import CheckpointError
     from spotlighter.config import ConfigError
+    from spotlighter.fileio import OutputWriteError
+    from spotlighter.runlock import OutputLocked
     from datasets.layout import DatasetError
     from trainers.base import TrainingDiverged
 
-    return (UsageError, ConfigError, BackboneError, CheckpointError, TrainingDiverged, DatasetError)
+    return (UsageError, ConfigError, BackboneError, CheckpointError, TrainingDiverged, DatasetError,
+            OutputLocked, OutputWriteError)
+
+
+def report_error(message: str) -> None:
+    """One line on stderr; also into log.txt when Dassl's logger tees stdout there (written to the
+    file only: the terminal shows it once)."""
+    print(f"error: {message}", file=sys.stderr)
+    log_file = getattr(sys.stdout, "file", None)
+    if log_file is not None and sys.stdout is not sys.__stdout__:
+        try:
+            log_file.write(f"error: {message}\n")
+            log_file.flush()
+        except (OSError, ValueError):  # a full disk or a closed log: stderr has it
+            pass
 
 
 def main(argv=None) -> int:
@@ -211,6 +259,8 @@ def main(argv=None) -> int:
         print(f"error: Dassl is installed but cannot be imported: {exc}. Its import-time "
               "dependencies: pip install gdown tensorboard scikit-learn wilds", file=sys.stderr)
         return 2
+    from spotlighter.fileio import OutputWriteError
+
     errors = known_errors()
     try:
         run(args)
@@ -218,9 +268,12 @@ def main(argv=None) -> int:
         message = str(exc).strip()
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep our message
             message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        if hasattr(sys.stdout, "file") and sys.stdout is not sys.__stdout__:
-            print(f"error: {message}")  # also into log.txt
+        report_error(message)
+        return 2
+    except OSError as exc:  # a full disk or a read-only folder while writing logs/checkpoints/results
+        if not OutputWriteError.is_write_error(exc):
+            raise
+        report_error(str(OutputWriteError.from_os_error(exc)))
         return 2
     return 0
 

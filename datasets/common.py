@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence
 from dassl.data.datasets import Datum, DatasetBase
 from dassl.utils import listdir_nohidden
 
+from spotlighter import datum_pickle
 from spotlighter.fileio import atomic_path
 
 # train.py routes the root logger to the stdout Dassl tees into log.txt: what users must see lands there
@@ -50,6 +51,9 @@ VAL_SHOTS = 4  # validation shots = min(K, 4)
 # Set to 1 to let K-shot sampling use all images of a class that has fewer than K (CoOp's silent
 # behaviour) with a warning, instead of stopping with an error.
 ALLOW_FEWER_SHOTS_ENV = "SPOTLIGHTER_ALLOW_FEWER_SHOTS"
+# What deleting a cached pickle does (said in every error about one).
+FEWSHOT_REGENERATE = "it is re-created from the split file; the same seed gives the same sample"
+PREPROCESSED_REGENERATE = "it is re-created from images/ and classnames.txt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,27 +187,33 @@ def localize_items(groups: dict, dataset_dir: str, source: str, doc: str = DOC) 
     return out
 
 
-def load_datum_pickle(path: str, keys: Sequence[str], dataset_dir: str, doc: str = DOC) -> dict:
-    """Load a pickled ``{key: [Datum, ...]}`` file (few-shot cache, ImageNet's preprocessed.pkl),
-    check its keys and item type, and make its paths point into ``dataset_dir``."""
+def load_datum_pickle(path: str, keys: Sequence[str], dataset_dir: str, doc: str = DOC,
+                      regenerate: str = "it is re-created") -> dict:
+    """Load a pickled ``{key: [Datum, ...]}`` file (few-shot cache, ImageNet's preprocessed.pkl)
+    with the restricted unpickler (a crafted file cannot run code), check its keys and items, and
+    make its paths point into ``dataset_dir``. ``regenerate`` says what deleting the file does."""
+    fix = f"delete it ({regenerate})"
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
+        data = datum_pickle.load(path, Datum)
+    except datum_pickle.UnsafePickleError as e:
+        raise DatasetError(f"{path} is not a file of Dassl Datum objects: {e}. If you did not put it "
+                           f"there, check who can write to this $DATA; {fix}") from None
     except Exception as e:  # truncated, other pickle protocol, unreadable
-        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); delete it so that it is "
-                           f"re-created") from None
+        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); {fix}") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path} holds a {type(data).__name__}, expected a dict with keys "
-                           f"{list(keys)}; delete it so that it is re-created")
+                           f"{list(keys)}; {fix}")
     groups = {}
     for key in keys:
         if key not in data:
-            raise DatasetError(f"{path} has no key '{key}' (keys: {sorted(data)}); delete it so "
-                               f"that it is re-created")
+            raise DatasetError(f"{path} has no key '{key}' (keys: {sorted(map(str, data))}); {fix}")
         items = data[key]
-        if not isinstance(items, list) or not all(isinstance(it, Datum) for it in items):
-            raise DatasetError(f"{path}: '{key}' is not a list of Dassl Datum objects; delete it so "
-                               f"that it is re-created")
+        if not isinstance(items, list):
+            raise DatasetError(f"{path}: '{key}' is a {type(items).__name__}, not a list of Dassl "
+                               f"Datum objects; {fix}")
+        problem = next((p for p in (datum_pickle.datum_problem(it, Datum) for it in items) if p), None)
+        if problem:
+            raise DatasetError(f"{path}: '{key}' is not a list of Dassl Datum objects ({problem}); {fix}")
         groups[key] = items
     return localize_items(groups, dataset_dir, path, doc=doc)
 
@@ -287,7 +297,8 @@ class CoOpDataset(DatasetBase):
         path = self.fewshot_path(num_shots, seed)
         if os.path.exists(path):
             logger.info(f"Loading preprocessed few-shot data from {path}")
-            data = load_datum_pickle(path, self.fewshot_keys, self.dataset_dir, doc=self.layout.doc)
+            data = load_datum_pickle(path, self.fewshot_keys, self.dataset_dir, doc=self.layout.doc,
+                                     regenerate=FEWSHOT_REGENERATE)
             check_images([it.impath for key in self.fewshot_keys for it in data[key]],
                          f"{self.layout.name} few-shot cache {path}", doc=self.layout.doc,
                          fix=f"restore the images, or delete {path} so that it is re-created")
@@ -337,7 +348,7 @@ class ImageNetFolderDataset(CoOpDataset):
         self.preprocessed = os.path.join(self.dataset_dir, "preprocessed.pkl")
         if os.path.exists(self.preprocessed):
             data = load_datum_pickle(self.preprocessed, ("train", "test"), self.dataset_dir,
-                                     doc=self.layout.doc)
+                                     doc=self.layout.doc, regenerate=PREPROCESSED_REGENERATE)
             train, test = data["train"], data["test"]
         else:
             text_file = require_file(os.path.join(self.dataset_dir, "classnames.txt"), self.layout)

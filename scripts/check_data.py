@@ -3,12 +3,16 @@
 
     python scripts/check_data.py --root $DATA                 # every dataset
     python scripts/check_data.py --root $DATA dtd eurosat     # some of them
+    python scripts/check_data.py --root $DATA --full dtd      # decode every image
     python scripts/check_data.py --root $DATA --quick imagenet  # skip per-image checks
 
 For each dataset it checks the folder, the split file (valid JSON with train/val/test lists of
 [relative path, label, class name]) or the files the dataset reads instead (ImageNet's
 classnames.txt and images/train|val, FGVCAircraft's variants.txt and images_variant_*.txt), that
-every listed image exists, and that the few-shot caches in split_fewshot/ point into this $DATA.
+every listed image exists, and that the few-shot caches in split_fewshot/ (and ImageNet's
+preprocessed.pkl) hold only Dassl Datum objects (read without running code) pointing into this
+$DATA. It decodes, in parallel, every image of the few-shot caches and a random sample of each
+split (--sample per split; --full: every image), as training would.
 Exit status: 0 when every checked dataset is usable, 1 otherwise, 2 on bad arguments.
 Needs neither Dassl nor torch.
 """
@@ -17,10 +21,15 @@ import argparse
 import glob
 import importlib.util
 import os
-import pickle
+import random
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # this checkout's spotlighter package (plain Python parts only)
+    sys.path.insert(0, REPO)
+
+from spotlighter import datum_pickle  # noqa: E402
 
 
 def _load_layout():
@@ -33,6 +42,12 @@ def _load_layout():
 
 L = _load_layout()
 SHOW = 3
+#: Images decoded per split by default (plus every image of the few-shot caches).
+DEFAULT_SAMPLE = 32
+#: Seed of that random sample (the same images on every run).
+SAMPLE_SEED = 0
+FEWSHOT_FIX = "delete it (it is re-created from the split file; the same seed gives the same sample)"
+PREPROCESSED_FIX = "delete it (it is re-created from images/ and classnames.txt)"
 
 
 class _Datum:  # stands in for dassl's Datum when reading few-shot caches without Dassl
@@ -44,11 +59,26 @@ class _Datum:  # stands in for dassl's Datum when reading few-shot caches withou
         return self.__dict__.get("_impath", "")
 
 
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if name == "Datum":
-            return _Datum
-        return super().find_class(module, name)
+def decode_problem(path):
+    """Why ``path`` cannot be decoded as training would (PIL, converted to RGB), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except Exception as e:  # UnidentifiedImageError, truncated data, decompression bombs ...
+        return f"cannot be decoded: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def decode_images(paths, what, jobs):
+    """[(path, why)] of ``paths`` that do not decode; parallel, with a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(tqdm(pool.map(decode_problem, paths), total=len(paths), desc=f"decoding {what}",
+                            unit="img", file=sys.stderr, disable=None, leave=False))
+    return [(p, why) for p, why in zip(paths, results) if why]
 
 
 def missing_images(paths):
@@ -61,7 +91,7 @@ def describe_missing(bad, what, fix):
     return f"{len(bad)} image(s) listed in {what} are missing or unreadable, e.g. {ex}. {fix}"
 
 
-def check_split(lay, ddir, quick):
+def check_split(lay, ddir, quick, images):
     problems, info = [], ""
     split_path = os.path.join(ddir, lay.split_file)
     idir = os.path.join(ddir, lay.image_dir) if lay.image_dir else ddir
@@ -78,13 +108,15 @@ def check_split(lay, ddir, quick):
             f"{len(split['test'])}")
     if not quick and not problems:
         for key in ("train", "val", "test"):
-            bad = missing_images([os.path.join(idir, e[0]) for e in split[key]])
+            paths = [os.path.join(idir, e[0]) for e in split[key]]
+            bad = missing_images(paths)
             if bad:
                 problems.append(describe_missing(bad, f"the {key} split", "Re-extract the images"))
+            images[f"the {key} split"] = paths
     return problems, info
 
 
-def check_imagenet(lay, ddir, quick):
+def check_imagenet(lay, ddir, quick, images):
     problems = []
     cfile = os.path.join(ddir, "classnames.txt")
     classnames = L.read_classnames(cfile) if os.path.isfile(cfile) else None
@@ -98,6 +130,8 @@ def check_imagenet(lay, ddir, quick):
             continue
         folders = sorted(f.name for f in os.scandir(d) if f.is_dir())
         counts[split] = len(folders)
+        if not quick:
+            images[f"images/{split}"] = folder_images(d, folders)
         if not folders:
             problems.append(f"{d} has no class folders")
         if classnames is not None:
@@ -109,13 +143,13 @@ def check_imagenet(lay, ddir, quick):
                         f"{counts.get('val', 0)}")
     pre = os.path.join(ddir, "preprocessed.pkl")
     if os.path.isfile(pre):
-        problems += check_pickle(pre, ddir, ("train", "test"), quick=True)
+        problems += check_pickle(pre, ddir, ("train", "test"), quick=True, fix=PREPROCESSED_FIX)
     info = f"{counts.get('train', 0)} classes" + ("" if counts.get("train") in (None, 1000) or not counts
                                                     else " (the benchmark uses all 1000)")
     return problems, info
 
 
-def check_fgvc(lay, ddir, quick):
+def check_fgvc(lay, ddir, quick, images):
     problems = []
     vfile = os.path.join(ddir, "variants.txt")
     if not os.path.isfile(vfile):
@@ -147,10 +181,11 @@ def check_fgvc(lay, ddir, quick):
             bad = missing_images(paths)
             if bad:
                 problems.append(describe_missing(bad, os.path.basename(path), "Re-extract the images"))
+            images[os.path.basename(path)] = paths
     return problems, f"{len(variants)} classes, train/val/test {'/'.join(map(str, sizes))}"
 
 
-def check_variant(lay, ddir, quick):
+def check_variant(lay, ddir, quick, images):
     problems = []
     idir = os.path.join(ddir, lay.image_dir)
     cfile = os.path.join(ddir, "classnames.txt")
@@ -167,6 +202,8 @@ def check_variant(lay, ddir, quick):
     folders = [f for f in sorted(os.listdir(idir)) if not f.startswith(".") and f not in L.VARIANT_IGNORED]
     if not folders:
         problems.append(f"{idir} has no class folders")
+    elif not quick:
+        images[lay.image_dir] = folder_images(idir, folders)
     if cfile:
         classnames = L.read_classnames(cfile)
         if lay.key == "imagenetv2":
@@ -181,30 +218,53 @@ def check_variant(lay, ddir, quick):
     return problems, f"{len(folders)} classes"
 
 
-def check_pickle(path, ddir, keys, quick):
-    """Few-shot cache / preprocessed.pkl: readable, expected keys, paths inside this dataset folder."""
+def folder_images(split_dir, folders):
+    """Files of the class folders of ``split_dir`` (what the dataset lists)."""
+    out = []
+    for folder in folders:
+        d = os.path.join(split_dir, folder)
+        if os.path.isdir(d):
+            out += [os.path.join(d, f) for f in sorted(os.listdir(d)) if not f.startswith(".")]
+    return out
+
+
+def check_pickle(path, ddir, keys, quick, images=None, fix=FEWSHOT_FIX):
+    """Few-shot cache / preprocessed.pkl: only Datum objects (read without running code), the
+    expected keys, paths inside this dataset folder. Adds its images to ``images`` to decode."""
     try:
-        with open(path, "rb") as f:
-            data = _Unpickler(f).load()
+        data = datum_pickle.load(path, _Datum)
+    except datum_pickle.UnsafePickleError as e:
+        return [f"{path} is not a file of Dassl Datum objects: {e}. If you did not put it there, check "
+                f"who can write to this $DATA; {fix}"]
     except Exception as e:
-        return [f"{path} cannot be read ({type(e).__name__}): delete it (it is re-created)"]
+        return [f"{path} cannot be read ({type(e).__name__}: {e}): {fix}"]
     if not isinstance(data, dict) or any(k not in data for k in keys):
-        return [f"{path} lacks the keys {list(keys)}: delete it (it is re-created)"]
+        have = sorted(map(str, data)) if isinstance(data, dict) else f"a {type(data).__name__}"
+        return [f"{path} lacks the keys {list(keys)} (has {have}): {fix}"]
+    for k in keys:
+        if not isinstance(data[k], list):
+            return [f"{path}: '{k}' is a {type(data[k]).__name__}, not a list of Dassl Datum objects: {fix}"]
+        problem = next((p for p in (datum_pickle.datum_problem(it, _Datum) for it in data[k]) if p), None)
+        if problem:
+            return [f"{path}: '{k}' is not a list of Dassl Datum objects ({problem}): {fix}"]
     prefix = ddir.rstrip(os.sep) + os.sep
-    impaths = [getattr(it, "impath", "") for k in keys for it in data[k]]
+    impaths = [it.impath for k in keys for it in data[k]]
     foreign = [p for p in impaths if not p.startswith(prefix)]
     if foreign:
         name = os.path.basename(ddir.rstrip(os.sep))
         local = [prefix + p.split(f"/{name}/", 1)[1] for p in foreign if f"/{name}/" in p]
         if len(local) == len(foreign) and not missing_images(local[:50]):
+            if not quick and images is not None:  # decode what training will read: the remapped files
+                images[os.path.relpath(path, ddir)] = [p for p in impaths if p.startswith(prefix)] + local
             return [f"note: {path} was written under another $DATA (e.g. {foreign[0]}); its paths are "
                     f"remapped to {ddir} when loaded (delete it to re-create it with local paths)"]
-        return [f"{path} lists images outside {ddir} (e.g. {foreign[0]}) that are not found here: "
-                f"delete it (it is re-created from the split file)"]
+        return [f"{path} lists images outside {ddir} (e.g. {foreign[0]}) that are not found here: {fix}"]
     if not quick:
         bad = missing_images(impaths)
         if bad:
             return [describe_missing(bad, path, "Delete the cache or restore the images")]
+        if images is not None:
+            images[os.path.relpath(path, ddir)] = impaths
     return []
 
 
@@ -212,7 +272,7 @@ CHECKS = {"split": check_split, "generated": check_split, "imagenet": check_imag
           "fgvc": check_fgvc, "imagenet_variant": check_variant}
 
 
-def check_dataset(root, key, quick=False):
+def check_dataset(root, key, quick=False, full=False, sample=DEFAULT_SAMPLE, jobs=None):
     """Return (ok, lines) for one dataset."""
     lay = L.LAYOUTS[key]
     ddir = lay.path(root)
@@ -220,13 +280,14 @@ def check_dataset(root, key, quick=False):
         if lay.kind == "generated":
             return True, [f"SKIP    {key}: {ddir} does not exist yet; it is generated on first use"]
         return False, [f"MISSING {key}: folder {ddir} does not exist; see {lay.doc}"]
-    problems, info = CHECKS[lay.kind](lay, ddir, quick)
-    if lay.kind in ("split", "generated", "fgvc"):
+    splits, fewshot = {}, {}
+    problems, info = CHECKS[lay.kind](lay, ddir, quick, splits)
+    keys = ("train",) if lay.kind == "imagenet" else ("train", "val")
+    if lay.kind in ("split", "generated", "fgvc", "imagenet"):
         for pkl in sorted(glob.glob(os.path.join(ddir, "split_fewshot", "*.pkl"))):
-            problems += check_pickle(pkl, ddir, ("train", "val"), quick)
-    elif lay.kind == "imagenet":
-        for pkl in sorted(glob.glob(os.path.join(ddir, "split_fewshot", "*.pkl"))):
-            problems += check_pickle(pkl, ddir, ("train",), quick)
+            problems += check_pickle(pkl, ddir, keys, quick, fewshot)
+    if not quick:
+        problems += decode_check(key, splits, fewshot, full, sample, jobs)
     notes = [p for p in problems if p.startswith("note: ")]
     errors = [p for p in problems if not p.startswith("note: ")]
     if errors:
@@ -236,12 +297,41 @@ def check_dataset(root, key, quick=False):
     return not errors, lines + [f"    - {p}" for p in notes]
 
 
+def decode_check(key, splits, fewshot, full, sample, jobs):
+    """Decode every few-shot image and ``sample`` random existing images per split (all: ``full``)."""
+    rng = random.Random(SAMPLE_SEED)
+    chosen = {}  # path -> where it is listed (first mention)
+    for what, paths in fewshot.items():
+        for p in paths:
+            chosen.setdefault(p, what)
+    for what, paths in splits.items():
+        unique = list(dict.fromkeys(paths))
+        picked = unique if full or len(unique) <= sample else rng.sample(unique, sample)
+        for p in (p for p in picked if not L.image_problem(p)):  # missing ones are reported already
+            chosen.setdefault(p, f"the {what}" if not what.startswith("the ") else what)
+    bad = decode_images(list(chosen), key, jobs or min(8, os.cpu_count() or 1))
+    if not bad:
+        return []
+    by_source = {}
+    for p, why in bad:
+        by_source.setdefault(chosen[p], []).append((p, why))
+    scope = "all images" if full else f"few-shot images + {sample} random images per split"
+    return [f"{len(items)} image(s) of {src} cannot be decoded ({scope} checked), e.g. "
+            + "; ".join(f"{p} ({why})" for p, why in items[:SHOW])
+            + ". Replace them with good copies (see DATASETS.md); --full checks every image"
+            for src, items in by_source.items()]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=os.environ.get("DATA"),
                    help="the $DATA folder (default: the DATA environment variable)")
-    p.add_argument("--quick", action="store_true", help="skip the per-image existence checks")
+    p.add_argument("--quick", action="store_true", help="skip the per-image checks (existence and decoding)")
+    p.add_argument("--full", action="store_true", help="decode every image, not only a sample")
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
+                   help=f"random images decoded per split (default {DEFAULT_SAMPLE}), besides the few-shot caches")
+    p.add_argument("--jobs", type=int, default=0, metavar="N", help="decoding threads (default: CPUs, at most 8)")
     p.add_argument("datasets", nargs="*", metavar="DATASET",
                    help=f"datasets to check (default: all): {' '.join(L.LAYOUTS)}")
     args = p.parse_args(argv)
@@ -261,7 +351,8 @@ def main(argv=None):
     print(f"Checking {len(keys)} dataset(s) under {root}")
     bad = []
     for key in keys:
-        ok, lines = check_dataset(root, key, quick=args.quick)
+        ok, lines = check_dataset(root, key, quick=args.quick, full=args.full, sample=max(args.sample, 0),
+                                  jobs=args.jobs or None)
         print("\n".join(lines))
         if not ok:
             bad.append(key)

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .fileio import atomic_path, describe_unreadable
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable naming the folder that holds (or receives) the OpenAI weight files.
@@ -32,6 +34,20 @@ DEFAULT_WEIGHTS_DIR = os.path.join("~", ".cache", "clip")  # the folder OpenAI's
 
 class BackboneError(RuntimeError):
     """Raised with a user-facing message when CLIP weights cannot be found or used."""
+
+
+def _import_clip_quietly() -> None:
+    """Import clip-anytorch without the pkg_resources deprecation notice it triggers on every run
+    (it concerns clip's packaging, not the run; setup.py pins setuptools<82 for it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        try:
+            import clip  # noqa: F401
+        except ImportError:  # reported with the fix by _clip_module when it is needed
+            pass
+
+
+_import_clip_quietly()
 
 
 def _clip_module():
@@ -61,6 +77,9 @@ def resolve_weights(name: str, path: str = "") -> str:
                 "CLIP weight file (an OpenAI TorchScript archive such as ViT-B-16.pt, or a state dict "
                 "saved with torch.save(model.state_dict(), ...))."
             )
+        expected = openai_sha256(os.path.basename(path))
+        if expected is not None:  # named like one of OpenAI's files: it must be that file
+            verify_weights(path, expected, os.path.basename(path))
         return path
     clip_api = _clip_module()
     models = clip_api._MODELS
@@ -73,6 +92,7 @@ def resolve_weights(name: str, path: str = "") -> str:
     folder = weights_dir()
     target = os.path.join(folder, os.path.basename(url))
     if os.path.isfile(target):
+        verify_weights(target, _url_sha256(url), name)
         return target
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise BackboneError(
@@ -82,12 +102,82 @@ def resolve_weights(name: str, path: str = "") -> str:
         )
     logger.info("Downloading %s to %s (checksum verified)", name, target)
     try:
-        return clip_api._download(url, folder)
+        downloaded = clip_api._download(url, folder)
     except Exception as exc:  # network errors come in many types
         raise BackboneError(
             f"Could not download CLIP {name} ({exc}). On a machine without internet copy "
             f"{os.path.basename(url)} to {target} (or set {WEIGHTS_DIR_ENV} / MODEL.BACKBONE.PATH)."
         ) from exc
+    verify_weights(downloaded, _url_sha256(url), name)  # remembers it: later runs do not hash it again
+    return downloaded
+
+
+#: Suffix of the record, beside a weight file, that its SHA-256 was verified (for that size+mtime).
+VERIFIED_SUFFIX = ".sha256-verified"
+
+
+def _url_sha256(url: str) -> str:
+    """OpenAI's download URLs carry the file's SHA-256 as their second-to-last component."""
+    return url.rstrip("/").split("/")[-2]
+
+
+def openai_sha256(filename: str) -> Optional[str]:
+    """The SHA-256 of OpenAI's weight file named ``filename`` (e.g. ViT-B-16.pt), or None."""
+    try:
+        models = _clip_module()._MODELS
+    except BackboneError:
+        return None
+    for url in models.values():
+        if os.path.basename(url) == filename:
+            return _url_sha256(url)
+    return None
+
+
+def _verified_records(path: str):
+    """Where the verification of ``path`` is remembered: beside it, else in the user's cache."""
+    import hashlib
+
+    yield path + VERIFIED_SUFFIX
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    tag = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+    yield os.path.join(cache, "spotlighter", "verified", f"{os.path.basename(path)}-{tag}")
+
+
+def verify_weights(path: str, expected: str, name: str) -> None:
+    """Check ``path`` against OpenAI's SHA-256 once per file version (size + mtime), remembered in
+    a small record file: a wrong or damaged file named like OpenAI's never trains silently."""
+    import hashlib
+
+    st = os.stat(path)
+    version = f"{expected} {st.st_size} {st.st_mtime_ns}\n"
+    records = list(_verified_records(path))
+    for record in records:
+        try:
+            with open(record) as f:
+                if f.read() == version:
+                    return
+        except OSError:
+            pass
+    logger.info("Verifying the SHA-256 of %s (once per file version)", path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise BackboneError(
+            f"{path} is not OpenAI's {name} weight file: its SHA-256 is {digest.hexdigest()}, the one "
+            f"in its download URL is {expected}. Delete it (it is downloaded again, checksum verified) or "
+            f"copy the right {os.path.basename(path)} there; for other weights set MODEL.BACKBONE.PATH to a "
+            "file with another name.")
+    for record in records:
+        try:
+            with atomic_path(record) as tmp, open(tmp, "w") as f:
+                f.write(version)
+            return
+        except OSError:
+            continue
+    logger.info("Could not record the verification of %s (read-only folders); it is verified again "
+                "next time", path)
 
 
 def _is_torchscript(path: str) -> bool:
@@ -98,17 +188,28 @@ def _is_torchscript(path: str) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
+#: What a CLIP weight file must be, said with every error about one.
+WEIGHTS_FIX = ("A CLIP weight file is an OpenAI TorchScript archive (e.g. ViT-B-16.pt as clip downloads it) "
+               "or a state dict saved with torch.save(model.state_dict(), path): delete a damaged OpenAI "
+               "file (it is downloaded again, checksum verified) or replace it with a good copy.")
+
+
 def load_state_dict_file(path: str) -> dict:
     """Read a TorchScript archive or a plain state dict without unpickling arbitrary objects."""
     if _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            archive = torch.jit.load(path, map_location="cpu")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                archive = torch.jit.load(path, map_location="cpu")
+        except Exception as exc:
+            raise BackboneError(f"{path} is a TorchScript archive that cannot be loaded: it is "
+                                f"{describe_unreadable(path, exc)}. {WEIGHTS_FIX}") from None
         return {k: v for k, v in archive.state_dict().items()}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneError(f"{path} is neither a TorchScript archive nor a state dict: {exc}") from exc
+        raise BackboneError(f"{path} is neither a TorchScript archive nor a state dict: it is "
+                            f"{describe_unreadable(path, exc)}. {WEIGHTS_FIX}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or "visual.conv1.weight" not in state and "visual.proj" not in state:

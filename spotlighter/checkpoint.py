@@ -13,12 +13,14 @@ object, never the frozen CLIP):
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from typing import Any, Dict, Optional
 
 import torch
 
-from .fileio import atomic_path
+from .fileio import OutputWriteError, atomic_path, describe_unreadable
 
 FORMAT = "spotlighter-ckpt/1"
 
@@ -28,10 +30,35 @@ class CheckpointError(RuntimeError):
 
 
 def save(path: str, payload: Dict[str, Any]) -> None:
-    """Atomic write: an interrupted save never leaves a truncated checkpoint behind."""
+    """Atomic write: an interrupted save never leaves a truncated checkpoint behind. A folder that
+    cannot take the file (full, read-only) is an :class:`OutputWriteError` naming it."""
     payload = {"format": FORMAT, **payload}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except OSError as exc:
+        if OutputWriteError.is_write_error(exc):
+            raise OutputWriteError.from_os_error(exc, path) from None
+        raise
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        if _nearly_full(path):  # its message varies ("file write failed", "unexpected pos 64 vs 0")
+            reason = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        elif "write" in str(exc).lower():
+            reason = OSError(errno.EIO, f"write failed: {str(exc).splitlines()[0]}", path)
+        else:
+            raise
+        raise OutputWriteError.from_os_error(reason) from None
+
+
+def _nearly_full(path: str, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(os.path.dirname(path) or ".").free < margin
+    except OSError:
+        return False
+
+
+#: What to do about a checkpoint file that cannot be read (ours or an original repository's).
+UNREADABLE_FIX = "Delete it and retrain that job, or evaluate another checkpoint (--model-dir, --load-epoch N)."
 
 
 def load(path: str, *, trainer: str, preset: Optional[str] = None,
@@ -42,10 +69,12 @@ def load(path: str, *, trainer: str, preset: Optional[str] = None,
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        what = describe_unreadable(path, exc)
+        if what.startswith("a pickle of Python objects"):
+            what += ("; this project's checkpoints hold only tensors and plain values (other "
+                     "codebases' checkpoints pickle whole objects)")
         raise CheckpointError(
-            f"{path} cannot be read safely ({type(exc).__name__}: {str(exc).splitlines()[0]}). It is "
-            "not a checkpoint of this project (checkpoints of other codebases pickle whole objects)."
-        ) from exc
+            f"{path} is {what}. {UNREADABLE_FIX}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint of this project.")
     if ckpt.get("trainer") != trainer:

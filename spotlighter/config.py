@@ -37,6 +37,12 @@ def extend_cfg(cfg: CN) -> None:
     # Names recorded in result.json; train.py fills them from the --*config-file stems.
     cfg.DATASET.CONFIG_NAME = ""
     cfg.TRAINER.CONFIG_NAME = ""
+    # A resumable checkpoint (model.pth.tar-<epoch>, with optimizer, scheduler and RNG states) at the
+    # end of every epoch; only the newest such one is kept besides the final model and the
+    # TRAIN.CHECKPOINT_FREQ ones. A killed run resumes from it, bit-identical to an uninterrupted run.
+    if "TRAIN" not in cfg:  # Dassl's defaults have it; minimal test configs may not
+        cfg.TRAIN = CN()
+    cfg.TRAIN.RESUMABLE_EVERY_EPOCH = True
 
     # CoOp's own defaults (KaiyangZhou/CoOp train.py), so the options of CoOp's scripts mean what they
     # say; the shipped yaml files set the 4-token "a photo of a" init where the papers use it.

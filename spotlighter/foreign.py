@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 from torch.optim import lr_scheduler
 
-from .checkpoint import FORMAT, CheckpointError
+from .checkpoint import FORMAT, UNREADABLE_FIX, CheckpointError
+from .fileio import describe_unreadable
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -55,10 +56,8 @@ def read(path: str) -> Dict[str, Any]:
         if found:
             why = (f"it names {found.group(1)}, which is not among the classes a CoOp/CoCoOp/MaPLe (Dassl) "
                    f"or {FORMAT} checkpoint contains; pickled objects are never executed")
-        else:
-            first = text.strip().splitlines()[0][:300] if text.strip() else ""
-            why = f"it cannot be read as a checkpoint ({type(exc).__name__}: {first})"
-        raise CheckpointError(f"{path} was not loaded: {why}.") from None
+            raise CheckpointError(f"{path} was not loaded: {why}.") from None
+        raise CheckpointError(f"{path} is {describe_unreadable(path, exc)}. {UNREADABLE_FIX}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint dict.")
     return data

@@ -75,10 +75,17 @@ def _this_process() -> LockHolder:
 
 
 class OutputLock:
-    """``with OutputLock(dir):`` or ``lock = OutputLock(dir).acquire()`` ... ``lock.release()``."""
+    """``with OutputLock(dir):`` or ``lock = OutputLock(dir).acquire()`` ... ``lock.release()``.
 
-    def __init__(self, directory: str):
+    After :meth:`acquire`, ``taken_over`` is the record of the dead process whose lock was taken
+    over (None if the folder was free); it is logged as a warning unless ``announce`` is False
+    (``train.py`` logs it itself once its log file is open).
+    """
+
+    def __init__(self, directory: str, announce: bool = True):
         self.directory = directory
+        self.announce = announce
+        self.taken_over: Optional[LockHolder] = None
         self._lock = FileLock(os.path.join(directory, LOCK_FILE), thread_local=False, is_singleton=False)
 
     @property
@@ -92,12 +99,17 @@ class OutputLock:
         except Timeout:
             raise OutputLocked(self.directory, _read_holder(self.directory)) from None
         previous = _read_holder(self.directory)
-        if previous is not None:  # the lock was free, so its last holder is gone
+        if previous is not None and self.announce:  # the lock was free, so its last holder is gone
             logger.warning("Taking over the lock of %s left by a process that is no longer running (%s)",
                            self.directory, previous.describe())
-        with atomic_path(os.path.join(self.directory, INFO_FILE)) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(asdict(_this_process()), f)
+        self.taken_over = previous
+        try:
+            with atomic_path(os.path.join(self.directory, INFO_FILE)) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(asdict(_this_process()), f)
+        except BaseException:  # e.g. a full disk: do not keep a lock nobody can identify
+            self._lock.release()
+            raise
         return self
 
     def release(self) -> None:

@@ -26,7 +26,7 @@ def dassl_available() -> bool:
 
 requires_dassl = pytest.mark.skipif(
     not dassl_available(),
-    reason="upstream Dassl.pytorch is not installed (see README: Install Dassl); CI has no git access",
+    reason="upstream Dassl.pytorch is not installed (see README: Install > Dassl.pytorch); CI has no git access",
 )
 
 

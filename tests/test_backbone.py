@@ -231,16 +231,57 @@ def test_offline_known_name_names_the_file_and_folder(monkeypatch, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _pretend_openai_file(monkeypatch, path, name="ViT-B/16"):
+    """Make clip's URL for ``name`` carry the SHA-256 of ``path`` (as OpenAI's URLs carry theirs)."""
+    import hashlib
+
+    from clip import clip as clip_api
+
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    url = f"https://openaipublic.azureedge.net/clip/models/{digest}/{os.path.basename(path)}"
+    monkeypatch.setitem(clip_api._MODELS, name, url)
+    return digest
+
+
 def test_weights_found_in_weights_dir(monkeypatch, tmp_path, tiny_clip_path):
     monkeypatch.setenv(OFFLINE_ENV, "1")
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
     target = tmp_path / "ViT-B-16.pt"
     target.write_bytes(open(tiny_clip_path, "rb").read())
+    _pretend_openai_file(monkeypatch, target)
     assert resolve_weights("ViT-B/16") == str(target)
-    model = load_clip("ViT-B/16")  # found there, loaded (a plain state dict named like OpenAI's file)
+    model = load_clip("ViT-B/16")  # found there, checksum verified, loaded
     assert model.visual.conv1.weight.shape == (64, 3, 8, 8)
     with pytest.raises(BackboneError, match="ViT-B-32.pt"):
         resolve_weights("ViT-B/32")  # another name is not satisfied by that file
+
+
+def test_cached_weights_are_checked_against_the_url_checksum_once(monkeypatch, tmp_path, tiny_clip_path, caplog):
+    from spotlighter.backbone import VERIFIED_SUFFIX
+
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
+    target = tmp_path / "ViT-B-16.pt"
+    target.write_bytes(open(tiny_clip_path, "rb").read())
+    with pytest.raises(BackboneError) as err:  # the real URL's checksum: a wrong model named ViT-B-16.pt
+        resolve_weights("ViT-B/16")
+    assert f"{target} is not OpenAI's ViT-B/16 weight file: its SHA-256 is" in str(err.value)
+    assert "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f" in str(err.value)
+    assert "Delete it (it is downloaded again" in str(err.value)
+    with pytest.raises(BackboneError, match="not OpenAI's ViT-B-16.pt"):  # also as an explicit path
+        resolve_weights("ViT-B/32", path=str(target))
+
+    digest = _pretend_openai_file(monkeypatch, target)
+    with caplog.at_level("INFO"):
+        resolve_weights("ViT-B/16")
+        resolve_weights("ViT-B/16")
+    assert caplog.text.count("Verifying the SHA-256") == 1  # remembered for this file version
+    assert (tmp_path / ("ViT-B-16.pt" + VERIFIED_SUFFIX)).read_text().startswith(digest)
+    os.utime(target, ns=(1, 1))  # another version of the file (copied over): verified again
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resolve_weights("ViT-B/16")
+    assert caplog.text.count("Verifying the SHA-256") == 1
 
 
 def test_explicit_path_wins_over_name(tiny_clip_path, monkeypatch, tmp_path):
@@ -260,8 +301,37 @@ def test_not_clip_weights(tmp_path):
 def test_garbage_file(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(BackboneError, match="neither a TorchScript archive nor a state dict"):
+    with pytest.raises(BackboneError, match="neither a TorchScript archive nor a state dict") as err:
         load_state_dict_file(str(path))
+    assert "it is not a torch file" in str(err.value) and "weights_only" not in str(err.value)
+    assert "OpenAI TorchScript archive (e.g. ViT-B-16.pt" in str(err.value)
+
+
+def test_pickled_objects_are_not_weights(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(BackboneError, match="it is a pickle of Python objects") as err:
+        load_state_dict_file(str(path))
+    assert "weights_only" not in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script/save are deprecated; OpenAI ships such archives
+def test_corrupted_torchscript_archive(tmp_path):
+    import zipfile
+
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    good = tmp_path / "good.pt"
+    torch.jit.save(scripted, str(good))
+    assert set(load_state_dict_file(str(good))) == {"weight", "bias"}
+    bad = tmp_path / "ViT-B-16-copy.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, b"garbage" if item.filename.endswith("data.pkl") else data)
+    with pytest.raises(BackboneError) as err:
+        load_state_dict_file(str(bad))
+    assert f"{bad} is a TorchScript archive that cannot be loaded: it is " in str(err.value)
+    assert "Traceback" not in str(err.value) and "weights_only" not in str(err.value)
 
 
 def test_broken_clip_state(tiny_clip_path, tmp_path):

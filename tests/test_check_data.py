@@ -5,6 +5,8 @@ import os
 import pickle
 import subprocess
 import sys
+import types
+from unittest import mock
 
 from test_datasets_trees import fgvc_tree, imagenet_tree, split_tree, variant_tree
 
@@ -20,16 +22,30 @@ def check(*args, env=None):
     return r.returncode, r.stdout, r.stderr
 
 
-class Datum:  # pickles like dassl's Datum (same attribute names); the checker maps any "Datum"
+DATUM_MODULE = "dassl.data.datasets.base_dataset"
+
+
+class Datum:  # pickles exactly like dassl's Datum (same module, name and attributes), without Dassl
     def __init__(self, impath, label, classname):
         self._impath, self._label, self._domain, self._classname = impath, label, 0, classname
 
 
-def write_cache(path, impaths):
+Datum.__module__ = DATUM_MODULE
+
+
+def dump_as_dassl(obj, path, protocol=pickle.HIGHEST_PROTOCOL):
+    """pickle.dump with this Datum standing in for dassl's in sys.modules during the dump."""
+    names = ["dassl", "dassl.data", "dassl.data.datasets", DATUM_MODULE]
+    fake = {n: types.ModuleType(n) for n in names}
+    fake[DATUM_MODULE].Datum = Datum
+    with mock.patch.dict(sys.modules, fake), open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def write_cache(path, impaths, protocol=pickle.HIGHEST_PROTOCOL):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     items = [Datum(p, 0, "c") for p in impaths]
-    with open(path, "wb") as f:
-        pickle.dump({"train": items, "val": items}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    dump_as_dassl({"train": items, "val": items}, path, protocol)
 
 
 def test_all_layouts_ok(tmp_path):
@@ -125,3 +141,79 @@ def test_does_not_need_dassl(tmp_path):
     (block / "torch.py").write_text("raise ImportError('torch blocked for this test')\n")
     code, out, err = check("--root", tmp_path, "dtd", env={"PYTHONPATH": str(block)})
     assert code == 0, out + err
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickles_are_refused_without_running(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    marker = tmp_path / "MARKER"
+    os.makedirs(os.path.join(ddir, "split_fewshot"))
+    cache = os.path.join(ddir, "split_fewshot", "shot_1-seed_1.pkl")
+    with open(cache, "wb") as f:
+        pickle.dump({"train": [_RunsCode(marker)], "val": []}, f)
+    inet = imagenet_tree(tmp_path)
+    with open(os.path.join(inet, "preprocessed.pkl"), "wb") as f:
+        pickle.dump({"train": [_RunsCode(marker)], "test": []}, f, protocol=0)
+    code, out, err = check("--root", tmp_path, "dtd", "imagenet")
+    assert code == 1 and not marker.exists(), out + err
+    assert (f"{cache} is not a file of Dassl Datum objects: it refers to posix.system, which a file of "
+            "Dassl Datum objects never contains (refused; nothing in the file was run)") in out
+    assert "delete it (it is re-created from the split file; the same seed gives the same sample)" in out
+    assert "preprocessed.pkl is not a file of Dassl Datum objects" in out
+    assert "delete it (it is re-created from images/ and classnames.txt)" in out
+
+
+def test_malformed_caches_are_problems_not_tracebacks(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    folder = os.path.join(ddir, "split_fewshot")
+    os.makedirs(folder)
+    dump_as_dassl({"train": 5, "val": []}, os.path.join(folder, "shot_1-seed_1.pkl"))
+    dump_as_dassl({"train": [Datum(7, 0, "c")], "val": []}, os.path.join(folder, "shot_1-seed_2.pkl"))
+    dump_as_dassl([1, 2], os.path.join(folder, "shot_1-seed_3.pkl"))
+    img = os.path.join(ddir, "images", "class_0", "train_0.jpg")
+    write_cache(os.path.join(folder, "shot_1-seed_4.pkl"), [img], protocol=0)  # old protocols still read
+    code, out, err = check("--root", tmp_path, "dtd")
+    assert code == 1 and "Traceback" not in err, out + err
+    assert "shot_1-seed_1.pkl: 'train' is a int, not a list of Dassl Datum objects" in out
+    assert "shot_1-seed_2.pkl: 'train' is not a list of Dassl Datum objects (a Datum's _impath is a int" in out
+    assert "shot_1-seed_3.pkl lacks the keys ['train', 'val'] (has a list)" in out
+    assert "shot_1-seed_4.pkl" not in out
+
+
+def test_images_are_decoded(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    fewshot_img = os.path.join(ddir, "images", "class_0", "train_0.jpg")
+    test_img = os.path.join(ddir, "images", "class_1", "test_0.jpg")
+    write_cache(os.path.join(ddir, "split_fewshot", "shot_1-seed_1.pkl"), [fewshot_img])
+    code, out, _ = check("--root", tmp_path, "dtd")
+    assert code == 0, out
+    for path in (fewshot_img, test_img):
+        with open(path, "wb") as f:
+            f.write(b"\xff\xd8\xff" + b"not a jpeg" * 10)  # exists, not empty: only decoding tells
+    code, out, _ = check("--root", tmp_path, "dtd")  # default: few-shot images + a sample of each split
+    assert code == 1
+    assert f"1 image(s) of split_fewshot/shot_1-seed_1.pkl cannot be decoded" in out
+    assert f"1 image(s) of the test split cannot be decoded" in out and f"{test_img} (cannot be decoded: " in out
+    code, out, _ = check("--root", tmp_path, "--sample", "0", "dtd")  # few-shot images only
+    assert code == 1 and "shot_1-seed_1.pkl cannot be decoded" in out and "test split" not in out
+    code, out, _ = check("--root", tmp_path, "--sample", "0", "--full", "dtd")
+    assert "the test split cannot be decoded (all images checked)" in out
+    code, out, _ = check("--root", tmp_path, "--quick", "dtd")
+    assert code == 0, out
+
+
+def test_images_of_a_cache_from_another_machine_are_decoded_where_they_are_read(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    write_cache(os.path.join(ddir, "split_fewshot", "shot_1-seed_1.pkl"), ["/old/DATA/dtd/images/class_0/train_0.jpg"])
+    with open(os.path.join(ddir, "images", "class_0", "train_0.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff" + b"not a jpeg" * 10)
+    code, out, _ = check("--root", tmp_path, "--sample", "0", "dtd")
+    assert code == 1 and "was written under another $DATA" in out
+    assert "1 image(s) of split_fewshot/shot_1-seed_1.pkl cannot be decoded" in out

@@ -170,16 +170,51 @@ def test_plain_dict_is_not_ours(tmp_path):
 def test_pickled_object_cannot_be_read_safely(tmp_path):
     path = str(tmp_path / "pickled.pth")
     torch.save({"format": FORMAT, "trainer": "Spotlighter", "model": NotATensor()}, path)
-    with pytest.raises(CheckpointError, match="cannot be read safely") as err:
+    with pytest.raises(CheckpointError, match="is a pickle of Python objects, not plain tensors") as err:
         load(path, trainer="Spotlighter")
-    assert path in str(err.value)
+    assert path in str(err.value) and "weights_only" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: b"", "is empty (0 bytes)"),
+    (lambda data: data[: len(data) // 2], "is truncated or corrupt"),
+    (lambda data: data[:100], "is truncated or corrupt"),
+    (lambda data: b"PK" + b"garbage" * 20, "is not a torch file"),
+])
+def test_damaged_checkpoint_is_named_for_what_it_is(tmp_path, damage, message):
+    path = str(tmp_path / "model.pth.tar-2")
+    save(path, {"trainer": "CoOp", "state_dict": {"w": torch.randn(64, 64)}})
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(data))
+    with pytest.raises(CheckpointError) as err:
+        load(path, trainer="CoOp")
+    text = str(err.value)
+    assert text.startswith(f"{path} {message}") and "Delete it and retrain" in text
+    assert "weights_only" not in text and "not a checkpoint of this project" not in text
+
+
+def test_full_disk_on_save_is_an_output_error(tmp_path, monkeypatch):
+    import errno
+
+    from spotlighter.fileio import OutputWriteError
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    path = str(tmp_path / "prompt_learner" / "model.pth.tar-1")
+    with pytest.raises(OutputWriteError, match=r"\(No space left on device\): free space on that file system"):
+        save(path, {"trainer": "CoOp"})
+    assert os.listdir(tmp_path / "prompt_learner") == []  # no partial file left
 
 
 def test_whole_module_pickle_is_refused(tmp_path):
     """What other codebases (and the released code) save: a pickled module."""
     path = str(tmp_path / "module.pth")
     torch.save(nn.Linear(2, 2), path)
-    with pytest.raises(CheckpointError, match="cannot be read safely"):
+    with pytest.raises(CheckpointError, match="is a pickle of Python objects"):
         load(path, trainer="Spotlighter")
 
 

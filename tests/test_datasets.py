@@ -226,6 +226,58 @@ def test_malformed_cache(tmp_path):
         build(tmp_path, "OxfordPets", shots=2)
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [0, pickle.HIGHEST_PROTOCOL])
+def test_crafted_pickles_never_run(tmp_path, protocol):
+    """A few-shot cache or ImageNet's preprocessed.pkl that names another callable is refused
+    before anything is called; a genuine file of Datum objects (any protocol) is still read."""
+    marker = tmp_path / "MARKER"
+    ddir = split_tree(tmp_path, "oxford_pets")
+    build(tmp_path, "OxfordPets", shots=2)  # writes a genuine cache
+    cache = os.path.join(ddir, "split_fewshot", "shot_2-seed_1.pkl")
+    with open(cache, "rb") as f:
+        genuine = pickle.load(f)
+    with open(cache, "wb") as f:
+        pickle.dump(genuine, f, protocol=protocol)
+    assert per_class(build(tmp_path, "OxfordPets", shots=2).train_x) == {c: 2 for c in range(5)}
+    with open(cache, "wb") as f:
+        pickle.dump({"train": [_RunsCode(marker)], "val": []}, f, protocol=protocol)
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, "OxfordPets", shots=2)
+    assert not marker.exists()
+    assert f"{cache} is not a file of Dassl Datum objects: it refers to posix.system" in str(e.value)
+    assert "nothing in the file was run" in str(e.value)
+    assert "re-created from the split file; the same seed gives the same sample" in str(e.value)
+
+    inet = imagenet_tree(tmp_path)
+    with open(os.path.join(inet, "preprocessed.pkl"), "wb") as f:
+        pickle.dump({"train": [_RunsCode(marker)], "test": []}, f, protocol=protocol)
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, "ImageNet")
+    assert not marker.exists()
+    assert "preprocessed.pkl is not a file of Dassl Datum objects" in str(e.value)
+    assert "re-created from images/ and classnames.txt" in str(e.value)
+
+
+def test_datum_fields_are_checked(tmp_path):
+    ddir = split_tree(tmp_path, "oxford_pets")
+    path = os.path.join(ddir, "split_fewshot", "shot_2-seed_1.pkl")
+    os.makedirs(os.path.dirname(path))
+    bad = Datum(impath=os.path.join(ddir, "images", "class_0", "train_0.jpg"), label=0, classname="c")
+    bad._label = "zero"
+    with open(path, "wb") as f:
+        pickle.dump({"train": [bad], "val": []}, f)
+    with pytest.raises(DatasetError, match=r"a Datum's _label is a str, expected int.*delete it"):
+        build(tmp_path, "OxfordPets", shots=2)
+
+
 def test_too_many_shots_names_the_class(tmp_path, monkeypatch, caplog):
     split_tree(tmp_path, "oxford_pets", counts={3: (2, 3, 2)})
     with pytest.raises(DatasetError) as e:

@@ -51,6 +51,19 @@ def test_unfinished_train_log_is_missing_never_its_val_block():
     assert "unfinished training log" in outcome.reason and "Finish training" in outcome.reason
 
 
+def test_training_killed_before_its_first_epoch_is_an_unfinished_training():
+    ours = "Command: python train.py --root data --trainer CoOp --output-dir o\n** Config **\nLoading dataset\n"
+    outcome = parse_log_text(ours)
+    assert outcome.is_train and outcome.block is None
+    assert outcome.reason == "unfinished training log (no 'Finish training' line)"
+    coop = "** Arguments **\nbackbone: \neval_only: False\nhead: \n** Config **\nBuilding transform_train\n"
+    assert parse_log_text(coop).reason == "unfinished training log (no 'Finish training' line)"
+    eval_only = ours.replace("train.py", "train.py --eval-only")
+    assert parse_log_text(eval_only).reason.startswith("eval-only log without")
+    assert parse_log_text("Loading dataset\n").reason.startswith("log (neither training nor evaluation finished)")
+    assert parse_log_text(coop.replace("False", "True")).reason.startswith("eval-only log without")
+
+
 def test_train_log_without_test_block_after_finish_is_missing():
     text = train_log(765, 1000, style="maple").split("Evaluate on the *test* set")[0]
     outcome = parse_log_text(text)
@@ -67,7 +80,7 @@ def test_eval_only_log_takes_last_block_and_needs_no_finish():
 def test_truncated_block_is_skipped():
     text = eval_log(800, 1000) + "=> result\n* total: 1,000\n"
     assert parse_log_text(text).block.accuracy == 80.0
-    assert parse_log_text("=> result\n* total: 1,000\n").reason.startswith("eval-only log without")
+    assert parse_log_text("=> result\n* total: 1,000\n").reason.startswith("log (neither training nor evaluation")
 
 
 def test_printed_accuracy_used_when_counts_absent():

@@ -39,8 +39,8 @@ def data_root(tmp_path_factory, tiny_clip_path):
     return str(root)
 
 
-def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", extra=(), eval_only=False,
-              model_dir=None, load_epoch=None, check=True):
+def train_cmd(data_root, clip_path, out, trainer="Spotlighter", subset="base", extra=(), eval_only=False,
+              model_dir=None, load_epoch=None):
     cmd = [sys.executable, "train.py", "--root", data_root, "--seed", "1",
            "--trainer", trainer.split("-")[0], "--dataset-config-file", "configs/datasets/minibench.yaml",
            "--config-file", CONFIGS[trainer], "--output-dir", str(out)]
@@ -50,9 +50,15 @@ def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", e
         cmd += ["--model-dir", str(model_dir)]
     if load_epoch is not None:
         cmd += ["--load-epoch", str(load_epoch)]
-    cmd += FAST + EXTRA.get(trainer, []) + ["MODEL.BACKBONE.PATH", clip_path,
-                                            "DATASET.SUBSAMPLE_CLASSES", subset] + list(extra)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return cmd + FAST + EXTRA.get(trainer, []) + ["MODEL.BACKBONE.PATH", clip_path,
+                                                  "DATASET.SUBSAMPLE_CLASSES", subset] + list(extra)
+
+
+def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", extra=(), eval_only=False,
+              model_dir=None, load_epoch=None, check=True, env=None):
+    cmd = train_cmd(data_root, clip_path, out, trainer, subset, extra, eval_only, model_dir, load_epoch)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -104,6 +110,7 @@ def test_train_base_then_eval_new(spot_base, data_root, tiny_clip_path, tmp_path
     out, proc = spot_base
     log = open(out / "log.txt").read()
     assert "Finish training" in log and "=> result" in log
+    assert "is deprecated" not in proc.stderr  # no packaging notice opens every run
     assert "Trainable scalars: 33,536" in log  # ctx 4x64 + mapper + TRM + IRM at d = 64
     ckpt_path = out / "spotlighter" / "model.pth.tar-2"
     assert (out / "spotlighter" / "checkpoint").read_text().strip() == "model.pth.tar-2"
@@ -210,7 +217,9 @@ def test_nan_loss_stops_with_precision_and_step(data_root, tiny_clip_path, tmp_p
     code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "nan", trainer="CoOp",
                                           extra=["DATASET.SUBSAMPLE_CLASSES", "base"]), capsys)
     assert code == 2
-    assert "at epoch 1, batch 1 (step 1) with precision fp32" in err and "PREC fp32 (or amp)" in err
+    assert "at epoch 1, batch 1 (step 1) with precision fp32" in err
+    assert "already in full precision (fp32)" in err and "lower OPTIM.LR (now 0.002)" in err
+    assert "PREC" not in err  # no advice to leave a half precision the run does not use
 
 
 def test_checkpoint_of_another_preset_or_trainer_is_refused(spot_base, data_root, tiny_clip_path, tmp_path):
@@ -349,3 +358,197 @@ def test_dataset_warnings_land_in_log_txt(tmp_path, tiny_clip_path, capsys):
     log = open(out / "log.txt").read()
     assert "MiniBench val split: 4 shots requested but 24 class(es) have fewer images" in log
     assert "all their images are used" in log and "Saving preprocessed few-shot data to" in log
+
+
+# ------------------------------------------------------------------ reliability (issue 11)
+def flat_tensors(obj, prefix=""):
+    """Every tensor of a checkpoint, keyed by its path in the payload."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flat_tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from flat_tensors(v, f"{prefix}/{i}")
+
+
+def epoch_lines(text, first_epoch):
+    """The per-batch lines of epochs >= first_epoch without their timing fields."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"epoch \[(\d+)/\d+\]", line)
+        if m and int(m.group(1)) >= first_epoch:
+            out.append(re.sub(r" (time|data) \S+ \(\S+\)| eta \S+", "", line))
+    return out
+
+
+def test_killed_run_resumes_bit_identically(data_root, tiny_clip_path, tmp_path):
+    """SIGKILL right after epoch 2 of 4, rerun: the resumed run equals an uninterrupted one in every
+    saved tensor (model, class memory, optimizer, scheduler, RNG states), in its per-batch losses
+    and in its result; disk holds at most one resumable checkpoint besides the final one; the lock
+    the killed process left is taken over."""
+    from spotlighter.runlock import INFO_FILE
+
+    extra = ["OPTIM.MAX_EPOCH", "4", "TEST.FINAL_MODEL", "best_val"]
+    ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
+    run_train(data_root, tiny_clip_path, ref, extra=extra)
+    assert sorted(os.listdir(ref / "spotlighter")) == ["checkpoint", "model-best.pth.tar", "model.pth.tar-4"]
+
+    killed = run_train(data_root, tiny_clip_path, cut, extra=extra, check=False,
+                       env={"SPOTLIGHTER_TEST_KILL_AFTER_EPOCH": "2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "epoch [3/4]" not in killed.stdout
+    # the newest intermediate only (epoch 1's was removed when epoch 2's was written)
+    assert sorted(os.listdir(cut / "spotlighter")) == ["checkpoint", "model-best.pth.tar", "model.pth.tar-2"]
+    dead_pid = json.loads((cut / INFO_FILE).read_text())["pid"]
+
+    resumed = run_train(data_root, tiny_clip_path, cut, extra=extra)
+    assert f"Took over the lock of {cut} left by a process that is no longer running (pid {dead_pid} " in resumed.stdout
+    assert f"Resumed from {cut}/spotlighter/model.pth.tar-2 (epoch 2)" in resumed.stdout
+    assert "epoch [2/4]" not in resumed.stdout and "epoch [3/4]" in resumed.stdout
+    assert sorted(os.listdir(cut / "spotlighter")) == ["checkpoint", "model-best.pth.tar", "model.pth.tar-4"]
+
+    ref_log = open(ref / "log.txt").read()
+    assert epoch_lines(resumed.stdout, 3) == epoch_lines(ref_log, 3) and len(epoch_lines(ref_log, 3)) == 4
+    for name in ("model.pth.tar-4", "model-best.pth.tar"):
+        a = dict(flat_tensors(torch.load(ref / "spotlighter" / name, weights_only=True)))
+        b = dict(flat_tensors(torch.load(cut / "spotlighter" / name, weights_only=True)))
+        assert a.keys() == b.keys() and any(k.startswith("/rng/") for k in a)
+        assert any(k.startswith("/class_state/prototypes") for k in a)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], name
+    ra, rb = read_result(ref), read_result(cut)
+    assert (ra["correct"], ra["accuracy"], ra["macro_f1"], ra["epoch"]) == \
+        (rb["correct"], rb["accuracy"], rb["macro_f1"], rb["epoch"])
+
+
+def test_two_runs_on_one_output_folder(data_root, tiny_clip_path, tmp_path):
+    """A second process on a folder in use stops at once with the holder's pid, host and start time,
+    and touches nothing; the first finishes normally."""
+    import signal
+    import socket
+    import time
+
+    from spotlighter.runlock import INFO_FILE, lock_holder
+
+    out = tmp_path / "job"
+    first = subprocess.Popen(train_cmd(data_root, tiny_clip_path, out, trainer="CoOp"), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / INFO_FILE).is_file() or json.loads((out / INFO_FILE).read_text() or "{}").get("pid") != first.pid:
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # holds the lock for as long as the second one needs
+        holder = lock_holder(str(out))
+        assert holder.pid == first.pid and holder.host == socket.gethostname()
+        before = sorted(os.listdir(out))
+        second = run_train(data_root, tiny_clip_path, out, trainer="CoOp", check=False)
+        assert second.returncode == 2
+        err = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith(f"error: {out} is in use by pid {first.pid} on {holder.host}, "
+                                                    f"started {holder.started} (")
+        assert "another --output-dir" in err[0]
+        assert sorted(os.listdir(out)) == before  # no second log, nothing read or written
+    finally:
+        first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert open(out / "log.txt").read().count("Command: ") == 1 and not list(out.glob("log.txt-*"))
+    assert read_result(out)["epoch"] == 2 and lock_holder(str(out)) is None
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_crafted_few_shot_pickle_never_runs(eval_only, tmp_path, tiny_clip_path, capsys):
+    import pickle
+
+    root = tmp_path / "data"
+    folder = make_tiny_minibench(str(root))
+    marker = tmp_path / "MARKER"
+    os.makedirs(os.path.join(folder, "split_fewshot"))
+    cache = os.path.join(folder, "split_fewshot", "shot_4-seed_1.pkl")
+    with open(cache, "wb") as f:
+        pickle.dump({"train": [_RunsCode(marker)], "val": []}, f)
+    argv = train_argv(str(root), tiny_clip_path, tmp_path / "o", trainer="ZeroshotCLIP" if eval_only else "CoOp")
+    code, err = run_in_process((["--eval-only"] if eval_only else []) + argv, capsys)
+    assert code == 2 and not marker.exists()
+    assert f"error: {cache} is not a file of Dassl Datum objects: it refers to posix.system" in err
+    assert "delete it (it is re-created from the split file; the same seed gives the same sample)" in err
+
+
+def _eval_argv(data_root, clip_path, out, model_dir, extra=()):
+    return ["--eval-only", "--model-dir", str(model_dir)] + train_argv(
+        data_root, clip_path, out, extra=["DATASET.SUBSAMPLE_CLASSES", "new", *extra])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"", "is empty (0 bytes): it was never written completely"),
+    (lambda b: b[: len(b) // 2], "is truncated or corrupt ("),
+])
+def test_damaged_checkpoint_is_one_line(damage, message, spot_base, data_root, tiny_clip_path, tmp_path, capsys):
+    import shutil
+
+    out, _ = spot_base
+    model = tmp_path / "model"
+    shutil.copytree(out / "spotlighter", model / "spotlighter")
+    path = model / "spotlighter" / "model.pth.tar-2"
+    path.write_bytes(damage(path.read_bytes()))
+    code, err = run_in_process(_eval_argv(data_root, tiny_clip_path, tmp_path / "e", model), capsys)
+    assert code == 2 and err.strip() == err.strip().splitlines()[0]  # one line
+    assert err.startswith(f"error: {path} {message}") and "Traceback" not in err
+    assert open(tmp_path / "e" / "log.txt").read().count("error: ") == 1
+
+
+def test_prototype_count_mismatch_names_the_key_and_file(spot_base, data_root, tiny_clip_path, tmp_path, capsys):
+    out, _ = spot_base
+    code, err = run_in_process(_eval_argv(data_root, tiny_clip_path, tmp_path / "e", out,
+                                          ["TRAINER.SPOTLIGHTER.MEMORY.PROTOTYPES_PER_CLASS", "2"]), capsys)
+    assert code == 2
+    assert err.strip() == (f"error: {out}/spotlighter/model.pth.tar-2: class_state['prototypes'] holds 4 prototypes "
+                           "per class, but TRAINER.SPOTLIGHTER.MEMORY.PROTOTYPES_PER_CLASS = 2: evaluate it with "
+                           "the value it was trained with (4).")
+
+
+def test_unwritable_output_folder_is_one_line(data_root, tiny_clip_path, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from spotlighter import runlock
+
+    target = tmp_path / "ro" / "job"
+
+    def read_only(self):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+
+    monkeypatch.setattr(runlock.OutputLock, "acquire", read_only)
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, target, trainer="CoOp"), capsys)
+    assert code == 2 and not target.exists()
+    assert err.strip() == (f"error: cannot write {target} (Read-only file system): give a --output-dir on a "
+                           "writable file system that you may write to.")
+
+
+def test_full_disk_while_saving_is_one_line(data_root, tiny_clip_path, tmp_path, capsys, monkeypatch):
+    from spotlighter import checkpoint
+
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 12: "
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint, "_nearly_full", lambda path: True)
+    out = tmp_path / "full"
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, out, trainer="CoOp",
+                                          extra=["OPTIM.MAX_EPOCH", "1"]), capsys)
+    assert code == 2
+    assert err.startswith(f"error: cannot write {out}/prompt_learner/model.pth.tar-1 (No space left on device): "
+                          "free space on that file system")
+    assert len(err.strip().splitlines()) == 1 and not list((out / "prompt_learner").glob("*.tmp-*"))

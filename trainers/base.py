@@ -11,8 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
+import signal
 import time
 from typing import Dict, Optional
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -27,6 +31,7 @@ from spotlighter import checkpoint as ckpt
 from spotlighter import foreign
 from spotlighter.backbone import FrozenCLIP, load_clip
 from spotlighter.config import ConfigError, check_precision
+from spotlighter.fileio import atomic_path
 from spotlighter.models import count_trainable
 from spotlighter.schedule import build_schedule
 
@@ -35,6 +40,41 @@ logger = logging.getLogger(__name__)
 BEST_FILE = "model-best.pth.tar"
 LAST_POINTER = "checkpoint"  # Dassl's file naming the last checkpoint of a folder (used to resume)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32}
+#: Test hook: SIGKILL this process right after the checkpoint of this (1-based) epoch is written,
+#: as a crash or a cluster's preemption would (tests/test_train_integration.py resumes from it).
+KILL_AFTER_EPOCH_ENV = "SPOTLIGHTER_TEST_KILL_AFTER_EPOCH"
+
+
+def rng_state() -> dict:
+    """Every random state the next epoch depends on: torch (CPU and CUDA), numpy, Python."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": random.getstate()[0], "internal": list(random.getstate()[1]),
+                   "gauss_next": random.getstate()[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) != torch.cuda.device_count():
+            logger.warning("The checkpoint holds the CUDA random states of %d GPUs, this run has %d: the "
+                           "resumed run restores what matches and may differ from an uninterrupted one",
+                           len(cuda), torch.cuda.device_count())
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -182,8 +222,7 @@ class PromptTrainer(TrainerX):
             raise TrainingDiverged(
                 f"The loss is {loss.item()} at epoch {self.epoch + 1}, batch {self.batch_idx + 1} (step {step}) "
                 f"with precision {self.precision} ({'; '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}). "
-                f"Half precision overflows easily: rerun with TRAINER.{self.CFG_NODE}.PREC fp32 (or amp), "
-                "or lower OPTIM.LR.")
+                + self.divergence_advice())
         self.optim.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -197,6 +236,15 @@ class PromptTrainer(TrainerX):
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
+
+    def divergence_advice(self) -> str:
+        lr = f"lower OPTIM.LR (now {self.cfg.OPTIM.LR:g})"
+        if self.precision == "fp16":
+            return f"Half precision overflows easily: rerun with TRAINER.{self.CFG_NODE}.PREC fp32 (or amp), or {lr}."
+        if self.precision == "amp":
+            return f"Mixed precision can overflow: rerun with TRAINER.{self.CFG_NODE}.PREC fp32, or {lr}."
+        return (f"The run is already in full precision (fp32), so this is not a rounding problem: {lr}, "
+                "or check the images and the config values of this run.")
 
     def model_inference(self, images):
         with self.autocast():
@@ -213,7 +261,27 @@ class PromptTrainer(TrainerX):
     def load_class_state(self, state: dict) -> None:
         pass
 
-    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
+    def after_epoch(self):
+        """Dassl's (best-val test, TRAIN.CHECKPOINT_FREQ and last-epoch checkpoints), plus the
+        resumable checkpoint of every epoch (TRAIN.RESUMABLE_EVERY_EPOCH)."""
+        super().after_epoch()
+        done = self.epoch + 1
+        if self.cfg.TRAIN.RESUMABLE_EVERY_EPOCH and not self.is_kept_epoch(done):
+            self.save_model(self.epoch, self.output_dir, intermediate=True)
+        if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(done):
+            logger.info("%s=%d: killing this process (test hook)", KILL_AFTER_EPOCH_ENV, done)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def is_kept_epoch(self, epoch: int) -> bool:
+        """Checkpoints Dassl keeps: the last epoch and every TRAIN.CHECKPOINT_FREQ-th (1-based)."""
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        return epoch == self.max_epoch or (freq > 0 and epoch % freq == 0)
+
+    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name="", intermediate=False):
+        """A periodic/last checkpoint (``model.pth.tar-<epoch>``, named by the ``checkpoint`` file,
+        what a resume continues from), the best-val one (``model_name``), or the resumable
+        ``intermediate`` one of an epoch, which replaces the previous intermediate one."""
         for name in self.get_model_names():
             folder = os.path.join(directory, name)
             fname = model_name or checkpoint_name(epoch + 1)
@@ -224,13 +292,38 @@ class PromptTrainer(TrainerX):
                 "optimizer": optim.state_dict() if optim is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "epoch": epoch + 1, "val_result": None if val_result is None else float(val_result),
+                # what the next epoch depends on besides the model: a resume is bit-identical
+                "rng": rng_state(), "best_result": float(self.best_result), "intermediate": bool(intermediate),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             }
             path = os.path.join(folder, fname)
             ckpt.save(path, payload)
             if not model_name:  # periodic/last checkpoints are what a resume continues from
-                with open(os.path.join(folder, LAST_POINTER), "w") as f:
+                previous = self._pointed(folder)
+                with atomic_path(os.path.join(folder, LAST_POINTER)) as tmp, open(tmp, "w") as f:
                     f.write(fname + "\n")
+                if previous and previous != path:
+                    self._drop_if_intermediate(previous)
             logger.info("Checkpoint saved to %s", path)
+
+    @staticmethod
+    def _pointed(folder: str) -> Optional[str]:
+        try:
+            with open(os.path.join(folder, LAST_POINTER)) as f:
+                name = f.read().strip()
+        except OSError:
+            return None
+        return os.path.join(folder, name) if name else None
+
+    def _drop_if_intermediate(self, path: str) -> None:
+        """Delete ``path`` if it is a resumable intermediate checkpoint (superseded by a newer one)."""
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not ours, unreadable, already gone: leave it
+            return
+        if isinstance(old, dict) and old.get("format") == ckpt.FORMAT and old.get("intermediate"):
+            os.remove(path)
+            logger.info("Removed the superseded resumable checkpoint %s", path)
 
     def _read(self, path: str) -> dict:
         return ckpt.load(path, trainer=self.cfg.TRAINER.NAME, preset=self.preset, signature=self.signature(),
@@ -242,7 +335,10 @@ class PromptTrainer(TrainerX):
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"{path} does not fit this model: {exc}") from exc
         if data.get("class_state") is not None:
-            self.load_class_state(data["class_state"])
+            try:
+                self.load_class_state(data["class_state"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ckpt.CheckpointError(f"{path}: {exc}.") from None
 
     def resume_model_if_exist(self, directory):
         names = self.get_model_names()
@@ -250,7 +346,7 @@ class PromptTrainer(TrainerX):
         if not all(os.path.isfile(p) for p in pointers):
             logger.info("No checkpoint found in %s, training from scratch", directory)
             return 0
-        start = 0
+        start, rng = 0, None
         for name, pointer in zip(names, pointers):
             with open(pointer) as f:
                 path = os.path.join(directory, name, f.read().strip())
@@ -260,8 +356,18 @@ class PromptTrainer(TrainerX):
                 self._optims[name].load_state_dict(data["optimizer"])
             if self._scheds[name] is not None and data.get("scheduler"):
                 self._scheds[name].load_state_dict(data["scheduler"])
+            if self.scaler is not None and data.get("scaler"):
+                self.scaler.load_state_dict(data["scaler"])
+            if data.get("best_result") is not None:
+                self.best_result = float(data["best_result"])
             start = int(data["epoch"])
+            rng = data.get("rng")
             logger.info("Resumed from %s (epoch %d)", path, start)
+        if rng is not None:  # last: nothing may draw a random number between here and the next epoch
+            set_rng_state(rng)
+        else:
+            logger.warning("The checkpoint holds no random states (written by an older version): the "
+                           "resumed run continues correctly but not bit-identically to an uninterrupted one")
         return start
 
     def load_model(self, directory, epoch=None):

@@ -45,6 +45,17 @@ class Spotlighter(PromptTrainer):
         memory = self._memory()
         if memory is None:
             return
+        saved = state.get("prototypes")
+        if getattr(saved, "dim", lambda: 0)() != 3:
+            raise ValueError("class_state['prototypes'] is not a (classes, prototypes, dim) tensor")
+        if saved.shape[1] != memory.per_class:
+            raise ValueError(
+                f"class_state['prototypes'] holds {saved.shape[1]} prototypes per class, but "
+                f"TRAINER.SPOTLIGHTER.MEMORY.PROTOTYPES_PER_CLASS = {memory.per_class}: evaluate it with the "
+                f"value it was trained with ({saved.shape[1]})")
+        if saved.shape[2] != memory.prototypes.shape[2]:
+            raise ValueError(f"class_state['prototypes'] has dimension {saved.shape[2]}, this CLIP's embedding "
+                             f"{memory.prototypes.shape[2]}: it was trained with another MODEL.BACKBONE")
         loaded, fresh = memory.load_class_state(state)
         logger.info("Class prototypes: %d classes loaded from the checkpoint by name, %d start from "
                     "their zero-shot text embedding", loaded, fresh)

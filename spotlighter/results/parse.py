@@ -28,6 +28,22 @@ logger = logging.getLogger(__name__)
 
 _ITEM_RE = re.compile(r"^\*\s*(total|correct|accuracy|error|macro_f1):\s*([\d,]+(?:\.\d+)?)\s*%?\s*$")
 _EPOCH_RE = re.compile(EPOCH_PATTERN)
+#: Dassl-style train.py scripts print their arguments (CoOp, MaPLe: ``eval_only: False``); ours prints
+#: its command line. Either says whether a log is a training, even one killed before its first epoch.
+_EVAL_ONLY_ARG_RE = re.compile(r"^eval_only:\s*(True|False)\s*$")
+_COMMAND_PREFIX = "Command: "
+HEADER_LINES = 500  # the arguments/command come first; never scan a whole long log for them
+
+
+def declared_training(lines: list[str]) -> bool | None:
+    """True/False when the log's header says it is a training / an evaluation, None if it says nothing."""
+    for line in lines[:HEADER_LINES]:
+        if line.startswith(_COMMAND_PREFIX) and "train.py" in line:
+            return "--eval-only" not in line.split()
+        match = _EVAL_ONLY_ARG_RE.match(line.strip())
+        if match:
+            return match.group(1) == "False"
+    return None
 
 
 @dataclass(frozen=True)
@@ -107,11 +123,13 @@ def parse_blocks(lines: Sequence[str]) -> list[EvalBlock]:
 def parse_log_text(text: str, path: str = "") -> LogOutcome:
     """The test result of one log: after ``Finish training`` in a train log, else the last block."""
     lines = text.splitlines()
-    is_train = any(_EPOCH_RE.search(line) for line in lines)
+    declared = declared_training(lines)
+    is_train = any(_EPOCH_RE.search(line) for line in lines) or declared is True
     blocks = parse_blocks(lines)
     if not is_train:
         if not blocks:
-            return LogOutcome(path, None, f"eval-only log without a '{RESULT_SIGNAL}' block", False)
+            what = "eval-only log" if declared is False else "log (neither training nor evaluation finished)"
+            return LogOutcome(path, None, f"{what} without a '{RESULT_SIGNAL}' block", False)
         return LogOutcome(path, blocks[-1], None, False)
     finish = [i for i, line in enumerate(lines) if line.strip() == FINISH_SIGNAL]
     if not finish:
