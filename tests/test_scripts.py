@@ -20,7 +20,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["common.sh", "base2new.sh", "xd.sh", "dg.sh"]
+SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
         "ZeroshotCLIP": "vit_b16"}
@@ -100,6 +100,11 @@ def env(tmp_path):
     os.makedirs(repo / "scripts")
     for s in SCRIPTS:
         shutil.copy(os.path.join(ROOT, "scripts", s), repo / "scripts" / s)
+    # the runner and the registry it reads (datasets/layout.py: $DATA folders, DATASETS.md sections)
+    shutil.copytree(os.path.join(ROOT, "spotlighter"), repo / "spotlighter",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    os.makedirs(repo / "datasets")
+    shutil.copy(os.path.join(ROOT, "datasets", "layout.py"), repo / "datasets" / "layout.py")
     for trainer, cfg in CFGS.items():
         os.makedirs(repo / "configs" / "trainers" / trainer)
         (repo / "configs" / "trainers" / trainer / f"{cfg}.yaml").write_text(
@@ -236,8 +241,10 @@ def test_dry_run_skip_force_and_epoch_from_checkpoint(env):
     assert f"--model-dir output/base2new/train_base/{rel}/seed1 --eval-only" in cmd and "--load-epoch" not in cmd
 
     r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1", FORCE=1)
-    assert re.search(rf"^mv output/base2new/train_base/{rel}/seed1 output/base2new/train_base/{rel}/seed1\.bak-\d{{8}}-\d{{6}}$",
+    # moved OUTSIDE the seed's parent folder: CoOp's parse_test_res.py must not count it as a seed
+    assert re.search(rf"^mv output/base2new/train_base/{rel}/seed1 output/backup/\d{{8}}-\d{{6}}/base2new/train_base/{rel}/seed1$",
                      r.stdout, re.M), r.stdout
+    assert re.search(rf"^mkdir -p output/backup/\d{{8}}-\d{{6}}/base2new/train_base/{rel}$", r.stdout, re.M)
     assert "train_base" in commands(r.stdout)[0] and os.path.isdir(tr)  # dry run moves nothing
 
 
@@ -316,10 +323,17 @@ def test_bad_input(env, script, args, extra, expect):
 def test_missing_dataset_folder(env):
     shutil.rmtree(os.path.join(env.data, "food-101"))
     shutil.rmtree(os.path.join(env.data, "dtd"))
-    r = env.run("base2new.sh", "coop", "food101", 16, DRY_RUN=1)
-    assert r.returncode == 2
+    r = env.run("base2new.sh", "coop", "food101", 16)
+    assert r.returncode == 2 and not env.calls()
     assert f"expected folder {env.data}/food-101 (see DATASETS.md#food101)" in r.stderr
-    assert "scripts/check_data.py" in r.stderr
+    assert f"check everything with: python scripts/check_data.py --root {env.data} food101" in r.stderr
+    # a dry run prints the commands before the datasets are downloaded, with a warning comment
+    r = env.run("base2new.sh", "coop", "food101", 16, DRY_RUN=1)
+    assert r.returncode == 0, r.stderr
+    assert f"# warning: dataset 'food101' not found: expected folder {env.data}/food-101" in r.stdout
+    assert len(commands(r.stdout)) == 6
+    r = env.run("base2new.sh", "coop", "food101", 16, DRY_RUN=1, DATA="not/yet")
+    assert r.returncode == 0 and f"--root {os.path.join(env.cwd, 'not/yet')} " in commands(r.stdout)[0]
     r = env.run("xd.sh", "coop", 16)  # every missing target is listed before anything runs
     assert r.returncode == 2 and "'food101'" in r.stderr and "'dtd'" in r.stderr and not env.calls()
     r = env.run("base2new.sh", "coop", "minibench", 16, DRY_RUN=1)  # generated on first use
@@ -398,9 +412,12 @@ def test_force_moves_finished_results_aside(env):
     r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, FORCE=1)
     assert r.returncode == 0, r.stderr
     assert len(env.calls()) == 4
-    backups = glob.glob(os.path.join(rel, "seed1.bak-*"))
+    assert os.listdir(rel) == ["seed1"]  # nothing next to the seed folders
+    backups = glob.glob(os.path.join(env.out, "backup", "*", "base2new", "train_base", "dtd", "shots_16", "CoOp",
+                                     "vit_b16_ep20_ctx4", "seed1"))
     assert len(backups) == 1 and os.path.isfile(os.path.join(backups[0], "result.json"))
     assert os.path.isfile(os.path.join(rel, "seed1", "result.json"))
+    assert "FORCE=1: moved the old output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ep20_ctx4/seed1 aside" in r.stdout
 
 
 def test_train_exit_zero_without_result_is_a_failure(env, tmp_path):
@@ -438,13 +455,13 @@ def test_scripts_never_touch_cuda_visible_devices_and_parse():
         assert os.access(os.path.join(ROOT, "scripts", s), os.X_OK), s
 
 
-def test_real_repo_default_configs_exist_when_trainers_landed():
-    """The default CFG of each trainer in common.sh names a config of configs/trainers/."""
-    text = open(os.path.join(ROOT, "scripts", "common.sh")).read()
-    for trainer, cfg in CFGS.items():
-        assert re.search(rf"{trainer}\) echo {cfg} ;;", text), trainer
-        if os.path.isdir(os.path.join(ROOT, "configs", "trainers", trainer)):
-            assert os.path.isfile(os.path.join(ROOT, "configs", "trainers", trainer, f"{cfg}.yaml"))
+def test_registry_default_configs_exist_and_match_the_runner():
+    """Every trainer's default config in the registry is a file of configs/trainers/."""
+    from spotlighter import registry
+
+    assert {t.name: t.default_config for t in registry.TRAINERS.values()} == CFGS
+    for t in registry.TRAINERS.values():
+        assert os.path.isfile(os.path.join(ROOT, t.config_file())), t.name
 
 
 def test_evaluations_of_a_retrained_model_are_redone(env):
@@ -458,5 +475,7 @@ def test_evaluations_of_a_retrained_model_are_redone(env):
     assert r.returncode == 0 and len(env.calls()) == 3  # only the dtd evaluation is run again
     assert "is newer than" in r.stdout and "re-evaluating" in r.stdout
     ev = os.path.join(env.out, "evaluation", "CoOp", "vit_b16_ep20_ctx4_4shots", "dtd")
-    assert glob.glob(os.path.join(ev, "seed1.bak-*", "result.json"))  # the old result is kept aside
+    assert os.listdir(ev) == ["seed1"]
+    assert glob.glob(os.path.join(env.out, "backup", "*", "evaluation", "CoOp", "vit_b16_ep20_ctx4_4shots", "dtd",
+                                  "seed1", "result.json"))  # the old result is kept aside
     assert os.path.isfile(os.path.join(ev, "seed1", "result.json"))
