@@ -189,10 +189,17 @@ class Runner:
     # --- DRY_RUN ---------------------------------------------------------------------------------
     def dry_run(self, jobs: List[Job]) -> None:
         s = self.s
-        moved = set()
+        moved, stopped = set(), {}
         for job in jobs:
             st = inspect(job, s)
-            if s.force and os.path.exists(job.dir):
+            bad = [d for d in job.deps if d in stopped]
+            if bad:
+                stopped[job.dir] = "not run"
+                self.say(f"seed {job.seed}: its {job.what} is not run ({bad[0]} {stopped[bad[0]]})")
+                continue
+            if st.name in ("running", "mismatch") and not (s.force and st.name == "mismatch"):
+                stopped[job.dir] = "is running elsewhere" if st.name == "running" else "was refused"
+            if s.force and os.path.exists(job.dir) and st.name != "running":
                 move_aside(s, job.dir, self.say, "FORCE=1")
                 moved.add(job.dir)
             elif st.name == "finished":

@@ -217,8 +217,8 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
                 f.write(_batch_script(s, stem + ".json", job.name))
             cmd = ["sbatch", "--parsable", f"--job-name=spl-{job.kind}-{job.dataset}-s{job.seed}",
                    f"--output={stem}-%j.out", f"--chdir={s.repo}", *compute_opts]
-            if dep_ids:
-                cmd.append(f"--dependency=afterok:{':'.join(dep_ids)}")
+            if dep_ids:  # and cancelled when its training fails, so the table job (afterany) still runs
+                cmd += [f"--dependency=afterok:{':'.join(dep_ids)}", "--kill-on-invalid-dep=yes"]
             cmd.append(stem + ".sh")
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -269,6 +269,7 @@ def status(s: Settings, jobs: List[Job]) -> int:
     queued = squeue_states(ids)
     final = finished_states([i for i in ids if i not in queued])
     counts: Dict[str, int] = {}
+    states: Dict[str, str] = {}
     rows = []
     remaining: List[Job] = []
     for job in jobs:
@@ -287,6 +288,8 @@ def status(s: Settings, jobs: List[Job]) -> int:
             state, note = "running", st.note if st.name == "running" else ""
         elif sstate in ACTIVE:
             state = "queued"
+        elif any(states.get(d) in ("failed", "not run", "refused") for d in job.deps):
+            state, note = "not run", f"{job.deps[0]} did not finish"
         elif sstate in FAILED_STATES or sstate == "COMPLETED" or st.name in ("resume", "rerun"):
             state = "failed"
             logs = sorted(p for p in os.listdir(job.dir) if p.startswith("run-")) if os.path.isdir(job.dir) else []
@@ -295,15 +298,16 @@ def status(s: Settings, jobs: List[Job]) -> int:
             note = (f"SLURM {sstate}; " if sstate else "interrupted or failed; ") + (f"see {where}" if where else "")
         else:
             state = "not started"
-        if state not in ("done",):
+        if state not in ("done", "failed", "not run", "refused"):
             remaining.append(job)
         counts[state] = counts.get(state, 0) + 1
+        states[job.dir] = state
         rows.append((state, jid, job.name, note))
     width = max(len(r[0]) for r in rows) if rows else 8
     for state, jid, name, note in rows:
         print(f"{state:<{width}}  {jid:>8}  {name}{'   ' + note if note else ''}")
     done = counts.get("done", 0)
-    parts = [f"{counts[k]} {k}" for k in ("running", "queued", "failed", "refused", "stale", "not started")
+    parts = [f"{counts[k]} {k}" for k in ("running", "queued", "failed", "not run", "refused", "stale", "not started")
              if counts.get(k)]
     means = {}
     for kind in (TRAIN, EVAL):
