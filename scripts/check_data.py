@@ -4,6 +4,7 @@
     python scripts/check_data.py --root $DATA                 # every dataset
     python scripts/check_data.py --root $DATA dtd eurosat     # some of them
     python scripts/check_data.py --root $DATA --quick imagenet  # skip per-image checks
+    python scripts/check_data.py --root $DATA --protocol xd     # what a protocol needs (SOURCE=...)
 
 For each dataset it checks the folder, the split file (valid JSON with train/val/test lists of
 [relative path, label, class name]) or the files the dataset reads instead (ImageNet's
@@ -31,8 +32,29 @@ def _load_layout():
     return mod
 
 
+def _load_registry():
+    """spotlighter/registry.py (plain Python), by path like the layout: no install needed."""
+    spec = importlib.util.spec_from_file_location("_spotlighter_registry",
+                                                  os.path.join(REPO, "spotlighter", "registry.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
 L = _load_layout()
+R = _load_registry()
 SHOW = 3
+
+
+def protocol_datasets(protocol, source):
+    """The datasets of $DATA a protocol reads (the registry's table), in its order."""
+    if protocol == "base2new":
+        names = list(R.BASE2NEW_DATASETS)
+    else:
+        targets = R.xd_targets(source) if protocol == "xd" else R.dg_targets(source)
+        names = ([source] if protocol == "xd" else []) + list(targets)
+    return [n for n in names if n in L.LAYOUTS]
 
 
 class _Datum:  # stands in for dassl's Datum when reading few-shot caches without Dassl
@@ -242,6 +264,10 @@ def main(argv=None):
     p.add_argument("--root", default=os.environ.get("DATA"),
                    help="the $DATA folder (default: the DATA environment variable)")
     p.add_argument("--quick", action="store_true", help="skip the per-image existence checks")
+    p.add_argument("--protocol", choices=list(R.PROTOCOLS),
+                   help="check the datasets this protocol uses (spotlighter/registry.py) instead of a list")
+    p.add_argument("--source", default=os.environ.get("SOURCE") or R.DEFAULT_SOURCE,
+                   help=f"with --protocol xd/dg: the source dataset (default: SOURCE or {R.DEFAULT_SOURCE})")
     p.add_argument("datasets", nargs="*", metavar="DATASET",
                    help=f"datasets to check (default: all): {' '.join(L.LAYOUTS)}")
     args = p.parse_args(argv)
@@ -257,6 +283,15 @@ def main(argv=None):
         print(f"error: unknown dataset(s) {' '.join(unknown)}. Valid datasets: {' '.join(L.LAYOUTS)}",
               file=sys.stderr)
         return 2
+    if args.protocol:
+        if args.datasets:
+            print("error: give either --protocol or DATASET names, not both", file=sys.stderr)
+            return 2
+        try:
+            args.datasets = protocol_datasets(args.protocol, args.source)
+        except R.RegistryError as exc:
+            print(f"error: --source: {exc}", file=sys.stderr)
+            return 2
     keys = args.datasets or list(L.LAYOUTS)
     print(f"Checking {len(keys)} dataset(s) under {root}")
     bad = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -146,8 +147,9 @@ def _layouts():
     if _layout_module is None and os.path.isfile(_LAYOUT_FILE):
         spec = importlib.util.spec_from_file_location("_spotlighter_dataset_layout", _LAYOUT_FILE)
         mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _layout_module = mod
+        sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up
+        spec.loader.exec_module(sys.modules[spec.name])
+        _layout_module = sys.modules[spec.name]
     return _layout_module
 
 

@@ -125,3 +125,16 @@ def test_does_not_need_dassl(tmp_path):
     (block / "torch.py").write_text("raise ImportError('torch blocked for this test')\n")
     code, out, err = check("--root", tmp_path, "dtd", env={"PYTHONPATH": str(block)})
     assert code == 0, out + err
+
+
+def test_protocol_checks_the_registry_datasets(tmp_path):
+    variant_tree(tmp_path, "imagenet_a")
+    code, out, _ = check("--root", tmp_path, "--protocol", "dg")
+    assert code == 1 and "Checking 4 dataset(s)" in out
+    assert "OK      imagenet_a" in out and "MISSING imagenet_r" in out and "MISSING imagenetv2" in out
+    code, out, _ = check("--root", tmp_path, "--protocol", "xd")
+    assert "Checking 11 dataset(s)" in out and "MISSING imagenet:" in out and "MISSING ucf101" in out
+    code, _, err = check("--root", tmp_path, "--protocol", "xd", "--source", "dtd")
+    assert code == 2 and "'dtd' is not a cross-dataset source; known sources: imagenet, minibench" in err
+    code, _, err = check("--root", tmp_path, "--protocol", "dg", "dtd")
+    assert code == 2 and "either --protocol or DATASET" in err
