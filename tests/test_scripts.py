@@ -116,6 +116,7 @@ def env(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__"))
     os.makedirs(repo / "datasets")
     shutil.copy(os.path.join(ROOT, "datasets", "layout.py"), repo / "datasets" / "layout.py")
+    shutil.copytree(os.path.join(ROOT, "configs", "datasets"), repo / "configs" / "datasets")
     for trainer, cfg in CFGS.items():
         os.makedirs(repo / "configs" / "trainers" / trainer)
         (repo / "configs" / "trainers" / trainer / f"{cfg}.yaml").write_text(
@@ -329,6 +330,15 @@ def test_bad_input(env, script, args, extra, expect):
     r = env.run(script, *args, **extra)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert expect in r.stderr
+
+
+def test_missing_dataset_config(env):
+    os.remove(os.path.join(env.repo, "configs", "datasets", "eurosat.yaml"))
+    r = env.run("xd.sh", "coop", 16, DATASETS="dtd eurosat")
+    assert r.returncode == 2 and not env.calls()
+    assert "error: dataset config configs/datasets/eurosat.yaml does not exist" in r.stderr
+    r = env.run("xd.sh", "coop", 16, DATASETS="dtd eurosat", DRY_RUN=1)
+    assert r.returncode == 0 and "# warning: dataset config configs/datasets/eurosat.yaml does not exist" in r.stdout
 
 
 def test_missing_dataset_folder(env):

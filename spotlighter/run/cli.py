@@ -131,11 +131,21 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
                     force=_flag(env, "FORCE"), dry_run=dry, typed_trainer=typed)
 
 
+def protocol_datasets(s: Settings) -> List[str]:
+    names = [s.dataset] if s.protocol == "base2new" else ([s.source] if s.protocol == "xd" else []) + s.targets
+    return list(dict.fromkeys(names))
+
+
+def missing_configs(s: Settings) -> List[str]:
+    return [f"dataset config {registry.dataset(n).config} does not exist (the dataset '{n}' has no config in "
+            "this checkout)" for n in protocol_datasets(s)
+            if not os.path.isfile(os.path.join(s.repo, registry.dataset(n).config))]
+
+
 def missing_data(s: Settings) -> List[str]:
     """One line per dataset whose folder is not under $DATA (generated ones never are missing)."""
-    names = [s.dataset] if s.protocol == "base2new" else ([s.source] if s.protocol == "xd" else []) + s.targets
     out = []
-    for name in dict.fromkeys(names):
+    for name in protocol_datasets(s):
         ds = registry.dataset(name)
         if ds.generated or ds.folder is None:
             continue
@@ -356,6 +366,9 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
         raise InputError(f"JOBS must be a positive integer, got '{jobs_text}'")
     slots = int(jobs_text) if jobs_text else (len(gpus) or 1)
     runner = Runner(s)
+    no_config = missing_configs(s)
+    if no_config and not s.dry_run:
+        raise InputError("\n       ".join(no_config))
     missing = missing_data(s)
     if missing:
         if not s.dry_run:
@@ -366,7 +379,7 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
             return EXIT_USAGE
     os.chdir(s.repo)
     runner.header()
-    for _name, line in missing:
+    for line in no_config + [line for _name, line in missing]:
         runner.say(f"warning: {line}")
     jobs = build_graph(s)
     jobs, failures = runner.check_trained(jobs) if s.protocol == "dg" else (jobs, [])

@@ -350,6 +350,7 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
         return Outcome("failed", f"{job.name}: cannot write into {job.dir}: {exc.strerror or exc}")
     say(f"run ({job.kind}): {job.dir}")
     t0 = time.monotonic()
+    proc = None
     try:
         with open(runlog, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -366,7 +367,10 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
         write_line(runlog, f"{ELAPSED_PREFIX}{dt:.1f} s, exit status {rc}")
     except FileNotFoundError as exc:
         return Outcome("failed", f"{job.name}: cannot start {s.python[0]!r}: {exc.strerror}; set PYTHON", ran=True)
-    except OSError as exc:
+    except OSError as exc:  # e.g. the disk is full: stop the job, whose log we cannot keep
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         return Outcome("failed", f"{job.name}: cannot write {runlog}: {exc.strerror or exc}", ran=True)
     if rc != 0:
         holder = lock_holder(job.dir)
