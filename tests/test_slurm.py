@@ -86,6 +86,8 @@ def test_submission_dependencies_options_and_no_double_submission(env, fake_slur
     r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm", **extra)
     assert r.returncode == 0, r.stderr
     assert len(calls()) == 6 and r.stdout.count("already pending as SLURM job") == 4
+    assert "submitted: 0 job(s), 4 already queued, 0 skipped as finished, 0 failed" in r.stdout
+    assert "where they stand: python -m spotlighter.run status base2new coop dtd 16 (with the same" in r.stdout
     assert opt(calls()[-1], "--dependency") == ["afterany:1000:1001:1002:1003"]
 
     st = subprocess.run([sys.executable, "-m", "spotlighter.run", "status", "base2new", "coop", "dtd", "16"],

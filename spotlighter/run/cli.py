@@ -199,7 +199,7 @@ class Runner:
     # --- DRY_RUN ---------------------------------------------------------------------------------
     def dry_run(self, jobs: List[Job]) -> None:
         s = self.s
-        moved, stopped = set(), {}
+        moved, stopped, assumed = set(), {}, set()
         for job in jobs:
             st = inspect(job, s)
             bad = [d for d in job.deps if d in stopped]
@@ -231,8 +231,10 @@ class Runner:
                 load, _ = model_args(job.model_dir) if job.model_dir not in moved else ([], None)
                 if not load:
                     ep = config_max_epoch(s)
-                    self.say(f"{job.model_dir} has no checkpoint yet: --load-epoch {ep or '?'} assumed from "
-                             "OPTIM.MAX_EPOCH (a real run reads it from the checkpoint)")
+                    if job.model_dir not in assumed:
+                        assumed.add(job.model_dir)
+                        self.say(f"{job.model_dir} has no checkpoint yet: --load-epoch {ep or '?'} assumed from "
+                                 "OPTIM.MAX_EPOCH (a real run reads it from the checkpoint)")
                     load = ["--model-dir", job.model_dir, "--load-epoch", ep or "EPOCH"]
             print(quote([*s.python, "train.py", *job.head, *load, *job.tail]), flush=True)
 
@@ -332,7 +334,8 @@ def check_writable(s: Settings) -> Optional[str]:
     return None
 
 
-def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[str]) -> int:
+def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[str],
+           headline: Optional[str] = None) -> int:
     failed = [o.message for o in outcomes.values() if o.status == "failed"] + extra_failures
     refused = [o.message for o in outcomes.values() if o.status == "refused"]
     running = [o.message for o in outcomes.values() if o.status == "running"]
@@ -342,7 +345,7 @@ def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[st
     print(flush=True)
     more = "".join(f", {len(x)} {w}" for x, w in ((refused, "refused"), (running, "running elsewhere"),
                                                   (blocked, "not run")) if x)
-    runner.say(f"done: {nrun} job(s) run, {nskip} skipped as finished, {len(failed)} failed{more}")
+    runner.say(f"{headline or f'done: {nrun} job(s) run'}, {nskip} skipped as finished, {len(failed)} failed{more}")
     for title, items in (("FAILED jobs:", failed),
                          ("REFUSED jobs (finished with other trailing options):", refused),
                          ("RUNNING elsewhere (not started twice; re-run when they have finished):", running),

@@ -255,10 +255,12 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
     else:
         runner.table(jobs)
     from .cli import report
-    code = report(runner, {d: o for d, o in outcomes.items() if o.status != "submitted"}, failures)
-    runner.say(f"{submitted} job(s) submitted; where they stand: python -m spotlighter.run status "
-               f"{s.protocol} {s.typed_trainer} {s.dataset + ' ' if s.dataset else ''}{s.shots}"
-               f"{' ' + ' '.join(s.extra) if s.extra else ''} (same SEEDS/CFG/OUTPUT/DATASETS)")
+    reused = sum(1 for o in outcomes.values() if o.status == "submitted") - submitted
+    code = report(runner, {d: o for d, o in outcomes.items() if o.status != "submitted"}, failures,
+                  headline=f"submitted: {submitted} job(s)" + (f", {reused} already queued" if reused else ""))
+    args = [s.protocol, s.typed_trainer, *([s.dataset] if s.dataset else []), str(s.shots), *s.extra]
+    runner.say(f"where they stand: {quote(['python', '-m', 'spotlighter.run', 'status', *args])} "
+               "(with the same SEEDS/CFG/OUTPUT/DATASETS/SOURCE)")
     return code
 
 
