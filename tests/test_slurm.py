@@ -16,7 +16,7 @@ import time
 import pytest
 
 import slurm_cluster
-from test_scripts import ROOT, env  # noqa: F401  (the throwaway repository + stub fixture)
+from test_scripts import env  # noqa: F401  (the throwaway repository + stub fixture)
 
 FAKE_SBATCH = r'''#!{python}
 import json, os, sys

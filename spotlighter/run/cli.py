@@ -39,9 +39,9 @@ from typing import Dict, List, Optional, Sequence
 
 from .. import registry
 from ..results.stats import harmonic_mean, summarize
-from .jobs import (BACKUP_DIR, EVAL, InputError, Job, Outcome, Settings, build_graph, config_max_epoch,
+from .jobs import (InputError, Job, Outcome, Settings, build_graph, config_max_epoch,
                    eval_root, inspect, model_args, move_aside, newest_log, quote, run_one, source_dir,
-                   train_finished)
+                   train_args, train_finished)
 from .local import run_local
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -176,15 +176,14 @@ class Runner:
     # --- dg: the models come from xd ----------------------------------------------------------
     def check_trained(self, jobs: List[Job]) -> tuple:
         """dg: drop the seeds whose source model is not trained (a failure, or a comment in DRY_RUN)."""
-        s, failures, keep = self.s, [], []
+        s, failures = self.s, []
         missing = set()
         for seed in s.seeds:
             src = source_dir(s, seed)
             if not s.trains or train_finished(src):
                 continue
-            head = ["--root", s.data, "--seed", str(seed), "--trainer", s.trainer, "--dataset-config-file",
-                    registry.dataset(s.source).config, "--config-file", s.cfg_file, "--output-dir", src]
-            train_cmd = quote([*s.python, "train.py", *head, "DATASET.NUM_SHOTS", str(s.shots), *s.extra])
+            train_cmd = quote([*s.python, "train.py", *train_args(s, seed, s.source, src), "DATASET.NUM_SHOTS",
+                               str(s.shots), *s.extra])
             msg = (f"no finished {s.source} checkpoint in {src}: run scripts/xd.sh {s.typed_trainer} {s.shots} "
                    f"first (with DATASETS= it only trains), or train it: {train_cmd}")
             if s.dry_run:

@@ -97,7 +97,7 @@ class Job:
 # ------------------------------------------------------------------------------------------------
 # the graph
 # ------------------------------------------------------------------------------------------------
-def _args(s: Settings, seed: int, dataset: str, out: str) -> List[str]:
+def train_args(s: Settings, seed: int, dataset: str, out: str) -> List[str]:
     return ["--root", s.data, "--seed", str(seed), "--trainer", s.trainer,
             "--dataset-config-file", registry.dataset(dataset).config, "--config-file", s.cfg_file,
             "--output-dir", out]
@@ -131,22 +131,22 @@ def build_graph(s: Settings) -> List[Job]:
     for seed in s.seeds:
         if s.protocol == "base2new":
             tr, te = base2new_dir(s, ROLE_BASE, seed), base2new_dir(s, ROLE_NEW, seed)
-            jobs.append(Job(first_kind, tr, _args(s, seed, s.dataset, tr),
+            jobs.append(Job(first_kind, tr, train_args(s, seed, s.dataset, tr),
                             first_tail + shots + ["DATASET.SUBSAMPLE_CLASSES", "base"] + s.extra,
                             seed, s.dataset, "training on base"))
-            jobs.append(Job(EVAL, te, _args(s, seed, s.dataset, te),
+            jobs.append(Job(EVAL, te, train_args(s, seed, s.dataset, te),
                             ["--eval-only"] + shots + ["DATASET.SUBSAMPLE_CLASSES", "new"] + s.extra,
                             seed, s.dataset, "evaluation on new", model_dir=model(tr), deps=[tr]))
         else:
             src = source_dir(s, seed)
             deps: List[str] = []
             if s.protocol == "xd":
-                jobs.append(Job(first_kind, src, _args(s, seed, s.source, src), first_tail + shots + s.extra,
+                jobs.append(Job(first_kind, src, train_args(s, seed, s.source, src), first_tail + shots + s.extra,
                                 seed, s.source, f"training on {s.source}"))
                 deps = [src]
             for t in s.targets:
                 d = _join(eval_root(s), t, f"{SEED_DIR_PREFIX}{seed}")
-                jobs.append(Job(EVAL, d, _args(s, seed, t, d), ["--eval-only"] + s.extra, seed, t,
+                jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + s.extra, seed, t,
                                 f"evaluation on {t}", model_dir=model(src), deps=list(deps),
                                 needs_trained=s.protocol == "dg" and s.trains))
     return jobs

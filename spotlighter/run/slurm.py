@@ -32,7 +32,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 from .jobs import EVAL, TRAIN, InputError, Job, Outcome, Settings, elapsed_of, inspect, quote
