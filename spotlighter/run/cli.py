@@ -12,6 +12,7 @@ Environment (all optional except DATA):
   CFG        trainer config under configs/trainers/<Trainer>/ (default: the trainer's own)
   OUTPUT     output root (default "output" in the repository)
   PYTHON     interpreter that runs train.py (default "python"; may hold several words)
+  RUNNER_PYTHON  (scripts/*.sh) the interpreter of this runner (default: python, else python3)
   DATASETS   xd/dg targets (default: the source's targets in spotlighter/registry.py; empty: xd only trains)
   SOURCE     xd/dg source dataset (default imagenet)
   FORCE=1    re-run finished jobs; old folders move to $OUTPUT/backup/<time>/<same path>
