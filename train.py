@@ -131,8 +131,10 @@ def check_registered(cfg) -> None:
     from dassl.data.datasets import DATASET_REGISTRY
     from dassl.engine import TRAINER_REGISTRY
 
+    from spotlighter.registry import TRAINERS
+
     trainers = [n for n in TRAINER_REGISTRY.registered_names()]
-    ours = ["Spotlighter", "CoOp", "CoCoOp", "MaPLe", "ZeroshotCLIP"]
+    ours = [t.name for t in TRAINERS.values()]
     if cfg.TRAINER.NAME not in trainers:
         raise UsageError(f"unknown trainer {cfg.TRAINER.NAME!r} (--trainer); this project's trainers: "
                          f"{', '.join(ours)}.")

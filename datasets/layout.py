@@ -76,9 +76,6 @@ LAYOUTS: "OrderedDict[str, Layout]" = OrderedDict(
     ]
 )
 
-BASE2NEW = [k for k in LAYOUTS if LAYOUTS[k].kind in ("split", "imagenet", "fgvc")]  # the 11 datasets
-XD_TARGETS = [k for k in BASE2NEW if k != "imagenet"]
-DG_TARGETS = [k for k in LAYOUTS if LAYOUTS[k].kind == "imagenet_variant"]
 BY_NAME: Dict[str, Layout] = {lay.name: lay for lay in LAYOUTS.values()}
 
 # Files of ImageNet variants that are not class folders (CoOp ignores the same).

@@ -5,6 +5,7 @@
     python scripts/check_data.py --root $DATA dtd eurosat     # some of them
     python scripts/check_data.py --root $DATA --full dtd      # decode every image
     python scripts/check_data.py --root $DATA --quick imagenet  # skip per-image checks
+    python scripts/check_data.py --root $DATA --protocol xd     # what a protocol needs (SOURCE=...)
 
 For each dataset it checks the folder, the split file (valid JSON with train/val/test lists of
 [relative path, label, class name]) or the files the dataset reads instead (ImageNet's
@@ -40,7 +41,18 @@ def _load_layout():
     return mod
 
 
+def _load_registry():
+    """spotlighter/registry.py (plain Python), by path like the layout: no install needed."""
+    spec = importlib.util.spec_from_file_location("_spotlighter_registry",
+                                                  os.path.join(REPO, "spotlighter", "registry.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
 L = _load_layout()
+R = _load_registry()
 SHOW = 3
 #: Images decoded per split by default (plus every image of the few-shot caches).
 DEFAULT_SAMPLE = 32
@@ -48,6 +60,16 @@ DEFAULT_SAMPLE = 32
 SAMPLE_SEED = 0
 FEWSHOT_FIX = "delete it (it is re-created from the split file; the same seed gives the same sample)"
 PREPROCESSED_FIX = "delete it (it is re-created from images/ and classnames.txt)"
+
+
+def protocol_datasets(protocol, source):
+    """The datasets of $DATA a protocol reads (the registry's table), in its order."""
+    if protocol == "base2new":
+        names = list(R.BASE2NEW_DATASETS)
+    else:
+        targets = R.xd_targets(source) if protocol == "xd" else R.dg_targets(source)
+        names = ([source] if protocol == "xd" else []) + list(targets)
+    return [n for n in names if n in L.LAYOUTS]
 
 
 class _Datum:  # stands in for dassl's Datum when reading few-shot caches without Dassl
@@ -332,6 +354,10 @@ def main(argv=None):
     p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
                    help=f"random images decoded per split (default {DEFAULT_SAMPLE}), besides the few-shot caches")
     p.add_argument("--jobs", type=int, default=0, metavar="N", help="decoding threads (default: CPUs, at most 8)")
+    p.add_argument("--protocol", choices=list(R.PROTOCOLS),
+                   help="check the datasets this protocol uses (spotlighter/registry.py) instead of a list")
+    p.add_argument("--source", default=os.environ.get("SOURCE") or R.DEFAULT_SOURCE,
+                   help=f"with --protocol xd/dg: the source dataset (default: SOURCE or {R.DEFAULT_SOURCE})")
     p.add_argument("datasets", nargs="*", metavar="DATASET",
                    help=f"datasets to check (default: all): {' '.join(L.LAYOUTS)}")
     args = p.parse_args(argv)
@@ -347,6 +373,15 @@ def main(argv=None):
         print(f"error: unknown dataset(s) {' '.join(unknown)}. Valid datasets: {' '.join(L.LAYOUTS)}",
               file=sys.stderr)
         return 2
+    if args.protocol:
+        if args.datasets:
+            print("error: give either --protocol or DATASET names, not both", file=sys.stderr)
+            return 2
+        try:
+            args.datasets = protocol_datasets(args.protocol, args.source)
+        except R.RegistryError as exc:
+            print(f"error: --source: {exc}", file=sys.stderr)
+            return 2
     keys = args.datasets or list(L.LAYOUTS)
     print(f"Checking {len(keys)} dataset(s) under {root}")
     bad = []

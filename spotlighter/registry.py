@@ -1,18 +1,32 @@
-"""The one table of protocols: which datasets each protocol uses, in which role.
+"""The one registry of datasets, trainers and protocols.
 
-Everything that needs to know a protocol's datasets (the protocol scripts and runner, the results
-tool, the data checker) reads it from here. Plain Python (no torch, no Dassl).
+Everything that needs to know them reads it from here: the protocol runner (``spotlighter.run``)
+and the scripts on top of it, the results tool (``spotlighter.results.constants``), ``train.py``
+and ``scripts/check_data.py``. Where each dataset lives under ``$DATA`` and its DATASETS.md section
+stay in the per-dataset file-layout table ``datasets/layout.py`` (``LAYOUTS``), which this module
+reads by path (it needs neither Dassl nor torch; plain Python).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
+# ------------------------------------------------------------------------------------------------
+# protocols
+# ------------------------------------------------------------------------------------------------
 #: Base-to-novel datasets, in the order of the published tables (CoOp, CoCoOp, MaPLe, Spotlighter).
 BASE2NEW_DATASETS: Tuple[str, ...] = (
     "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
     "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
 )
+#: The built-in mini-benchmark (generated on first use; runs on a CPU in minutes).
+MINIBENCH = "minibench"
+#: Datasets the base-to-novel runner accepts: the published ones and the mini-benchmark.
+BASE2NEW_RUNNABLE: Tuple[str, ...] = BASE2NEW_DATASETS + (MINIBENCH,)
 
 #: Cross-dataset transfer: a source trained on all its classes -> the targets it is evaluated on.
 XD_TARGETS: Dict[str, Tuple[str, ...]] = {
@@ -25,10 +39,28 @@ DG_TARGETS: Dict[str, Tuple[str, ...]] = {
     "imagenet": ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
     "minibench": ("minibench_sketch", "minibench_noise", "minibench_palette"),
 }
+#: The source of the published cross-dataset and DG tables.
+DEFAULT_SOURCE = "imagenet"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str  # CLI name: python -m spotlighter.run <name> ...
+    title: str
+    script: str  # scripts/<script>
+
+
+PROTOCOLS: Dict[str, Protocol] = {
+    p.name: p for p in (
+        Protocol("base2new", "Base-to-novel generalisation", "base2new.sh"),
+        Protocol("xd", "Cross-dataset transfer", "xd.sh"),
+        Protocol("dg", "Domain generalisation", "dg.sh"),
+    )
+}
 
 
 class RegistryError(KeyError):
-    """An unknown source or protocol; the message lists the known ones."""
+    """An unknown source, dataset, trainer or protocol; the message lists the known ones."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -46,3 +78,142 @@ def xd_targets(source: str) -> Tuple[str, ...]:
 
 def dg_targets(source: str) -> Tuple[str, ...]:
     return _targets(DG_TARGETS, "domain-generalisation", source)
+
+
+def protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise RegistryError(f"unknown protocol {name!r}; known protocols: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets
+# ------------------------------------------------------------------------------------------------
+ROLE_BASE_NEW = "base+new"  # base2new: trained on the base classes, evaluated on the new ones
+ROLE_SOURCE = "source"
+ROLE_TARGET = "target"
+
+
+def dataset_names() -> Tuple[str, ...]:
+    """Every dataset a protocol uses, then any other dataset of LAYOUTS, without repeats."""
+    names = list(BASE2NEW_RUNNABLE)
+    for table in (XD_TARGETS, DG_TARGETS):
+        for source, targets in table.items():
+            names += [source, *targets]
+    lay = _layouts()
+    if lay is not None:
+        names += list(lay.LAYOUTS)
+    return tuple(dict.fromkeys(names))
+
+
+def dataset_roles(name: str) -> Tuple[Tuple[str, str], ...]:
+    """``((protocol, role), ...)`` of a dataset, e.g. dtd: base2new base+new, xd target."""
+    roles = []
+    if name in BASE2NEW_RUNNABLE:
+        roles.append(("base2new", ROLE_BASE_NEW))
+    for proto, table in (("xd", XD_TARGETS), ("dg", DG_TARGETS)):
+        if name in table:
+            roles.append((proto, ROLE_SOURCE))
+        if any(name in t for t in table.values()):
+            roles.append((proto, ROLE_TARGET))
+    return tuple(roles)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str  # config name: configs/datasets/<name>.yaml
+    folder: Optional[str]  # folder under $DATA (None: not in datasets/layout.py)
+    section: Optional[str]  # DATASETS.md section
+    generated: bool  # made on first use (MiniBench), so never "missing" before a run
+    roles: Tuple[Tuple[str, str], ...]
+
+    @property
+    def config(self) -> str:
+        return f"configs/datasets/{self.name}.yaml"
+
+    @property
+    def doc(self) -> str:
+        return f"DATASETS.md#{self.section or self.name}"
+
+
+_LAYOUT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets",
+                            "layout.py")
+_layout_module = None
+
+
+def _layouts():
+    """datasets/layout.py of the checkout, loaded by path (None when installed without it)."""
+    global _layout_module
+    if _layout_module is None and os.path.isfile(_LAYOUT_FILE):
+        spec = importlib.util.spec_from_file_location("_spotlighter_dataset_layout", _LAYOUT_FILE)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up
+        spec.loader.exec_module(sys.modules[spec.name])
+        _layout_module = sys.modules[spec.name]
+    return _layout_module
+
+
+def dataset(name: str) -> Dataset:
+    known = dataset_names()
+    if name not in known:
+        raise RegistryError(f"unknown dataset {name!r}; known datasets: {' '.join(known)}")
+    mod = _layouts()
+    lay = mod.LAYOUTS.get(name) if mod is not None else None
+    return Dataset(name=name, folder=lay.folder if lay else None, section=lay.section if lay else None,
+                   generated=(lay.kind == "generated") if lay else name.startswith(MINIBENCH),
+                   roles=dataset_roles(name))
+
+
+# ------------------------------------------------------------------------------------------------
+# trainers
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trainer:
+    cli: str  # name on the command line (case-insensitive)
+    name: str  # registered Dassl name (--trainer, configs/trainers/<name>/)
+    default_config: str  # configs/trainers/<name>/<default_config>.yaml
+    trains: bool = True  # False: zero-shot, every run is --eval-only
+    aliases: Tuple[str, ...] = ()
+    published_method: Optional[str] = None  # its method in the shipped published table
+
+    @property
+    def config_dir(self) -> str:
+        return f"configs/trainers/{self.name}"
+
+    def config_file(self, cfg: Optional[str] = None) -> str:
+        return f"{self.config_dir}/{cfg or self.default_config}.yaml"
+
+
+TRAINERS: Dict[str, Trainer] = {
+    t.cli: t for t in (
+        Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", published_method="CoOp w/ Spotlighter"),
+        Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", published_method="CoOp"),
+        Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1"),
+        Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", published_method="MaPLe"),
+        Trainer("zsclip", "ZeroshotCLIP", "vit_b16", trains=False, aliases=("zeroshotclip", "zeroshot"),
+                published_method="CLIP"),
+    )
+}
+#: Trainers of other CoOp-style codebases whose output trees the results tool also reads.
+OTHER_TRAINERS: Dict[str, str] = {"promptsrc": "PromptSRC", "kgcoop": "KgCoOp"}
+#: Display order of trainers in tables (others follow alphabetically).
+TRAINER_ORDER: Tuple[str, ...] = ("ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "PromptSRC", "Spotlighter")
+
+
+def trainer_aliases() -> Dict[str, str]:
+    """Lower-case name or alias -> registered name, for ours and the other codebases' trainers."""
+    out: Dict[str, str] = {}
+    for t in TRAINERS.values():
+        for alias in (t.cli, t.name.lower(), *t.aliases):
+            out[alias] = t.name
+    out.update(OTHER_TRAINERS)
+    return out
+
+
+def trainer(typed: str) -> Trainer:
+    """Our trainer by CLI name, registered name or alias (case-insensitive)."""
+    key = typed.lower()
+    for t in TRAINERS.values():
+        if key in (t.cli, t.name.lower(), *t.aliases):
+            return t
+    raise RegistryError(f"unknown trainer {typed!r}. Valid trainers: {' '.join(TRAINERS)} (case-insensitive)")

@@ -217,3 +217,16 @@ def test_images_of_a_cache_from_another_machine_are_decoded_where_they_are_read(
     code, out, _ = check("--root", tmp_path, "--sample", "0", "dtd")
     assert code == 1 and "was written under another $DATA" in out
     assert "1 image(s) of split_fewshot/shot_1-seed_1.pkl cannot be decoded" in out
+
+
+def test_protocol_checks_the_registry_datasets(tmp_path):
+    variant_tree(tmp_path, "imagenet_a")
+    code, out, _ = check("--root", tmp_path, "--protocol", "dg")
+    assert code == 1 and "Checking 4 dataset(s)" in out
+    assert "OK      imagenet_a" in out and "MISSING imagenet_r" in out and "MISSING imagenetv2" in out
+    code, out, _ = check("--root", tmp_path, "--protocol", "xd")
+    assert "Checking 11 dataset(s)" in out and "MISSING imagenet:" in out and "MISSING ucf101" in out
+    code, _, err = check("--root", tmp_path, "--protocol", "xd", "--source", "dtd")
+    assert code == 2 and "'dtd' is not a cross-dataset source; known sources: imagenet, minibench" in err
+    code, _, err = check("--root", tmp_path, "--protocol", "dg", "dtd")
+    assert code == 2 and "either --protocol or DATASET" in err

@@ -128,7 +128,10 @@ def test_layout_folder_names_match_coop():
     assert folders["imagenet_r"] == "imagenet-rendition"
     assert folders["imagenet_sketch"] == "imagenet-sketch"
     assert layout.LAYOUTS["dtd"].split_file == "split_zhou_DescribableTextures.json"
-    assert len(layout.BASE2NEW) == 11 and len(layout.XD_TARGETS) == 10 and len(layout.DG_TARGETS) == 4
+    from spotlighter import registry  # the protocols' datasets all have a layout
+
+    assert all(d in layout.LAYOUTS for d in registry.BASE2NEW_DATASETS + registry.dg_targets("imagenet"))
+    assert len(registry.BASE2NEW_DATASETS) == 11 and len(registry.xd_targets("imagenet")) == 10
 
 
 def test_docs_have_every_section():
@@ -142,8 +145,15 @@ def test_docs_have_every_section():
         assert lay.section in anchors, lay.section
 
 
-def test_shell_folder_map_matches_layout():
-    """scripts/common.sh keeps its own copy of the folder names (no Python needed there)."""
-    text = open(os.path.join(ROOT, "scripts", "common.sh")).read()
+def test_registry_reads_folders_and_sections_from_layout():
+    """One table: the runner's $DATA folders and DATASETS.md sections are LAYOUTS' own."""
+    from spotlighter import registry
+
     for key, lay in layout.LAYOUTS.items():
-        assert re.search(r"\b%s\)\s*echo %s\s*;;" % (re.escape(key), re.escape(lay.folder)), text), key
+        ds = registry.dataset(key)
+        assert (ds.folder, ds.section, ds.generated) == (lay.folder, lay.section, lay.kind == "generated"), key
+    for name in registry.dataset_names():  # every protocol dataset with a config has a layout
+        if os.path.isfile(os.path.join(ROOT, registry.dataset(name).config)):
+            assert name in layout.LAYOUTS, name
+    assert registry.dataset("dtd").roles == (("base2new", "base+new"), ("xd", "target"))
+    assert ("xd", "source") in registry.dataset("imagenet").roles and ("dg", "source") in registry.dataset("imagenet").roles

@@ -20,7 +20,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["common.sh", "base2new.sh", "xd.sh", "dg.sh"]
+SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
         "ZeroshotCLIP": "vit_b16"}
@@ -56,9 +56,20 @@ while i < len(argv):
     else:
         opts.append(a); i += 1
 out = args["--output-dir"]
-with open(os.environ["STUB_CALLS"], "a") as f:
-    f.write(json.dumps({{"argv": argv, "cwd": os.getcwd(),
-                        "resumed": os.path.isfile(os.path.join(out, "prompt_learner", "checkpoint"))}}) + "\n")
+import time
+start = time.time()
+resumed = os.path.isfile(os.path.join(out, "prompt_learner", "checkpoint"))
+time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+
+
+def record():
+    with open(os.environ["STUB_CALLS"], "a") as f:
+        f.write(json.dumps({{"argv": argv, "cwd": os.getcwd(), "resumed": resumed, "start": start,
+                            "end": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}) + "\n")
+
+
+import atexit
+atexit.register(record)
 os.makedirs(out, exist_ok=True)
 log = os.path.join(out, "log.txt")
 if os.path.exists(log):
@@ -100,6 +111,12 @@ def env(tmp_path):
     os.makedirs(repo / "scripts")
     for s in SCRIPTS:
         shutil.copy(os.path.join(ROOT, "scripts", s), repo / "scripts" / s)
+    # the runner and the registry it reads (datasets/layout.py: $DATA folders, DATASETS.md sections)
+    shutil.copytree(os.path.join(ROOT, "spotlighter"), repo / "spotlighter",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    os.makedirs(repo / "datasets")
+    shutil.copy(os.path.join(ROOT, "datasets", "layout.py"), repo / "datasets" / "layout.py")
+    shutil.copytree(os.path.join(ROOT, "configs", "datasets"), repo / "configs" / "datasets")
     for trainer, cfg in CFGS.items():
         os.makedirs(repo / "configs" / "trainers" / trainer)
         (repo / "configs" / "trainers" / trainer / f"{cfg}.yaml").write_text(
@@ -236,8 +253,10 @@ def test_dry_run_skip_force_and_epoch_from_checkpoint(env):
     assert f"--model-dir output/base2new/train_base/{rel}/seed1 --eval-only" in cmd and "--load-epoch" not in cmd
 
     r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1", FORCE=1)
-    assert re.search(rf"^mv output/base2new/train_base/{rel}/seed1 output/base2new/train_base/{rel}/seed1\.bak-\d{{8}}-\d{{6}}$",
+    # moved OUTSIDE the seed's parent folder: CoOp's parse_test_res.py must not count it as a seed
+    assert re.search(rf"^mv output/base2new/train_base/{rel}/seed1 output/backup/\d{{8}}-\d{{6}}/base2new/train_base/{rel}/seed1$",
                      r.stdout, re.M), r.stdout
+    assert re.search(rf"^mkdir -p output/backup/\d{{8}}-\d{{6}}/base2new/train_base/{rel}$", r.stdout, re.M)
     assert "train_base" in commands(r.stdout)[0] and os.path.isdir(tr)  # dry run moves nothing
 
 
@@ -313,13 +332,29 @@ def test_bad_input(env, script, args, extra, expect):
     assert expect in r.stderr
 
 
+def test_missing_dataset_config(env):
+    os.remove(os.path.join(env.repo, "configs", "datasets", "eurosat.yaml"))
+    r = env.run("xd.sh", "coop", 16, DATASETS="dtd eurosat")
+    assert r.returncode == 2 and not env.calls()
+    assert "error: dataset config configs/datasets/eurosat.yaml does not exist" in r.stderr
+    r = env.run("xd.sh", "coop", 16, DATASETS="dtd eurosat", DRY_RUN=1)
+    assert r.returncode == 0 and "# warning: dataset config configs/datasets/eurosat.yaml does not exist" in r.stdout
+
+
 def test_missing_dataset_folder(env):
     shutil.rmtree(os.path.join(env.data, "food-101"))
     shutil.rmtree(os.path.join(env.data, "dtd"))
-    r = env.run("base2new.sh", "coop", "food101", 16, DRY_RUN=1)
-    assert r.returncode == 2
+    r = env.run("base2new.sh", "coop", "food101", 16)
+    assert r.returncode == 2 and not env.calls()
     assert f"expected folder {env.data}/food-101 (see DATASETS.md#food101)" in r.stderr
-    assert "scripts/check_data.py" in r.stderr
+    assert f"check everything with: python scripts/check_data.py --root {env.data} food101" in r.stderr
+    # a dry run prints the commands before the datasets are downloaded, with a warning comment
+    r = env.run("base2new.sh", "coop", "food101", 16, DRY_RUN=1)
+    assert r.returncode == 0, r.stderr
+    assert f"# warning: dataset 'food101' not found: expected folder {env.data}/food-101" in r.stdout
+    assert len(commands(r.stdout)) == 6
+    r = env.run("base2new.sh", "coop", "food101", 16, DRY_RUN=1, DATA="not/yet")
+    assert r.returncode == 0 and f"--root {os.path.join(env.cwd, 'not/yet')} " in commands(r.stdout)[0]
     r = env.run("xd.sh", "coop", 16)  # every missing target is listed before anything runs
     assert r.returncode == 2 and "'food101'" in r.stderr and "'dtd'" in r.stderr and not env.calls()
     r = env.run("base2new.sh", "coop", "minibench", 16, DRY_RUN=1)  # generated on first use
@@ -398,9 +433,12 @@ def test_force_moves_finished_results_aside(env):
     r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, FORCE=1)
     assert r.returncode == 0, r.stderr
     assert len(env.calls()) == 4
-    backups = glob.glob(os.path.join(rel, "seed1.bak-*"))
+    assert os.listdir(rel) == ["seed1"]  # nothing next to the seed folders
+    backups = glob.glob(os.path.join(env.out, "backup", "*", "base2new", "train_base", "dtd", "shots_16", "CoOp",
+                                     "vit_b16_ep20_ctx4", "seed1"))
     assert len(backups) == 1 and os.path.isfile(os.path.join(backups[0], "result.json"))
     assert os.path.isfile(os.path.join(rel, "seed1", "result.json"))
+    assert "FORCE=1: moved the old output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ep20_ctx4/seed1 aside" in r.stdout
 
 
 def test_train_exit_zero_without_result_is_a_failure(env, tmp_path):
@@ -438,13 +476,13 @@ def test_scripts_never_touch_cuda_visible_devices_and_parse():
         assert os.access(os.path.join(ROOT, "scripts", s), os.X_OK), s
 
 
-def test_real_repo_default_configs_exist_when_trainers_landed():
-    """The default CFG of each trainer in common.sh names a config of configs/trainers/."""
-    text = open(os.path.join(ROOT, "scripts", "common.sh")).read()
-    for trainer, cfg in CFGS.items():
-        assert re.search(rf"{trainer}\) echo {cfg} ;;", text), trainer
-        if os.path.isdir(os.path.join(ROOT, "configs", "trainers", trainer)):
-            assert os.path.isfile(os.path.join(ROOT, "configs", "trainers", trainer, f"{cfg}.yaml"))
+def test_registry_default_configs_exist_and_match_the_runner():
+    """Every trainer's default config in the registry is a file of configs/trainers/."""
+    from spotlighter import registry
+
+    assert {t.name: t.default_config for t in registry.TRAINERS.values()} == CFGS
+    for t in registry.TRAINERS.values():
+        assert os.path.isfile(os.path.join(ROOT, t.config_file())), t.name
 
 
 def test_evaluations_of_a_retrained_model_are_redone(env):
@@ -458,5 +496,161 @@ def test_evaluations_of_a_retrained_model_are_redone(env):
     assert r.returncode == 0 and len(env.calls()) == 3  # only the dtd evaluation is run again
     assert "is newer than" in r.stdout and "re-evaluating" in r.stdout
     ev = os.path.join(env.out, "evaluation", "CoOp", "vit_b16_ep20_ctx4_4shots", "dtd")
-    assert glob.glob(os.path.join(ev, "seed1.bak-*", "result.json"))  # the old result is kept aside
+    assert os.listdir(ev) == ["seed1"]
+    assert glob.glob(os.path.join(env.out, "backup", "*", "evaluation", "CoOp", "vit_b16_ep20_ctx4_4shots", "dtd",
+                                  "seed1", "result.json"))  # the old result is kept aside
     assert os.path.isfile(os.path.join(ev, "seed1", "result.json"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the runner: graph, locks, parallel local runs, refusals, unwritable output, status
+# ------------------------------------------------------------------------------------------------
+def settings(**kw):
+    from spotlighter.run.jobs import Settings
+
+    base = dict(protocol="base2new", trainer="CoOp", trains=True, cfg="c", cfg_file="configs/trainers/CoOp/c.yaml",
+                shots=16, seeds=[1, 2], data="/data", output="output", python=["python"], extra=[], repo=ROOT,
+                ts="20260101-000000", dataset="dtd")
+    base.update(kw)
+    return Settings(**base)
+
+
+def test_graph_of_each_protocol():
+    from spotlighter.run.jobs import build_graph
+
+    jobs = build_graph(settings())
+    assert [(j.kind, j.seed, j.what) for j in jobs] == [
+        ("train", 1, "training on base"), ("eval", 1, "evaluation on new"),
+        ("train", 2, "training on base"), ("eval", 2, "evaluation on new")]
+    assert jobs[1].deps == [jobs[0].dir] and jobs[1].model_dir == jobs[0].dir and not jobs[0].deps
+
+    xd = build_graph(settings(protocol="xd", dataset=None, source="imagenet", targets=["dtd", "eurosat"], seeds=[1]))
+    assert [j.dataset for j in xd] == ["imagenet", "dtd", "eurosat"]
+    assert all(j.deps == [xd[0].dir] and j.model_dir == xd[0].dir for j in xd[1:])
+    assert xd[1].dir == "output/evaluation/CoOp/c_16shots/dtd/seed1"
+
+    mb = build_graph(settings(protocol="xd", dataset=None, source="minibench", targets=["minibench"], seeds=[1]))
+    assert mb[1].dir.startswith("output/evaluation_from_minibench/")  # never ImageNet's evaluation tree
+
+    dg = build_graph(settings(protocol="dg", dataset=None, source="imagenet", targets=["imagenet_a"], seeds=[3]))
+    assert len(dg) == 1 and dg[0].needs_trained and not dg[0].deps  # trained by xd, not in this graph
+    assert dg[0].model_dir == "output/imagenet/CoOp/c_16shots/seed3"
+
+    zs = build_graph(settings(trainer="ZeroshotCLIP", trains=False, seeds=[1]))
+    assert [j.kind for j in zs] == ["eval", "eval"] and zs[1].model_dir is None and "--eval-only" in zs[0].tail
+
+
+def hold_lock(directory):
+    """A separate process that holds the output lock of ``directory`` (as train.py does)."""
+    code = ("import sys, time; from spotlighter.runlock import OutputLock\n"
+            "lock = OutputLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, directory], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_folder_locked_by_a_live_process_is_shown_running_not_started_twice(env):
+    rel = "dtd/shots_16/CoOp/vit_b16_ep20_ctx4"
+    tr1 = os.path.join(env.out, "base2new", "train_base", rel, "seed1")
+    holder = hold_lock(tr1)
+    try:
+        r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub)
+        assert r.returncode == 1, r.stdout + r.stderr
+        calls = env.calls()
+        assert len(calls) == 2 and all("seed2" in c["argv"][c["argv"].index("--output-dir") + 1] for c in calls)
+        assert "RUNNING elsewhere (not started twice" in r.stderr
+        assert f"is locked by pid {holder.pid} on " in r.stderr
+        assert "seed 1: training on base is running elsewhere, so its evaluation on new is not run" in r.stdout
+        assert "FAILED" not in r.stderr
+        d = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", DRY_RUN=1)
+        assert f"# running elsewhere: output/base2new/train_base/{rel}/seed1 is locked by pid {holder.pid}" in d.stdout
+        assert "train_base" not in "".join(commands(d.stdout))
+        f = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, FORCE=1)
+        assert f.returncode == 1 and os.path.isdir(tr1) and len(env.calls()) == 2  # FORCE never moves it
+    finally:
+        holder.kill()
+        holder.wait()
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub)  # the lock died with it
+    assert r.returncode == 0, r.stderr
+    assert len(env.calls()) == 4
+
+
+def test_refused_training_is_reported_as_such_not_as_failed(env):
+    assert env.run("base2new.sh", "coop", "dtd", 16, "OPTIM.LR", "0.1", SEEDS="1", PYTHON=env.stub).returncode == 0
+    tn = os.path.join(env.out, "base2new", "test_new", "dtd", "shots_16", "CoOp", "vit_b16_ep20_ctx4", "seed1")
+    shutil.rmtree(tn)
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub)
+    assert r.returncode == 1 and len(env.calls()) == 2
+    assert "REFUSED jobs (finished with other trailing options):" in r.stderr
+    assert "seed 1: training on base was finished with other trailing options, so its evaluation on new is not run" \
+        in r.stdout
+    assert "FAILED jobs" not in r.stderr and "0 failed, 1 refused, 1 not run" in r.stdout
+
+
+def test_parallel_local_run_overlaps_jobs_and_tests_wait_for_their_training(env):
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2 3", PYTHON=env.stub, JOBS=2, STUB_SLEEP=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = env.calls()
+    assert len(calls) == 6
+
+    def span(sub, seed):
+        c = next(c for c in calls if f"/{sub}/" in c["argv"][c["argv"].index("--output-dir") + 1]
+                 and c["argv"][c["argv"].index("--seed") + 1] == str(seed))
+        return c["start"], c["end"]
+
+    for seed in (1, 2, 3):
+        assert span("test_new", seed)[0] >= span("train_base", seed)[1]  # the test starts after its training
+    starts = sorted(c["start"] for c in calls)
+    ends = sorted(c["end"] for c in calls)
+    assert starts[1] < ends[0]  # two jobs ran at the same time
+    assert max(sum(1 for c in calls if c["start"] <= t < c["end"]) for t in starts) == 2  # never more than JOBS
+    assert re.search(r"progress: \d/6 finished, \d running, \d queued; ETA \d+m\d\ds", r.stdout), r.stdout
+    assert "progress: 6/6 finished, 0 running, 0 queued" in r.stdout
+    assert "Finish training" not in r.stdout  # with JOBS > 1 job output goes to the run logs only
+    assert all(c["cuda"] is None for c in calls)
+
+
+def test_gpus_give_each_job_its_own_device(env):
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, GPUS="3 5", STUB_SLEEP=1,
+                CUDA_VISIBLE_DEVICES=None)
+    assert r.returncode == 0, r.stderr
+    calls = env.calls()
+    assert {c["cuda"] for c in calls} == {"3", "5"}
+    for a in calls:
+        for b in calls:
+            if a is not b and a["start"] < b["end"] and b["start"] < a["end"]:
+                assert a["cuda"] != b["cuda"]  # jobs running together never share a device
+
+
+def test_unwritable_output_is_one_clear_line(env, tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, OUTPUT=str(afile / "out"))
+    assert r.returncode == 2 and not env.calls()
+    assert r.stderr.strip().splitlines() == [f"error: cannot write to OUTPUT={afile}/out: Not a directory "
+                                             "(choose another OUTPUT or free space)"]
+    # a job folder that cannot be created: one FAILED line, no pointer to a log that does not exist
+    tr = os.path.join(env.out, "base2new", "train_base", "dtd", "shots_16", "CoOp", "vit_b16_ep20_ctx4")
+    os.makedirs(tr)
+    open(os.path.join(tr, "seed1"), "w").write("not a folder")
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line = next(l for l in r.stderr.splitlines() if "cannot write into" in l)
+    assert "see " not in line and "train output/base2new/train_base/" in line
+
+
+def test_status_from_the_tree(env):
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub,
+                STUB_FAIL="test_new/dtd/shots_16/CoOp/vit_b16_ep20_ctx4/seed2")
+    assert r.returncode == 1
+    st = subprocess.run([sys.executable, "-m", "spotlighter.run", "status", "base2new", "coop", "dtd", "16"],
+                        cwd=env.repo, env={**os.environ, "PYTHONPATH": env.repo, "DATA": env.data, "SEEDS": "1 2 3"},
+                        capture_output=True, text=True)
+    assert st.returncode == 1, st.stderr
+    lines = st.stdout.splitlines()
+    assert sum(l.startswith("done ") for l in lines) == 3
+    failed = [l for l in lines if l.startswith("failed")]
+    assert len(failed) == 1 and "test_new" in failed[0] and "/seed2/run-" in failed[0]
+    assert sum(l.startswith("not started") for l in lines) == 2
+    assert re.search(r"^3/6 done, 1 failed, 2 not started; ETA \d+m\d\ds", lines[-1], re.M), lines[-1]

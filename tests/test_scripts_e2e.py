@@ -1,6 +1,7 @@
 """The protocol scripts end to end with the real train.py through upstream Dassl, on a tiny
 MiniBench-format dataset and the tiny CLIP: train, checkpoint, evaluate, table, safe re-run."""
 
+import glob
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, requires_dassl
+from test_slurm import slurm, wait_idle  # noqa: F401  (the single-node cluster fixture)
 from tiny_data import make_tiny_minibench
 
 pytestmark = requires_dassl
@@ -74,3 +76,40 @@ def test_xd_and_dg_evaluate_the_checkpoint_training_wrote(env, tiny_clip_path):
     proc = script("dg.sh", ["coop", "4", *fast(tiny_clip_path)], env, **common)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "skip (finished)" in proc.stdout  # the same evaluation folder is already finished
+
+
+def test_parallel_local_run_jobs_2(env, tiny_clip_path):
+    """JOBS=2 on CPU through the real train.py: both seeds' trainings together, tests after them."""
+    out = env["OUTPUT"] + "-jobs2"
+    proc = script("base2new.sh", ["coop", "minibench", "4", *fast(tiny_clip_path)], env, SEEDS="1 2",
+                  CFG="minibench_ep10_ctx4", OUTPUT=out, JOBS="2")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rel = "minibench/shots_4/CoOp/minibench_ep10_ctx4"
+    for seed in (1, 2):
+        tr, te = f"{out}/base2new/train_base/{rel}/seed{seed}", f"{out}/base2new/test_new/{rel}/seed{seed}"
+        assert (result(tr)["subset"], result(te)["subset"], result(te)["epoch"]) == ("base", "new", 1)
+        (ckpt,) = glob.glob(f"{tr}/*/model.pth.tar-1")
+        assert os.path.getmtime(f"{te}/result.json") > os.path.getmtime(ckpt)  # tested after its training
+    assert "progress: 4/4 finished, 0 running, 0 queued" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| minibench | CoOp"))
+    assert "(2)" in row
+
+
+def test_base2new_on_a_real_slurm_cluster(env, tiny_clip_path, slurm):
+    """The tiny base-to-novel protocol end to end via sbatch: trainings, dependent tests, the table."""
+    out = env["OUTPUT"] + "-slurm"
+    proc = script("base2new.sh", ["coop", "minibench", "4", *fast(tiny_clip_path)], {**env, **slurm.env},
+                  SEEDS="1 2", CFG="minibench_ep10_ctx4", OUTPUT=out, LAUNCHER="slurm")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    wait_idle(slurm, timeout=900)
+    rel = "minibench/shots_4/CoOp/minibench_ep10_ctx4"
+    for seed in (1, 2):
+        assert result(f"{out}/base2new/test_new/{rel}/seed{seed}")["subset"] == "new"
+    tables = glob.glob(f"{out}/slurm/*/table-*.out")
+    assert len(tables) == 1
+    row = next(line for line in open(tables[0]) if line.startswith("| minibench | CoOp"))
+    assert "(2)" in row
+    st = subprocess.run([sys.executable, "-m", "spotlighter.run", "status", "base2new", "coop", "minibench", "4",
+                         *fast(tiny_clip_path)], cwd=ROOT, capture_output=True, text=True,
+                        env={**env, **slurm.env, "OUTPUT": out, "SEEDS": "1 2", "CFG": "minibench_ep10_ctx4"})
+    assert st.returncode == 0 and "4/4 done" in st.stdout, st.stdout + st.stderr

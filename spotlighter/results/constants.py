@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-PROTOCOLS: tuple[str, ...] = ("base2new", "xd", "dg")
-PROTOCOL_TITLES: dict[str, str] = {
-    "base2new": "Base-to-novel generalisation",
-    "xd": "Cross-dataset transfer",
-    "dg": "Domain generalisation",
-}
+from .. import registry
+
+# Protocols, datasets and trainers come from the one registry (spotlighter/registry.py).
+PROTOCOLS: tuple[str, ...] = tuple(registry.PROTOCOLS)
+PROTOCOL_TITLES: dict[str, str] = {p.name: p.title for p in registry.PROTOCOLS.values()}
 
 # Datasets in the order of the base-to-novel tables of CoOp/CoCoOp/MaPLe/Spotlighter.
-BASE2NEW_DATASETS: tuple[str, ...] = (
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
-XD_SOURCE = "imagenet"
-XD_TARGETS: tuple[str, ...] = tuple(d for d in BASE2NEW_DATASETS if d != XD_SOURCE)
-DG_TARGETS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+BASE2NEW_DATASETS: tuple[str, ...] = registry.BASE2NEW_DATASETS
+XD_SOURCE = registry.DEFAULT_SOURCE
+XD_TARGETS: tuple[str, ...] = registry.xd_targets(XD_SOURCE)
+DG_TARGETS: tuple[str, ...] = registry.dg_targets(XD_SOURCE)
 
 # Roles of a seed folder. ``subset`` is what a result.json written there must say.
 ROLE_BASE = "base"
@@ -39,6 +26,8 @@ BASE2NEW_DIR = "base2new"
 BASE2NEW_ROLE_DIRS: dict[str, str] = {ROLE_BASE: "train_base", ROLE_NEW: "test_new"}
 XD_TRAIN_DIR = XD_SOURCE
 XD_EVAL_DIR = "evaluation"
+# Evaluations of a model trained on another source than ImageNet: never ImageNet's folders.
+XD_EVAL_DIR_FROM = "evaluation_from_{source}"
 SHOTS_DIR_PREFIX = "shots_"
 SEED_DIR_PREFIX = "seed"
 XD_CONFIG_SUFFIX = "shots"  # "<cfg>_<K>shots"
@@ -52,26 +41,13 @@ RESULT_SIGNAL = "=> result"
 EPOCH_PATTERN = r"epoch \[\d+/\d+\]"
 
 # Trainer names: CLI aliases (lower case) -> registered Dassl class name.
-TRAINER_ALIASES: dict[str, str] = {
-    "spotlighter": "Spotlighter",
-    "coop": "CoOp",
-    "cocoop": "CoCoOp",
-    "maple": "MaPLe",
-    "zsclip": "ZeroshotCLIP",
-    "zeroshotclip": "ZeroshotCLIP",
-    "promptsrc": "PromptSRC",
-    "kgcoop": "KgCoOp",
-}
+TRAINER_ALIASES: dict[str, str] = registry.trainer_aliases()
 # Display order of trainers (others follow alphabetically).
-TRAINER_ORDER: tuple[str, ...] = ("ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "PromptSRC", "Spotlighter")
+TRAINER_ORDER: tuple[str, ...] = registry.TRAINER_ORDER
 
 # Methods of the shipped published table compared with our trainers by default.
 PUBLISHED_METHOD_FOR_TRAINER: dict[str, str] = {
-    "ZeroshotCLIP": "CLIP",
-    "CoOp": "CoOp",
-    "MaPLe": "MaPLe",
-    "Spotlighter": "CoOp w/ Spotlighter",
-}
+    t.name: t.published_method for t in registry.TRAINERS.values() if t.published_method}
 PUBLISHED_FILE = "base2new_published.csv"
 PUBLISHED_AVERAGE_ROW = "average"
 

@@ -1,0 +1,187 @@
+"""LAUNCHER=slurm: submission (fake sbatch, always runs) and a real single-node SLURM cluster
+(Debian's slurm-wlm + munge on localhost, started here; skipped with the reason where it cannot be).
+
+The jobs run the stub interpreter of test_scripts.py, so the sbatch / dependency / table / status
+path is exercised without Dassl; tests/test_scripts_e2e.py runs the real train.py on the cluster.
+"""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+import slurm_cluster
+from test_scripts import env  # noqa: F401  (the throwaway repository + stub fixture)
+
+FAKE_SBATCH = r'''#!{python}
+import json, os, sys
+state = os.environ["FAKE_SLURM"]
+n = len(open(state).read().splitlines()) if os.path.exists(state) else 0
+with open(state, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+print(f"{{1000 + n}};cluster")
+'''
+FAKE_SQUEUE = r'''#!/bin/sh
+# every job the fake sbatch handed out is still pending
+[ -f "$FAKE_SLURM" ] || exit 0
+n=$(wc -l < "$FAKE_SLURM"); i=0
+while [ $i -lt $n ]; do echo "$((1000 + i)) PENDING"; i=$((i + 1)); done
+'''
+
+
+@pytest.fixture
+def fake_slurm(env, tmp_path):  # noqa: F811
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text(FAKE_SBATCH.format(python=sys.executable))
+    (bindir / "squeue").write_text(FAKE_SQUEUE)
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    state = tmp_path / "sbatch_calls.jsonl"
+
+    def calls():
+        return [json.loads(l) for l in state.read_text().splitlines()] if state.exists() else []
+
+    path = f"{bindir}:{os.environ['PATH']}"
+    return dict(PATH=path, FAKE_SLURM=str(state)), calls
+
+
+def opt(argv, name):
+    return [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
+
+
+def test_submission_dependencies_options_and_no_double_submission(env, fake_slurm, tmp_path):  # noqa: F811
+    extra, calls = fake_slurm
+    cfg = tmp_path / "slurm.cfg"
+    cfg.write_text("# our cluster\naccount = vision\ntime = 02:00:00\nextra = --qos=normal --constraint=a100\n")
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm",
+                SLURM_CONFIG=str(cfg), SLURM_PARTITION="gpu", SLURM_GPUS_PER_JOB=1, SLURM_TIME="04:00:00", **extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    subs = calls()
+    assert len(subs) == 5 and not env.calls()  # 2 x (train, eval) + the table; nothing ran here
+    train1, eval1, train2, eval2, table = subs
+    assert opt(eval1, "--dependency") == ["afterok:1000"] and "--kill-on-invalid-dep=yes" in eval1
+    assert opt(eval2, "--dependency") == ["afterok:1002"] and not opt(train2, "--dependency")
+    assert opt(table, "--dependency") == ["afterany:1000:1001:1002:1003"]
+    for argv in (train1, eval1):
+        assert opt(argv, "--partition") == ["gpu"] and opt(argv, "--gres") == ["gpu:1"]
+        assert opt(argv, "--time") == ["04:00:00"]  # the environment wins over the file
+        assert opt(argv, "--account") == ["vision"] and "--qos=normal" in argv and "--constraint=a100" in argv
+        assert opt(argv, "--chdir") == [env.repo]
+    assert not opt(table, "--gres") and opt(table, "--partition") == ["gpu"]
+    script = open(train1[-1]).read()
+    assert f"-m spotlighter.run job {train1[-1][:-3]}.json" in script
+    spec = json.load(open(train1[-1][:-3] + ".json"))
+    assert spec["job"]["dir"] == "output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ep20_ctx4/seed1"
+    assert "python -m spotlighter.results base2new --root output" in open(table[-1]).read()
+    assert "submitted train output/base2new/train_base/dtd/shots_16/CoOp/vit_b16_ep20_ctx4/seed1 as SLURM job 1000" \
+        in r.stdout and "(after 1000)" in r.stdout
+
+    # submitted again while those are queued: nothing is submitted twice, only a new table job
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm", **extra)
+    assert r.returncode == 0, r.stderr
+    assert len(calls()) == 6 and r.stdout.count("already pending as SLURM job") == 4
+    assert "submitted: 0 job(s), 4 already queued, 0 skipped as finished, 0 failed" in r.stdout
+    assert "where they stand: python -m spotlighter.run status base2new coop dtd 16 (with the same" in r.stdout
+    assert opt(calls()[-1], "--dependency") == ["afterany:1000:1001:1002:1003"]
+
+    st = subprocess.run([sys.executable, "-m", "spotlighter.run", "status", "base2new", "coop", "dtd", "16"],
+                        cwd=env.cwd, env={**os.environ, **extra, "PYTHONPATH": env.repo, "DATA": env.data,
+                                          "SEEDS": "1 2", "OUTPUT": env.out},
+                        capture_output=True, text=True)
+    # OUTPUT given as the same folder, but absolute: other folder names -> nothing found in the ledger
+    assert st.returncode == 1 and "0/4 done, 4 not started" in st.stdout
+
+
+def test_bad_slurm_config_is_named(env, fake_slurm, tmp_path):  # noqa: F811
+    extra, calls = fake_slurm
+    cfg = tmp_path / "slurm.cfg"
+    cfg.write_text("partition = gpu\ngpus = 2\n")
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, LAUNCHER="slurm",
+                SLURM_CONFIG=str(cfg), **extra)
+    assert r.returncode == 2 and not calls()
+    assert f"error: {cfg}, line 2: expected 'key = value' with key one of partition, account, time" in r.stderr
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, LAUNCHER="pbs", **extra)
+    assert r.returncode == 2 and "LAUNCHER must be one of local, slurm, got 'pbs'" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# a real cluster
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    try:
+        cluster = slurm_cluster.start(str(tmp_path_factory.mktemp("slurm")))
+    except slurm_cluster.ClusterUnavailable as exc:
+        pytest.skip(str(exc).splitlines()[0])
+    yield cluster
+    cluster.stop()
+
+
+def wait_idle(cluster, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["squeue", "-h", "-o", "%i"], env=cluster.env, capture_output=True, text=True)
+        if r.returncode == 0 and not r.stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError("SLURM jobs did not finish in time:\n" + subprocess.run(
+        ["squeue"], env=cluster.env, capture_output=True, text=True).stdout)
+
+
+def status(env, cluster, *args, **extra):  # noqa: F811
+    return subprocess.run([sys.executable, "-m", "spotlighter.run", "status", *args], cwd=env.repo,
+                          env={**cluster.env, "PYTHONPATH": env.repo, "DATA": env.data, **extra},
+                          capture_output=True, text=True)
+
+
+def test_protocol_on_a_real_cluster_with_dependencies_table_and_status(env, slurm):  # noqa: F811
+    common = dict(SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm", STUB_RESULTS=1, STUB_SLEEP=1,
+                  SLURM_CONF=slurm.env["SLURM_CONF"])
+    r = env.run("base2new.sh", "coop", "dtd", 16, **common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("submitted ") == 5
+    wait_idle(slurm)
+    calls = env.calls()
+    assert len(calls) == 4
+
+    def call(sub, seed):
+        return next(c for c in calls if f"/{sub}/" in c["argv"][c["argv"].index("--output-dir") + 1]
+                    and c["argv"][c["argv"].index("--seed") + 1] == str(seed))
+
+    for seed in (1, 2):
+        assert call("test_new", seed)["start"] >= call("train_base", seed)["end"]  # afterok
+        assert call("test_new", seed)["argv"][call("test_new", seed)["argv"].index("--load-epoch") + 1] == "2"
+    table = glob.glob(os.path.join(env.out, "slurm", "*", "table-*.out"))
+    assert len(table) == 1
+    assert ("TABLE base2new --root output --trainers CoOp --configs vit_b16_ep20_ctx4 --datasets dtd --shots 16 "
+            "--seeds 1,2") in open(table[0]).read()
+    st = status(env, slurm, "base2new", "coop", "dtd", "16", SEEDS="1 2")
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert "4/4 done" in st.stdout and re.search(r"^done\s+\d+\s+train output/base2new/train_base", st.stdout, re.M)
+
+    # a failing training: its evaluation is cancelled (never queued forever), the table still comes
+    r = env.run("base2new.sh", "coop", "eurosat", 16, **common,
+                STUB_FAIL="train_base/eurosat/shots_16/CoOp/vit_b16_ep20_ctx4/seed2")
+    assert r.returncode == 0, r.stderr
+    wait_idle(slurm)
+    st = status(env, slurm, "base2new", "coop", "eurosat", "16", SEEDS="1 2")
+    assert st.returncode == 1
+    failed = [l for l in st.stdout.splitlines() if l.startswith("failed")]
+    assert len(failed) == 1 and "seed2" in failed[0] and "SLURM FAILED" in failed[0] and ".out" in failed[0]
+    assert re.search(r"^not run .*test_new/eurosat/.*seed2", st.stdout, re.M)
+    assert "2/4 done, 1 failed, 1 not run" in st.stdout
+    assert len(glob.glob(os.path.join(env.out, "slurm", "*", "table-*.out"))) == 2
+    if slurm.accounting:  # the controller reports to slurmdbd asynchronously
+        ids = ",".join(json.loads(l)["id"] for l in open(os.path.join(env.out, "slurm", "jobs.jsonl")))
+        deadline, sacct = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and "spl-eval-eurosat-s2|CANCELLED" not in sacct:
+            time.sleep(1)
+            sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ids, "-o", "JobName,State"], env=slurm.env,
+                                   capture_output=True, text=True).stdout
+        assert "spl-train-eurosat-s2|FAILED" in sacct and "spl-eval-eurosat-s2|CANCELLED" in sacct, sacct
