@@ -245,7 +245,14 @@ class TextRefiner(nn.Module):
 
 
 class ImageRefiner(nn.Module):
-    """IRM: multi-head attention from image queries to memory entries."""
+    """IRM: multi-head attention from image queries to memory entries.
+
+    Memory shared by the batch (M, d) has its keys and values projected once per forward, not once
+    per image: the same computation as ``nn.MultiheadAttention`` on the memory expanded over the
+    batch (which is what :attr:`attn` holds the weights of, so checkpoints are unchanged), without
+    the B-fold projection of identical keys (at C = 1000 classes, m = 4 that was ~34 GMAC per batch
+    of 16 images).
+    """
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -255,9 +262,19 @@ class ImageRefiner(nn.Module):
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """queries (B, q, d); memory (M, d) shared by the batch or (B, M, d)."""
-        if memory.dim() == 2:
-            memory = memory.unsqueeze(0).expand(queries.shape[0], -1, -1)
-        return self.attn(queries, memory, memory, need_weights=False)[0]
+        if memory.dim() == 3:
+            return self.attn(queries, memory, memory, need_weights=False)[0]
+        a = self.attn
+        B, L, E = queries.shape
+        H = a.num_heads
+        w_q, w_kv = a.in_proj_weight.split([E, 2 * E])
+        b_q, b_kv = a.in_proj_bias.split([E, 2 * E])
+        q = F.linear(queries, w_q, b_q).view(B, L, H, E // H).transpose(1, 2)  # (B, H, L, hd)
+        k, v = F.linear(memory, w_kv, b_kv).view(memory.shape[0], 2, H, E // H).permute(1, 2, 0, 3)
+        dropout = a.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1),
+                                             dropout_p=dropout)
+        return a.out_proj(out.transpose(1, 2).reshape(B, L, E))
 
 
 # --------------------------------------------------------------------------- the head
