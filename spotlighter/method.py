@@ -330,8 +330,10 @@ class HeadConfig:
 class HeadOutput:
     logits: torch.Tensor  # (B, C)
     losses: Dict[str, torch.Tensor]  # named loss terms (already weighted); empty at test
-    token_idx: torch.Tensor  # (B, k) selected token indices, ranked
+    token_idx: torch.Tensor  # (B, k) selected token indices (into the image tokens), ranked
     top_scores: torch.Tensor  # (B, k)
+    scores: Optional[torch.Tensor] = None  # (B, P') every remaining patch's score
+    patch_idx: Optional[torch.Tensor] = None  # (B, k) original patch index (row-major grid) of token_idx
 
 
 class SpotlighterHead(nn.Module):
@@ -400,7 +402,9 @@ class SpotlighterHead(nn.Module):
             local = sum(w[:, i:i + 1] * (s * F.normalize(lv, dim=-1) @ local_text.t()).mean(dim=1)
                         for i, lv in enumerate(levels))
             logits = logits + cfg.test_local_gamma * local
-        return HeadOutput(logits=logits, losses=losses, token_idx=token_idx, top_scores=top_scores)
+        patch_idx = token_idx - 1 if img.patch_index is None else img.patch_index.gather(1, token_idx - 1)
+        return HeadOutput(logits=logits, losses=losses, token_idx=token_idx, top_scores=top_scores,
+                          scores=scores, patch_idx=patch_idx)
 
     def _local_loss(self, mapped, rep, top_scores, text, s, labels) -> torch.Tensor:
         """CE of every token of each set (Level-1, Level-2, all), each set with CLS and mean token."""
