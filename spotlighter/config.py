@@ -108,6 +108,10 @@ def extend_cfg(cfg: CN) -> None:
     s.TEST.LOCAL_GAMMA = 0.5  # test logits = global + gamma * level-weighted local (0 = global only)
 
 
+#: The shipped token-dropping setting for ViT-B/16 (configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml
+#: holds these values, checked by a test; docs/efficiency.md has the trade-off it was chosen from).
+RECOMMENDED_PRUNE: Dict[str, Any] = {"LAYERS": [3], "KEEP": 0.5, "FUSE": True}
+
 #: What each preset changes relative to the defaults above (the ``paper`` preset).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {},
