@@ -390,7 +390,7 @@ def print_table(report: dict) -> None:
         print(f"| {r['model']} | {r['classes']} | {r['eval_images_per_s']['median']:.1f} | "
               f"{_ratio(r.get('eval_ratio_to_zsclip'))} | {'—' if not step else '%.2f' % step['median']} | "
               f"{_ratio(r.get('train_ratio_to_coop'))} | {peak_s} | {r['trainable']:,} | "
-              f"{r['checkpoint_bytes'] / 2 ** 20:.1f} |")
+              f"{r['checkpoint_bytes'] / 2 ** 20:.2f} |")
 
 
 if __name__ == "__main__":
