@@ -112,18 +112,24 @@ def build_clips(arch: str, device: torch.device, dtype: torch.dtype, seed: int =
     return full, light
 
 
-def head_config(preset: str):
+def default_cfg(preset: str = "paper"):
+    """This project's config defaults (spotlighter/config.py) with a Spotlighter preset."""
     from yacs.config import CfgNode as CN
 
     from .config import apply_preset, extend_cfg
-    from .method import HeadConfig
 
     cfg = CN()
     cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
     cfg.MODEL.BACKBONE = CN()
     extend_cfg(cfg)
     apply_preset(cfg, preset)
-    return HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
+    return cfg
+
+
+def head_config(preset: str):
+    from .method import HeadConfig
+
+    return HeadConfig.from_cfg(default_cfg(preset).TRAINER.SPOTLIGHTER)
 
 
 def build_model(kind: str, clip_model, prune: Optional[PruneSpec], classes: int, device):
@@ -138,8 +144,10 @@ def build_model(kind: str, clip_model, prune: Optional[PruneSpec], classes: int,
         m = models.CoOp(clip, names)
     elif kind == "cocoop":
         m = models.CoCoOp(clip, names)
-    elif kind == "maple":
-        m = models.MaPLe(clip, names, depth=9)
+    elif kind == "maple":  # the config's prompt depth, capped by the (tiny) CLIP's depth in tests
+        depth = min(default_cfg().TRAINER.MAPLE.PROMPT_DEPTH, len(clip_model.transformer.resblocks),
+                    len(clip_model.visual.transformer.resblocks))
+        m = models.MaPLe(clip, names, depth=depth)
     elif kind in ("paper", "release"):
         m = models.Spotlighter(clip, names, head_config(kind))
     else:
