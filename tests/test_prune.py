@@ -11,7 +11,7 @@ from yacs.config import CfgNode as CN
 from spotlighter.backbone import (BackboneError, FrozenCLIP, PruneSpec, _attention_with_cls_row,
                                   _block_attention)
 from spotlighter.config import ConfigError, check_prune_cfg, extend_cfg
-from spotlighter.models import CoOp, MaPLe, Spotlighter, ZeroShotCLIP
+from spotlighter.models import CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP
 from test_models import NAMES, head_cfg, images
 from tiny_clip import build_tiny_clip
 
@@ -168,7 +168,7 @@ def test_prune_cfg_defaults_are_off_and_valid():
 # ----------------------------------------------------------------------------- models
 def _models(clip):
     torch.manual_seed(0)
-    return {"zsclip": ZeroShotCLIP(clip, NAMES), "coop": CoOp(clip, NAMES),
+    return {"zsclip": ZeroShotCLIP(clip, NAMES), "coop": CoOp(clip, NAMES), "cocoop": CoCoOp(clip, NAMES),
             "spot-paper": Spotlighter(clip, NAMES, head_cfg("paper", 8)),
             "spot-release": Spotlighter(clip, NAMES, head_cfg("release", 1))}
 
