@@ -195,7 +195,8 @@ class Runner:
         self.eval_model = build_model(e.kind, full if e.kind in TEXT_PER_BATCH else light, e.prune,
                                       self.eval_classes, device).eval()
         self.train_model = None
-        if e.kind != "zsclip":
+        self.do_eval = not args.no_eval
+        if e.kind != "zsclip" and not args.no_train:
             self.train_model = build_model(e.kind, full, e.prune, args.train_classes, device).train()
             params = [p for p in self.train_model.parameters() if p.requires_grad]
             self.optim = torch.optim.SGD(params, **SGD)
@@ -212,6 +213,8 @@ class Runner:
             e.info["patches_left"] = e.prune.remaining(FrozenCLIP(full).num_patches)
 
     def eval_step(self):
+        if not self.do_eval:
+            return
         with torch.no_grad(), self.autocast():
             self.eval_model(self.images)
 
@@ -257,6 +260,7 @@ def parse_args(argv=None):
                    help="LAYERS:KEEP settings for the +prune models (default: the shipped "
                         f"{RECOMMENDED_PRUNE['LAYERS']}:{RECOMMENDED_PRUNE['KEEP']}, config.RECOMMENDED_PRUNE)")
     p.add_argument("--no-train", action="store_true", help="evaluation only")
+    p.add_argument("--no-eval", action="store_true", help="training steps only")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS probes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="also write every figure to this file")
@@ -270,6 +274,8 @@ def parse_args(argv=None):
     for m in args.models:
         if m.partition("+")[0] not in known or m.partition("+")[2] not in ("", "prune"):
             p.error(f"--models: {m!r} is not one of {', '.join(known)} (optionally NAME+prune)")
+    if args.no_train and args.no_eval:
+        p.error("--no-train and --no-eval leave nothing to measure")
     if args.classes < 1 or args.batch < 1 or args.reps < 1:
         p.error("--classes, --batch and --reps must be >= 1")
     return args
@@ -298,7 +304,7 @@ def probe(args) -> int:
     e = entries([args._probe], args.prune)[0]
     r = Runner(e, clips, args, device, autocast)
     r.eval_step()
-    if r.train_model is not None and not args.no_train:
+    if r.train_model is not None:
         r.train_step()
     print(json.dumps({"base_mb": base, "peak_mb": peak_rss_mb()}))
     return 0
@@ -340,19 +346,20 @@ def main(argv=None) -> int:
           f"(set-up {time.time() - t0:.0f}s)", flush=True)
     for e in rows:  # warm-up (and the one-time text features)
         runners[e.name].eval_step()
-        if runners[e.name].train_model is not None and not args.no_train:
+        if runners[e.name].train_model is not None:
             runners[e.name].train_step()
     for _ in range(args.reps):
         for e in rows:
             r = runners[e.name]
-            e.eval_times.append(timed(r.eval_step, device))
-            if r.train_model is not None and not args.no_train:
+            if r.do_eval:
+                e.eval_times.append(timed(r.eval_step, device))
+            if r.train_model is not None:
                 e.train_times.append(timed(r.train_step, device))
     if device.type == "cuda":
         for e in rows:
             r = runners[e.name]
             e.info["peak_mb"] = cuda_peak(r.eval_step, device)
-            if r.train_model is not None and not args.no_train:
+            if r.train_model is not None:
                 e.info["peak_train_mb"] = cuda_peak(r.train_step, device)
     elif not args.no_memory:
         del runners
@@ -370,8 +377,10 @@ def make_report(args, rows: List[Entry]) -> dict:
     tbase = next((e for e in rows if e.kind == BASELINE_TRAIN and e.prune is None), None)
     out = []
     for e in rows:
-        row = {"model": e.name, **e.info, "eval_images_per_s": summarize([args.batch / t for t in e.eval_times])}
-        if base is not None:
+        row = {"model": e.name, **e.info}
+        if e.eval_times:
+            row["eval_images_per_s"] = summarize([args.batch / t for t in e.eval_times])
+        if base is not None and base.eval_times and e.eval_times:
             row["eval_ratio_to_zsclip"] = summarize([b / t for b, t in zip(base.eval_times, e.eval_times)])
         if e.train_times:
             row["train_step_s"] = summarize(e.train_times)
@@ -395,7 +404,8 @@ def print_table(report: dict) -> None:
         step = r.get("train_step_s")
         peak = r.get("peak_mb")
         peak_s = "—" if peak is None else f"{peak:.0f}" + (f" / {r['peak_train_mb']:.0f}" if "peak_train_mb" in r else "")
-        print(f"| {r['model']} | {r['classes']} | {r['eval_images_per_s']['median']:.1f} | "
+        ips = r.get("eval_images_per_s")
+        print(f"| {r['model']} | {r['classes']} | {'—' if not ips else '%.2f' % ips['median']} | "
               f"{_ratio(r.get('eval_ratio_to_zsclip'))} | {'—' if not step else '%.2f' % step['median']} | "
               f"{_ratio(r.get('train_ratio_to_coop'))} | {peak_s} | {r['trainable']:,} | "
               f"{r['checkpoint_bytes'] / 2 ** 20:.2f} |")
