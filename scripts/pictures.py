@@ -4,6 +4,8 @@
         --config-file configs/trainers/Spotlighter/minibench_ep10_paper_prune.yaml \
         [--model-dir OUTPUT/.../seed1 [--load-epoch 10]] --images a.png b.jpg --out pictures/ [KEY VALUE ...]
 
+One PNG per image, <out>/<image stem>.png (<folder>_<stem>.png when two images share a stem).
+
 Without --model-dir the model is the config's, untrained (zero-shot CLIP weights, prompts from
 CTX_INIT, prototypes from the class names). The classes are the dataset's
 (DATASET.SUBSAMPLE_CLASSES: base, new or all). Panels and colours: spotlighter/pictures.py.
@@ -67,9 +69,13 @@ def main(argv=None) -> int:
     x = torch.stack([t for t, _ in loaded]).to(trainer.device)
     spots = pictures.spotlight(model, x)
     os.makedirs(args.out, exist_ok=True)
-    for path, (_, view), spot in zip(args.images, loaded, spots):
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in args.images]
+    if len(set(stems)) < len(stems):  # e.g. class folders with the same file names: prefix the folder
+        stems = [f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}_{stem}"
+                 for path, stem in zip(args.images, stems)]
+    for path, stem, (_, view), spot in zip(args.images, stems, loaded, spots):
         cell = args.cell or pictures.default_cell(spot.grid)
-        target = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + ".png")
+        target = os.path.join(args.out, stem + ".png")
         pictures.render(view, spot, cell).save(target)
         print(f"{target}: Level-1 {spot.level1}, Level-2 {spot.level2}, dropped per block "
               f"{[len(d) for d in spot.dropped]}")
