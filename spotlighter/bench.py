@@ -72,6 +72,23 @@ def default_prune() -> PruneSpec:
     return PruneSpec(tuple(RECOMMENDED_PRUNE["LAYERS"]), RECOMMENDED_PRUNE["KEEP"], RECOMMENDED_PRUNE["FUSE"])
 
 
+def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
+    """Multiply-adds of one image through the vision transformer: per block 4·N·D² (QKV, output
+    projection) + 2·N²·D (attention) on the tokens entering it and 8·N'·D² (MLP) on the tokens leaving
+    its attention (N' < N only at a pruning block); the fused token counts as a token."""
+    a = ARCHS[arch]
+    D, grid = a["vision_width"], a["image_resolution"] // a["vision_patch_size"]
+    patches, fused = grid * grid, 0
+    total = 0.0
+    for i in range(a["vision_layers"]):
+        n = 1 + patches + fused
+        total += 4 * n * D * D + 2 * n * n * D
+        if prune is not None and prune.active and i in prune.layers and prune.kept(patches) < patches:
+            patches, fused = prune.kept(patches), int(prune.fuse)
+        total += 8 * (1 + patches + fused) * D * D
+    return total
+
+
 @dataclass
 class Entry:
     """One row: a model name, how to build it, and its measurements."""
@@ -261,6 +278,8 @@ def parse_args(argv=None):
                         f"{RECOMMENDED_PRUNE['LAYERS']}:{RECOMMENDED_PRUNE['KEEP']}, config.RECOMMENDED_PRUNE)")
     p.add_argument("--no-train", action="store_true", help="evaluation only")
     p.add_argument("--no-eval", action="store_true", help="training steps only")
+    p.add_argument("--flops-only", action="store_true",
+                   help="print the image encoder's multiply-adds per image for each --prune setting; time nothing")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS probes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="also write every figure to this file")
@@ -335,6 +354,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args._probe:
         return probe(args)
+    if args.flops_only:
+        base = encoder_macs(args.arch)
+        print(f"| {args.arch} MODEL.PRUNE | encoder GMAC / image | speed-up bound vs unpruned |")
+        print("|---|---:|---:|")
+        for spec in [None] + list(args.prune):
+            macs = encoder_macs(args.arch, spec)
+            print(f"| {'none' if spec is None else prune_label(spec)} | {macs / 1e9:.2f} | {base / macs:.2f}× |")
+        return 0
     device, dtype, autocast = setup(args)
     t0 = time.time()
     clips = build_clips(args.arch, device, dtype)

@@ -102,3 +102,22 @@ def test_tiny_end_to_end_json(tiny_arch, tmp_path, capsys):
     assert all(r["eval_images_per_s"]["n"] == 2 for r in report["rows"])
     text = capsys.readouterr().out
     assert "| zsclip prune 1:0.5 | 6 |" in text and "eval vs ZS-CLIP" in text
+
+
+def test_encoder_macs_cost_model():
+    """Spec's cost model: ViT-B/16 block ~ 12·N·D² + 2·N²·D, 17.4 G for the 12 blocks."""
+    full = bench.encoder_macs("ViT-B/16")
+    assert full == 12 * (12 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768) and abs(full / 1e9 - 17.4) < 0.1
+    # keep 98 of 196 patches after the attention of block 6: MLP of 6 and blocks 7-11 on 1 + 98 + 1 tokens
+    half = bench.encoder_macs("ViT-B/16", PruneSpec((6,), 0.5))
+    n = 100
+    expect = 6 * (12 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768) + 4 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768 \
+        + 8 * n * 768 ** 2 + 5 * (12 * n * 768 ** 2 + 2 * n * n * 768)
+    assert half == expect
+    assert bench.encoder_macs("ViT-B/16", PruneSpec((6,), 0.5, fuse=False)) < half
+
+
+def test_flops_only_prints_the_bound(capsys):
+    assert bench.main(["--flops-only", "--prune", "6:0.5", "3:0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "| none | 17.45 | 1.00× |" in out and "| 6:0.5 |" in out and "| 3:0.25 |" in out
