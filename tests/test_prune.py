@@ -2,6 +2,7 @@
 the unpruned forward bit for bit, the models and the config checks."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -222,3 +223,41 @@ def test_top_k_above_the_remaining_patches_is_a_config_error(deep_clip):
 def test_maple_rejects_pruning(deep_clip):
     with pytest.raises(ConfigError, match="MaPLe"):
         MaPLe(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5)), NAMES, depth=2)
+
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "unpruned_reference.pt")
+
+
+def test_unpruned_models_are_bit_identical_to_the_code_before_token_dropping():
+    """Logits and losses of all six models (eval, train, eval after a memory write) on the tiny CLIP,
+    saved from commit 659a235 (before MODEL.PRUNE and the once-per-forward IRM projection). Bitwise
+    equality only holds for the same torch build and CPU kernels, so it skips elsewhere."""
+    ref = torch.load(REFERENCE, weights_only=True)
+    if ref["torch"] != str(torch.__version__) or ref["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
+        pytest.skip(f"reference saved with torch {ref['torch']} ({ref['cpu_capability']} kernels); this is "
+                    f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
+    import test_models as tm
+    from spotlighter.backbone import load_clip
+    from tiny_clip import save_tiny_clip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = FrozenCLIP(load_clip("ViT-B/16", path=save_tiny_clip(os.path.join(tmp, "tiny.pt"))))
+    out = {}
+    for kind in tm.KINDS:
+        m = tm.build(kind, clip)
+        x, y = tm.images(), torch.tensor([0, 1, 3])
+        m.eval()
+        with torch.no_grad():
+            out[kind + "/eval"] = m(x)[0]
+        m.train()
+        torch.manual_seed(1)
+        logits, losses = m(x, y)
+        out[kind + "/train"] = logits.detach()
+        out.update({f"{kind}/loss/{k}": v.detach() for k, v in losses.items()})
+        m.eval()
+        with torch.no_grad():
+            out[kind + "/eval2"] = m(x)[0]
+    assert sorted(out) == sorted(ref["tensors"])
+    differ = [k for k in out if not torch.equal(out[k], ref["tensors"][k])]
+    assert not differ, differ
