@@ -8,8 +8,9 @@ dropping, MODEL.PRUNE), on one device and precision, with random weights of the 
   before timing, as the trainers cache them; CoCoOp and MaPLe re-encode their prompts per batch, so
   they are timed with the full text encoder, on CPU at ``--slow-classes`` classes);
 * one training step (forward, backward, SGD step) at ``--train-batch`` images and ``--train-classes``;
-* peak memory: CUDA max allocated, or on CPU the peak RSS of a fresh process that builds the model and
-  runs one evaluation batch and one training step, above the same process with the frozen CLIP only;
+* peak memory: CUDA max allocated, or on CPU the peak RSS of a fresh process that builds the frozen CLIP
+  and the model and runs one evaluation batch and one training step (the JSON also gives that process's
+  peak before the model was built);
 * trainable scalars and checkpoint size (trained state + class prototypes + SGD momentum, as the
   trainers save it, at ``--classes`` classes).
 
@@ -45,6 +46,9 @@ ARCHS: Dict[str, dict] = {
                      transformer_width=512, transformer_layers=12),
     "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
                      transformer_width=768, transformer_layers=12),
+    # not a real CLIP: a 4-block toy for smoke runs and tests of the command itself
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=8,
+                 transformer_width=64, transformer_layers=2),
 }
 TEXT = dict(context_length=77, vocab_size=49408)
 #: Optimiser of the training step (the shipped configs' SGD).
@@ -330,7 +334,7 @@ def probe(args) -> int:
 
 
 def cpu_memory(args, rows: List[Entry]) -> None:
-    """Each entry's peak RSS in a fresh process, minus that process's RSS with the frozen CLIP only."""
+    """Each entry's peak RSS in a fresh process (and that process's peak with the frozen CLIP only)."""
     for e in rows:
         cmd = [sys.executable, "-m", "spotlighter.bench", "--_probe", e.kind + ("+prune" if e.prune else ""),
                "--arch", args.arch, "--device", "cpu", "--classes", str(args.classes),
@@ -343,7 +347,7 @@ def cpu_memory(args, rows: List[Entry]) -> None:
             cmd.append("--no-train")
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        e.info["peak_mb"] = r["peak_mb"] - r["base_mb"]
+        e.info["peak_mb"], e.info["clip_only_peak_mb"] = r["peak_mb"], r["base_mb"]
 
 
 def summarize(values: Sequence[float]) -> dict:

@@ -64,8 +64,8 @@ def test_shipped_prune_config_is_the_benchmarked_setting():
 
 
 @pytest.fixture()
-def tiny_arch(monkeypatch):
-    monkeypatch.setitem(bench.ARCHS, "tiny", TINY)
+def tiny_arch():
+    assert bench.ARCHS["tiny"] == TINY  # the command's own toy architecture
 
 
 def test_checkpoint_size_is_what_a_trainer_saves(tiny_arch):
@@ -121,3 +121,13 @@ def test_flops_only_prints_the_bound(capsys):
     assert bench.main(["--flops-only", "--prune", "6:0.5", "3:0.25"]) == 0
     out = capsys.readouterr().out
     assert "| none | 17.45 | 1.00× |" in out and "| 6:0.5 |" in out and "| 3:0.25 |" in out
+
+
+def test_cpu_peak_memory_probe_runs_a_fresh_process_per_model(tmp_path):
+    out = tmp_path / "m.json"
+    assert bench.main(["--arch", "tiny", "--device", "cpu", "--classes", "6", "--batch", "2", "--train-batch", "2",
+                       "--train-classes", "4", "--reps", "1", "--threads", "1", "--models", "zsclip", "paper",
+                       "--json", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["peak_mb"] >= r["clip_only_peak_mb"] > 100 for r in rows.values())  # torch + CLIP alone
+    assert rows["paper"]["peak_mb"] >= rows["zsclip"]["peak_mb"]  # a head, its optimiser and a backward pass
