@@ -7,19 +7,25 @@
   single image forward, the global feature, the last block's projected tokens and that block's
   CLS->patch attention. Only the last block materialises an attention map; every other block uses
   PyTorch's fused attention.
+* :class:`PruneSpec` (``MODEL.PRUNE``) makes the image forward drop tokens EViT-style: at each listed
+  block, between attention and MLP, keep the patch tokens the CLS token attends to most (head mean)
+  and, optionally, fuse the dropped ones into one token; the remaining blocks run on CLS + kept
+  (+ fused). Without a spec (or with ``LAYERS = []``) the forward is the unpruned one, bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .fileio import atomic_path, describe_unreadable
 
@@ -264,6 +270,47 @@ class ImageTokens:
     global_feat: torch.Tensor  # (B, d): exactly CLIP's encode_image
     tokens: torch.Tensor  # (B, N, d): last block's tokens through ln_post and proj, CLS at 0
     cls_attn: Optional[torch.Tensor]  # (B, N-1): last block's CLS->patch attention, head mean
+    #: (B, N-1) original patch index (0-based, row-major on the patch grid) of ``tokens[:, 1:]`` when
+    #: tokens were dropped (pruning); None when every patch is there (then token n+1 is patch n).
+    patch_index: Optional[torch.Tensor] = None
+    #: per pruning block, (B, n) original patch indices of the patches kept there (pictures, tests)
+    kept_index: Tuple[torch.Tensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Token dropping in the image encoder (``MODEL.PRUNE``; see docs/efficiency.md).
+
+    At each block in ``layers`` (0-based), after its attention and before its MLP, keep
+    ``ceil(keep * n)`` of the ``n`` patch tokens present, those with the highest CLS attention of that
+    block (head mean); with ``fuse`` the dropped patches (and an earlier fused token) become one token,
+    their CLS-attention-weighted mean (EViT). ``in_training``: also prune in training forwards.
+    """
+
+    layers: Tuple[int, ...] = ()
+    keep: float = 1.0
+    fuse: bool = True
+    in_training: bool = True
+
+    @classmethod
+    def from_cfg(cls, node) -> "PruneSpec":
+        return cls(tuple(int(i) for i in node.LAYERS), float(node.KEEP), bool(node.FUSE),
+                   bool(node.IN_TRAINING))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.layers) and self.keep < 1.0
+
+    def kept(self, n: int) -> int:
+        return max(1, math.ceil(self.keep * n - 1e-9))
+
+    def remaining(self, num_patches: int) -> int:
+        """Patch tokens (fused token excluded) left after every pruning block."""
+        n = num_patches
+        if self.active:
+            for _ in self.layers:
+                n = min(n, self.kept(n))
+        return n
 
 
 def _block_attention(block: nn.Module, x: torch.Tensor, need_weights: bool):
@@ -285,14 +332,75 @@ def _run_block(block: nn.Module, x: torch.Tensor, need_weights: bool = False):
     return x, weights
 
 
+def _attention_with_cls_row(block: nn.Module, x: torch.Tensor):
+    """Attention sub-layer (fused kernel) plus the CLS query's attention row, head mean (B, N).
+
+    Only the CLS row is computed explicitly (N scores per head), not the N x N map."""
+    attn = block.attn
+    N, B, E = x.shape
+    H = attn.num_heads
+    h = block.ln_1(x)
+    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(N, B, H, E // H).permute(1, 2, 0, 3) for t in (q, k, v))  # (B, H, N, hd)
+    out = F.scaled_dot_product_attention(q, k, v)
+    cls_row = ((q[:, :, :1] @ k.transpose(-1, -2)) * (E // H) ** -0.5).softmax(dim=-1)
+    out = attn.out_proj(out.permute(2, 0, 1, 3).reshape(N, B, E))
+    return out, cls_row.mean(dim=1)[:, 0]
+
+
+def _drop_tokens(x: torch.Tensor, cls_row: torch.Tensor, index: torch.Tensor, spec: PruneSpec):
+    """x (N, B, D) laid out [CLS, n patches, fused?]; index (B, n) original patch indices.
+
+    Returns the reduced x and the kept patches' original indices (kept in their spatial order)."""
+    n = index.shape[1]
+    keep = spec.kept(n)
+    if keep >= n:
+        return x, index
+    has_fused = x.shape[0] == n + 2
+    xb = x.transpose(0, 1)  # (B, N, D)
+    patches = xb[:, 1:1 + n]
+    scores = cls_row[:, 1:1 + n]
+    top = scores.topk(keep, dim=1).indices.sort(dim=1).values
+    kept = patches.gather(1, top.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    parts = [xb[:, :1], kept]
+    if spec.fuse:
+        w = scores.scatter(1, top, 0.0)  # CLS attention of the dropped patches
+        num = torch.einsum("bn,bnd->bd", w, patches)
+        den = w.sum(dim=1)
+        if has_fused:
+            num = num + cls_row[:, -1:] * xb[:, -1]
+            den = den + cls_row[:, -1]
+        parts.append((num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)).unsqueeze(1))
+    return torch.cat(parts, dim=1).transpose(0, 1), index.gather(1, top)
+
+
 class FrozenCLIP(nn.Module):
     """Frozen CLIP with prompt-injection hooks. Holds no trainable parameter."""
 
-    def __init__(self, clip_model: nn.Module):
+    def __init__(self, clip_model: nn.Module, prune: Optional[PruneSpec] = None):
         super().__init__()
         self.model = clip_model
+        self.prune = prune or PruneSpec()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if self.prune.active:
+            self.check_prune(self.prune)
+
+    def check_prune(self, spec: PruneSpec) -> None:
+        if not self.is_vit:
+            raise BackboneError("MODEL.PRUNE drops ViT tokens: it needs a ViT backbone.")
+        blocks = len(self.model.visual.transformer.resblocks)
+        bad = [i for i in spec.layers if not 0 <= i < blocks - 1]
+        if bad or list(spec.layers) != sorted(set(spec.layers)):
+            raise BackboneError(
+                f"MODEL.PRUNE.LAYERS = {list(spec.layers)} is invalid for this CLIP: expected increasing "
+                f"block indices in [0, {blocks - 2}] (0-based; the last block, {blocks - 1}, gives the "
+                "output tokens and cannot drop any).")
+
+    @property
+    def num_patches(self) -> int:
+        v = self.model.visual
+        return (self.input_resolution // v.conv1.kernel_size[0]) ** 2
 
     # ------------------------------------------------------------------ properties
     @property
@@ -381,16 +489,49 @@ class FrozenCLIP(nn.Module):
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         return x
 
+    def _run_blocks(self, x: torch.Tensor, blocks: Sequence[nn.Module], prune: Optional[PruneSpec]):
+        """Vision blocks on x (N, B, D); with an active ``prune``, drop tokens at its layers.
+
+        Returns x, the kept patches' original indices (B, n) or None, and the per-layer kept indices."""
+        if prune is None or not prune.active:
+            for block in blocks:
+                x, _ = _run_block(block, x)
+            return x, None, ()
+        layers = set(prune.layers)
+        index = torch.arange(x.shape[0] - 1, device=x.device).expand(x.shape[1], -1)
+        kept = []
+        for i, block in enumerate(blocks):
+            if i not in layers:
+                x, _ = _run_block(block, x)
+                continue
+            out, cls_row = _attention_with_cls_row(block, x)
+            x, index = _drop_tokens(x + out, cls_row, index, prune)
+            kept.append(index)
+            x = x + block.mlp(block.ln_2(x))
+        return x, index, tuple(kept)
+
+    def _prune_for(self, pruned: bool) -> Optional[PruneSpec]:
+        return self.prune if pruned and self.prune.active else None
+
     def encode_image(self, images: torch.Tensor,
                      shallow_prompt: Optional[torch.Tensor] = None,
-                     deep_prompts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        """Global image feature; optional visual prompts appended after the patches (MaPLe)."""
+                     deep_prompts: Optional[Sequence[torch.Tensor]] = None,
+                     pruned: bool = True) -> torch.Tensor:
+        """Global image feature; optional visual prompts appended after the patches (MaPLe).
+        ``pruned``: apply :attr:`prune` (the models pass False in training when it says so)."""
         if not self.is_vit:
             if shallow_prompt is not None or deep_prompts:
                 raise BackboneError("Visual prompts need a ViT backbone.")
             return self.model.visual(images.type(self.dtype))
         v = self.model.visual
         x = self._embed_patches(images)
+        prune = self._prune_for(pruned)
+        if prune is not None:
+            if shallow_prompt is not None:
+                raise BackboneError("MODEL.PRUNE cannot be combined with visual prompts (MaPLe): set "
+                                    "MODEL.PRUNE.LAYERS [] for this trainer.")
+            x, _, _ = self._run_blocks(v.ln_pre(x).permute(1, 0, 2), v.transformer.resblocks, prune)
+            return v.ln_post(x[0]) @ v.proj
         n_prompt = 0
         if shallow_prompt is not None:
             n_prompt = shallow_prompt.shape[0]
@@ -405,16 +546,21 @@ class FrozenCLIP(nn.Module):
         x = v.ln_post(x[0])
         return x @ v.proj
 
-    def encode_image_tokens(self, images: torch.Tensor, need_attn: bool = True) -> ImageTokens:
-        """Global feature, projected last-block tokens and last-block CLS->patch attention."""
+    def encode_image_tokens(self, images: torch.Tensor, need_attn: bool = True,
+                            pruned: bool = True) -> ImageTokens:
+        """Global feature, projected last-block tokens and last-block CLS->patch attention.
+
+        With pruning, ``tokens`` holds CLS and the kept patches only (a fused token, if any, takes
+        part in the attention of later blocks but is not returned) and ``patch_index`` says which."""
         v = self.model.visual
         if not self.is_vit:
             raise BackboneError("Token-level features need a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14).")
         x = v.ln_pre(self._embed_patches(images)).permute(1, 0, 2)
         blocks = list(v.transformer.resblocks)
-        for block in blocks[:-1]:
-            x, _ = _run_block(block, x)
+        x, index, kept = self._run_blocks(x, blocks[:-1], self._prune_for(pruned))
         x, weights = _run_block(blocks[-1], x, need_weights=need_attn)
-        tokens = v.ln_post(x.permute(1, 0, 2)) @ v.proj
-        cls_attn = weights[:, 0, 1:] if need_attn else None
-        return ImageTokens(global_feat=tokens[:, 0], tokens=tokens, cls_attn=cls_attn)
+        n = x.shape[0] if index is None else 1 + index.shape[1]  # drop the fused token, if any
+        tokens = v.ln_post(x[:n].permute(1, 0, 2)) @ v.proj
+        cls_attn = weights[:, 0, 1:n] if need_attn else None
+        return ImageTokens(global_feat=tokens[:, 0], tokens=tokens, cls_attn=cls_attn, patch_index=index,
+                           kept_index=kept)

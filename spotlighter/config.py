@@ -34,6 +34,13 @@ def extend_cfg(cfg: CN) -> None:
     """Add this project's keys to a Dassl config (or any yacs node with the same top-level nodes)."""
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new
     cfg.MODEL.BACKBONE.PATH = ""  # local CLIP weight file; overrides NAME's download/cache lookup
+    # Token dropping in the frozen image encoder, the same for every trainer that supports it
+    # (ZeroshotCLIP, CoOp, CoCoOp, Spotlighter; not MaPLe). See docs/efficiency.md.
+    cfg.MODEL.PRUNE = CN()
+    cfg.MODEL.PRUNE.LAYERS = []  # 0-based vision blocks that drop tokens (between attention and MLP)
+    cfg.MODEL.PRUNE.KEEP = 1.0  # fraction of the patch tokens present at each such block that is kept
+    cfg.MODEL.PRUNE.FUSE = True  # fuse the dropped tokens into one (CLS-attention-weighted mean, EViT)
+    cfg.MODEL.PRUNE.IN_TRAINING = True  # drop tokens in training forwards too (test always does)
     # Names recorded in result.json; train.py fills them from the --*config-file stems.
     cfg.DATASET.CONFIG_NAME = ""
     cfg.TRAINER.CONFIG_NAME = ""
@@ -113,6 +120,10 @@ def extend_cfg(cfg: CN) -> None:
     s.TEST.LOCAL_GAMMA = 0.5  # test logits = global + gamma * level-weighted local (0 = global only)
 
 
+#: The shipped token-dropping setting for ViT-B/16 (configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml
+#: holds these values, checked by a test; docs/efficiency.md has the trade-off it was chosen from).
+RECOMMENDED_PRUNE: Dict[str, Any] = {"LAYERS": [6], "KEEP": 0.5, "FUSE": True}
+
 #: What each preset changes relative to the defaults above (the ``paper`` preset).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {},
@@ -166,6 +177,19 @@ def _one_of(key: str, value: Any, options) -> None:
 
 def check_precision(key: str, value: str) -> None:
     _one_of(key, value, PRECISIONS)
+
+
+def check_prune_cfg(node: CN) -> None:
+    """Validate ``cfg.MODEL.PRUNE`` (block indices are checked against the CLIP when it is built)."""
+    p = "MODEL.PRUNE."
+    layers = list(node.LAYERS)
+    _expect(all(isinstance(i, int) and i >= 0 for i in layers) and layers == sorted(set(layers)),
+            p + "LAYERS", layers, "a list of increasing 0-based block indices (e.g. [3, 6]; [] = no dropping)")
+    keep = node.KEEP
+    _expect(isinstance(keep, (int, float)) and 0 < keep <= 1, p + "KEEP", keep,
+            "a fraction in (0, 1] of the patch tokens kept at each block of LAYERS")
+    for name in ("FUSE", "IN_TRAINING"):
+        _expect(isinstance(node[name], bool), p + name, node[name], "True or False")
 
 
 def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:

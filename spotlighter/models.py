@@ -37,6 +37,10 @@ class _CLIPHolder(nn.Module):
     def clip(self) -> FrozenCLIP:
         return self._clip[0]
 
+    def _pruned(self) -> bool:
+        """Whether this forward drops tokens (MODEL.PRUNE: always at test, in training if IN_TRAINING)."""
+        return not self.training or self.clip.prune.in_training
+
     def _ce(self, logits: torch.Tensor, labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(logits, labels)} if self.training and labels is not None else {}
 
@@ -49,7 +53,7 @@ class ZeroShotCLIP(_CLIPHolder):
         self.register_buffer("text", zero_shot_text(clip, classnames, template), persistent=False)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Output:
-        v = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        v = F.normalize(self.clip.encode_image(images, pruned=self._pruned()).float(), dim=-1)
         return self.clip.logit_scale.exp().float() * v @ self.text.t(), {}
 
 
@@ -75,7 +79,7 @@ class CoOp(_CLIPHolder):
         return self.text_encoder(self.prompt_learner(), self.prompt_learner.tokenized_prompts).float()
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Output:
-        v = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        v = F.normalize(self.clip.encode_image(images, pruned=self._pruned()).float(), dim=-1)
         t = F.normalize(self.text_features(), dim=-1)
         logits = self.clip.logit_scale.exp().float() * v @ t.t()
         return logits, self._ce(logits, labels)
@@ -88,7 +92,7 @@ class CoCoOp(_CLIPHolder):
         self.text_encoder = TextEncoder(clip)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Output:
-        v = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        v = F.normalize(self.clip.encode_image(images, pruned=self._pruned()).float(), dim=-1)
         prompts = self.prompt_learner(v)  # (B, C, L, w)
         tok = self.prompt_learner.tokenized_prompts
         s = self.clip.logit_scale.exp().float()
@@ -100,6 +104,9 @@ class CoCoOp(_CLIPHolder):
 class MaPLe(_CLIPHolder):
     def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], **prompt_kwargs):
         super().__init__(clip)
+        if clip.prune.active:
+            raise ConfigError(f"MODEL.PRUNE.LAYERS = {list(clip.prune.layers)}: MaPLe's visual prompts do not "
+                              "support token dropping; set MODEL.PRUNE.LAYERS [] for MaPLe.")
         depth = prompt_kwargs.get("depth", 1)
         layers = min(len(clip.model.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
         if depth > layers:
@@ -121,11 +128,17 @@ class Spotlighter(CoOp):
 
     def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], head_cfg: HeadConfig, **prompt_kwargs):
         super().__init__(clip, classnames, **prompt_kwargs)
+        left = clip.prune.remaining(clip.num_patches)
+        if head_cfg.top_k > left:
+            raise ConfigError(f"TRAINER.SPOTLIGHTER.TOP_K = {head_cfg.top_k} is invalid: MODEL.PRUNE (LAYERS "
+                              f"{list(clip.prune.layers)}, KEEP {clip.prune.keep}) leaves {left} patch tokens; "
+                              f"expected at most {left} (or a larger MODEL.PRUNE.KEEP).")
         class_text = zero_shot_text(clip, classnames) if head_cfg.memory_kind == "class" else None
         self.head = SpotlighterHead(head_cfg, clip.embed_dim, classnames, class_text)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Output:
-        img = self.clip.encode_image_tokens(images, need_attn=self.head.cfg.score.attn > 0)
+        img = self.clip.encode_image_tokens(images, need_attn=self.head.cfg.score.attn > 0,
+                                            pruned=self._pruned())
         out = self.head(img, self.text_features(), self.clip.logit_scale, labels)
         return out.logits, out.losses
 

@@ -10,7 +10,7 @@ from yacs.config import CfgNode as CN
 
 from spotlighter.backbone import ImageTokens
 from spotlighter.config import apply_preset, extend_cfg
-from spotlighter.method import (ClassMemory, HeadConfig, ScoreWeights, SharedMemory, SpotlighterHead,
+from spotlighter.method import (ClassMemory, HeadConfig, ImageRefiner, ScoreWeights, SharedMemory, SpotlighterHead,
                                 attention_read, gather_tokens, level_weights, sample_wise_score,
                                 select_top_k, semantic_wise_score, split_levels, standardize, token_scores)
 from spotlighter.models import count_trainable
@@ -586,3 +586,38 @@ def test_count_trainable_ignores_frozen():
     m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 5))
     m[0].weight.requires_grad_(False)
     assert count_trainable(m) == 2 + 2 * 5 + 5
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("heads,memory_size", [(8, 12), (1, 3)])
+def test_irm_projects_shared_memory_once_and_equals_mha_on_the_expanded_memory(training, heads, memory_size):
+    """The once-per-forward key/value projection is exactly what nn.MultiheadAttention computed on
+    the memory expanded over the batch (today's reference), bit for bit, with gradients."""
+    torch.manual_seed(0)
+    irm = ImageRefiner(64, heads, 0.0).train(training)
+    queries = torch.randn(4, 5, 64, requires_grad=True)
+    memory = torch.randn(memory_size, 64)
+    expanded = memory.unsqueeze(0).expand(4, -1, -1)
+    ref = irm.attn(queries, expanded, expanded, need_weights=False)[0]
+    out = irm(queries, memory)
+    assert torch.equal(out, ref)
+    g_ref, = torch.autograd.grad(ref.sum(), queries)
+    g_out, = torch.autograd.grad(out.sum(), queries)
+    assert torch.allclose(g_out, g_ref, atol=1e-6)
+
+
+def test_irm_does_not_project_the_memory_once_per_image(monkeypatch):
+    """Cost: the memory's key/value projection runs on M rows, not B x M."""
+    torch.manual_seed(0)
+    irm = ImageRefiner(64, 8, 0.0).eval()
+    rows = []
+    real = F.linear
+
+    def counting(x, w, b=None):
+        rows.append((x.numel() // x.shape[-1], w.shape[0]))
+        return real(x, w, b)
+
+    monkeypatch.setattr(F, "linear", counting)
+    irm(torch.randn(16, 5, 64), torch.randn(40, 64))
+    assert (40, 128) in rows  # keys and values of the 40 memory entries, once
+    assert all(n <= 16 * 5 for n, _ in rows)  # nothing of size B x M

@@ -552,3 +552,42 @@ def test_full_disk_while_saving_is_one_line(data_root, tiny_clip_path, tmp_path,
     assert err.startswith(f"error: cannot write {out}/prompt_learner/model.pth.tar-1 (No space left on device): "
                           "free space on that file system")
     assert len(err.strip().splitlines()) == 1 and not list((out / "prompt_learner").glob("*.tmp-*"))
+
+
+def test_pruned_training_then_pictures_of_the_trained_model(data_root, tiny_clip_path, tmp_path):
+    """MODEL.PRUNE through train.py (training and test), then scripts/pictures.py on that model dir."""
+    import glob
+
+    import numpy as np
+    from PIL import Image
+
+    from spotlighter import pictures
+
+    out = tmp_path / "pruned"
+    prune = ["MODEL.PRUNE.LAYERS", "[0]", "MODEL.PRUNE.KEEP", "0.5"]
+    run_train(data_root, tiny_clip_path, out, extra=prune)
+    log = open(out / "log.txt").read()
+    assert "Token dropping: blocks [0] keep 0.5" in log and "8 of 16 patches reach the last block" in log
+    assert read_result(out)["total"] == 36
+
+    images = sorted(glob.glob(os.path.join(data_root, "minibench", "images", "*", "test_*.png")))[:2]
+    pics = tmp_path / "pics"
+    cmd = [sys.executable, "scripts/pictures.py", "--root", data_root, "--config-file", CONFIGS["Spotlighter"],
+           "--dataset-config-file", "configs/datasets/minibench.yaml", "--model-dir", str(out), "--images", *images,
+           "--out", str(pics), "--cell", "10", *FAST, *EXTRA["Spotlighter"], "MODEL.BACKBONE.PATH", tiny_clip_path,
+           "DATASET.SUBSAMPLE_CLASSES", "base", *prune]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for path in images:
+        png = pics / (os.path.splitext(os.path.basename(path))[0] + ".png")
+        pic = Image.open(png)
+        assert pic.format == "PNG" and pic.size == pictures.picture_size(4, 10)
+        assert len(pictures.outlined_cells(pic, 4, 10, pictures.LEVEL1_COLOUR)) == 3
+        assert len(pictures.outlined_cells(pic, 4, 10, pictures.LEVEL2_COLOUR)) == 2
+        arr = np.asarray(pic.convert("RGB"))
+        grey = (arr == np.array(pictures.DROPPED_GREYS[0], dtype=np.uint8)).all(axis=-1)
+        assert grey.sum() >= 8 * (10 - 2 * 3) ** 2  # 8 dropped cells greyed (at least their interiors)
+
+    bad = subprocess.run(cmd[:cmd.index("--images") + 1] + ["missing.png"] + cmd[cmd.index("--out"):], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "image(s) not found: missing.png" in bad.stderr

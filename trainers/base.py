@@ -29,8 +29,8 @@ from dassl.optim import build_optimizer
 from datasets.layout import DatasetError
 from spotlighter import checkpoint as ckpt
 from spotlighter import foreign
-from spotlighter.backbone import FrozenCLIP, load_clip
-from spotlighter.config import ConfigError, check_precision
+from spotlighter.backbone import FrozenCLIP, PruneSpec, load_clip
+from spotlighter.config import ConfigError, check_precision, check_prune_cfg
 from spotlighter.fileio import atomic_path
 from spotlighter.models import count_trainable
 from spotlighter.schedule import build_schedule
@@ -137,6 +137,7 @@ class PromptTrainer(TrainerX):
 
     def check_cfg(self, cfg) -> None:
         check_precision(f"TRAINER.{self.CFG_NODE}.PREC", cfg.TRAINER[self.CFG_NODE].PREC)
+        check_prune_cfg(cfg.MODEL.PRUNE)
 
     def resolve_precision(self) -> str:
         prec = self.node.PREC
@@ -167,7 +168,12 @@ class PromptTrainer(TrainerX):
         backbone = cfg.MODEL.BACKBONE
         path = backbone.PATH.replace("{root}", cfg.DATASET.ROOT)  # "{root}/..." = under DATASET.ROOT
         clip_model = load_clip(backbone.NAME, path, self.device, DTYPES[self.precision])
-        self.clip = FrozenCLIP(clip_model)
+        prune = PruneSpec.from_cfg(cfg.MODEL.PRUNE)
+        self.clip = FrozenCLIP(clip_model, prune)
+        if prune.active:
+            logger.info("Token dropping: blocks %s keep %.3g of the patch tokens (fuse %s, in training %s): "
+                        "%d of %d patches reach the last block", list(prune.layers), prune.keep, prune.fuse,
+                        prune.in_training, prune.remaining(self.clip.num_patches), self.clip.num_patches)
         size = list(cfg.INPUT.SIZE)
         if size != [self.clip.input_resolution] * 2:
             raise ConfigError(f"INPUT.SIZE = {tuple(size)} does not match the CLIP input resolution "

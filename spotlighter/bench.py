@@ -1,0 +1,446 @@
+"""``python -m spotlighter.bench``: speed, memory and size of every model, side by side.
+
+For zero-shot CLIP, CoOp, CoCoOp, MaPLe and Spotlighter (``paper``, ``release`` and with token
+dropping, MODEL.PRUNE), on one device and precision, with random weights of the real CLIP shape
+(ViT-B/16 by default; nothing is downloaded):
+
+* evaluation images/s at ``--classes`` classes, batch ``--batch`` (class text features computed once
+  before timing, as the trainers cache them; CoCoOp and MaPLe re-encode their prompts per batch, so
+  they are timed with the full text encoder, on CPU at ``--slow-classes`` classes);
+* one training step (forward, backward, SGD step) at ``--train-batch`` images and ``--train-classes``;
+* peak memory: CUDA max allocated, or on CPU the peak RSS of a fresh process that builds the frozen CLIP
+  and the model and runs one evaluation batch and one training step (the JSON also gives that process's
+  peak before the model was built);
+* trainable scalars and checkpoint size (trained state + class prototypes + SGD momentum, as the
+  trainers save it, at ``--classes`` classes).
+
+Repetitions are interleaved (rep 1 of every model, then rep 2, ...), so a noisy machine slows all
+models alike; each rep's ratio is taken within the rep (eval: to zero-shot CLIP; training: to CoOp)
+and the table shows the median and the min-max of the reps. ``--json`` writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .backbone import FrozenCLIP, PruneSpec
+from .config import RECOMMENDED_PRUNE
+
+#: ``clip.model.CLIP`` arguments of the OpenAI ViTs.
+ARCHS: Dict[str, dict] = {
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                     transformer_width=512, transformer_layers=12),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                     transformer_width=512, transformer_layers=12),
+    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                     transformer_width=768, transformer_layers=12),
+    # not a real CLIP: a 4-block toy for smoke runs and tests of the command itself
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=8,
+                 transformer_width=64, transformer_layers=2),
+}
+TEXT = dict(context_length=77, vocab_size=49408)
+#: Optimiser of the training step (the shipped configs' SGD).
+SGD = dict(lr=0.002, momentum=0.9, weight_decay=5e-4)
+BASELINE_EVAL = "zsclip"
+BASELINE_TRAIN = "coop"
+#: Models whose text side runs in every forward (so their evaluation cost grows with the classes).
+TEXT_PER_BATCH = ("cocoop", "maple")
+
+
+def prune_arg(text: str) -> PruneSpec:
+    """``LAYERS:KEEP`` (e.g. ``3:0.5`` or ``3,6:0.5``) -> PruneSpec."""
+    try:
+        layers, keep = text.split(":")
+        return PruneSpec(tuple(int(i) for i in layers.split(",")), float(keep))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYERS:KEEP (e.g. 3,6:0.5)") from None
+
+
+def prune_label(spec: PruneSpec) -> str:
+    return ",".join(map(str, spec.layers)) + f":{spec.keep:g}"
+
+
+def default_prune() -> PruneSpec:
+    return PruneSpec(tuple(RECOMMENDED_PRUNE["LAYERS"]), RECOMMENDED_PRUNE["KEEP"], RECOMMENDED_PRUNE["FUSE"])
+
+
+def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
+    """Multiply-adds of one image through the vision transformer: per block 4·N·D² (QKV, output
+    projection) + 2·N²·D (attention) on the tokens entering it and 8·N'·D² (MLP) on the tokens leaving
+    its attention (N' < N only at a pruning block); the fused token counts as a token."""
+    a = ARCHS[arch]
+    D, grid = a["vision_width"], a["image_resolution"] // a["vision_patch_size"]
+    patches, fused = grid * grid, 0
+    total = 0.0
+    for i in range(a["vision_layers"]):
+        n = 1 + patches + fused
+        total += 4 * n * D * D + 2 * n * n * D
+        if prune is not None and prune.active and i in prune.layers and prune.kept(patches) < patches:
+            patches, fused = prune.kept(patches), int(prune.fuse)
+        total += 8 * (1 + patches + fused) * D * D
+    return total
+
+
+@dataclass
+class Entry:
+    """One row: a model name, how to build it, and its measurements."""
+
+    name: str
+    kind: str  # zsclip | coop | cocoop | maple | paper | release
+    prune: Optional[PruneSpec] = None
+    eval_times: List[float] = field(default_factory=list)
+    train_times: List[float] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def entries(models: Sequence[str], prunes: Sequence[PruneSpec]) -> List[Entry]:
+    out = []
+    for m in models:
+        kind, _, pruned = m.partition("+")
+        if pruned:
+            out += [Entry(f"{kind} prune {prune_label(p)}", kind, p) for p in prunes]
+        else:
+            out.append(Entry(kind, kind))
+    return out
+
+
+# --------------------------------------------------------------------------- building
+def build_clips(arch: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(full, light): random CLIP of ``arch``; ``light`` shares its vision tower with ``full`` but has a
+    one-block text transformer (for models whose text features are computed once, outside timing)."""
+    from clip.model import CLIP
+
+    a = dict(ARCHS[arch])
+    heads = a["transformer_width"] // 64
+    torch.manual_seed(seed)
+    full = CLIP(**a, **TEXT, transformer_heads=heads).to(device=device, dtype=dtype).eval()
+    light = CLIP(**{**a, "transformer_layers": 1}, **TEXT, transformer_heads=heads).to(device=device, dtype=dtype).eval()
+    light.visual = full.visual
+    for p in list(full.parameters()) + list(light.parameters()):
+        p.requires_grad_(False)
+    return full, light
+
+
+def default_cfg(preset: str = "paper"):
+    """This project's config defaults (spotlighter/config.py) with a Spotlighter preset."""
+    from yacs.config import CfgNode as CN
+
+    from .config import apply_preset, extend_cfg
+
+    cfg = CN()
+    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
+    cfg.MODEL.BACKBONE = CN()
+    extend_cfg(cfg)
+    apply_preset(cfg, preset)
+    return cfg
+
+
+def head_config(preset: str):
+    from .method import HeadConfig
+
+    return HeadConfig.from_cfg(default_cfg(preset).TRAINER.SPOTLIGHTER)
+
+
+def build_model(kind: str, clip_model, prune: Optional[PruneSpec], classes: int, device):
+    from . import models
+
+    clip = FrozenCLIP(clip_model, prune)
+    names = [f"class {i}" for i in range(classes)]
+    torch.manual_seed(0)
+    if kind == "zsclip":
+        m = models.ZeroShotCLIP(clip, names)
+    elif kind == "coop":
+        m = models.CoOp(clip, names)
+    elif kind == "cocoop":
+        m = models.CoCoOp(clip, names)
+    elif kind == "maple":  # the config's prompt depth, capped by the (tiny) CLIP's depth in tests
+        depth = min(default_cfg().TRAINER.MAPLE.PROMPT_DEPTH, len(clip_model.transformer.resblocks),
+                    len(clip_model.visual.transformer.resblocks))
+        m = models.MaPLe(clip, names, depth=depth)
+    elif kind in ("paper", "release"):
+        m = models.Spotlighter(clip, names, head_config(kind))
+    else:
+        raise ValueError(f"unknown model {kind!r}")
+    return m.to(device)
+
+
+def checkpoint_bytes(model) -> int:
+    """Size of what a trainer saves: trained state, class prototypes, SGD momentum buffers."""
+    from .checkpoint import trainable_state
+    from .method import ClassMemory
+
+    head = getattr(model, "head", None)
+    memory = getattr(head, "memory", None)
+    payload = {"state_dict": trainable_state(model),
+               "class_state": memory.class_state() if isinstance(memory, ClassMemory) else None,
+               "optimizer": {"state": {i: {"momentum_buffer": torch.zeros_like(p).cpu()}
+                                       for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}}}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.tell()
+
+
+# --------------------------------------------------------------------------- timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class Runner:
+    """Eval and train closures for one entry (models built once, reused by every rep)."""
+
+    def __init__(self, e: Entry, clips, args, device, autocast):
+        full, light = clips
+        self.device, self.autocast = device, autocast
+        self.eval_classes = args.slow_classes if (e.kind in TEXT_PER_BATCH and device.type == "cpu") else args.classes
+        self.eval_model = build_model(e.kind, full if e.kind in TEXT_PER_BATCH else light, e.prune,
+                                      self.eval_classes, device).eval()
+        self.train_model = None
+        self.do_eval = not args.no_eval
+        if e.kind != "zsclip" and not args.no_train:
+            self.train_model = build_model(e.kind, full, e.prune, args.train_classes, device).train()
+            params = [p for p in self.train_model.parameters() if p.requires_grad]
+            self.optim = torch.optim.SGD(params, **SGD)
+        res = full.visual.input_resolution
+        g = torch.Generator().manual_seed(1)
+        dtype = next(full.visual.parameters()).dtype
+        self.images = torch.randn(args.batch, 3, res, res, generator=g).to(device, dtype)
+        self.train_images = torch.randn(args.train_batch, 3, res, res, generator=g).to(device, dtype)
+        self.labels = torch.randint(0, args.train_classes, (args.train_batch,), generator=g).to(device)
+        e.info.update(classes=self.eval_classes, trainable=sum(p.numel() for p in self.eval_model.parameters()
+                                                               if p.requires_grad),
+                      checkpoint_bytes=checkpoint_bytes(self.eval_model))
+        if e.prune is not None:
+            e.info["patches_left"] = e.prune.remaining(FrozenCLIP(full).num_patches)
+
+    def eval_step(self):
+        if not self.do_eval:
+            return
+        with torch.no_grad(), self.autocast():
+            self.eval_model(self.images)
+
+    def train_step(self):
+        with self.autocast():
+            _, losses = self.train_model(self.train_images, self.labels)
+            loss = sum(losses.values())
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def cuda_peak(fn, device) -> float:
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m spotlighter.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="ViT-B/16", choices=sorted(ARCHS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "amp"],
+                   help="default: fp32 on CPU, fp16 on CUDA (fp16 and amp need CUDA)")
+    p.add_argument("--classes", type=int, default=1000, help="classes at evaluation (default 1000)")
+    p.add_argument("--slow-classes", type=int, default=10,
+                   help="on CPU, classes at which CoCoOp and MaPLe (text per batch) are evaluated")
+    p.add_argument("--batch", type=int, default=16, help="evaluation batch")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-classes", type=int, default=50)
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (after one warm-up)")
+    p.add_argument("--models", nargs="+",
+                   default=["zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip+prune", "paper+prune"],
+                   help="zsclip coop cocoop maple paper release; NAME+prune = NAME with each --prune setting")
+    p.add_argument("--prune", type=prune_arg, nargs="+", default=None,
+                   help="LAYERS:KEEP settings for the +prune models (default: the shipped "
+                        f"{RECOMMENDED_PRUNE['LAYERS']}:{RECOMMENDED_PRUNE['KEEP']}, config.RECOMMENDED_PRUNE)")
+    p.add_argument("--no-train", action="store_true", help="evaluation only")
+    p.add_argument("--no-eval", action="store_true", help="training steps only")
+    p.add_argument("--flops-only", action="store_true",
+                   help="print the image encoder's multiply-adds per image for each --prune setting; time nothing")
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS probes")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--json", default="", help="also write every figure to this file")
+    p.add_argument("--_probe", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.prune = args.prune or [default_prune()]
+    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
+    if args.precision != "fp32" and not args.device.startswith("cuda"):
+        p.error(f"--precision {args.precision} needs a CUDA device (CPU runs fp32)")
+    known = ("zsclip", "coop", "cocoop", "maple", "paper", "release")
+    for m in args.models:
+        if m.partition("+")[0] not in known or m.partition("+")[2] not in ("", "prune"):
+            p.error(f"--models: {m!r} is not one of {', '.join(known)} (optionally NAME+prune)")
+    if args.no_train and args.no_eval:
+        p.error("--no-train and --no-eval leave nothing to measure")
+    if args.classes < 1 or args.batch < 1 or args.reps < 1:
+        p.error("--classes, --batch and --reps must be >= 1")
+    return args
+
+
+def setup(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    import contextlib
+
+    def autocast():
+        if args.precision == "amp":
+            return torch.autocast(device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    return device, dtype, autocast
+
+
+def probe(args) -> int:
+    """Child process: peak RSS of building one model + one eval batch + one train step (CPU)."""
+    device, dtype, autocast = setup(args)
+    clips = build_clips(args.arch, device, dtype)
+    base = peak_rss_mb()
+    e = entries([args._probe], args.prune)[0]
+    r = Runner(e, clips, args, device, autocast)
+    r.eval_step()
+    if r.train_model is not None:
+        r.train_step()
+    print(json.dumps({"base_mb": base, "peak_mb": peak_rss_mb()}))
+    return 0
+
+
+def cpu_memory(args, rows: List[Entry]) -> None:
+    """Each entry's peak RSS in a fresh process (and that process's peak with the frozen CLIP only)."""
+    for e in rows:
+        cmd = [sys.executable, "-m", "spotlighter.bench", "--_probe", e.kind + ("+prune" if e.prune else ""),
+               "--arch", args.arch, "--device", "cpu", "--classes", str(args.classes),
+               "--slow-classes", str(args.slow_classes), "--batch", str(args.batch),
+               "--train-batch", str(args.train_batch), "--train-classes", str(args.train_classes),
+               "--threads", str(args.threads)]
+        if e.prune is not None:
+            cmd += ["--prune", prune_label(e.prune)]
+        if args.no_train:
+            cmd.append("--no-train")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        e.info["peak_mb"], e.info["clip_only_peak_mb"] = r["peak_mb"], r["base_mb"]
+
+
+def summarize(values: Sequence[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._probe:
+        return probe(args)
+    if args.flops_only:
+        base = encoder_macs(args.arch)
+        print(f"| {args.arch} MODEL.PRUNE | encoder GMAC / image | speed-up bound vs unpruned |")
+        print("|---|---:|---:|")
+        for spec in [None] + list(args.prune):
+            macs = encoder_macs(args.arch, spec)
+            print(f"| {'none' if spec is None else prune_label(spec)} | {macs / 1e9:.2f} | {base / macs:.2f}× |")
+        return 0
+    device, dtype, autocast = setup(args)
+    t0 = time.time()
+    clips = build_clips(args.arch, device, dtype)
+    rows = entries(args.models, args.prune)
+    runners = {e.name: Runner(e, clips, args, device, autocast) for e in rows}
+    print(f"# {args.arch} random weights, {args.precision} on {device} (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads); eval batch {args.batch} at {args.classes} classes, train step "
+          f"batch {args.train_batch} at {args.train_classes} classes; {args.reps} interleaved reps "
+          f"(set-up {time.time() - t0:.0f}s)", flush=True)
+    for e in rows:  # warm-up (and the one-time text features)
+        runners[e.name].eval_step()
+        if runners[e.name].train_model is not None:
+            runners[e.name].train_step()
+    for _ in range(args.reps):
+        for e in rows:
+            r = runners[e.name]
+            if r.do_eval:
+                e.eval_times.append(timed(r.eval_step, device))
+            if r.train_model is not None:
+                e.train_times.append(timed(r.train_step, device))
+    if device.type == "cuda":
+        for e in rows:
+            r = runners[e.name]
+            e.info["peak_mb"] = cuda_peak(r.eval_step, device)
+            if r.train_model is not None:
+                e.info["peak_train_mb"] = cuda_peak(r.train_step, device)
+    elif not args.no_memory:
+        del runners
+        cpu_memory(args, rows)
+    report = make_report(args, rows)
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def make_report(args, rows: List[Entry]) -> dict:
+    base = next((e for e in rows if e.kind == BASELINE_EVAL and e.prune is None), None)
+    tbase = next((e for e in rows if e.kind == BASELINE_TRAIN and e.prune is None), None)
+    out = []
+    for e in rows:
+        row = {"model": e.name, **e.info}
+        if e.eval_times:
+            row["eval_images_per_s"] = summarize([args.batch / t for t in e.eval_times])
+        if base is not None and base.eval_times and e.eval_times:
+            row["eval_ratio_to_zsclip"] = summarize([b / t for b, t in zip(base.eval_times, e.eval_times)])
+        if e.train_times:
+            row["train_step_s"] = summarize(e.train_times)
+            if tbase is not None and tbase.train_times:
+                row["train_ratio_to_coop"] = summarize([b / t for b, t in zip(tbase.train_times, e.train_times)])
+        out.append(row)
+    return {"arch": args.arch, "device": args.device, "precision": args.precision, "batch": args.batch,
+            "classes": args.classes, "train_batch": args.train_batch, "train_classes": args.train_classes,
+            "reps": args.reps, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": out}
+
+
+def _ratio(s: Optional[dict]) -> str:
+    return "—" if not s else f"{s['median']:.2f}× [{s['min']:.2f}–{s['max']:.2f}]"
+
+
+def print_table(report: dict) -> None:
+    print("| model | classes | eval img/s | eval vs ZS-CLIP | train step s | train speed vs CoOp | peak MB | "
+          "trainable | checkpoint MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in report["rows"]:
+        step = r.get("train_step_s")
+        peak = r.get("peak_mb")
+        peak_s = "—" if peak is None else f"{peak:.0f}" + (f" / {r['peak_train_mb']:.0f}" if "peak_train_mb" in r else "")
+        ips = r.get("eval_images_per_s")
+        print(f"| {r['model']} | {r['classes']} | {'—' if not ips else '%.2f' % ips['median']} | "
+              f"{_ratio(r.get('eval_ratio_to_zsclip'))} | {'—' if not step else '%.2f' % step['median']} | "
+              f"{_ratio(r.get('train_ratio_to_coop'))} | {peak_s} | {r['trainable']:,} | "
+              f"{r['checkpoint_bytes'] / 2 ** 20:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""spotlighter.bench: argument checks, the report's side-by-side ratios, checkpoint size, and one
+tiny end-to-end run (figures are printed by the command, never asserted as timings)."""
+
+import io
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from spotlighter import bench
+from spotlighter.backbone import PruneSpec
+from spotlighter.config import RECOMMENDED_PRUNE
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=8,
+            transformer_width=64, transformer_layers=2)
+
+
+def test_prune_arg_and_label():
+    assert bench.prune_arg("3,6:0.5") == PruneSpec((3, 6), 0.5)
+    assert bench.prune_label(PruneSpec((3,), 0.25)) == "3:0.25"
+    with pytest.raises(Exception, match="LAYERS:KEEP"):
+        bench.prune_arg("3-0.5")
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "clip"])
+    assert "--models: 'clip' is not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--precision", "fp16"])
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_entries_expand_prune_settings():
+    rows = bench.entries(["zsclip", "paper+prune"], [PruneSpec((3,), 0.5), PruneSpec((6,), 0.5)])
+    assert [(e.name, e.kind, e.prune) for e in rows] == [
+        ("zsclip", "zsclip", None), ("paper prune 3:0.5", "paper", PruneSpec((3,), 0.5)),
+        ("paper prune 6:0.5", "paper", PruneSpec((6,), 0.5))]
+
+
+def test_report_ratios_are_taken_within_each_rep():
+    args = bench.parse_args(["--device", "cpu", "--reps", "3"])
+    zs, coop = bench.Entry("zsclip", "zsclip"), bench.Entry("coop", "coop")
+    zs.eval_times, coop.eval_times = [1.0, 2.0, 4.0], [0.5, 4.0, 2.0]  # a noisy machine: rep 2 slowed ZS
+    coop.train_times = [3.0, 3.0, 6.0]
+    for e in (zs, coop):
+        e.info = {"classes": 1000, "trainable": 0, "checkpoint_bytes": 0}
+    rows = {r["model"]: r for r in bench.make_report(args, [zs, coop])["rows"]}
+    assert rows["coop"]["eval_ratio_to_zsclip"] == {"median": 2.0, "min": 0.5, "max": 2.0, "n": 3}
+    assert rows["zsclip"]["eval_ratio_to_zsclip"]["median"] == 1.0
+    assert rows["coop"]["eval_images_per_s"]["median"] == 16 / 2.0
+    assert rows["coop"]["train_ratio_to_coop"]["median"] == 1.0 and "train_step_s" not in rows["zsclip"]
+
+
+def test_shipped_prune_config_is_the_benchmarked_setting():
+    with open(os.path.join(ROOT, "configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml")) as f:
+        prune = yaml.safe_load(f)["MODEL"]["PRUNE"]
+    assert {k: prune[k] for k in ("LAYERS", "KEEP", "FUSE")} == RECOMMENDED_PRUNE
+    assert bench.default_prune() == PruneSpec(tuple(prune["LAYERS"]), prune["KEEP"], prune["FUSE"])
+
+
+@pytest.fixture()
+def tiny_arch():
+    assert bench.ARCHS["tiny"] == TINY  # the command's own toy architecture
+
+
+def test_checkpoint_size_is_what_a_trainer_saves(tiny_arch):
+    from spotlighter.checkpoint import trainable_state
+
+    full, light = bench.build_clips("tiny", torch.device("cpu"), torch.float32)
+    model = bench.build_model("paper", light, None, 7, "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save({"state_dict": trainable_state(model), "class_state": model.head.memory.class_state(),
+                "optimizer": opt.state_dict()}, buf)
+    assert abs(bench.checkpoint_bytes(model) - buf.tell()) < 0.01 * buf.tell()
+
+
+def test_tiny_end_to_end_json(tiny_arch, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(["--arch", "tiny", "--device", "cpu", "--classes", "6", "--slow-classes", "3", "--batch", "2",
+                       "--train-batch", "2", "--train-classes", "4", "--reps", "2", "--no-memory", "--threads", "1",
+                       "--models", "zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip+prune",
+                       "--prune", "1:0.5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows) == ["zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip prune 1:0.5"]
+    assert rows["zsclip"]["eval_ratio_to_zsclip"]["median"] == 1.0
+    assert rows["coop"]["train_ratio_to_coop"]["median"] == 1.0
+    assert rows["cocoop"]["classes"] == 3 and rows["paper"]["classes"] == 6  # text per batch: fewer on CPU
+    assert rows["zsclip prune 1:0.5"]["patches_left"] == 8
+    assert rows["coop"]["trainable"] == 4 * 64 and rows["zsclip"]["trainable"] == 0
+    assert rows["paper"]["trainable"] == rows["release"]["trainable"] > rows["coop"]["trainable"]
+    assert min(rows["paper"]["checkpoint_bytes"], rows["release"]["checkpoint_bytes"]) > 4 * rows["paper"]["trainable"]
+    assert all(r["eval_images_per_s"]["n"] == 2 for r in report["rows"])
+    text = capsys.readouterr().out
+    assert "| zsclip prune 1:0.5 | 6 |" in text and "eval vs ZS-CLIP" in text
+
+
+def test_encoder_macs_cost_model():
+    """Spec's cost model: ViT-B/16 block ~ 12·N·D² + 2·N²·D, 17.4 G for the 12 blocks."""
+    full = bench.encoder_macs("ViT-B/16")
+    assert full == 12 * (12 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768) and abs(full / 1e9 - 17.4) < 0.1
+    # keep 98 of 196 patches after the attention of block 6: MLP of 6 and blocks 7-11 on 1 + 98 + 1 tokens
+    half = bench.encoder_macs("ViT-B/16", PruneSpec((6,), 0.5))
+    n = 100
+    expect = 6 * (12 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768) + 4 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768 \
+        + 8 * n * 768 ** 2 + 5 * (12 * n * 768 ** 2 + 2 * n * n * 768)
+    assert half == expect
+    assert bench.encoder_macs("ViT-B/16", PruneSpec((6,), 0.5, fuse=False)) < half
+
+
+def test_flops_only_prints_the_bound(capsys):
+    assert bench.main(["--flops-only", "--prune", "6:0.5", "3:0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "| none | 17.45 | 1.00× |" in out and "| 6:0.5 |" in out and "| 3:0.25 |" in out
+
+
+def test_cpu_peak_memory_probe_runs_a_fresh_process_per_model(tmp_path):
+    out = tmp_path / "m.json"
+    assert bench.main(["--arch", "tiny", "--device", "cpu", "--classes", "6", "--batch", "2", "--train-batch", "2",
+                       "--train-classes", "4", "--reps", "1", "--threads", "1", "--models", "zsclip", "paper",
+                       "--json", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["peak_mb"] >= r["clip_only_peak_mb"] > 100 for r in rows.values())  # torch + CLIP alone
+    assert rows["paper"]["peak_mb"] >= rows["zsclip"]["peak_mb"]  # a head, its optimiser and a backward pass

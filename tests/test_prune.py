@@ -1,0 +1,265 @@
+"""Token dropping (MODEL.PRUNE): the pruned image forward against a hand-written EViT reference,
+the unpruned forward bit for bit, the models and the config checks."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from spotlighter.backbone import (BackboneError, FrozenCLIP, PruneSpec, _attention_with_cls_row,
+                                  _block_attention)
+from spotlighter.config import ConfigError, check_prune_cfg, extend_cfg
+from spotlighter.models import CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP
+from test_models import NAMES, head_cfg, images
+from tiny_clip import build_tiny_clip
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def deep_clip():
+    """Tiny CLIP with 4 vision blocks and 2 heads (so pruning can happen at blocks 0..2)."""
+    return build_tiny_clip(seed=5, vision_layers=4, vision_width=128)
+
+
+def reference_pruned(model, x, spec):
+    """EViT by hand with clip.model's own modules: MHA weights for the CLS row, explicit top-k and
+    weighted fusion, the library's ResidualAttentionBlock.forward for the other blocks."""
+    v = model.visual
+    h = v.conv1(x)
+    h = h.reshape(h.shape[0], h.shape[1], -1).permute(0, 2, 1)
+    h = torch.cat([v.class_embedding.expand(h.shape[0], 1, -1), h], dim=1) + v.positional_embedding
+    h = v.ln_pre(h)  # (B, N, D)
+    index = torch.arange(h.shape[1] - 1).expand(h.shape[0], -1)
+    fused = None
+    for i, block in enumerate(v.transformer.resblocks):
+        seq = h if fused is None else torch.cat([h, fused[:, None]], dim=1)
+        if i not in spec.layers:
+            out = block(seq.permute(1, 0, 2)).permute(1, 0, 2)
+            h, fused = (out, None) if fused is None else (out[:, :-1], out[:, -1])
+            continue
+        ln = block.ln_1(seq)
+        lnd = ln.transpose(0, 1)
+        a, w = block.attn(lnd, lnd, lnd, need_weights=True, average_attn_weights=True)
+        seq = seq + a.transpose(0, 1)
+        cls = w[:, 0]  # (B, N)
+        n = index.shape[1]
+        keep = math.ceil(spec.keep * n)
+        new_h, new_index, new_fused = [], [], []
+        for b in range(seq.shape[0]):
+            order = sorted(range(n), key=lambda j: -cls[b, 1 + j].item())
+            kept = sorted(order[:keep])
+            dropped = order[keep:]
+            new_h.append(torch.cat([seq[b, :1], seq[b, [1 + j for j in kept]]]))
+            new_index.append(index[b, kept])
+            if spec.fuse:
+                ws = [cls[b, 1 + j] for j in dropped]
+                xs = [seq[b, 1 + j] for j in dropped]
+                if fused is not None:
+                    ws.append(cls[b, -1])
+                    xs.append(seq[b, -1])
+                new_fused.append(sum(wi * xi for wi, xi in zip(ws, xs)) / sum(ws))
+        h, index = torch.stack(new_h), torch.stack(new_index)
+        fused = torch.stack(new_fused) if spec.fuse else None
+        seq = h if fused is None else torch.cat([h, fused[:, None]], dim=1)
+        seq = seq + block.mlp(block.ln_2(seq))
+        h, fused = (seq, None) if fused is None else (seq[:, :-1], seq[:, -1])
+    return v.ln_post(h[:, 0]) @ v.proj, index
+
+
+@pytest.mark.parametrize("spec", [PruneSpec((1,), 0.5), PruneSpec((0, 2), 0.4), PruneSpec((1,), 0.3, fuse=False),
+                                  PruneSpec((0, 1, 2), 0.7)])
+def test_pruned_forward_matches_hand_written_evit(deep_clip, spec):
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    clip = FrozenCLIP(deep_clip, spec)
+    with torch.no_grad():
+        ref, ref_index = reference_pruned(deep_clip, x, spec)
+        out = clip.encode_image(x)
+        tok = clip.encode_image_tokens(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(tok.global_feat, ref, atol=1e-5)
+    assert torch.equal(tok.patch_index, ref_index)
+    n = 16
+    for _ in spec.layers:
+        n = math.ceil(spec.keep * n)
+    assert tok.tokens.shape == (3, 1 + n, deep_clip.visual.proj.shape[1]) and n == spec.remaining(16)
+    assert tok.cls_attn.shape == (3, n)
+    assert len(tok.kept_index) == len(spec.layers) and torch.equal(tok.kept_index[-1], tok.patch_index)
+    for earlier, later in zip(tok.kept_index, tok.kept_index[1:]):  # a dropped patch never comes back
+        assert all(set(l.tolist()) <= set(e.tolist()) for e, l in zip(earlier, later))
+
+
+def test_kept_patches_are_those_with_the_highest_cls_attention(deep_clip):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    clip = FrozenCLIP(deep_clip, PruneSpec((0,), 0.25))
+    v = deep_clip.visual
+    with torch.no_grad():
+        h = v.ln_pre(clip._embed_patches(x)).permute(1, 0, 2)
+        _, w = _block_attention(v.transformer.resblocks[0], h, need_weights=True)
+        tok = clip.encode_image_tokens(x)
+    expect = w[:, 0, 1:].topk(4, dim=1).indices.sort(dim=1).values
+    assert torch.equal(tok.patch_index, expect)
+
+
+def test_cls_row_and_fused_attention_equal_mha(deep_clip):
+    block = deep_clip.visual.transformer.resblocks[1]
+    x = torch.randn(17, 2, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, w = _block_attention(block, x, need_weights=True)
+        out, cls = _attention_with_cls_row(block, x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(cls, w[:, 0], atol=1e-6)
+    assert torch.allclose(cls.sum(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("spec", [None, PruneSpec(), PruneSpec((1,), 1.0)])
+def test_no_pruning_is_bit_identical_to_clip(deep_clip, spec):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    clip = FrozenCLIP(deep_clip, spec)
+    assert not clip.prune.active
+    with torch.no_grad():
+        ref = deep_clip.encode_image(x)
+        assert torch.equal(clip.encode_image(x), ref)
+        tok = clip.encode_image_tokens(x)
+        plain = FrozenCLIP(deep_clip).encode_image_tokens(x)
+    assert torch.allclose(tok.global_feat, ref, atol=1e-5)  # (ln_post over all tokens: not bitwise)
+    assert torch.equal(tok.tokens, plain.tokens) and torch.equal(tok.cls_attn, plain.cls_attn)
+    assert tok.patch_index is None and tok.tokens.shape[1] == 17
+
+
+@pytest.mark.parametrize("layers", [(3,), (2, 1), (1, 1), (-1,)])
+def test_invalid_layers_name_the_key(deep_clip, layers):
+    with pytest.raises(BackboneError, match=r"MODEL.PRUNE.LAYERS .*\[0, 2\]"):
+        FrozenCLIP(deep_clip, PruneSpec(layers, 0.5))
+
+
+def test_remaining_and_kept():
+    assert PruneSpec((3, 6, 9), 0.7).remaining(196) == 68  # 196 -> 138 -> 97 -> 68
+    assert PruneSpec((3,), 0.5).kept(196) == 98 and PruneSpec((3,), 0.01).kept(10) == 1
+    assert PruneSpec((3,), 1.0).remaining(196) == 196 and PruneSpec((), 0.5).remaining(196) == 196
+
+
+def _cfg():
+    cfg = CN()
+    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
+    cfg.MODEL.BACKBONE = CN()
+    extend_cfg(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("key,value,match", [("LAYERS", [6, 3], "increasing"), ("LAYERS", [-1], "increasing"),
+                                             ("KEEP", 0.0, r"\(0, 1\]"), ("KEEP", 1.5, r"\(0, 1\]"),
+                                             ("FUSE", 1, "True or False")])
+def test_prune_cfg_errors(key, value, match):
+    cfg = _cfg()
+    cfg.MODEL.PRUNE[key] = value
+    with pytest.raises(ConfigError, match=f"MODEL.PRUNE.{key}.*{match}"):
+        check_prune_cfg(cfg.MODEL.PRUNE)
+
+
+def test_prune_cfg_defaults_are_off_and_valid():
+    node = _cfg().MODEL.PRUNE
+    check_prune_cfg(node)
+    assert not PruneSpec.from_cfg(node).active
+
+
+# ----------------------------------------------------------------------------- models
+def _models(clip):
+    torch.manual_seed(0)
+    return {"zsclip": ZeroShotCLIP(clip, NAMES), "coop": CoOp(clip, NAMES), "cocoop": CoCoOp(clip, NAMES),
+            "spot-paper": Spotlighter(clip, NAMES, head_cfg("paper", 8)),
+            "spot-release": Spotlighter(clip, NAMES, head_cfg("release", 1))}
+
+
+def test_models_prune_at_test_and_in_training_as_configured(deep_clip):
+    x = images(3)
+    y = torch.tensor([0, 1, 3])
+    plain = _models(FrozenCLIP(deep_clip))
+    pruned = _models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5)))
+    no_train = _models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5, in_training=False)))
+    for kind in plain:
+        for m in (plain[kind], pruned[kind], no_train[kind]):
+            m.eval()
+        with torch.no_grad():
+            a, b, c = plain[kind](x)[0], pruned[kind](x)[0], no_train[kind](x)[0]
+        assert b.shape == a.shape and not torch.allclose(a, b), kind  # test: pruned
+        assert torch.equal(b, c), kind  # IN_TRAINING does not matter at test
+        if kind == "zsclip":
+            continue
+        for m in (plain[kind], pruned[kind], no_train[kind]):
+            m.train()
+        torch.manual_seed(1)
+        la, _ = plain[kind](x, y)
+        torch.manual_seed(1)
+        lb, losses = pruned[kind](x, y)
+        torch.manual_seed(1)
+        lc, _ = no_train[kind](x, y)
+        assert torch.equal(la, lc), kind  # IN_TRAINING False: the training forward is unpruned
+        assert not torch.allclose(la, lb), kind
+        sum(losses.values()).backward()  # gradients flow through the pruned forward
+
+
+def test_spotlighter_selection_reports_original_patch_positions(deep_clip):
+    clip = FrozenCLIP(deep_clip, PruneSpec((0,), 0.5))
+    model = Spotlighter(clip, NAMES, head_cfg("paper", 8)).eval()
+    x = images(2)
+    with torch.no_grad():
+        img = clip.encode_image_tokens(x, need_attn=False)
+        out = model.head(img, model.text_features(), clip.logit_scale)
+    assert torch.equal(out.patch_idx, img.patch_index.gather(1, out.token_idx - 1))
+    assert all(set(p.tolist()) <= set(k.tolist()) for p, k in zip(out.patch_idx, img.patch_index))
+    assert out.scores.shape == (2, 8)
+
+
+def test_top_k_above_the_remaining_patches_is_a_config_error(deep_clip):
+    clip = FrozenCLIP(deep_clip, PruneSpec((0, 1), 0.25))  # 16 -> 4 -> 1 patches
+    with pytest.raises(ConfigError, match="TOP_K = 5 .*leaves 1 patch tokens"):
+        Spotlighter(clip, NAMES, head_cfg("paper", 8))
+
+
+def test_maple_rejects_pruning(deep_clip):
+    with pytest.raises(ConfigError, match="MaPLe"):
+        MaPLe(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5)), NAMES, depth=2)
+
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "unpruned_reference.pt")
+
+
+def test_unpruned_models_are_bit_identical_to_the_code_before_token_dropping():
+    """Logits and losses of all six models (eval, train, eval after a memory write) on the tiny CLIP,
+    saved from commit 659a235 (before MODEL.PRUNE and the once-per-forward IRM projection). Bitwise
+    equality only holds for the same torch build and CPU kernels, so it skips elsewhere."""
+    ref = torch.load(REFERENCE, weights_only=True)
+    if ref["torch"] != str(torch.__version__) or ref["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
+        pytest.skip(f"reference saved with torch {ref['torch']} ({ref['cpu_capability']} kernels); this is "
+                    f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
+    import test_models as tm
+    from spotlighter.backbone import load_clip
+    from tiny_clip import save_tiny_clip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = FrozenCLIP(load_clip("ViT-B/16", path=save_tiny_clip(os.path.join(tmp, "tiny.pt"))))
+    out = {}
+    for kind in tm.KINDS:
+        m = tm.build(kind, clip)
+        if kind == "spot-release":  # its local CE became the released dot product after 659a235 on
+            m.head.cfg.local_logits = "cosine"  # purpose (tested by hand in test_method); compare the rest
+        x, y = tm.images(), torch.tensor([0, 1, 3])
+        m.eval()
+        with torch.no_grad():
+            out[kind + "/eval"] = m(x)[0]
+        m.train()
+        torch.manual_seed(1)
+        logits, losses = m(x, y)
+        out[kind + "/train"] = logits.detach()
+        out.update({f"{kind}/loss/{k}": v.detach() for k, v in losses.items()})
+        m.eval()
+        with torch.no_grad():
+            out[kind + "/eval2"] = m(x)[0]
+    assert sorted(out) == sorted(ref["tensors"])
+    differ = [k for k in out if not torch.equal(out[k], ref["tensors"][k])]
+    assert not differ, differ
