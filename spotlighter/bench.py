@@ -120,14 +120,18 @@ def entries(models: Sequence[str], prunes: Sequence[PruneSpec]) -> List[Entry]:
 def build_clips(arch: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """(full, light): random CLIP of ``arch``; ``light`` shares its vision tower with ``full`` but has a
     one-block text transformer (for models whose text features are computed once, outside timing)."""
-    from clip.model import CLIP
+    from clip.model import CLIP, convert_weights
 
     a = dict(ARCHS[arch])
     heads = a["transformer_width"] // 64
     torch.manual_seed(seed)
-    full = CLIP(**a, **TEXT, transformer_heads=heads).to(device=device, dtype=dtype).eval()
-    light = CLIP(**{**a, "transformer_layers": 1}, **TEXT, transformer_heads=heads).to(device=device, dtype=dtype).eval()
+    full = CLIP(**a, **TEXT, transformer_heads=heads)
+    light = CLIP(**{**a, "transformer_layers": 1}, **TEXT, transformer_heads=heads)
     light.visual = full.visual
+    for model in (full, light):
+        if dtype == torch.float16:  # OpenAI's half precision, as load_clip builds it (LayerNorms stay fp32)
+            convert_weights(model)
+        model.to(device=device).eval()
     for p in list(full.parameters()) + list(light.parameters()):
         p.requires_grad_(False)
     return full, light
