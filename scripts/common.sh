@@ -16,7 +16,9 @@ CALLER_PWD="$(pwd)"
 BASE2NEW_DATASETS="imagenet caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
 XD_TARGETS="caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
 DG_TARGETS="imagenetv2 imagenet_sketch imagenet_a imagenet_r"
-ALL_DATASETS="$BASE2NEW_DATASETS $DG_TARGETS minibench"
+# Generated on first use (spotlighter.benchmark; folder = name): MiniBench and its xd/dg targets.
+GENERATED_DATASETS="minibench minibench_glyphs minibench_textures minibench_objects minibench_sketch minibench_noise minibench_palette"
+ALL_DATASETS="$BASE2NEW_DATASETS $DG_TARGETS $GENERATED_DATASETS"
 VALID_TRAINERS="spotlighter coop cocoop maple zsclip"
 
 FAILED=()
@@ -71,7 +73,7 @@ dataset_folder() {  # config name -> folder under $DATA (CoOp's DATASETS.md)
         imagenet_sketch) echo imagenet-sketch ;;
         imagenet_a) echo imagenet-adversarial ;;
         imagenet_r) echo imagenet-rendition ;;
-        minibench) echo minibench ;;
+        minibench*) case " $GENERATED_DATASETS " in *" $1 "*) echo "$1" ;; *) return 1 ;; esac ;;
         *) return 1 ;;
     esac
 }
@@ -142,7 +144,7 @@ setup_env() {  # SHOTS, SEEDS, DATA, OUTPUT, PYTHON, extra KEY VALUE args
 require_data() {  # datasets whose folder must exist under $DATA
     local d missing=()
     for d in "$@"; do
-        [ "$d" = minibench ] && continue  # generated on first use
+        case " $GENERATED_DATASETS " in *" $d "*) continue ;; esac  # generated on first use
         [ -d "$DATA/$(dataset_folder "$d")" ] || missing+=("$d")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -161,10 +163,25 @@ print_header() {
 }
 
 # --- cross-dataset / domain generalisation (xd.sh, dg.sh) -------------------------------------
-transfer_targets() {  # $1: default targets -> SOURCE, TARGETS (checked)
+registry_targets() {  # $1: xd | dg, $2: source -> its default targets, read from spotlighter.registry
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${PY[@]:-python}" -c \
+        "import sys; from spotlighter import registry
+try: print(' '.join(getattr(registry, sys.argv[1] + '_targets')(sys.argv[2])))
+except registry.RegistryError as e: sys.exit(str(e))" \
+        "$1" "$2" || die "no default $1 targets for SOURCE=$2 (spotlighter.registry); set DATASETS=\"...\""
+}
+
+transfer_targets() {  # $1: default targets for SOURCE=imagenet, $2: xd | dg -> SOURCE, TARGETS (checked)
     SOURCE="${SOURCE:-imagenet}"
     check_dataset_name "$SOURCE" "$BASE2NEW_DATASETS minibench" "SOURCE"
-    TARGETS="${DATASETS-$1}"
+    if [ -n "${DATASETS+set}" ]; then
+        TARGETS="$DATASETS"
+    elif [ "$SOURCE" = imagenet ]; then
+        TARGETS="$1"
+    else  # another source (e.g. minibench): its targets from the registry
+        read -r -a PY <<<"${PYTHON:-python}"
+        TARGETS="$(registry_targets "$2" "$SOURCE")" || exit 2
+    fi
     local d
     for d in $TARGETS; do check_dataset_name "$d" "$ALL_DATASETS" "DATASETS"; done
 }

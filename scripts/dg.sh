@@ -8,7 +8,8 @@
 # Writes: $OUTPUT/evaluation/<Trainer>/<cfg>_<K>shots/<target>/seed<S>
 # Extra environment (besides scripts/common.sh's DATA, SEEDS, CFG, OUTPUT, PYTHON, FORCE, DRY_RUN):
 #   DATASETS="imagenet_a imagenet_r"  targets (default: imagenetv2 imagenet_sketch imagenet_a imagenet_r)
-#   SOURCE=imagenet                   the dataset the checkpoints were trained on
+#   SOURCE=imagenet                   the dataset the checkpoints were trained on; SOURCE=minibench:
+#                                     minibench_sketch minibench_noise minibench_palette by default
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -17,7 +18,7 @@ usage="usage: DATA=/path/to/datasets $0 TRAINER SHOTS [KEY VALUE ...]   (TRAINER
 SHOTS="$2"
 EXTRA=("${@:3}")
 setup_trainer "$1"
-transfer_targets "$DG_TARGETS"
+transfer_targets "$DG_TARGETS" dg
 setup_env
 require_data $TARGETS
 print_header "domain generalisation: $SOURCE -> $TARGETS"

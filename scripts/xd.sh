@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cross-dataset transfer: per seed, train on all classes of ImageNet, then evaluate that checkpoint
-# on the other 10 datasets.
+# on the other 10 datasets (SOURCE=minibench: MiniBench's 3 generated targets).
 #
 #   DATA=/path/to/datasets scripts/xd.sh TRAINER SHOTS [KEY VALUE ...]
 #
@@ -10,7 +10,8 @@
 # Zero-shot CLIP is not trained: its source run is an --eval-only run on the source dataset.
 # Extra environment (besides scripts/common.sh's DATA, SEEDS, CFG, OUTPUT, PYTHON, FORCE, DRY_RUN):
 #   DATASETS="dtd eurosat"  target datasets (default: the 10 cross-dataset targets; DATASETS= only trains)
-#   SOURCE=imagenet         the training dataset (e.g. SOURCE=minibench for a quick check)
+#   SOURCE=imagenet         the training dataset; SOURCE=minibench: MiniBench -> its 3 generated
+#                           targets (minibench_glyphs minibench_textures minibench_objects), on a CPU
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -19,7 +20,7 @@ usage="usage: DATA=/path/to/datasets $0 TRAINER SHOTS [KEY VALUE ...]   (TRAINER
 SHOTS="$2"
 EXTRA=("${@:3}")
 setup_trainer "$1"
-transfer_targets "$XD_TARGETS"
+transfer_targets "$XD_TARGETS" xd
 setup_env
 require_data "$SOURCE" $TARGETS
 print_header "cross-dataset: $SOURCE -> $TARGETS"

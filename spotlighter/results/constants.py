@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .. import registry as _registry  # plain Python: no torch, no Dassl
+
 PROTOCOLS: tuple[str, ...] = ("base2new", "xd", "dg")
 PROTOCOL_TITLES: dict[str, str] = {
     "base2new": "Base-to-novel generalisation",
@@ -23,9 +25,18 @@ BASE2NEW_DATASETS: tuple[str, ...] = (
     "eurosat",
     "ucf101",
 )
-XD_SOURCE = "imagenet"
-XD_TARGETS: tuple[str, ...] = tuple(d for d in BASE2NEW_DATASETS if d != XD_SOURCE)
-DG_TARGETS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+XD_SOURCE = "imagenet"  # the default source of cross-dataset / DG runs (the published protocol)
+XD_TARGETS: tuple[str, ...] = tuple(_registry.xd_targets(XD_SOURCE))
+DG_TARGETS: tuple[str, ...] = tuple(_registry.dg_targets(XD_SOURCE))
+# Every source -> its targets (spotlighter.registry: imagenet, and the generated MiniBench).
+XD_TARGETS_BY_SOURCE: dict[str, tuple[str, ...]] = dict(_registry.XD_TARGETS)
+DG_TARGETS_BY_SOURCE: dict[str, tuple[str, ...]] = dict(_registry.DG_TARGETS)
+
+
+def transfer_dirs(source: str) -> tuple[str, str]:
+    """Training and evaluation folders of cross-dataset / DG runs from ``source``: ``imagenet`` and
+    ``evaluation`` for ImageNet (CoOp's tree), ``<source>`` and ``evaluation_from_<source>`` otherwise."""
+    return source, XD_EVAL_DIR if source == XD_SOURCE else f"{XD_EVAL_DIR}_from_{source}"
 
 # Roles of a seed folder. ``subset`` is what a result.json written there must say.
 ROLE_BASE = "base"
