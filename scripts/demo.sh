@@ -27,8 +27,9 @@ DEMO_PROTOCOLS="${DEMO_PROTOCOLS:-base2new xd dg}"
 DEMO_RUNS="${DEMO_RUNS:-zsclip:minibench coop:minibench_ep10_ctx4 spotlighter:minibench_ep10_paper}"
 SHOTS=16
 SOURCE=minibench
-# Relative cost of one job per trainer (CoOp = 1; measured on 2 CPU cores with the minibench configs):
-# the ETA uses it for (protocol, trainer) pairs not timed yet, scaled by what was timed so far.
+# Rough prior of the relative cost of one job per trainer (CoOp = 1; from the minibench configs' epochs,
+# batch sizes and per-step work). The ETA uses a (protocol, trainer) pair's measured mean once it has
+# run, and this prior, scaled by what was measured so far, for pairs not timed yet.
 declare -A COST=([zsclip]=0.3 [coop]=1 [spotlighter]=1.6 [cocoop]=2.5 [maple]=1.2)
 
 say() { printf '[demo %s] %s\n' "$(date +%H:%M:%S)" "$*"; }

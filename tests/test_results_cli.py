@@ -143,3 +143,21 @@ def test_xd_and_dg_tables_for_a_minibench_source(tmp_path, capsys):
     assert cli.main(["dg", "--root", str(root), "--datasets", "minibench_sketch"]) == 0
     out = capsys.readouterr().out
     assert "| minibench_sketch |" in out and "| Average" not in out  # one target: no average row
+
+
+def test_plot_axis_zoomed_to_the_data_and_deltas_to_zero_shot():
+    """1-2 point gaps stay visible: the value axis spans the bars and error bars (not 0-100), and
+    --plot-deltas draws each method minus zero-shot, with 0 on the axis."""
+    from spotlighter.results.plot import _delta_series, value_limits
+    from spotlighter.results.stats import Stat
+
+    series = {"ZeroshotCLIP": [Stat(53.0, 0.0, 3), Stat(45.0, 0.0, 3)],
+              "CoOp": [Stat(55.0, 0.5, 3), Stat(44.0, 1.0, 3)]}
+    lo, hi = value_limits(series, deltas=False)
+    assert 40.0 < lo < 43.0 and 55.5 < hi < 58.0
+    deltas = _delta_series(series, "ZeroshotCLIP")
+    assert list(deltas) == ["CoOp"]
+    assert [s.mean for s in deltas["CoOp"]] == [2.0, -1.0] and deltas["CoOp"][1].std == 1.0
+    lo, hi = value_limits(deltas, deltas=True)
+    assert lo < -2.0 and hi > 2.5 and lo < 0 < hi
+    assert _delta_series(series, "MaPLe") is None  # no reference: plain accuracies
