@@ -73,7 +73,13 @@ dataset_folder() {  # config name -> folder under $DATA (CoOp's DATASETS.md)
         imagenet_sketch) echo imagenet-sketch ;;
         imagenet_a) echo imagenet-adversarial ;;
         imagenet_r) echo imagenet-rendition ;;
-        minibench*) case " $GENERATED_DATASETS " in *" $1 "*) echo "$1" ;; *) return 1 ;; esac ;;
+        minibench) echo minibench ;;
+        minibench_glyphs) echo minibench_glyphs ;;
+        minibench_textures) echo minibench_textures ;;
+        minibench_objects) echo minibench_objects ;;
+        minibench_sketch) echo minibench_sketch ;;
+        minibench_noise) echo minibench_noise ;;
+        minibench_palette) echo minibench_palette ;;
         *) return 1 ;;
     esac
 }

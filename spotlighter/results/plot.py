@@ -15,7 +15,7 @@ BAR_GROUP_WIDTH = 0.8
 PANEL_SIZE_IN = (10.0, 3.2)  # width and height of one panel, inches
 DPI = 100
 ZOOM_MARGIN = 0.12  # share of the data's span added below and above it on the value axis
-VALUE_FONT_SIZE = 6
+VALUE_FONT_SIZE = 7
 
 
 class PlotUnavailable(RuntimeError):
