@@ -136,14 +136,19 @@ done
 
 # 4. The tables (CSV always; PNG when matplotlib is installed).
 seeds_csv="$(echo $SEEDS | tr ' ' ',')"
+# only this demo's trainers and configs (OUTPUT may hold other runs)
+trainers_csv="$(for r in $DEMO_RUNS; do echo "${r%%:*}"; done | sort -u | tr '\n' ',' | sed 's/,$//')"
+configs_csv="$(for r in $DEMO_RUNS; do echo "${r#*:}"; done | sort -u | tr '\n' ',' | sed 's/,$//')"
 plot=()
 for p in $DEMO_PROTOCOLS; do
     "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUTPUT/minibench_$p.png" --plot-deltas) || plot=()
     echo
     case "$p" in
         base2new) "$PYTHON" -m spotlighter.results base2new --root "$OUTPUT" --datasets minibench --shots "$SHOTS" \
+                      --trainers "$trainers_csv" --configs "$configs_csv" \
                       --seeds "$seeds_csv" --csv "$OUTPUT/minibench_base2new.csv" --no-published "${plot[@]}" ;;
         xd | dg) "$PYTHON" -m spotlighter.results "$p" --root "$OUTPUT" --source "$SOURCE" --shots "$SHOTS" \
+                     --trainers "$trainers_csv" --configs "$configs_csv" \
                      --seeds "$seeds_csv" --csv "$OUTPUT/minibench_$p.csv" "${plot[@]}" ;;
     esac || { say "no $p table (see above)"; failed=$((failed + 1)); }
 done

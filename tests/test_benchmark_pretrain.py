@@ -105,12 +105,13 @@ def test_pretraining_stream_is_deterministic_and_disjoint():
 def test_cli_prepare_idempotent_and_zeroshot(tmp_path, capsys, monkeypatch):
     # Tiny architecture through the CLI's Python entry point (the CLI itself uses the defaults).
     root = str(tmp_path)
-    s = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY)
-    assert s["built_dataset"] and s["built_clip"]
+    s = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY, target_params=SMALL)
+    assert s["built_dataset"] and s["built_clip"] and all(s["built"].values()) and len(s["built"]) == 7
+    assert set(s["clip"]["zeroshot_targets"]) == set(data.SPECS) - {"minibench"}
     assert os.path.isfile(os.path.join(root, "minibench", data.SPLIT_FILENAME))
     assert s["clip_path"] == os.path.abspath(os.path.join(root, "minibench", "clip", "minibench_clip.pt"))
-    s2 = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY)
-    assert not s2["built_dataset"] and not s2["built_clip"]
+    s2 = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY, target_params=SMALL)
+    assert not s2["built_dataset"] and not s2["built_clip"] and not any(s2["built"].values())
     assert cli.main(["zeroshot", "--root", root]) == 0
     out = capsys.readouterr().out
     assert "zero-shot" in out and "chance" in out

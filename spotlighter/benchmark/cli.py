@@ -31,11 +31,11 @@ def clip_path(root: str) -> str:
 
 
 def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, clip_params: Optional[dict] = None,
-            keys: Sequence[str] = tuple(data.SPECS)) -> dict:
+            keys: Sequence[str] = tuple(data.SPECS), target_params: Optional[dict] = None) -> dict:
     """Ensure every generated dataset ``root/<key>`` and the CLIP ``root/minibench/clip/minibench_clip.pt``.
 
-    ``dataset_params`` apply to MiniBench (the source); the other datasets use their defaults with
-    the same seed. Returns a summary dict: paths, what was built and how long it took, the metas
+    ``dataset_params`` apply to MiniBench (the source), ``target_params`` (e.g. smaller counts for
+    tests) to the other datasets, which otherwise use their defaults; all use ``seed``. Returns a summary dict: paths, what was built and how long it took, the metas
     and the CLIP sidecar (with its zero-shot accuracies on every dataset).
     """
     cparams = dict(clip_params or {})
@@ -43,7 +43,7 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
     cpath = clip_path(root)
     built, seconds, metas = {}, {}, {}
     for key in keys:
-        params = dict(dataset_params or {}) if key == "minibench" else {}
+        params = dict((dataset_params if key == "minibench" else target_params) or {})
         params["seed"] = seed
         d = dataset_dir(root, key)
         before = data.read_meta(d)
