@@ -93,15 +93,16 @@ def items_from_entries(entries, path_prefix):
             for relpath, label, classname in entries]
 
 
-def read_split(filepath, path_prefix, doc=DOC, check=True):
-    """CoOp's ``OxfordPets.read_split`` with validation: returns (train, val, test) Datum lists."""
+def read_split(filepath, path_prefix, doc=DOC, check=True, fix=None):
+    """CoOp's ``OxfordPets.read_split`` with validation: returns (train, val, test) Datum lists.
+    ``fix``: the advice for a broken split or missing images (default: re-download/re-extract)."""
     logger.info(f"Reading split from {filepath}")
-    split = read_split_entries(filepath, doc=doc)
+    split = read_split_entries(filepath, doc=doc, fix=fix)
     out = []
     for key in ("train", "val", "test"):
         if check:
             check_images([os.path.join(path_prefix, e[0]) for e in split[key]],
-                         f"{key} split of {filepath}", doc=doc)
+                         f"{key} split of {filepath}", doc=doc, fix=fix and f"The images do not match the list: {fix}")
         out.append(items_from_entries(split[key], path_prefix))
     return tuple(out)
 

@@ -52,6 +52,19 @@ def _variant(key, name, folder, image_dir, section):
     return Layout(key, name, folder, image_dir, "imagenet_variant", section)
 
 
+def _generated(key, name):  # generated on first use by spotlighter.benchmark.data.ensure(folder, key)
+    return Layout(key, name, key, "images", "generated", "minibench", split_file=f"split_zhou_{name}.json")
+
+
+GENERATED_FIX = ("regenerate it: delete the folder {folder} (it is generated again on first use) or run "
+                 "`python -m spotlighter.benchmark prepare --root {root}`")
+
+
+def regenerate_hint(lay: "Layout", root: str) -> str:
+    """What to do about a broken file of a generated dataset (there is nothing to re-download)."""
+    return GENERATED_FIX.format(folder=lay.path(root), root=root)
+
+
 LAYOUTS: "OrderedDict[str, Layout]" = OrderedDict(
     (lay.key, lay)
     for lay in [
@@ -71,10 +84,18 @@ LAYOUTS: "OrderedDict[str, Layout]" = OrderedDict(
         _variant("imagenet_sketch", "ImageNetSketch", "imagenet-sketch", "images", "imagenet-sketch"),
         _variant("imagenet_a", "ImageNetA", "imagenet-adversarial", "imagenet-a", "imagenet-a"),
         _variant("imagenet_r", "ImageNetR", "imagenet-rendition", "imagenet-r", "imagenet-r"),
-        Layout("minibench", "MiniBench", "minibench", "images", "generated", "minibench",
-               split_file="split_zhou_MiniBench.json"),
+        _generated("minibench", "MiniBench"),
+        # MiniBench's cross-dataset targets (own vocabularies) and domain-generalisation targets
+        # (MiniBench's classes in shifted domains, test-only): spotlighter.benchmark.data.SPECS.
+        _generated("minibench_glyphs", "MiniBenchGlyphs"),
+        _generated("minibench_textures", "MiniBenchTextures"),
+        _generated("minibench_objects", "MiniBenchObjects"),
+        _generated("minibench_sketch", "MiniBenchSketch"),
+        _generated("minibench_noise", "MiniBenchNoise"),
+        _generated("minibench_palette", "MiniBenchPalette"),
     ]
 )
+GENERATED = [k for k in LAYOUTS if LAYOUTS[k].kind == "generated"]
 
 BY_NAME: Dict[str, Layout] = {lay.name: lay for lay in LAYOUTS.values()}
 
@@ -130,9 +151,13 @@ def require_file(path: str, lay: Layout, what: str = "file") -> str:
 SPLIT_KEYS = ("train", "val", "test")
 
 
-def read_split_entries(filepath: str, doc: str = DOC) -> Dict[str, List[Tuple[str, int, str]]]:
-    """Read and validate a CoOp split json; return ``{split: [(relpath, label, classname), ...]}``."""
-    fix = f"re-download it (see {doc})"
+def read_split_entries(filepath: str, doc: str = DOC, fix: Optional[str] = None
+                       ) -> Dict[str, List[Tuple[str, int, str]]]:
+    """Read and validate a CoOp split json; return ``{split: [(relpath, label, classname), ...]}``.
+
+    ``fix``: what to tell the user to do about a broken file (default: re-download it).
+    """
+    fix = fix or f"re-download it (see {doc})"
     if not os.path.isfile(filepath):
         raise DatasetError(f"split file {filepath} is missing: download it as described in {doc}")
     try:

@@ -71,18 +71,72 @@ def test_split_format_and_images(small_sets):
     assert all(os.path.isfile(p) for p, _, _ in abs_items)
 
 
-def test_classes_compose_across_base_and_new():
-    assert data.NUM_CLASSES >= 20
-    assert len(set(data.CLASSNAMES)) == data.NUM_CLASSES
+def test_new_classes_bring_new_words():
+    """Base and new classes differ in what they are: no shape word is shared by the two halves
+    (every colour is in both), so zero-shot must name shapes it never saw in a base prompt."""
+    assert data.NUM_CLASSES == 24 and len(set(data.CLASSNAMES)) == data.NUM_CLASSES
     assert data.NUM_BASE == (data.NUM_CLASSES + 1) // 2
     base = [data.CLASS_ATTRIBUTES[i] for i in data.BASE_CLASSES]
     new = [data.CLASS_ATTRIBUTES[i] for i in data.NEW_CLASSES]
-    assert not set(base) & set(new)  # no shared combination
-    for k, values in enumerate((data.COLOUR_NAMES, data.SHAPES)):
-        for v in values:  # every attribute value occurs in both halves
-            assert any(c[k] == v for c in base) and any(c[k] == v for c in new)
+    assert {s for _, s in base} == set(data.BASE_SHAPES) == {"circle", "square", "triangle"}
+    assert not {s for _, s in base} & {s for _, s in new}
+    assert {c for c, _ in base} == {c for c, _ in new} == set(data.COLOUR_NAMES)
     assert data.attributes()["shape"] == data.SHAPES
     assert data.CLASSNAMES[0] == " ".join(data.CLASS_ATTRIBUTES[0])
+
+
+def test_specs_registered_like_real_datasets():
+    """Every generated dataset has a layout entry, a Dassl config, its own vocabulary (xd) or
+    MiniBench's classes (dg), and a distinct seed domain."""
+    import importlib.util
+
+    spec_path = os.path.join(os.path.dirname(__file__), "..", "datasets", "layout.py")
+    mod_spec = importlib.util.spec_from_file_location("layout_for_test", spec_path)
+    layout = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(layout)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    domains = [s.domain for s in data.SPECS.values()] + [data.DOMAIN_PRETRAIN, data.DOMAIN_PRETRAIN_EVAL]
+    assert len(set(domains)) == len(domains)
+    doc = open(os.path.join(root, "DATASETS.md")).read()
+    for key, spec in data.SPECS.items():
+        lay = layout.LAYOUTS[key]
+        assert (lay.name, lay.folder, lay.split_file, lay.kind) == (spec.name, key, spec.split_filename, "generated")
+        with open(os.path.join(root, "configs", "datasets", f"{key}.yaml")) as f:
+            assert f'NAME: "{spec.name}"' in f.read()
+        assert os.path.isfile(os.path.join(root, "datasets", f"{key}.py"))
+        assert f"`{key}`" in doc
+    scene_words = set(data.SHAPES) | set(data.COLOUR_NAMES)
+    for key in ("minibench_glyphs", "minibench_textures", "minibench_objects"):
+        names = data.SPECS[key].classnames
+        assert data.SPECS[key].role == "xd" and len(names) >= 10
+        assert not {w for n in names for w in n.split()} & scene_words  # own vocabulary
+    for key in ("minibench_sketch", "minibench_noise", "minibench_palette"):
+        assert data.SPECS[key].role == "dg" and data.SPECS[key].classnames == data.CLASSNAMES
+    # power: >= 2,500 test images per half of MiniBench and per target (SE of one accuracy <= 1 point)
+    assert data.NUM_BASE * data.DEFAULT_PARAMS["test_per_class"] >= 2500
+    for key, spec in data.SPECS.items():
+        if key != "minibench":
+            assert len(spec.classnames) * spec.counts["test"] >= 2500, key
+
+
+@pytest.mark.parametrize("key", [k for k in data.SPECS if k != "minibench"])
+def test_every_target_is_deterministic_and_in_split_format(tmp_path, key):
+    small = dict(train_per_class=1, val_per_class=1, test_per_class=1)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    meta = data.generate(a, key, seed=0, **small)
+    data.generate(b, key, seed=0, **small)
+    data.generate(c, key, seed=1, **small)
+    split_name = data.SPECS[key].split_filename
+    assert _read(os.path.join(a, split_name)) == _read(os.path.join(b, split_name))
+    split = json.loads(_read(os.path.join(a, split_name)))
+    assert meta["key"] == key and meta["classnames"] == list(data.SPECS[key].classnames)
+    assert [label for _, label, _ in split["test"]] == list(range(len(data.SPECS[key].classnames)))
+    for rel, _, _ in split["test"][:3]:
+        assert _read(os.path.join(a, "images", rel)) == _read(os.path.join(b, "images", rel))
+        assert _read(os.path.join(a, "images", rel)) != _read(os.path.join(c, "images", rel))
+        im = Image.open(os.path.join(a, "images", rel))
+        assert im.size == (64, 64) and im.mode == "RGB" and np.asarray(im).std() > 5
+    assert data.read_split(a)["test"][0][0] == os.path.join(a, "images", split["test"][0][0])
 
 
 def test_render_and_caption():
@@ -119,3 +173,32 @@ def test_ensure_noop_mismatch_and_interrupted(tmp_path):
     assert os.path.isfile(os.path.join(d, "images", "red_circle", "train_0000.png"))
     with pytest.raises(TypeError):
         data.ensure(d, seed=0, not_a_param=1)
+
+
+def test_ensure_regenerates_another_generator_version_and_names_the_cause(tmp_path, caplog):
+    d = str(tmp_path / "mb")
+    data.ensure(d, seed=0, **SMALL)
+    meta_path = os.path.join(d, data.META_FILENAME)
+    meta = json.load(open(meta_path))
+    meta["generator_version"] = data.GENERATOR_VERSION - 1  # a cache from an older generator
+    json.dump(meta, open(meta_path, "w"))
+    stale = os.path.join(d, "images", "red_circle", "train_0000.png")
+    open(stale, "wb").write(b"old bytes")
+    with caplog.at_level("WARNING", logger=data.logger.name):
+        new_meta = data.ensure(d, seed=0, **SMALL)
+    assert new_meta["generator_version"] == data.GENERATOR_VERSION
+    assert _read(stale) != b"old bytes"  # regenerated, not just relabelled
+    assert f"generator version {data.GENERATOR_VERSION - 1}" in caplog.text
+    # meta.json present but the split file missing: says so (not "no meta.json")
+    caplog.clear()
+    os.remove(os.path.join(d, data.SPLIT_FILENAME))
+    with caplog.at_level("WARNING", logger=data.logger.name):
+        data.ensure(d, seed=0, **SMALL)
+    assert "meta.json present but split_zhou_MiniBench.json missing" in caplog.text
+    assert "no meta.json" not in caplog.text
+    # no meta.json at all: says that
+    caplog.clear()
+    os.remove(meta_path)
+    with caplog.at_level("WARNING", logger=data.logger.name):
+        data.ensure(d, seed=0, **SMALL)
+    assert "(no meta.json)" in caplog.text

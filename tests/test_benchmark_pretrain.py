@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,12 +105,13 @@ def test_pretraining_stream_is_deterministic_and_disjoint():
 def test_cli_prepare_idempotent_and_zeroshot(tmp_path, capsys, monkeypatch):
     # Tiny architecture through the CLI's Python entry point (the CLI itself uses the defaults).
     root = str(tmp_path)
-    s = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY)
-    assert s["built_dataset"] and s["built_clip"]
+    s = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY, target_params=SMALL)
+    assert s["built_dataset"] and s["built_clip"] and all(s["built"].values()) and len(s["built"]) == 7
+    assert set(s["clip"]["zeroshot_targets"]) == set(data.SPECS) - {"minibench"}
     assert os.path.isfile(os.path.join(root, "minibench", data.SPLIT_FILENAME))
     assert s["clip_path"] == os.path.abspath(os.path.join(root, "minibench", "clip", "minibench_clip.pt"))
-    s2 = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY)
-    assert not s2["built_dataset"] and not s2["built_clip"]
+    s2 = cli.prepare(root, seed=0, dataset_params=SMALL, clip_params=TINY, target_params=SMALL)
+    assert not s2["built_dataset"] and not s2["built_clip"] and not any(s2["built"].values())
     assert cli.main(["zeroshot", "--root", root]) == 0
     out = capsys.readouterr().out
     assert "zero-shot" in out and "chance" in out
@@ -123,3 +125,39 @@ def test_pretraining_is_seeded():
     c = pretrain.pretrain(dict(TINY, batch_size=8, seed=1)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
+
+
+@pytest.mark.parametrize("field", ["pretrain_version", "generator_version"])
+def test_clip_cache_rebuilt_when_recipe_or_generator_version_changes(tmp_path, field):
+    path = str(tmp_path / "clip.pt")
+    pretrain.ensure_clip(path, **TINY)
+    side_path = path + ".json"
+    side = json.load(open(side_path))
+    if field == "pretrain_version":
+        side["pretrain_version"] = pretrain.PRETRAIN_VERSION - 1
+    else:
+        side["params"]["generator_version"] = data.GENERATOR_VERSION - 1
+    json.dump(side, open(side_path, "w"))
+    torch.save({"stale": torch.zeros(1)}, path)
+    meta = pretrain.ensure_clip(path, **TINY)  # no ValueError: a stale cache is rebuilt
+    assert meta["pretrain_version"] == pretrain.PRETRAIN_VERSION
+    assert meta["params"]["generator_version"] == data.GENERATOR_VERSION
+    assert "visual.conv1.weight" in torch.load(path, weights_only=True)
+
+
+def test_caption_bank_covers_every_vocabulary():
+    """The small CLIP sees every concept of every generated dataset (xd targets included)."""
+    bank = pretrain._CaptionBank(77)
+    for key, vocab in data.VOCABULARIES.items():
+        for label, name in enumerate(vocab.classnames):
+            c = bank.concept_index[(key, label)]
+            texts = [bank.texts[u] for u in bank.positive[c].nonzero().flatten().tolist()]
+            assert any(name in t for t in texts), (key, name)
+            if key != "scenes":  # other vocabularies: a caption fits exactly its own concept
+                assert all(name in t for t in texts)
+                assert bank.positive[:, bank.index[f"a photo of a {name}."]].sum() == 1
+    p = pretrain._normalise(TINY)
+    rng = np.random.default_rng(0)
+    concepts = pretrain.sample_concepts(rng, 4000, p, bank)
+    share = (concepts < data.NUM_CLASSES).mean()
+    assert abs(share - p["scene_share"]) < 0.03 and len(set(concepts.tolist())) == len(bank.concepts)

@@ -34,7 +34,8 @@ from datasets.common import ALLOW_FEWER_SHOTS_ENV  # noqa: E402
 
 ALL_NAMES = ["ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101",
              "FGVCAircraft", "SUN397", "DescribableTextures", "EuroSAT", "UCF101", "ImageNetV2",
-             "ImageNetSketch", "ImageNetA", "ImageNetR", "MiniBench"]
+             "ImageNetSketch", "ImageNetA", "ImageNetR", "MiniBench", "MiniBenchGlyphs", "MiniBenchTextures",
+             "MiniBenchObjects", "MiniBenchSketch", "MiniBenchNoise", "MiniBenchPalette"]
 
 
 def make_cfg(data, name, shots=-1, seed=1, subsample="all"):
@@ -428,19 +429,19 @@ def test_minibench_generated_on_first_use(tmp_path, monkeypatch):
 
     calls = []
 
-    def ensure(dataset_dir):
-        calls.append(dataset_dir)
+    def ensure(dataset_dir, key):
+        calls.append((dataset_dir, key))
         split_tree(os.path.dirname(dataset_dir), "minibench", n_classes=2)
 
     monkeypatch.setitem(sys.modules, "spotlighter.benchmark.data", types.SimpleNamespace(ensure=ensure))
     ds = build(tmp_path, "MiniBench")
-    assert calls == [os.path.join(str(tmp_path), "minibench")] and ds.num_classes == 2
+    assert calls == [(os.path.join(str(tmp_path), "minibench"), "minibench")] and ds.num_classes == 2
 
 
 def test_minibench_generator_error_is_a_dataset_error(tmp_path, monkeypatch):
     import types
 
-    def ensure(dataset_dir):
+    def ensure(dataset_dir, key):
         raise ValueError("generated with other parameters: n_classes: existing=24 requested=12")
 
     monkeypatch.setitem(sys.modules, "spotlighter.benchmark.data", types.SimpleNamespace(ensure=ensure))
@@ -450,9 +451,29 @@ def test_minibench_generator_error_is_a_dataset_error(tmp_path, monkeypatch):
 
 def test_minibench_with_the_real_generator(tmp_path):
     """The project's generator writes what the MiniBench dataset reads (CoOp split format)."""
-    pytest.importorskip("spotlighter.benchmark.data", reason="spotlighter.benchmark is not importable")
+    gen = pytest.importorskip("spotlighter.benchmark.data", reason="spotlighter.benchmark is not importable")
+    gen.ensure(os.path.join(tmp_path, "minibench"), train_per_class=2, val_per_class=1, test_per_class=1)  # small
     ds = build(tmp_path, "MiniBench", shots=2, seed=1, subsample="base")
     n = len(json.load(open(os.path.join(tmp_path, "minibench", "split_zhou_MiniBench.json")))["test"])
     assert n > 0 and ds.num_classes >= 1 and set(per_class(ds.train_x).values()) == {2}
     new = build(tmp_path, "MiniBench", shots=2, seed=1, subsample="new")
     assert not set(ds.classnames) & set(new.classnames)
+
+
+@pytest.mark.parametrize("name,key", [("MiniBenchGlyphs", "minibench_glyphs"), ("MiniBenchSketch", "minibench_sketch")])
+def test_minibench_targets_with_the_real_generator(tmp_path, name, key):
+    """xd/dg targets: generated, read in CoOp's split format, all classes; a broken split file says
+    how to regenerate it (there is nothing to re-download)."""
+    gen = pytest.importorskip("spotlighter.benchmark.data", reason="spotlighter.benchmark is not importable")
+    folder = os.path.join(tmp_path, key)
+    gen.ensure(folder, key, train_per_class=1, val_per_class=1, test_per_class=2)
+    ds = build(tmp_path, name)
+    assert ds.classnames == list(gen.SPECS[key].classnames)
+    assert len(ds.test) == 2 * len(ds.classnames)
+    with open(os.path.join(folder, gen.SPECS[key].split_filename), "w") as f:
+        f.write("{not json")
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, name)
+    msg = str(e.value)
+    assert "regenerate it: delete the folder" in msg and folder in msg and "spotlighter.benchmark prepare" in msg
+    assert "re-download" not in msg

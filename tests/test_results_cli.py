@@ -49,8 +49,11 @@ def test_module_cli_prints_table_and_writes_csv(root, tmp_path):
             "| +0.13 | -0.29 | -0.07 |") in proc.stdout
     assert "ZeroshotCLIP" not in proc.stdout and "minibench" not in proc.stdout
     rows = list(csv.DictReader(csv_path.open()))
+    # one dataset: no Average row (it would repeat the row), in the table or the CSV
     assert [(r["trainer"], r["dataset"], r["base_mean"], r["new_n"]) for r in rows] == [
-        ("CoOp", "oxford_pets", "93.8", "3"), ("CoOp", "average", "93.8", "")]
+        ("CoOp", "oxford_pets", "93.8", "3")]
+    assert "| Average" not in proc.stdout
+    assert f"CSV written to {csv_path.resolve()}" in proc.stdout  # says where, without -v
 
 
 def test_trainers_side_by_side_and_no_published(root, capsys):
@@ -104,3 +107,57 @@ def test_results_sh_wrapper(root):
     proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "results.sh"), "dg", "--root", str(root)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no dg runs under" in proc.stderr
+
+
+def test_minibench_only_has_no_empty_published_columns(root, capsys):
+    """A dataset without published numbers gets no Pub./Δ columns (not columns of dashes)."""
+    assert cli.main(["base2new", "--root", str(root), "--datasets", "minibench"]) == 0
+    out = capsys.readouterr().out
+    assert "| Dataset | Trainer | Base | New | HM |\n" in out and "Pub." not in out and "Δ" not in out
+    assert "| Average" not in out
+
+
+def _xd_tree(root, source, eval_dir, targets, totals=2500):
+    for trainer, offset in (("ZeroshotCLIP", 0.0), ("CoOp", 5.0)):
+        for seed in (1, 2, 3):
+            folders = [(root / source / trainer / "cfg_16shots" / f"seed{seed}", source)]
+            folders += [(root / eval_dir / trainer / "cfg_16shots" / t / f"seed{seed}", t) for t in targets]
+            for k, (folder, dataset) in enumerate(folders):
+                correct = int(totals * (0.40 + 0.05 * k) + offset * totals / 100) + seed
+                write_log(folder, eval_log(correct, totals, trainer=trainer, dataset=dataset))
+
+
+def test_xd_and_dg_tables_for_a_minibench_source(tmp_path, capsys):
+    root = tmp_path / "out"
+    _xd_tree(root, "minibench", "evaluation_from_minibench",
+             ["minibench_glyphs", "minibench_textures", "minibench_objects", "minibench_sketch"])
+    assert cli.main(["xd", "--root", str(root), "--source", "minibench"]) == 0
+    out = capsys.readouterr().out
+    assert "## Cross-dataset transfer (16 shots, source minibench)" in out
+    assert "| minibench (source) | 40.08 ± 0.04 (3) | 45.08 ± 0.04 (3) |" in out
+    assert "| minibench_glyphs |" in out and "minibench_sketch" not in out  # a DG target is not an xd target
+    assert "| Average over targets (3) |" in out
+    # binomial standard error of one accuracy, from the test-set size the records carry
+    assert "standard error of one accuracy ≤ 1.00 points" in out and "n = 2,500 test images" in out
+    # the source is inferred from --datasets when they are its registered targets
+    assert cli.main(["dg", "--root", str(root), "--datasets", "minibench_sketch"]) == 0
+    out = capsys.readouterr().out
+    assert "| minibench_sketch |" in out and "| Average" not in out  # one target: no average row
+
+
+def test_plot_axis_zoomed_to_the_data_and_deltas_to_zero_shot():
+    """1-2 point gaps stay visible: the value axis spans the bars and error bars (not 0-100), and
+    --plot-deltas draws each method minus zero-shot, with 0 on the axis."""
+    from spotlighter.results.plot import _delta_series, value_limits
+    from spotlighter.results.stats import Stat
+
+    series = {"ZeroshotCLIP": [Stat(53.0, 0.0, 3), Stat(45.0, 0.0, 3)],
+              "CoOp": [Stat(55.0, 0.5, 3), Stat(44.0, 1.0, 3)]}
+    lo, hi = value_limits(series, deltas=False)
+    assert 40.0 < lo < 43.0 and 55.5 < hi < 58.0
+    deltas = _delta_series(series, "ZeroshotCLIP")
+    assert list(deltas) == ["CoOp"]
+    assert [s.mean for s in deltas["CoOp"]] == [2.0, -1.0] and deltas["CoOp"][1].std == 1.0
+    lo, hi = value_limits(deltas, deltas=True)
+    assert lo < -2.0 and hi > 2.5 and lo < 0 < hi
+    assert _delta_series(series, "MaPLe") is None  # no reference: plain accuracies

@@ -284,6 +284,27 @@ def test_xd_dry_run(env):
     assert "--eval-only" in src_cmd and "--model-dir" not in dtd_cmd
 
 
+def test_minibench_source_uses_its_registered_targets(env):
+    """SOURCE=minibench: xd.sh and dg.sh default to MiniBench's generated targets (from
+    spotlighter.registry), which need no folder under $DATA; another source without targets is an error."""
+    from spotlighter import registry
+
+    r = env.run("xd.sh", "coop", 16, DRY_RUN=1, SEEDS="1", SOURCE="minibench")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert len(cmds) == 1 + len(registry.xd_targets("minibench"))
+    assert "configs/datasets/minibench.yaml" in cmds[0]
+    for cmd, target in zip(cmds[1:], registry.xd_targets("minibench")):
+        assert f"configs/datasets/{target}.yaml" in cmd
+        assert f"output/evaluation_from_minibench/CoOp/vit_b16_ep20_ctx4_16shots/{target}/seed1" in cmd
+    r = env.run("dg.sh", "coop", 16, DRY_RUN=1, SEEDS="1", SOURCE="minibench")
+    assert r.returncode == 0, r.stderr
+    targets = [c.split("configs/datasets/")[1].split(".yaml")[0] for c in commands(r.stdout)]
+    assert targets == list(registry.dg_targets("minibench"))
+    r = env.run("dg.sh", "coop", 16, DRY_RUN=1, SEEDS="1", SOURCE="caltech101")
+    assert r.returncode == 2 and "set DATASETS" in r.stderr
+
+
 def test_dg_dry_run_and_missing_checkpoint(env):
     r = env.run("dg.sh", "coop", 16, SEEDS="1 2")
     assert r.returncode == 1

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import numpy as np
+
 from . import data, pretrain
 
 logger = logging.getLogger(__name__)
@@ -18,56 +20,64 @@ DATASET_SUBDIR = "minibench"
 CLIP_RELPATH = os.path.join("clip", "minibench_clip.pt")
 
 
-def dataset_dir(root: str) -> str:
-    return os.path.join(root, DATASET_SUBDIR)
+def dataset_dir(root: str, key: str = "minibench") -> str:
+    """Folder of generated dataset ``key`` under the data root (the folder name is the key)."""
+    data.get_spec(key)
+    return os.path.join(root, key)
 
 
 def clip_path(root: str) -> str:
     return os.path.join(dataset_dir(root), CLIP_RELPATH)
 
 
-def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, clip_params: Optional[dict] = None) -> dict:
-    """Ensure ``root/minibench`` (dataset) and ``root/minibench/clip/minibench_clip.pt`` (weights).
+def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, clip_params: Optional[dict] = None,
+            keys: Sequence[str] = tuple(data.SPECS), target_params: Optional[dict] = None) -> dict:
+    """Ensure every generated dataset ``root/<key>`` and the CLIP ``root/minibench/clip/minibench_clip.pt``.
 
-    The pretraining stream renders with ``pretrain.DEFAULT_CLIP_PARAMS["render"]`` (cleaner than the
-    benchmark) unless ``clip_params["render"]`` overrides it. Returns a summary
-    dict: paths, whether anything was built, the dataset meta and the CLIP sidecar (with its
-    zero-shot accuracies).
+    ``dataset_params`` apply to MiniBench (the source), ``target_params`` (e.g. smaller counts for
+    tests) to the other datasets, which otherwise use their defaults; all use ``seed``. Returns a summary dict: paths, what was built and how long it took, the metas
+    and the CLIP sidecar (with its zero-shot accuracies on every dataset).
     """
-    dparams = dict(dataset_params or {})
-    dparams["seed"] = seed
     cparams = dict(clip_params or {})
     cparams["seed"] = seed
-    ddir = dataset_dir(root)
     cpath = clip_path(root)
-    had_data = data.read_meta(ddir) is not None
-    had_clip = pretrain.read_sidecar(cpath) is not None
+    built, seconds, metas = {}, {}, {}
+    for key in keys:
+        params = dict((dataset_params if key == "minibench" else target_params) or {})
+        params["seed"] = seed
+        d = dataset_dir(root, key)
+        before = data.read_meta(d)
+        t0 = time.time()
+        metas[key] = data.ensure(d, key, **params)
+        seconds[key] = round(time.time() - t0, 1)
+        built[key] = before != metas[key]
+        logger.info("%s: %s in %.1fs", key, "generated" if built[key] else "cached", seconds[key])
+    had_clip = pretrain.read_sidecar(cpath)
     t0 = time.time()
-    meta = data.ensure(ddir, **dparams)
-    t_data = time.time() - t0
-    t0 = time.time()
-    side = pretrain.ensure_clip(cpath, dataset_dir=ddir, **cparams)
+    others = [dataset_dir(root, k) for k in keys if k != "minibench"]
+    side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others, **cparams)
     t_clip = time.time() - t0
+    ddir = dataset_dir(root)
     return {
         "dataset_dir": os.path.abspath(ddir),
         "split_file": os.path.abspath(os.path.join(ddir, data.SPLIT_FILENAME)),
         "clip_path": os.path.abspath(cpath),
-        "built_dataset": not had_data,
-        "built_clip": not had_clip,
-        "dataset_seconds": round(t_data, 1),
+        "built_dataset": built.get("minibench", False),
+        "built": built,
+        "built_clip": had_clip != side,
+        "dataset_seconds": seconds.get("minibench", 0.0),
+        "seconds": seconds,
         "clip_seconds": round(t_clip, 1),
-        "dataset": meta,
+        "dataset": metas.get("minibench"),
+        "datasets": metas,
         "clip": side,
     }
 
 
 def _fmt_acc(z: dict) -> str:
-    return (
-        f"base {z['base']:.2f}% (chance {z['chance_base']:.2f}%), "
-        f"new {z['new']:.2f}% (chance {z['chance_new']:.2f}%), "
-        f"all {z['all']:.2f}% (chance {z['chance_all']:.2f}%) "
-        f"on {z['num_images']} {z['split']} images, prompt {z['template']!r}"
-    )
+    halves = [h for h in ("base", "new", "all") if h in z]
+    accs = ", ".join(f"{h} {z[h]:.2f}% (chance {z['chance_' + h]:.2f}%)" for h in halves)
+    return f"{z.get('dataset', 'minibench')}: {accs} on {z['num_images']} {z['split']} images, prompt {z['template']!r}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -85,6 +95,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     zp.add_argument("--split", default="test", choices=["train", "val", "test"])
     zp.add_argument("--template", default=pretrain.ZEROSHOT_TEMPLATE)
     zp.add_argument("--weights", default=None, help="CLIP weights (default: ROOT/minibench/clip/minibench_clip.pt)")
+    cp = sub.add_parser("calibrate", help="headroom probe: zero-shot, 16-shot linear probe and a fast CoOp proxy "
+                                          "on MiniBench (calibration instrument; the real numbers come from the trainers)")
+    cp.add_argument("--root", required=True)
+    cp.add_argument("--weights", default=None)
+    cp.add_argument("--shots", type=int, default=16)
+    cp.add_argument("--seeds", default="1,2,3")
+    cp.add_argument("--epochs", type=int, default=10)
+    cp.add_argument("--lr", type=float, default=0.01)
+    cp.add_argument("--n-ctx", type=int, default=4)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
 
@@ -103,17 +122,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if not s["built_dataset"] and not s["built_clip"]:
+        if not any(s["built"].values()) and not s["built_clip"]:
             print("MiniBench already prepared; nothing to do.")
-        print(f"dataset:  {s['dataset_dir']}  ({'generated in %.1fs' % s['dataset_seconds'] if s['built_dataset'] else 'cached'}; {s['dataset']['num_images']})")
+        for key, meta in s["datasets"].items():
+            how = "generated in %.1fs" % s["seconds"][key] if s["built"][key] else "cached"
+            print(f"dataset:  {os.path.abspath(dataset_dir(args.root, key))}  ({how}; {meta['num_images']})")
         print(f"split:    {s['split_file']}")
         print(f"weights:  {s['clip_path']}  ({'pretrained in %.1fs' % s['clip']['train_seconds'] if s['built_clip'] else 'cached'}; {s['clip']['file_bytes'] / 2**20:.1f} MiB)")
         if "zeroshot" in s["clip"]:
             print(f"zero-shot: {_fmt_acc(s['clip']['zeroshot'])}")
+        for z in (s["clip"].get("zeroshot_targets") or {}).values():
+            print(f"zero-shot: {_fmt_acc(z)}")
         return 0
 
     ddir = dataset_dir(args.root)
     weights = args.weights or clip_path(args.root)
+    if args.cmd == "calibrate":
+        from .calibrate import coop_proxy
+
+        rows = [coop_proxy(weights, ddir, shots=args.shots, seed=int(s), epochs=args.epochs, lr=args.lr,
+                           n_ctx=args.n_ctx) for s in args.seeds.split(",")]
+        keys = [k for k in rows[0] if k not in ("num_test",)]
+        for r in rows:
+            print(json.dumps(r))
+        mean = {k: round(float(np.mean([r[k] for r in rows])), 2) for k in keys}
+        print("mean over seeds:", json.dumps(mean))
+        print(f"CoOp base - ZS base = {mean['coop_base'] - mean['zs_base']:+.2f}; "
+              f"CoOp new - ZS new = {mean['coop_new'] - mean['zs_new']:+.2f}; "
+              f"ZS / chance: base {mean['zs_base'] / mean['chance']:.1f}x, new {mean['zs_new'] / mean['chance']:.1f}x")
+        return 0
     if data.read_meta(ddir) is None or not os.path.isfile(weights):
         print(f"error: run `python -m spotlighter.benchmark prepare --root {args.root}` first", file=sys.stderr)
         return 2

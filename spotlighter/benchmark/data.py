@@ -1,27 +1,42 @@
-"""MiniBench: a procedurally generated, seeded base-to-novel benchmark that runs on a CPU.
+"""MiniBench: procedurally generated, seeded benchmarks for all three protocols, on a CPU.
 
-Every class is a composition ``<colour> <shape>`` (6 shapes x 4 colours = 24 classes). Each
-64x64 RGB image shows one *target* object of its class (always the biggest object) on a noisy,
-textured background together with several smaller *distractor* objects of other shape/colour
-combinations, so the global image feature is polluted by distractors and *where* the target
-sits matters -- the situation that patch-token selection is meant for.
+Seven generated datasets share one renderer and one small CLIP (see
+:mod:`spotlighter.benchmark.pretrain`, pretrained on clean renders of *every* vocabulary below):
 
-Base classes are the first ``ceil(C / 2)`` classes and new classes the rest (CoOp's
-``subsample_classes`` rule). Classes are ordered so that every shape and every colour occurs in
-both halves, while no combination does: new classes are reachable by composition.
+=====================  ====================  ======  ===============================================
+key                    Dassl name            role    content
+=====================  ====================  ======  ===============================================
+``minibench``          MiniBench             source  24 ``<colour> <shape>`` classes (6 shapes x 4
+                                                     colours) in cluttered, noisy 64 px images
+``minibench_glyphs``   MiniBenchGlyphs       xd      12 letters (``letter A`` ...)
+``minibench_textures`` MiniBenchTextures     xd      10 patterns (``stripes``, ``checkerboard`` ...)
+``minibench_objects``  MiniBenchObjects      xd      10 drawn objects (``house``, ``fish`` ...)
+``minibench_sketch``   MiniBenchSketch       dg      MiniBench's classes as outlines on paper
+``minibench_noise``    MiniBenchNoise        dg      MiniBench's classes under heavy noise and blur
+``minibench_palette``  MiniBenchPalette      dg      MiniBench's classes on vivid, high-contrast
+                                                     backgrounds
+=====================  ====================  ======  ===============================================
+
+MiniBench's base and new classes differ in *what they are*: the base half holds three shapes
+(circle, square, triangle) in all four colours, the new half the other three shapes (diamond,
+cross, star), so new classes bring new words, not only new combinations of base words. Each image
+shows one *target* object of its class (always the biggest) among smaller distractors of other
+classes on a textured background, so the global image feature is polluted and *where* the target
+sits matters -- the situation patch-token selection is meant for.
 
 The on-disk layout follows CoOp's split format::
 
     dataset_dir/
         images/<class_folder>/<split>_<index>.png
-        split_zhou_MiniBench.json   {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
-        meta.json                   generator version + parameters (written last: its presence
-                                    marks a complete generation)
+        split_zhou_<Name>.json   {"train": [[relpath, label, classname], ...], "val": ..., "test": ...}
+        meta.json                generator version + parameters (written last: its presence marks a
+                                 complete generation)
 
-``relpath`` is relative to ``dataset_dir/images``. All randomness comes from
-:class:`numpy.random.SeedSequence` keys ``(seed, DOMAIN, ...)``; the benchmark images use
-``DOMAIN_BENCHMARK`` and the CLIP pretraining stream (see :mod:`spotlighter.benchmark.pretrain`)
-``DOMAIN_PRETRAIN``, so pretraining never renders a benchmark image.
+All randomness comes from :class:`numpy.random.SeedSequence` keys ``(seed, domain, ...)``: every
+dataset has its own domain and the CLIP pretraining stream ``DOMAIN_PRETRAIN``, so pretraining
+never renders a benchmark image. A change to anything that alters the bytes written must bump
+``GENERATOR_VERSION``: cached datasets (and the CLIP pretrained on the renders) of another version
+are regenerated.
 """
 
 from __future__ import annotations
@@ -32,14 +47,15 @@ import math
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLIT_FILENAME = "split_zhou_MiniBench.json"
 META_FILENAME = "meta.json"
 IMAGE_DIRNAME = "images"
@@ -51,6 +67,7 @@ DOMAIN_PRETRAIN_EVAL = 2
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
+BASE_SHAPES: Tuple[str, ...] = SHAPES[:3]
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (215, 40, 35),
     "green": (40, 170, 60),
@@ -65,36 +82,42 @@ EXTRA_COLOURS: Dict[str, Tuple[int, int, int]] = {
     "white": (235, 235, 235),
     "cyan": (40, 190, 200),
 }
+ALL_COLOURS: Tuple[Tuple[str, Tuple[int, int, int]], ...] = tuple(COLOURS.items()) + tuple(EXTRA_COLOURS.items())
+
+# Rendering of MiniBench's scenes (the source benchmark); the DG targets and the pretraining stream
+# override some of these keys.
+SCENE_RENDER: Dict[str, object] = {
+    "image_size": 64,
+    "target_size": [20, 30],  # bounding-box side in pixels, inclusive range
+    "distractor_size": [9, 16],
+    "num_distractors": [3, 6],
+    "num_clutter": [4, 10],  # tiny strokes / dots
+    "noise_std": 20.0,
+    "background": "muted",  # muted | vivid | paper
+    "style": "fill",  # fill | outline
+    "outline_width": 2,
+    "blur": 0.0,  # Gaussian blur radius (px) applied before the noise
+    "colour_jitter": 22.0,
+}
 
 DEFAULT_PARAMS: Dict[str, object] = {
     "seed": 0,
     "train_per_class": 32,
     "val_per_class": 8,
-    "test_per_class": 25,
-    "image_size": 64,
+    "test_per_class": 210,
     "format": "png",
-    # rendering (also used by the CLIP pretraining stream)
-    "target_size": [22, 32],  # bounding-box side in pixels, inclusive range
-    "distractor_size": [9, 16],
-    "num_distractors": [3, 5],
-    "num_clutter": [4, 10],  # tiny strokes / dots
-    "noise_std": 18.0,
+    **SCENE_RENDER,
 }
+RENDER_KEYS = tuple(SCENE_RENDER)
 
 
-# --------------------------------------------------------------------------- classes
+# --------------------------------------------------------------------------- MiniBench classes
 
 
 def _class_pairs() -> List[Tuple[str, str]]:
-    """All (colour, shape) classes, base half first.
-
-    A combination (shape i, colour j) is base iff ``(i + j)`` is even: each shape then has two base
-    and two new colours, each colour three base and three new shapes.
-    """
-    base, new = [], []
-    for i, shape in enumerate(SHAPES):
-        for j, colour in enumerate(COLOUR_NAMES):
-            (base if (i + j) % 2 == 0 else new).append((colour, shape))
+    """All (colour, shape) classes, base half (the ``BASE_SHAPES`` in every colour) first."""
+    base = [(c, s) for s in SHAPES if s in BASE_SHAPES for c in COLOUR_NAMES]
+    new = [(c, s) for s in SHAPES if s not in BASE_SHAPES for c in COLOUR_NAMES]
     return base + new
 
 
@@ -106,8 +129,8 @@ BASE_CLASSES: Tuple[int, ...] = tuple(range(NUM_BASE))
 NEW_CLASSES: Tuple[int, ...] = tuple(range(NUM_BASE, NUM_CLASSES))
 
 
-def class_folder(label: int) -> str:
-    return CLASSNAMES[label].replace(" ", "_")
+def class_folder(label: int, classnames: Sequence[str] = CLASSNAMES) -> str:
+    return classnames[label].replace(" ", "_")
 
 
 def attributes() -> Dict[str, Tuple[str, ...]]:
@@ -137,6 +160,17 @@ CAPTION_TEMPLATES: Tuple[str, ...] = (
     "a synthetic low resolution picture with a noisy textured background, many small coloured "
     "shapes and thin strokes as distractors, and one large {} in it.",
 )
+# Captions of the other vocabularies (glyphs, textures, objects).
+GENERIC_TEMPLATES: Tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "a drawing of a {}.",
+    "a low resolution photo of a {}.",
+    "an image showing a {}.",
+    "a synthetic picture of a {} on a noisy background.",
+)
 COLOUR_ONLY_TEMPLATES: Tuple[str, ...] = (
     "a photo of something {}.",
     "a big {} object.",
@@ -150,7 +184,7 @@ SHAPE_ONLY_TEMPLATES: Tuple[str, ...] = (
 
 
 def caption_bank() -> Tuple[List[str], List[Tuple[Optional[str], Optional[str]]]]:
-    """All pretraining captions and, for each, the (colour, shape) it constrains (None = any)."""
+    """MiniBench's pretraining captions and, for each, the (colour, shape) it constrains (None = any)."""
     texts: List[str] = []
     cons: List[Tuple[Optional[str], Optional[str]]] = []
     for colour, shape in CLASS_ATTRIBUTES:
@@ -169,7 +203,7 @@ def caption_bank() -> Tuple[List[str], List[Tuple[Optional[str], Optional[str]]]
 
 
 def caption(label: int, rng: np.random.Generator, attribute_only_prob: float = 0.15) -> str:
-    """A random caption for an image of class ``label`` (possibly naming only one attribute)."""
+    """A random caption for a MiniBench image of class ``label`` (possibly naming one attribute)."""
     colour, shape = CLASS_ATTRIBUTES[label]
     if rng.random() < attribute_only_prob:
         if rng.random() < 0.5:
@@ -178,7 +212,7 @@ def caption(label: int, rng: np.random.Generator, attribute_only_prob: float = 0
     return CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(f"{colour} {shape}")
 
 
-# --------------------------------------------------------------------------- rendering
+# --------------------------------------------------------------------------- drawing primitives
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[float, float]]:
@@ -206,11 +240,14 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[flo
     raise ValueError(shape)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill,
+                outline_width: int = 0) -> None:
+    """A filled shape, or only its outline when ``outline_width`` > 0."""
+    kw = dict(outline=fill, width=outline_width) if outline_width > 0 else dict(fill=fill)
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **kw)
     else:
-        draw.polygon(_shape_polygon(shape, cx, cy, r), fill=fill)
+        draw.polygon(_shape_polygon(shape, cx, cy, r), **kw)
 
 
 def _jitter(rgb: Sequence[int], rng: np.random.Generator, amount: float = 22.0) -> Tuple[int, int, int]:
@@ -228,36 +265,51 @@ def _grid(size: int) -> Tuple[np.ndarray, np.ndarray]:
     return _GRIDS[size]
 
 
-def render(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
-    """Render one image of class ``label`` from ``rng`` (64x64 RGB by default)."""
-    p = dict(DEFAULT_PARAMS)
-    if params:
-        p.update(params)
-    size = int(p["image_size"])
-    ss = 2  # supersampling factor for anti-aliased edges
-    S = size * ss
-    colour, shape = CLASS_ATTRIBUTES[label]
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], dtype=np.float32) * 255
 
-    # Background: muted random colour, low-frequency blotches, optional stripes, pixel noise.
-    # (computed at the output resolution, then upsampled: only the shapes need supersampling)
-    base = (rng.uniform(60, 170, 3) * rng.uniform(0.6, 1.0) + rng.uniform(0, 40)).astype(np.float32)
-    coarse = rng.normal(0.0, 22.0, (4, 4, 3)).astype(np.float32)
-    bg = np.repeat(np.repeat(coarse, size // 4, axis=0), size // 4, axis=1) + base
-    if rng.random() < 0.5:
+
+def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+    """A float32 HxWx3 background: ``muted`` (random dull colour, blotches, optional stripes),
+    ``vivid`` (saturated random hue with strong stripes) or ``paper`` (near-white)."""
+    if kind == "paper":
+        base = rng.uniform(215, 250) + rng.normal(0, 6, 3)
+        coarse = rng.normal(0.0, 5.0, (4, 4, 3))
+        amp = 0.0
+    elif kind == "vivid":
+        base = _hsv_to_rgb(rng.random(), rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
+        coarse = rng.normal(0.0, 30.0, (4, 4, 3))
+        amp = rng.uniform(35, 60)
+    elif kind == "muted":
+        base = rng.uniform(60, 170, 3) * rng.uniform(0.6, 1.0) + rng.uniform(0, 40)
+        coarse = rng.normal(0.0, 22.0, (4, 4, 3))
+        amp = rng.uniform(5, 18) if rng.random() < 0.5 else 0.0
+    else:
+        raise ValueError(f"background must be muted, vivid or paper, got {kind!r}")
+    bg = np.repeat(np.repeat(coarse.astype(np.float32), size // 4, axis=0), size // 4, axis=1) + np.asarray(base, np.float32)
+    if amp:
         period = rng.uniform(6, 20)
         ang = rng.uniform(0, math.pi)
         yy, xx = _grid(size)
         stripes = np.sin((xx * math.cos(ang) + yy * math.sin(ang)) * (2 * math.pi / period))
-        bg = bg + (stripes[..., None] * np.float32(rng.uniform(5, 18)))
-    bg = np.clip(bg, 0, 255).astype(np.uint8)
-    img = Image.fromarray(np.repeat(np.repeat(bg, ss, axis=0), ss, axis=1), "RGB")
-    draw = ImageDraw.Draw(img)
+        bg = bg + stripes[..., None] * np.float32(amp)
+    return bg
 
-    all_colours = list(COLOURS.items()) + list(EXTRA_COLOURS.items())
 
-    # Clutter: thin strokes and dots in random colours.
-    for _ in range(int(rng.integers(p["num_clutter"][0], p["num_clutter"][1] + 1))):
-        col = _jitter(all_colours[rng.integers(len(all_colours))][1], rng)
+def _canvas(rng: np.random.Generator, size: int, ss: int, kind: str) -> Image.Image:
+    bg = np.clip(_background(rng, size, kind), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(np.repeat(bg, ss, axis=0), ss, axis=1), "RGB")
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n_range, S: int, ss: int, jitter: float,
+             grey: bool = False) -> None:
+    """Thin strokes and dots in random colours (grey pencil strokes when ``grey``)."""
+    for _ in range(int(rng.integers(n_range[0], n_range[1] + 1))):
+        col = ALL_COLOURS[rng.integers(len(ALL_COLOURS))][1]
+        col = _jitter((120, 120, 120) if grey else col, rng, jitter)
         x0, y0 = rng.uniform(0, S, 2)
         if rng.random() < 0.5:
             x1, y1 = x0 + rng.uniform(-12, 12) * ss, y0 + rng.uniform(-12, 12) * ss
@@ -265,6 +317,46 @@ def render(label: int, rng: np.random.Generator, params: Optional[dict] = None) 
         else:
             rr = rng.uniform(1, 2.5) * ss
             draw.ellipse([x0 - rr, y0 - rr, x0 + rr, y0 + rr], fill=col)
+
+
+def _finish(img: Image.Image, rng: np.random.Generator, p: dict) -> Image.Image:
+    """Downsample the supersampled canvas, blur, add pixel noise."""
+    size = int(p["image_size"])
+    img = img.resize((size, size), Image.BOX)
+    if float(p.get("blur", 0.0)) > 0:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(p["blur"]) * rng.uniform(0.7, 1.0)))
+    arr = np.asarray(img, dtype=np.float32)
+    noise_std = float(p["noise_std"]) * rng.uniform(0.5, 1.0)
+    arr = arr + rng.normal(0.0, noise_std, arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _params(defaults: dict, params: Optional[dict]) -> dict:
+    p = dict(defaults)
+    if params:
+        p.update(params)
+    return p
+
+
+# --------------------------------------------------------------------------- MiniBench scenes
+
+
+def render(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
+    """Render one MiniBench scene of class ``label`` from ``rng`` (64x64 RGB by default)."""
+    p = _params(SCENE_RENDER, params)
+    size = int(p["image_size"])
+    ss = 2  # supersampling factor for anti-aliased edges
+    S = size * ss
+    colour, shape = CLASS_ATTRIBUTES[label]
+    sketch = p["style"] == "outline"
+    if p["style"] not in ("fill", "outline"):
+        raise ValueError(f"style must be fill or outline, got {p['style']!r}")
+    ow = int(p["outline_width"]) * ss if sketch else 0
+    jit = float(p["colour_jitter"])
+
+    img = _canvas(rng, size, ss, p["background"])
+    draw = ImageDraw.Draw(img)
+    _clutter(draw, rng, p["num_clutter"], S, ss, jit, grey=sketch)
 
     # Target placement first (so distractors can avoid covering it), drawn last.
     t_side = rng.uniform(p["target_size"][0], p["target_size"][1]) * ss
@@ -278,7 +370,7 @@ def render(label: int, rng: np.random.Generator, params: Optional[dict] = None) 
     for _ in range(n_d):
         while True:
             d_shape = SHAPES[rng.integers(len(SHAPES))]
-            d_name, d_rgb = all_colours[rng.integers(len(all_colours))]
+            d_name, d_rgb = ALL_COLOURS[rng.integers(len(ALL_COLOURS))]
             if not (d_shape == shape and d_name == colour):
                 break
         d_r = rng.uniform(p["distractor_size"][0], max(p["distractor_size"][0], d_max)) * ss / 2
@@ -287,27 +379,332 @@ def render(label: int, rng: np.random.Generator, params: Optional[dict] = None) 
             dy = rng.uniform(d_r, S - d_r)
             if math.hypot(dx - tx, dy - ty) > 0.8 * (t_r + d_r):
                 break
-        _draw_shape(draw, d_shape, dx, dy, d_r, _jitter(d_rgb, rng))
+        _draw_shape(draw, d_shape, dx, dy, d_r, _jitter(d_rgb, rng, jit), ow)
 
-    _draw_shape(draw, shape, tx, ty, t_r, _jitter(COLOURS[colour], rng))
+    _draw_shape(draw, shape, tx, ty, t_r, _jitter(COLOURS[colour], rng, jit), ow)
+    return _finish(img, rng, p)
 
-    img = img.resize((size, size), Image.BOX)
-    arr = np.asarray(img, dtype=np.float32)
-    noise_std = float(p["noise_std"]) * rng.uniform(0.5, 1.0)
-    arr = arr + rng.normal(0.0, noise_std, arr.shape).astype(np.float32)
-    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+# --------------------------------------------------------------------------- other vocabularies
+# Each draws one object of its class (random colour: the class is the form, not the colour) among
+# a little clutter on a muted background.
+
+OBJECT_RENDER: Dict[str, object] = {
+    "image_size": 64,
+    "target_size": [30, 44],
+    "num_clutter": [3, 8],
+    "noise_std": 18.0,
+    "background": "muted",
+    "blur": 0.0,
+    "colour_jitter": 22.0,
+}
+TEXTURE_RENDER: Dict[str, object] = {
+    "image_size": 64,
+    "period": [7.0, 14.0],  # pattern period in pixels
+    "contrast": [0.55, 1.0],
+    "num_clutter": [2, 6],
+    "noise_std": 18.0,
+    "blur": 0.0,
+    "colour_jitter": 22.0,
+}
+
+GLYPHS: Tuple[str, ...] = ("A", "B", "E", "F", "H", "K", "M", "R", "S", "T", "X", "Z")
+GLYPH_CLASSNAMES: Tuple[str, ...] = tuple(f"letter {g}" for g in GLYPHS)
+TEXTURE_CLASSNAMES: Tuple[str, ...] = (
+    "stripes", "checkerboard", "polka dots", "grid", "waves", "zigzag", "concentric rings",
+    "crosshatch", "bricks", "spiral",
+)
+OBJECT_CLASSNAMES: Tuple[str, ...] = (
+    "house", "tree", "sun", "flower", "heart", "arrow", "crescent moon", "ring", "hourglass", "fish",
+)
+
+_FONTS: Dict[int, ImageFont.FreeTypeFont] = {}
+
+
+def _font(px: int):
+    if px not in _FONTS:
+        _FONTS[px] = ImageFont.load_default(size=px)  # Pillow's bundled scalable font
+    return _FONTS[px]
+
+
+def _object_colour(rng: np.random.Generator, jitter: float) -> Tuple[int, int, int]:
+    return _jitter(ALL_COLOURS[rng.integers(len(ALL_COLOURS))][1], rng, jitter)
+
+
+def _paste_mask(img: Image.Image, mask: Image.Image, colour) -> None:
+    img.paste(Image.new("RGB", img.size, colour), (0, 0), mask)
+
+
+def _draw_object(name: str, S: int, cx: float, cy: float, r: float, rng: np.random.Generator, jit: float) -> Image.Image:
+    """An "L" mask (and a second colour region) of object ``name``: returns (mask1, mask2)."""
+    m1 = Image.new("L", (S, S), 0)
+    m2 = Image.new("L", (S, S), 0)
+    d1, d2 = ImageDraw.Draw(m1), ImageDraw.Draw(m2)
+    if name == "house":
+        body = [cx - 0.7 * r, cy - 0.1 * r, cx + 0.7 * r, cy + r]
+        d1.rectangle(body, fill=255)
+        d2.polygon([(cx - 0.95 * r, cy - 0.1 * r), (cx, cy - r), (cx + 0.95 * r, cy - 0.1 * r)], fill=255)
+        d1.rectangle([cx - 0.18 * r, cy + 0.4 * r, cx + 0.18 * r, cy + r], fill=0)  # door
+    elif name == "tree":
+        d2.rectangle([cx - 0.15 * r, cy + 0.1 * r, cx + 0.15 * r, cy + r], fill=255)
+        d1.ellipse([cx - 0.7 * r, cy - r, cx + 0.7 * r, cy + 0.35 * r], fill=255)
+    elif name == "sun":
+        d1.ellipse([cx - 0.5 * r, cy - 0.5 * r, cx + 0.5 * r, cy + 0.5 * r], fill=255)
+        w = max(2, int(r * 0.12))
+        for k in range(8):
+            a = k * math.pi / 4
+            d1.line([cx + 0.65 * r * math.cos(a), cy + 0.65 * r * math.sin(a),
+                     cx + r * math.cos(a), cy + r * math.sin(a)], fill=255, width=w)
+    elif name == "flower":
+        for k in range(6):
+            a = k * math.pi / 3
+            px, py = cx + 0.55 * r * math.cos(a), cy + 0.55 * r * math.sin(a)
+            d1.ellipse([px - 0.4 * r, py - 0.4 * r, px + 0.4 * r, py + 0.4 * r], fill=255)
+        d2.ellipse([cx - 0.3 * r, cy - 0.3 * r, cx + 0.3 * r, cy + 0.3 * r], fill=255)
+        d1.ellipse([cx - 0.3 * r, cy - 0.3 * r, cx + 0.3 * r, cy + 0.3 * r], fill=0)
+    elif name == "heart":
+        a = 0.5 * r
+        d1.ellipse([cx - r, cy - 0.75 * r, cx, cy + 0.25 * r], fill=255)
+        d1.ellipse([cx, cy - 0.75 * r, cx + r, cy + 0.25 * r], fill=255)
+        d1.polygon([(cx - 0.95 * r, cy - 0.1 * r), (cx + 0.95 * r, cy - 0.1 * r), (cx, cy + r)], fill=255)
+        del a
+    elif name == "arrow":
+        d1.rectangle([cx - r, cy - 0.2 * r, cx + 0.2 * r, cy + 0.2 * r], fill=255)
+        d1.polygon([(cx + 0.1 * r, cy - 0.65 * r), (cx + r, cy), (cx + 0.1 * r, cy + 0.65 * r)], fill=255)
+    elif name == "crescent moon":
+        d1.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        d1.ellipse([cx - 0.45 * r, cy - 1.05 * r, cx + 1.25 * r, cy + 0.75 * r], fill=0)
+    elif name == "ring":
+        d1.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        d1.ellipse([cx - 0.6 * r, cy - 0.6 * r, cx + 0.6 * r, cy + 0.6 * r], fill=0)
+    elif name == "hourglass":
+        d1.polygon([(cx - 0.7 * r, cy - r), (cx + 0.7 * r, cy - r), (cx, cy)], fill=255)
+        d1.polygon([(cx - 0.7 * r, cy + r), (cx + 0.7 * r, cy + r), (cx, cy)], fill=255)
+        d2.rectangle([cx - 0.8 * r, cy - r - 0.12 * r, cx + 0.8 * r, cy - r], fill=255)
+        d2.rectangle([cx - 0.8 * r, cy + r, cx + 0.8 * r, cy + r + 0.12 * r], fill=255)
+    elif name == "fish":
+        d1.ellipse([cx - 0.75 * r, cy - 0.45 * r, cx + 0.55 * r, cy + 0.45 * r], fill=255)
+        d1.polygon([(cx + 0.4 * r, cy), (cx + r, cy - 0.5 * r), (cx + r, cy + 0.5 * r)], fill=255)
+        d1.ellipse([cx - 0.5 * r, cy - 0.15 * r, cx - 0.3 * r, cy + 0.05 * r], fill=0)  # eye
+    else:
+        raise ValueError(name)
+    return m1, m2
+
+
+def render_object(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
+    """One drawn object of ``OBJECT_CLASSNAMES[label]`` (random colours, rotation, size, place)."""
+    p = _params(OBJECT_RENDER, params)
+    size, ss = int(p["image_size"]), 2
+    S = size * ss
+    jit = float(p["colour_jitter"])
+    img = _canvas(rng, size, ss, p["background"])
+    _clutter(ImageDraw.Draw(img), rng, p["num_clutter"], S, ss, jit)
+    r = rng.uniform(p["target_size"][0], p["target_size"][1]) * ss / 2
+    cx = rng.uniform(r + ss, S - r - ss)
+    cy = rng.uniform(r + ss, S - r - ss)
+    m1, m2 = _draw_object(OBJECT_CLASSNAMES[label], S, cx, cy, r, rng, jit)
+    angle = float(rng.uniform(-25, 25))
+    m1 = m1.rotate(angle, resample=Image.BILINEAR, center=(cx, cy))
+    m2 = m2.rotate(angle, resample=Image.BILINEAR, center=(cx, cy))
+    c1 = _object_colour(rng, jit)
+    c2 = _object_colour(rng, jit)
+    _paste_mask(img, m2, c2)
+    _paste_mask(img, m1, c1)
+    return _finish(img, rng, p)
+
+
+def render_glyph(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
+    """One letter ``GLYPHS[label]`` in Pillow's bundled font (random colour, size, tilt, place)."""
+    p = _params(OBJECT_RENDER, params)
+    size, ss = int(p["image_size"]), 2
+    S = size * ss
+    jit = float(p["colour_jitter"])
+    img = _canvas(rng, size, ss, p["background"])
+    _clutter(ImageDraw.Draw(img), rng, p["num_clutter"], S, ss, jit)
+    px = int(rng.uniform(p["target_size"][0], p["target_size"][1]) * ss)
+    font = _font(px)
+    mask = Image.new("L", (S, S), 0)
+    d = ImageDraw.Draw(mask)
+    l, t, rgt, b = d.textbbox((0, 0), GLYPHS[label], font=font)
+    w, h = rgt - l, b - t
+    x = rng.uniform(ss, max(ss + 1, S - w - ss)) - l
+    y = rng.uniform(ss, max(ss + 1, S - h - ss)) - t
+    d.text((x, y), GLYPHS[label], fill=255, font=font, stroke_width=int(rng.integers(0, 2)) * ss)
+    mask = mask.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR, center=(x + l + w / 2, y + t + h / 2))
+    _paste_mask(img, mask, _object_colour(rng, jit))
+    return _finish(img, rng, p)
+
+
+def _texture_field(name: str, u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator) -> np.ndarray:
+    """Pattern intensity in [0, 1] at rotated pixel coordinates (u, v)."""
+    k = 2 * math.pi / period
+
+    def sq(x, duty=0.5):  # smooth square wave of phase x (radians)
+        return np.clip((np.cos(x) - math.cos(math.pi * duty)) * 3.0 + 0.5, 0, 1)
+
+    def line(x, width=0.18):  # thin periodic lines
+        f = (x / (2 * math.pi)) % 1.0
+        return np.clip(1.0 - np.minimum(f, 1 - f) / width * 2.0 + 0.5, 0, 1) * 1.0
+
+    if name == "stripes":
+        return sq(k * u)
+    if name == "checkerboard":
+        return np.clip((np.sign(np.sin(k * u)) * np.sign(np.sin(k * v)) * 2 + 1) / 2, 0, 1)
+    if name == "polka dots":
+        fu, fv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
+        return np.clip((0.28 - np.hypot(fu, fv)) * period * 1.2 + 0.5, 0, 1)
+    if name == "grid":
+        return np.maximum(line(k * u), line(k * v))
+    if name == "waves":
+        return sq(k * u + 2.2 * np.sin(k * v * 0.5))
+    if name == "zigzag":
+        tri = np.abs(((v / period) % 1.0) - 0.5) * 2.0  # triangle wave in [0, 1]
+        return sq(k * u + 4.0 * tri)
+    if name == "concentric rings":
+        cu, cv = rng.uniform(-16, 16, 2)
+        return sq(k * np.hypot(u - cu, v - cv))
+    if name == "crosshatch":
+        return np.maximum(line(k * (u + v) / math.sqrt(2)), line(k * (u - v) / math.sqrt(2)))
+    if name == "bricks":
+        row = np.floor(v / (period * 0.6))
+        uu = u + (row % 2) * period * 0.5
+        return 1.0 - np.maximum(line(2 * math.pi * uu / period, 0.12), line(2 * math.pi * v / (period * 0.6), 0.2))
+    if name == "spiral":
+        cu, cv = rng.uniform(-12, 12, 2)
+        theta = np.arctan2(v - cv, u - cu)
+        return sq(k * np.hypot(u - cu, v - cv) + 3 * theta)
+    raise ValueError(name)
+
+
+def render_texture(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
+    """A two-colour pattern ``TEXTURE_CLASSNAMES[label]`` over the whole image (random colours,
+    period, orientation, phase), a little clutter on top."""
+    p = _params(TEXTURE_RENDER, params)
+    size, ss = int(p["image_size"]), 2
+    jit = float(p["colour_jitter"])
+    yy, xx = _grid(size)
+    ang = rng.uniform(0, math.pi)
+    x0, y0 = rng.uniform(0, 64, 2)
+    u = (xx - size / 2) * math.cos(ang) + (yy - size / 2) * math.sin(ang) + x0
+    v = -(xx - size / 2) * math.sin(ang) + (yy - size / 2) * math.cos(ang) + y0
+    period = rng.uniform(p["period"][0], p["period"][1])
+    f = _texture_field(TEXTURE_CLASSNAMES[label], u, v, period, rng).astype(np.float32)
+    fg = np.asarray(_object_colour(rng, jit), np.float32)
+    bg = np.asarray(_background(rng, size, "muted"), np.float32)
+    c = np.float32(rng.uniform(p["contrast"][0], p["contrast"][1]))
+    arr = bg * (1 - c * f[..., None]) + fg * (c * f[..., None])
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    img = img.resize((size * ss, size * ss), Image.NEAREST)
+    _clutter(ImageDraw.Draw(img), rng, p["num_clutter"], size * ss, ss, jit)
+    return _finish(img, rng, p)
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A set of concepts, how to draw one, and how the pretraining stream draws it ("clean web
+    photos": the benchmark's renderer with milder parameters, a deliberate domain gap)."""
+
+    key: str
+    classnames: Tuple[str, ...]
+    render: Callable[..., Image.Image]
+    render_defaults: Dict[str, object]
+    pretrain_render: Dict[str, object]
+    templates: Tuple[str, ...] = GENERIC_TEMPLATES
+
+
+VOCABULARIES: Dict[str, Vocabulary] = {
+    v.key: v
+    for v in (
+        Vocabulary("scenes", CLASSNAMES, render, SCENE_RENDER,
+                   dict(target_size=[24, 34], num_distractors=[1, 3], num_clutter=[2, 6], noise_std=10.0),
+                   CAPTION_TEMPLATES),
+        Vocabulary("glyphs", GLYPH_CLASSNAMES, render_glyph, OBJECT_RENDER,
+                   dict(target_size=[36, 48], num_clutter=[1, 4], noise_std=8.0)),
+        Vocabulary("textures", TEXTURE_CLASSNAMES, render_texture, TEXTURE_RENDER,
+                   dict(num_clutter=[0, 3], noise_std=8.0, contrast=[0.75, 1.0])),
+        Vocabulary("objects", OBJECT_CLASSNAMES, render_object, OBJECT_RENDER,
+                   dict(target_size=[36, 48], num_clutter=[1, 4], noise_std=8.0)),
+    )
+}
+
+
+# --------------------------------------------------------------------------- generated datasets
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One generated dataset: which vocabulary, in which domain, how many images per split."""
+
+    key: str  # config name (configs/datasets/<key>.yaml) and folder under $DATA
+    name: str  # Dassl DATASET.NAME
+    vocab: str
+    role: str  # "source" | "xd" | "dg"
+    domain: int  # seed-stream domain
+    counts: Dict[str, int]
+    render_overrides: Dict[str, object] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def split_filename(self) -> str:
+        return f"split_zhou_{self.name}.json"
+
+    @property
+    def classnames(self) -> Tuple[str, ...]:
+        return VOCABULARIES[self.vocab].classnames
+
+    def defaults(self) -> dict:
+        v = VOCABULARIES[self.vocab]
+        return {"seed": 0, **{f"{k}_per_class": n for k, n in self.counts.items()}, "format": "png",
+                **v.render_defaults, **self.render_overrides}
+
+
+_XD_COUNTS = {"train": 4, "val": 2, "test": 250}
+_DG_COUNTS = {"train": 1, "val": 1, "test": 105}  # train/val only because the split format needs them
+SPECS: Dict[str, Spec] = {
+    s.key: s
+    for s in (
+        Spec("minibench", "MiniBench", "scenes", "source", DOMAIN_BENCHMARK,
+             {"train": DEFAULT_PARAMS["train_per_class"], "val": DEFAULT_PARAMS["val_per_class"],
+              "test": DEFAULT_PARAMS["test_per_class"]},
+             description="24 colour x shape classes in cluttered scenes; base = circle/square/triangle, "
+                         "new = diamond/cross/star"),
+        Spec("minibench_glyphs", "MiniBenchGlyphs", "glyphs", "xd", 10, dict(_XD_COUNTS, test=210),
+             description="12 capital letters in random colours, sizes and tilts"),
+        Spec("minibench_textures", "MiniBenchTextures", "textures", "xd", 11, _XD_COUNTS,
+             description="10 two-colour patterns filling the image"),
+        Spec("minibench_objects", "MiniBenchObjects", "objects", "xd", 12, _XD_COUNTS,
+             description="10 drawn objects in random colours"),
+        Spec("minibench_sketch", "MiniBenchSketch", "scenes", "dg", 20, _DG_COUNTS,
+             dict(style="outline", background="paper", noise_std=6.0),
+             description="MiniBench's classes as coloured outlines on paper"),
+        Spec("minibench_noise", "MiniBenchNoise", "scenes", "dg", 21, _DG_COUNTS,
+             dict(noise_std=55.0, blur=1.3),
+             description="MiniBench's classes under heavy blur and pixel noise"),
+        Spec("minibench_palette", "MiniBenchPalette", "scenes", "dg", 22, _DG_COUNTS,
+             dict(background="vivid"),
+             description="MiniBench's classes on saturated, strongly striped backgrounds"),
+    )
+}
+assert SPECS["minibench"].defaults() == DEFAULT_PARAMS
+assert SPECS["minibench"].split_filename == SPLIT_FILENAME
+
+
+def get_spec(key: str) -> Spec:
+    if key not in SPECS:
+        raise ValueError(f"unknown generated dataset {key!r}; valid: {', '.join(SPECS)}")
+    return SPECS[key]
 
 
 def image_rng(seed: int, domain: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(domain), *map(int, keys)]))
 
 
-RENDER_KEYS = ("image_size", "target_size", "distractor_size", "num_distractors", "num_clutter", "noise_std")
-
-
-def render_params(params: dict) -> dict:
+def render_params(params: dict, vocab: str = "scenes") -> dict:
     """The subset of dataset params that affects rendering (shared with the pretraining stream)."""
-    return {k: params[k] for k in RENDER_KEYS}
+    return {k: params[k] for k in VOCABULARIES[vocab].render_defaults}
 
 
 # --------------------------------------------------------------------------- dataset on disk
@@ -322,8 +719,9 @@ def merge_params(defaults: dict, params: dict, what: str) -> dict:
     return json.loads(json.dumps({**defaults, **params}))
 
 
-def _normalise_params(params: dict) -> dict:
-    p = merge_params(DEFAULT_PARAMS, params, "MiniBench")
+def _normalise_params(params: dict, key: str = "minibench") -> dict:
+    spec = get_spec(key)
+    p = merge_params(spec.defaults(), params, spec.name)
     if p["format"] not in ("png", "jpg"):
         raise ValueError("format must be 'png' or 'jpg'")
     if int(p["image_size"]) != 64:
@@ -339,31 +737,13 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def generate(
-    dataset_dir: str,
-    *,
-    seed: int = 0,
-    train_per_class: int = DEFAULT_PARAMS["train_per_class"],
-    val_per_class: int = DEFAULT_PARAMS["val_per_class"],
-    test_per_class: int = DEFAULT_PARAMS["test_per_class"],
-    image_size: int = DEFAULT_PARAMS["image_size"],
-    **render_overrides,
-) -> dict:
-    """Write the benchmark under ``dataset_dir`` (overwriting images/split/meta); return meta.
-
-    ``render_overrides`` may set ``format`` ("png"/"jpg"), ``target_size``, ``distractor_size``,
-    ``num_distractors``, ``num_clutter`` and ``noise_std`` (see ``DEFAULT_PARAMS``).
-    """
-    p = _normalise_params(
-        dict(
-            seed=seed,
-            train_per_class=train_per_class,
-            val_per_class=val_per_class,
-            test_per_class=test_per_class,
-            image_size=image_size,
-            **render_overrides,
-        )
-    )
+def generate(dataset_dir: str, key: str = "minibench", **params) -> dict:
+    """Write dataset ``key`` (default: MiniBench) under ``dataset_dir`` (overwriting images, split
+    and meta); return its meta. ``params``: ``seed``, ``train_per_class``, ``val_per_class``,
+    ``test_per_class``, ``format`` ("png"/"jpg") and the renderer's keys (see ``Spec.defaults``)."""
+    spec = get_spec(key)
+    vocab = VOCABULARIES[spec.vocab]
+    p = _normalise_params(params, key)
     t0 = time.time()
     os.makedirs(dataset_dir, exist_ok=True)
     meta_path = os.path.join(dataset_dir, META_FILENAME)
@@ -372,39 +752,43 @@ def generate(
     image_dir = os.path.join(dataset_dir, IMAGE_DIRNAME)
     if os.path.isdir(image_dir):
         shutil.rmtree(image_dir)
-    rp = render_params(p)
+    rp = render_params(p, spec.vocab)
     ext = p["format"]
+    names = spec.classnames
     split: Dict[str, list] = {}
-    counts = {"train": p["train_per_class"], "val": p["val_per_class"], "test": p["test_per_class"]}
-    for label in range(NUM_CLASSES):
-        os.makedirs(os.path.join(image_dir, class_folder(label)), exist_ok=True)
-    for split_name, n in counts.items():
+    for label in range(len(names)):
+        os.makedirs(os.path.join(image_dir, class_folder(label, names)), exist_ok=True)
+    for split_name in ("train", "val", "test"):
         items = []
-        for label in range(NUM_CLASSES):
-            folder = class_folder(label)
-            for i in range(int(n)):
-                img = render(label, image_rng(p["seed"], DOMAIN_BENCHMARK, SPLIT_IDS[split_name], label, i), rp)
+        for label in range(len(names)):
+            folder = class_folder(label, names)
+            for i in range(int(p[f"{split_name}_per_class"])):
+                img = vocab.render(label, image_rng(p["seed"], spec.domain, SPLIT_IDS[split_name], label, i), rp)
                 rel = f"{folder}/{split_name}_{i:04d}.{ext}"
                 path = os.path.join(image_dir, rel)
                 if ext == "png":
                     img.save(path, format="PNG", optimize=False)
                 else:
                     img.save(path, format="JPEG", quality=95)
-                items.append([rel, label, CLASSNAMES[label]])
+                items.append([rel, label, names[label]])
         split[split_name] = items
-    _write_json_atomic(os.path.join(dataset_dir, SPLIT_FILENAME), split)
+    _write_json_atomic(os.path.join(dataset_dir, spec.split_filename), split)
     meta = {
-        "name": "MiniBench",
+        "name": spec.name,
+        "key": spec.key,
+        "role": spec.role,
         "generator_version": GENERATOR_VERSION,
         "params": p,
-        "classnames": list(CLASSNAMES),
-        "num_base": NUM_BASE,
-        "attributes": {k: list(v) for k, v in attributes().items()},
-        "class_attributes": [{"colour": c, "shape": s} for c, s in CLASS_ATTRIBUTES],
+        "classnames": list(names),
+        "num_base": math.ceil(len(names) / 2),
         "num_images": {k: len(v) for k, v in split.items()},
+        "description": spec.description,
     }
+    if spec.vocab == "scenes":
+        meta["attributes"] = {k: list(v) for k, v in attributes().items()}
+        meta["class_attributes"] = [{"colour": c, "shape": s} for c, s in CLASS_ATTRIBUTES]
     _write_json_atomic(meta_path, meta)  # last: marks the generation complete
-    logger.info("MiniBench generated at %s in %.1fs (%s)", dataset_dir, time.time() - t0, meta["num_images"])
+    logger.info("%s generated at %s in %.1fs (%s)", spec.name, dataset_dir, time.time() - t0, meta["num_images"])
     return meta
 
 
@@ -434,27 +818,41 @@ def require_same_params(meta: dict, wanted: dict, version_key: str, version: int
                          f"different parameters ({desc}). {remedy}")
 
 
-def ensure(dataset_dir: str, **params) -> dict:
-    """Generate the benchmark unless a complete one with the same parameters exists; return meta.
+def ensure(dataset_dir: str, key: str = "minibench", **params) -> dict:
+    """Generate dataset ``key`` unless a complete one with the same parameters exists; return meta.
 
-    Raises ``ValueError`` naming the differing parameters when ``dataset_dir`` holds a benchmark
-    generated with other parameters (or another generator version).
+    A dataset written by another ``GENERATOR_VERSION`` is a stale cache: it is regenerated (with a
+    warning). Raises ``ValueError`` naming the differing parameters when ``dataset_dir`` holds the
+    current version generated with other parameters (e.g. another seed).
     """
-    p = _normalise_params(params)
+    spec = get_spec(key)
+    p = _normalise_params(params, key)
     meta = read_meta(dataset_dir)
-    if meta is not None and os.path.isfile(os.path.join(dataset_dir, SPLIT_FILENAME)):
-        require_same_params(meta, p, "generator_version", GENERATOR_VERSION, f"MiniBench at {dataset_dir}",
+    split_path = os.path.join(dataset_dir, spec.split_filename)
+    if meta is not None and meta.get("generator_version") != GENERATOR_VERSION:
+        logger.warning("%s at %s was written by generator version %s (current: %s); regenerating",
+                       spec.name, dataset_dir, meta.get("generator_version"), GENERATOR_VERSION)
+        return generate(dataset_dir, key, **p)
+    if meta is not None and os.path.isfile(split_path):
+        require_same_params(meta, p, "generator_version", GENERATOR_VERSION, f"{spec.name} at {dataset_dir}",
                             f"Delete the folder {dataset_dir!r} (or pick another root) to regenerate it.")
-        logger.info("MiniBench already present at %s; nothing to do", dataset_dir)
+        logger.info("%s already present at %s; nothing to do", spec.name, dataset_dir)
         return meta
-    if os.path.isdir(os.path.join(dataset_dir, IMAGE_DIRNAME)):
-        logger.warning("Incomplete MiniBench at %s (no meta.json); regenerating", dataset_dir)
-    return generate(dataset_dir, **p)
+    if meta is not None:
+        logger.warning("Incomplete %s at %s (meta.json present but %s missing); regenerating",
+                       spec.name, dataset_dir, spec.split_filename)
+    elif os.path.isdir(os.path.join(dataset_dir, IMAGE_DIRNAME)):
+        logger.warning("Incomplete %s at %s (no meta.json); regenerating", spec.name, dataset_dir)
+    return generate(dataset_dir, key, **p)
 
 
-def read_split(dataset_dir: str) -> Dict[str, List[Tuple[str, int, str]]]:
-    """The split as ``{split: [(absolute_image_path, label, classname), ...]}``."""
-    with open(os.path.join(dataset_dir, SPLIT_FILENAME)) as f:
+def read_split(dataset_dir: str, key: Optional[str] = None) -> Dict[str, List[Tuple[str, int, str]]]:
+    """The split as ``{split: [(absolute_image_path, label, classname), ...]}`` (``key``: the
+    dataset, default: read from meta.json, else MiniBench)."""
+    if key is None:
+        meta = read_meta(dataset_dir)
+        key = (meta or {}).get("key", "minibench")
+    with open(os.path.join(dataset_dir, get_spec(key).split_filename)) as f:
         split = json.load(f)
     image_dir = os.path.join(dataset_dir, IMAGE_DIRNAME)
     return {k: [(os.path.join(image_dir, r), int(l), c) for r, l, c in v] for k, v in split.items()}

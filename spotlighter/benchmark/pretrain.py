@@ -1,15 +1,16 @@
-"""A small CLIP (``clip.model.CLIP``, ViT-8 at 64 px) pretrained contrastively on MiniBench renders.
+"""A small CLIP (``clip.model.CLIP``, ViT-8 at 64 px) pretrained contrastively on MiniBench's renders.
 
 The model is the real OpenAI CLIP architecture at a tiny size, so every trainer that accepts
 CLIP weights accepts it: :func:`ensure_clip` saves ``model.state_dict()`` (float32 tensors only)
 and ``clip.model.build_model(torch.load(path, weights_only=True))`` or
 ``clip.load(path, jit=False)`` rebuild it.
 
-Pretraining draws image-caption pairs on the fly from the MiniBench generator over *all* classes
-(real CLIP has seen every concept) using the seed domain ``DOMAIN_PRETRAIN``, disjoint from the
-benchmark's own images, rendered somewhat cleaner than the benchmark (a deliberate domain gap,
-see ``DEFAULT_CLIP_PARAMS["render"]``), with varied caption templates including attribute-only phrases
-("a photo of something red."). Because many captions in a batch describe the same concept, the
+Pretraining draws image-caption pairs on the fly from the generators over *every* concept of every
+vocabulary (MiniBench's 24 classes and the glyphs, textures and objects of its cross-dataset
+targets: real CLIP has seen every concept; ``scene_share`` of the stream is MiniBench scenes) using
+the seed domain ``DOMAIN_PRETRAIN``, disjoint from the benchmarks' own images, rendered cleaner
+than the benchmarks (a deliberate domain gap, see ``DEFAULT_CLIP_PARAMS["render"]``), with varied
+caption templates including MiniBench's attribute-only phrases ("a photo of something red."). Because many captions in a batch describe the same concept, the
 CLIP loss is used in its multi-positive form (UniCL-style): the target distribution of an image
 is uniform over every caption in the batch that correctly describes it, and vice versa. With one
 caption per concept this reduces to the standard symmetric CLIP loss. The learnable temperature
@@ -34,7 +35,7 @@ from . import data
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ZEROSHOT_TEMPLATE = "a photo of a {}."
@@ -52,24 +53,22 @@ DEFAULT_CLIP_PARAMS: Dict[str, object] = {
     "transformer_width": 128,
     "transformer_layers": 3,
     # optimisation
-    "steps": 240,
+    "steps": 720,
     "batch_size": 128,
-    "lr": 1e-3,
+    "lr": 2e-3,
     "weight_decay": 0.1,
-    "warmup_steps": 24,
+    "warmup_steps": 40,
     "attribute_only_prob": 0.15,
-    # Rendering parameters of the pretraining stream: the benchmark's generator, but "cleaner web
-    # photos" (bigger target, fewer distractors, less noise) than the cluttered benchmark. This
-    # domain gap mirrors real CLIP vs. downstream data: with identical distributions the
-    # zero-shot classifier is already the best linear classifier of the frozen features (16-shot
-    # linear probe <= zero-shot), leaving few-shot adaptation nothing to gain.
-    "render": dict(
-        data.render_params(data.DEFAULT_PARAMS),
-        target_size=[24, 34],
-        num_distractors=[1, 3],
-        num_clutter=[2, 6],
-        noise_std=10.0,
-    ),
+    # Share of MiniBench's own scenes in the stream (the other vocabularies share the rest evenly).
+    "scene_share": 0.5,
+    # Rendering parameters of the pretraining stream, per vocabulary: the benchmark's renderers,
+    # but "cleaner web photos" (bigger target, fewer distractors, less noise) than the cluttered
+    # benchmark. This domain gap mirrors real CLIP vs. downstream data: with identical
+    # distributions the zero-shot classifier is already the best linear classifier of the frozen
+    # features, leaving few-shot adaptation nothing to gain.
+    "render": {k: {**v.render_defaults, **v.pretrain_render} for k, v in data.VOCABULARIES.items()},
+    # Recorded so that a new generator (other renders) invalidates the cached CLIP.
+    "generator_version": data.GENERATOR_VERSION,
 }
 
 
@@ -107,7 +106,12 @@ def load_clip(path: str) -> "torch.nn.Module":
 
 def _normalise(params: dict) -> dict:
     p = data.merge_params(DEFAULT_CLIP_PARAMS, params, "pretraining")
-    p["render"] = data.merge_params(DEFAULT_CLIP_PARAMS["render"], params.get("render") or {}, "render")
+    given = params.get("render") or {}
+    unknown = set(given) - set(DEFAULT_CLIP_PARAMS["render"])
+    if unknown:
+        raise TypeError(f"unknown render vocabularies: {sorted(unknown)} (valid: {sorted(data.VOCABULARIES)})")
+    p["render"] = {k: data.merge_params(d, given.get(k) or {}, f"{k} render")
+                   for k, d in DEFAULT_CLIP_PARAMS["render"].items()}
     return p
 
 
@@ -124,32 +128,78 @@ def to_tensor(images: Sequence, dtype=torch.float32) -> torch.Tensor:
 
 
 class _CaptionBank:
+    """Every pretraining caption of every vocabulary, tokenised once, and which concept each fits.
+
+    Concepts are ``(vocabulary, label)`` pairs in ``data.VOCABULARIES`` order; ``positive[c, u]``
+    says caption ``u`` correctly describes an image of concept ``c`` (MiniBench's colour-only and
+    shape-only captions fit several concepts).
+    """
+
     def __init__(self, context_length: int):
         import clip
 
-        self.texts, cons = data.caption_bank()
+        scene_texts, scene_cons = data.caption_bank()
+        self.texts: List[str] = list(scene_texts)
+        self.concepts: List[tuple] = [("scenes", l) for l in range(data.NUM_CLASSES)]
+        cons = [("scenes", c) for c in scene_cons]
+        for key, vocab in data.VOCABULARIES.items():
+            if key == "scenes":
+                continue
+            for label, name in enumerate(vocab.classnames):
+                self.concepts.append((key, label))
+                for t in vocab.templates:
+                    self.texts.append(t.format(name))
+                    cons.append((key, label))
+        self.concept_index = {c: i for i, c in enumerate(self.concepts)}
         self.index = {t: i for i, t in enumerate(self.texts)}
+        if len(self.index) != len(self.texts):
+            raise ValueError("pretraining captions must be unique across vocabularies")
+        self.templates = {k: v.templates for k, v in data.VOCABULARIES.items()}
         tokens = clip.tokenize(self.texts, context_length=context_length)
         eot = tokens.argmax(dim=-1)
         # Causal attention: positions after EOT never influence the EOT feature, so training on
         # the first (max EOT + 1) positions is exact and much cheaper than all 77.
         self.train_len = int(eot.max()) + 1
         self.tokens = tokens[:, : self.train_len].contiguous()
-        # positive[c, u]: caption u correctly describes an image of class c
-        pos = torch.zeros(data.NUM_CLASSES, len(self.texts), dtype=torch.bool)
-        for c, (colour, shape) in enumerate(data.CLASS_ATTRIBUTES):
-            for u, (cc, cs) in enumerate(cons):
-                pos[c, u] = (cc is None or cc == colour) and (cs is None or cs == shape)
+        pos = torch.zeros(len(self.concepts), len(self.texts), dtype=torch.bool)
+        for c, (key, label) in enumerate(self.concepts):
+            for u, (ckey, con) in enumerate(cons):
+                if ckey != key:
+                    continue
+                if key == "scenes":
+                    colour, shape = data.CLASS_ATTRIBUTES[label]
+                    cc, cs = con
+                    pos[c, u] = (cc is None or cc == colour) and (cs is None or cs == shape)
+                else:
+                    pos[c, u] = con == label
         self.positive = pos
+
+    def caption(self, concept: int, rng: np.random.Generator, attribute_only_prob: float) -> int:
+        key, label = self.concepts[concept]
+        if key == "scenes":
+            return self.index[data.caption(label, rng, attribute_only_prob)]
+        t = self.templates[key][rng.integers(len(self.templates[key]))]
+        return self.index[t.format(data.VOCABULARIES[key].classnames[label])]
+
+
+def sample_concepts(rng: np.random.Generator, n: int, params: dict, bank: _CaptionBank) -> np.ndarray:
+    """``n`` concept ids: MiniBench scenes with probability ``scene_share``, else any other concept."""
+    n_scene = data.NUM_CLASSES
+    n_other = len(bank.concepts) - n_scene
+    scene = rng.random(n) < float(params["scene_share"])
+    return np.where(scene, rng.integers(n_scene, size=n), n_scene + rng.integers(max(1, n_other), size=n))
 
 
 def sample_batch(step: int, batch_size: int, params: dict, bank: _CaptionBank):
-    """Deterministic batch ``step`` of the pretraining stream: (images, labels, caption ids)."""
+    """Deterministic batch ``step`` of the pretraining stream: (images, concept ids, caption ids)."""
     rng = data.image_rng(params["seed"], data.DOMAIN_PRETRAIN, step)
-    labels = rng.integers(data.NUM_CLASSES, size=batch_size)
-    images = [data.render(int(l), rng, params["render"]) for l in labels]
-    caps = [bank.index[data.caption(int(l), rng, params["attribute_only_prob"])] for l in labels]
-    return to_tensor(images), torch.as_tensor(labels), torch.as_tensor(caps)
+    concepts = sample_concepts(rng, batch_size, params, bank)
+    images, caps = [], []
+    for c in concepts:
+        key, label = bank.concepts[int(c)]
+        images.append(data.VOCABULARIES[key].render(label, rng, params["render"][key]))
+        caps.append(bank.caption(int(c), rng, params["attribute_only_prob"]))
+    return to_tensor(images), torch.as_tensor(concepts), torch.as_tensor(caps)
 
 
 def contrastive_loss(model, images, labels, caption_ids, bank: _CaptionBank) -> torch.Tensor:
@@ -252,16 +302,27 @@ def encode_classnames(model, classnames: Sequence[str], template: str = ZEROSHOT
 
 @torch.no_grad()
 def zeroshot_accuracy(model, dataset_dir: str, split: str = "test", template: str = ZEROSHOT_TEMPLATE) -> dict:
-    """Zero-shot accuracy (%) with ``template``: base among base classes, new among new classes,
-    all among all classes (the base-to-novel protocol), plus the matching chance levels."""
-    items = data.read_split(dataset_dir)[split]
+    """Zero-shot accuracy (%) with ``template`` on a generated dataset, plus the chance levels.
+
+    MiniBench (the source): base among base classes, new among new classes, all among all classes
+    (the base-to-novel protocol). Other generated datasets: ``all`` only.
+    """
+    meta = data.read_meta(dataset_dir) or {}
+    key = meta.get("key", "minibench")
+    classnames = meta.get("classnames") or list(data.get_spec(key).classnames)
+    items = data.read_split(dataset_dir, key)[split]
     paths = [it[0] for it in items]
     labels = torch.tensor([it[1] for it in items])
     img = encode_images(model, paths)
-    txt = encode_classnames(model, data.CLASSNAMES, template)
+    txt = encode_classnames(model, classnames, template)
     sims = img @ txt.t()
-    out = {}
-    for name, classes in (("base", data.BASE_CLASSES), ("new", data.NEW_CLASSES), ("all", tuple(range(data.NUM_CLASSES)))):
+    n = len(classnames)
+    halves = [("all", tuple(range(n)))]
+    if data.get_spec(key).role == "source":
+        nb = math.ceil(n / 2)
+        halves = [("base", tuple(range(nb))), ("new", tuple(range(nb, n)))] + halves
+    out = {"dataset": key}
+    for name, classes in halves:
         cls = torch.tensor(classes)
         mask = torch.isin(labels, cls)
         pred = cls[sims[mask][:, cls].argmax(dim=1)]
@@ -288,7 +349,7 @@ def read_sidecar(path: str) -> Optional[dict]:
         return json.load(f)
 
 
-def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, **params) -> dict:
+def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequence[str] = (), **params) -> dict:
     """Pretrain and cache the MiniBench CLIP at ``path`` unless it exists with the same params.
 
     Writes ``path`` (plain float32 state dict) and then ``path + ".json"`` (version, params,
@@ -298,6 +359,12 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, **params) -> di
     """
     p = _normalise(params)
     meta = read_sidecar(path)
+    if meta is not None and (meta.get("pretrain_version") != PRETRAIN_VERSION
+                             or (meta.get("params") or {}).get("generator_version") != data.GENERATOR_VERSION):
+        logger.warning("MiniBench CLIP at %s is from pretraining recipe %s / generator %s (current: %s / %s); "
+                       "rebuilding it", path, meta.get("pretrain_version"),
+                       (meta.get("params") or {}).get("generator_version"), PRETRAIN_VERSION, data.GENERATOR_VERSION)
+        meta = None
     if meta is not None:
         data.require_same_params(meta, p, "pretrain_version", PRETRAIN_VERSION, f"MiniBench CLIP at {path}",
                                  f"Delete {path!r} and {sidecar_path(path)!r} to rebuild it.")
@@ -321,8 +388,15 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, **params) -> di
         "file_bytes": os.path.getsize(path),
     }
     if dataset_dir is not None:
-        meta["zeroshot"] = zeroshot_accuracy(load_clip(path), dataset_dir)
+        model = load_clip(path)
+        meta["zeroshot"] = zeroshot_accuracy(model, dataset_dir)
         meta["dataset_dir"] = os.path.abspath(dataset_dir)
         logger.info("Zero-shot accuracy: %s", meta["zeroshot"])
+        if eval_dirs:
+            meta["zeroshot_targets"] = {}
+            for d in eval_dirs:
+                z = zeroshot_accuracy(model, d)
+                meta["zeroshot_targets"][z["dataset"]] = z
+                logger.info("Zero-shot accuracy: %s", z)
     data._write_json_atomic(sidecar_path(path), meta)  # last: marks the cache complete
     return meta

@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .constants import EXIT_NOTHING_FOUND, EXIT_OK, EXIT_PLOT_UNAVAILABLE, PROTOCOL_TITLES, PROTOCOLS
+from .constants import (
+    DG_TARGETS_BY_SOURCE,
+    EXIT_NOTHING_FOUND,
+    EXIT_OK,
+    EXIT_PLOT_UNAVAILABLE,
+    PROTOCOL_TITLES,
+    PROTOCOLS,
+    XD_SOURCE,
+    XD_TARGETS_BY_SOURCE,
+)
 from .layout import search_patterns
 from .parse import canonical_trainer, collect
 from .published import load_published
@@ -37,10 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trainers", type=_names, help="e.g. spotlighter,coop,maple,zsclip (case-insensitive)")
     parser.add_argument("--configs", type=_names, help="trainer config names, e.g. vit_b16_ep20_paper")
     parser.add_argument("--datasets", type=_names, help="datasets (base2new) or targets (xd, dg) to show")
+    parser.add_argument("--source", help="xd/dg: the dataset the models were trained on (default: the source whose "
+                                         f"targets --datasets names, else {XD_SOURCE}), e.g. minibench")
     parser.add_argument("--shots", type=_ints, help="shot counts, e.g. 16 (default: every one found)")
     parser.add_argument("--seeds", type=_ints, help="expected seeds, e.g. 1,2,3 (default: every one found)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table(s) as CSV")
     parser.add_argument("--plot", metavar="FILE_OR_DIR", help="also write PNG bar chart(s) (needs matplotlib)")
+    parser.add_argument("--plot-deltas", nargs="?", const="ZeroshotCLIP", default=None, metavar="TRAINER",
+                        help="plot each method's difference to TRAINER (default ZeroshotCLIP) instead of accuracies")
     parser.add_argument("--no-published", action="store_true", help="hide published numbers and deltas")
     parser.add_argument("--published-methods", type=_names, default=[],
                         help="more published methods to show, or TRAINER=METHOD to compare a trainer with one")
@@ -60,6 +73,16 @@ def _warn_unmatched(trainers: Sequence[str] | None, found: set[str]) -> None:
             logger.warning("no runs of trainer %r (%s) found", name, canonical_trainer(name))
 
 
+def infer_source(protocol: str, datasets: Sequence[str] | None) -> str:
+    """The xd/dg source whose registered targets include every one of ``datasets`` (ImageNet if none does)."""
+    table = DG_TARGETS_BY_SOURCE if protocol == "dg" else XD_TARGETS_BY_SOURCE
+    if datasets:
+        for source, targets in table.items():
+            if source != XD_SOURCE and set(datasets) - {source} <= set(targets):
+                return source
+    return XD_SOURCE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spotlighter-results``; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -73,27 +96,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PlotUnavailable as exc:
             return _fail(str(exc), EXIT_PLOT_UNAVAILABLE)
 
+    source = args.source or infer_source(args.protocol, args.datasets)
     results = collect(args.root, args.protocol, trainers=args.trainers, configs=args.configs,
-                      datasets=args.datasets, shots=args.shots, seeds=args.seeds)
+                      datasets=args.datasets, shots=args.shots, seeds=args.seeds, source=source)
     if not results:
-        patterns = "\n  ".join(search_patterns(args.root, args.protocol))
+        patterns = "\n  ".join(search_patterns(args.root, args.protocol, source))
         return _fail(f"no {args.protocol} runs under {Path(args.root)} matching the filters; searched:\n  {patterns}",
                      EXIT_NOTHING_FOUND)
     _warn_unmatched(args.trainers, {r.trainer for r in results})
     published = None if args.no_published or args.protocol != "base2new" else load_published()
     try:
         tables = build_tables(results, args.protocol, root=args.root, seeds=args.seeds, datasets=args.datasets,
-                              published=published, published_methods=args.published_methods)
+                              published=published, published_methods=args.published_methods, source=source)
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
     sys.stdout.write("\n".join(to_markdown(t) for t in tables))
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         Path(args.csv).write_text(to_csv(tables), encoding="utf-8")
-        logger.info("CSV written to %s", args.csv)
+        sys.stdout.write(f"\nCSV written to {Path(args.csv).resolve()}\n")
     if args.plot:
         from .plot import plot_tables
 
-        for path in plot_tables(args.plot, tables):
-            logger.info("plot written to %s", path)
+        for path in plot_tables(args.plot, tables, deltas_to=args.plot_deltas):
+            sys.stdout.write(f"plot written to {Path(path).resolve()}\n")
     return EXIT_OK

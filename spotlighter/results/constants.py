@@ -13,6 +13,15 @@ BASE2NEW_DATASETS: tuple[str, ...] = registry.BASE2NEW_DATASETS
 XD_SOURCE = registry.DEFAULT_SOURCE
 XD_TARGETS: tuple[str, ...] = registry.xd_targets(XD_SOURCE)
 DG_TARGETS: tuple[str, ...] = registry.dg_targets(XD_SOURCE)
+# Every source -> its targets (spotlighter.registry: imagenet, and the generated MiniBench).
+XD_TARGETS_BY_SOURCE: dict[str, tuple[str, ...]] = dict(registry.XD_TARGETS)
+DG_TARGETS_BY_SOURCE: dict[str, tuple[str, ...]] = dict(registry.DG_TARGETS)
+
+
+def transfer_dirs(source: str) -> tuple[str, str]:
+    """Training and evaluation folders of cross-dataset / DG runs from ``source``: ``imagenet`` and
+    ``evaluation`` for ImageNet (CoOp's tree), ``<source>`` and ``evaluation_from_<source>`` otherwise."""
+    return source, XD_EVAL_DIR if source == XD_SOURCE else XD_EVAL_DIR_FROM.format(source=source)
 
 # Roles of a seed folder. ``subset`` is what a result.json written there must say.
 ROLE_BASE = "base"

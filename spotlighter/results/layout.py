@@ -10,16 +10,15 @@ from typing import Iterator
 from .constants import (
     BASE2NEW_DIR,
     BASE2NEW_ROLE_DIRS,
-    DG_TARGETS,
+    DG_TARGETS_BY_SOURCE,
     PROTOCOLS,
     ROLE_SOURCE,
     ROLE_TARGET,
     SEED_DIR_PREFIX,
     SHOTS_DIR_PREFIX,
     XD_CONFIG_SUFFIX,
-    XD_EVAL_DIR,
     XD_SOURCE,
-    XD_TRAIN_DIR,
+    transfer_dirs,
 )
 
 _SEED_RE = re.compile(rf"^{SEED_DIR_PREFIX}(\d+)$")
@@ -89,34 +88,36 @@ def _xd_configs(trainer_dir: Path) -> Iterator[tuple[str, int, Path]]:
             yield match.group(1), int(match.group(2)), config_dir
 
 
-def _is_protocol_target(protocol: str, dataset: str) -> bool:
-    return (dataset in DG_TARGETS) == (protocol == "dg") and dataset != XD_SOURCE
+def _is_protocol_target(protocol: str, dataset: str, source: str = XD_SOURCE) -> bool:
+    return (dataset in DG_TARGETS_BY_SOURCE.get(source, ())) == (protocol == "dg") and dataset != source
 
 
-def _discover_transfer(root: Path, protocol: str) -> Iterator[SeedDir]:
-    for trainer_dir in _subdirs(root / XD_TRAIN_DIR):
+def _discover_transfer(root: Path, protocol: str, source: str = XD_SOURCE) -> Iterator[SeedDir]:
+    train_dir, eval_dir = transfer_dirs(source)
+    for trainer_dir in _subdirs(root / train_dir):
         for config, shots, config_dir in _xd_configs(trainer_dir):
             for seed, path in _seeds(config_dir):
-                yield SeedDir(protocol, trainer_dir.name, config, XD_SOURCE, ROLE_SOURCE, shots, seed, path)
-    for trainer_dir in _subdirs(root / XD_EVAL_DIR):
+                yield SeedDir(protocol, trainer_dir.name, config, source, ROLE_SOURCE, shots, seed, path)
+    for trainer_dir in _subdirs(root / eval_dir):
         for config, shots, config_dir in _xd_configs(trainer_dir):
             for target_dir in _subdirs(config_dir):
-                if not _is_protocol_target(protocol, target_dir.name):
+                if not _is_protocol_target(protocol, target_dir.name, source):
                     continue
                 for seed, path in _seeds(target_dir):
                     yield SeedDir(protocol, trainer_dir.name, config, target_dir.name, ROLE_TARGET, shots, seed, path)
 
 
-def discover(root: str | Path, protocol: str) -> list[SeedDir]:
-    """Every seed folder of ``protocol`` under the output root."""
+def discover(root: str | Path, protocol: str, source: str = XD_SOURCE) -> list[SeedDir]:
+    """Every seed folder of ``protocol`` under the output root (xd/dg: trained on ``source``)."""
     check_protocol(protocol)
     root = Path(root)
-    found = _discover_base2new(root) if protocol == "base2new" else _discover_transfer(root, protocol)
+    found = _discover_base2new(root) if protocol == "base2new" else _discover_transfer(root, protocol, source)
     return list(found)
 
 
 def seed_dir_path(
-    root: str | Path, protocol: str, trainer: str, config: str, dataset: str, role: str, shots: int, seed: int
+    root: str | Path, protocol: str, trainer: str, config: str, dataset: str, role: str, shots: int, seed: int,
+    source: str = XD_SOURCE,
 ) -> Path:
     """Where the seed folder of one run lives (whether or not it exists)."""
     root = Path(root)
@@ -125,12 +126,13 @@ def seed_dir_path(
         role_dir = base2new_dir(root) / BASE2NEW_ROLE_DIRS[role]
         return role_dir / dataset / f"{SHOTS_DIR_PREFIX}{shots}" / trainer / config / seed_name
     config_name = f"{config}_{shots}{XD_CONFIG_SUFFIX}"
+    train_dir, eval_dir = transfer_dirs(source)
     if role == ROLE_SOURCE:
-        return root / XD_TRAIN_DIR / trainer / config_name / seed_name
-    return root / XD_EVAL_DIR / trainer / config_name / dataset / seed_name
+        return root / train_dir / trainer / config_name / seed_name
+    return root / eval_dir / trainer / config_name / dataset / seed_name
 
 
-def search_patterns(root: str | Path, protocol: str) -> list[str]:
+def search_patterns(root: str | Path, protocol: str, source: str = XD_SOURCE) -> list[str]:
     """The folder patterns searched for ``protocol``, for messages."""
     check_protocol(protocol)
     root = Path(root)
@@ -141,9 +143,10 @@ def search_patterns(root: str | Path, protocol: str) -> list[str]:
                 / f"{SEED_DIR_PREFIX}<S>")
             for role_dir in BASE2NEW_ROLE_DIRS.values()
         ]
-    targets = "<" + "|".join(DG_TARGETS) + ">" if protocol == "dg" else "<target>"
+    targets = "<" + "|".join(DG_TARGETS_BY_SOURCE.get(source, ())) + ">" if protocol == "dg" else "<target>"
     config_name = f"<cfg>_<K>{XD_CONFIG_SUFFIX}"
+    train_dir, eval_dir = transfer_dirs(source)
     return [
-        str(root / XD_TRAIN_DIR / "<Trainer>" / config_name / f"{SEED_DIR_PREFIX}<S>"),
-        str(root / XD_EVAL_DIR / "<Trainer>" / config_name / targets / f"{SEED_DIR_PREFIX}<S>"),
+        str(root / train_dir / "<Trainer>" / config_name / f"{SEED_DIR_PREFIX}<S>"),
+        str(root / eval_dir / "<Trainer>" / config_name / targets / f"{SEED_DIR_PREFIX}<S>"),
     ]

@@ -20,6 +20,7 @@ from .constants import (
     ROLE_SOURCE,
     ROLE_SUBSET,
     TRAINER_ALIASES,
+    XD_SOURCE,
 )
 from .layout import SeedDir, discover
 from .record import read_record
@@ -244,8 +245,10 @@ def collect(
     datasets: Sequence[str] | None = None,
     shots: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
+    source: str = XD_SOURCE,
 ) -> list[Result]:
-    """One Result per seed folder of ``protocol`` under ``root`` that passes the filters.
+    """One Result per seed folder of ``protocol`` under ``root`` that passes the filters
+    (cross-dataset / DG: runs trained on ``source``).
 
     Trainers match case-insensitively, through the CLI aliases. The source dataset of cross-dataset
     and domain-generalisation runs is kept whatever ``datasets`` says (it filters the targets).
@@ -253,7 +256,7 @@ def collect(
     wanted_trainers = None if trainers is None else [canonical_trainer(t) for t in trainers] + list(trainers)
     selected = [
         seed
-        for seed in discover(root, protocol)
+        for seed in discover(root, protocol, source)
         if _matches(seed.trainer, wanted_trainers, fold_case=True)
         and _matches(seed.config, configs, fold_case=False)
         and (seed.role == ROLE_SOURCE or _matches(seed.dataset, datasets, fold_case=False))

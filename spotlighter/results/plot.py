@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .constants import PLOT_HINT
+from .stats import Stat
 from .tables import Chart, Table
 
 PNG_SUFFIX = ".png"
 BAR_GROUP_WIDTH = 0.8
 PANEL_SIZE_IN = (10.0, 3.2)  # width and height of one panel, inches
 DPI = 100
+ZOOM_MARGIN = 0.12  # share of the data's span added below and above it on the value axis
+VALUE_FONT_SIZE = 7
 
 
 class PlotUnavailable(RuntimeError):
@@ -39,24 +42,74 @@ def plot_paths(target: str | Path, tables: Sequence[Table]) -> list[Path]:
     return [target.with_name(f"{target.stem}_{t.shots}shots{PNG_SUFFIX}") for t in tables]
 
 
-def draw_chart(chart: Chart, path: str | Path) -> Path:
-    """Grouped bars (one group per category, one bar per series, sample std as error bars)."""
+def _delta_series(series: dict[str, list[Stat]], reference: str) -> dict[str, list[Stat]] | None:
+    """Each series minus the ``reference`` series' means (its own std kept); None without reference."""
+    ref = next((v for k, v in series.items() if k == reference or k.startswith(reference + " (")), None)
+    if ref is None:
+        return None
+    out = {}
+    for label, stats in series.items():
+        if stats is ref:
+            continue
+        out[label] = [Stat(s.mean - r.mean, s.std, s.n) if s.ok and r.ok else Stat(None, None, 0)
+                      for s, r in zip(stats, ref, strict=True)]
+    return out
+
+
+def value_limits(series: dict[str, list[Stat]], deltas: bool) -> tuple[float, float]:
+    """A value axis zoomed to the bars and their error bars (so 1-2 point gaps are visible); deltas
+    always include 0."""
+    lows, highs = [], []
+    for stats in series.values():
+        for s in stats:
+            if s.ok:
+                err = s.std or 0.0
+                lows.append(s.mean - err)  # type: ignore[operator]
+                highs.append(s.mean + err)  # type: ignore[operator]
+    if not lows:
+        return (0.0, 1.0)
+    lo, hi = min(lows), max(highs)
+    if deltas:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    span = max(hi - lo, 1.0)
+    lo, hi = lo - ZOOM_MARGIN * span, hi + ZOOM_MARGIN * span
+    if not deltas:
+        lo, hi = max(lo, 0.0), min(hi, 100.0 + ZOOM_MARGIN * span)
+    return lo, hi
+
+
+def draw_chart(chart: Chart, path: str | Path, deltas_to: str | None = None) -> Path:
+    """Grouped bars (one group per category, one bar per series) with mean ± sample std error bars and
+    the value on each bar, on a value axis zoomed to the data; with ``deltas_to`` (a trainer, e.g.
+    ZeroshotCLIP) each bar is the difference to that trainer's mean instead."""
     figure = figure_class()(figsize=(PANEL_SIZE_IN[0], PANEL_SIZE_IN[1] * len(chart.panels)), dpi=DPI)
     positions = range(len(chart.categories))
     for i, (panel, series) in enumerate(chart.panels.items()):
         axes = figure.add_subplot(len(chart.panels), 1, i + 1)
-        width = BAR_GROUP_WIDTH / max(len(series), 1)
-        for j, (label, stats) in enumerate(series.items()):
+        shown = _delta_series(series, deltas_to) if deltas_to else None
+        deltas = shown is not None
+        shown = shown if deltas else series
+        width = BAR_GROUP_WIDTH / max(len(shown), 1)
+        for j, (label, stats) in enumerate(shown.items()):
             heights = [s.mean if s.mean is not None else math.nan for s in stats]
             errors = [s.std if s.std is not None else 0.0 for s in stats]
             offsets = [p - BAR_GROUP_WIDTH / 2 + (j + 0.5) * width for p in positions]
-            axes.bar(offsets, heights, width, yerr=errors, label=label, capsize=2)
-        axes.set_ylabel(f"{panel} (%)")
+            bars = axes.bar(offsets, heights, width, yerr=errors, label=label, capsize=2)
+            fmt = "%+.1f" if deltas else "%.1f"
+            axes.bar_label(bars, labels=["" if math.isnan(h) else fmt % h for h in heights],
+                           fontsize=VALUE_FONT_SIZE, padding=2)
+        axes.set_ylim(*value_limits(shown, deltas))
+        if deltas:
+            axes.axhline(0.0, color="black", linewidth=0.8)
+            axes.set_ylabel(f"{panel}: Δ to {deltas_to} (points)")
+        else:
+            axes.set_ylabel(f"{panel} (%)")
         axes.set_xticks(list(positions))
         axes.set_xticklabels(chart.categories, rotation=30, ha="right", fontsize="small")
         if i == 0:  # one legend, outside the bars
             axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.suptitle(chart.title)
+    figure.suptitle(chart.title + ("" if not deltas_to else f" — difference to {deltas_to}")
+                    + "; error bars: sample std over seeds")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +117,7 @@ def draw_chart(chart: Chart, path: str | Path) -> Path:
     return path
 
 
-def plot_tables(target: str | Path, tables: Sequence[Table]) -> list[Path]:
+def plot_tables(target: str | Path, tables: Sequence[Table], deltas_to: str | None = None) -> list[Path]:
     """Write one PNG per table; return their paths."""
-    return [draw_chart(t.chart, p) for t, p in zip(tables, plot_paths(target, tables), strict=True) if t.chart]
+    return [draw_chart(t.chart, p, deltas_to) for t, p in zip(tables, plot_paths(target, tables), strict=True)
+            if t.chart]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 from .constants import (
     BASE2NEW_DATASETS,
     DECIMALS,
-    DG_TARGETS,
+    DG_TARGETS_BY_SOURCE,
     MISSING_MARK,
     PROTOCOL_TITLES,
     PUBLISHED_METHOD_FOR_TRAINER,
@@ -24,7 +25,7 @@ from .constants import (
     SEED_DIR_PREFIX,
     TRAINER_ORDER,
     XD_SOURCE,
-    XD_TARGETS,
+    XD_TARGETS_BY_SOURCE,
 )
 from .layout import check_protocol, seed_dir_path
 from .parse import Result
@@ -132,8 +133,9 @@ class _Index:
     """Results of one shot count, looked up by method, dataset, role and seed."""
 
     def __init__(self, results: Sequence[Result], root: str | Path, protocol: str, shots: int,
-                 seeds: Sequence[int] | None) -> None:
-        self.root, self.protocol, self.shots = root, protocol, shots
+                 seeds: Sequence[int] | None, source: str = XD_SOURCE) -> None:
+        self.root, self.protocol, self.shots, self.source = root, protocol, shots, source
+        self.totals: list[tuple[float, int]] = []  # (accuracy, test images) of every result read
         self.runs: dict[tuple[Method, str, str], dict[int, Result]] = defaultdict(dict)
         found_seeds: dict[Method, set[int]] = defaultdict(set)
         for r in results:
@@ -141,6 +143,8 @@ class _Index:
                 continue
             method = Method(r.trainer, r.config)
             self.runs[(method, r.dataset, r.role)][r.seed] = r
+            if r.accuracy is not None and r.total:
+                self.totals.append((r.accuracy, r.total))
             found_seeds[method].add(r.seed)
         self.expected = {m: sorted(seeds) if seeds else sorted(s) for m, s in found_seeds.items()}
 
@@ -156,12 +160,12 @@ class _Index:
         absent = [s for s in self.expected.get(method, []) if s not in runs]
         if absent and not runs:
             pattern = seed_dir_path(self.root, self.protocol, method.trainer, method.config, "<dataset>", role,
-                                    self.shots, 0).parent / f"{SEED_DIR_PREFIX}<S>"
+                                    self.shots, 0, self.source).parent / f"{SEED_DIR_PREFIX}<S>"
             refs.append(notes.add(f"{method.trainer}/{method.config} {role}: no run folder for this dataset "
                                   f"(searched {pattern})"))
         elif absent:
             path = seed_dir_path(self.root, self.protocol, method.trainer, method.config, dataset, role,
-                                 self.shots, absent[0]).parent
+                                 self.shots, absent[0], self.source).parent
             seeds = ", ".join(map(str, absent))
             plural = "s" if len(absent) > 1 else ""
             refs.append(notes.add(f"{where}: seed{plural} {seeds} missing (no folder in {path})"))
@@ -172,10 +176,27 @@ class _Index:
         return ", ".join(map(str, seeds)) + ("" if given else " (as found)")
 
 
+def standard_error(accuracy: float, total: int) -> float:
+    """Binomial standard error (percent points) of one accuracy measured on ``total`` test images."""
+    p = min(max(accuracy / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / total)
+
+
+def se_text(index: _Index) -> str:
+    """The standard error of one accuracy of the table (its largest, and the test-set sizes), or ''."""
+    if not index.totals:
+        return ""
+    worst = max(standard_error(a, n) for a, n in index.totals)
+    sizes = sorted({n for _, n in index.totals})
+    size = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,}"
+    return (f" · standard error of one accuracy ≤ {worst:.2f} points (binomial, √(p(1−p)/n), "
+            f"n = {size} test images)")
+
+
 def _meta(root: str | Path, shots: int, index: _Index, given_seeds: bool) -> str:
     return (
         f"root: `{root}` · shots: {shots} · seeds: {index.seeds_text(given_seeds)} · "
-        "cells: mean ± sample std over seeds (seed count)"
+        "cells: mean ± sample std over seeds (seed count)" + se_text(index)
     )
 
 
@@ -321,7 +342,10 @@ def base2new_table(
         (r.dataset for r in results if r.shots == shots), BASE2NEW_DATASETS)
     labels = method_labels(methods)
     mapping, only = resolve_published_methods(published, methods, published_methods) if published else ({}, [])
-    with_pub = published is not None and (any(m.trainer in mapping for m in methods) or bool(only))
+    # Pub./Δ columns only when some shown dataset has a published number (none for e.g. MiniBench).
+    with_pub = published is not None and (
+        any(published.get(mapping[m.trainer], d) for m in methods if m.trainer in mapping for d in shown)
+        or any(published.get(method, d) for method in only for d in shown))
     layout = _B2NLayout(shots, any(labels[m] != m.trainer for m in methods), with_pub)
     notes = Notes()
     computed = {(m, d): _b2n_row(index, m, d, notes) for m in methods for d in shown}
@@ -344,7 +368,8 @@ def base2new_table(
                        (None, None, None), None, None, {"dataset": dataset, "notes": "published numbers only"})
 
     averages: dict[Method, list[Stat]] = {}
-    for m in methods:
+    with_average = len(shown) > 1  # an average over one dataset repeats its row
+    for m in methods if with_average else ():
         covered = [d for d in shown if computed[(m, d)].complete]
         excluded = [d for d in shown if d not in covered]
         refs = (notes.add(f"{labels[m]} average: HM(mean Base, mean New) over complete datasets only; "
@@ -358,7 +383,7 @@ def base2new_table(
                   **{f"{k}_mean": _round(v) for k, v in zip(METRICS, values, strict=True)}}
         layout.add(f"Average ({len(covered)} of {len(shown)} datasets)", m, [Cell(v, refs) for v in values], values,
                    pub_method, pub, record)
-    for method in only:
+    for method in only if with_average else ():
         have = [d for d in shown if pub_of(method, d)]
         pub = published.average(method, have) if published and have else None
         layout.add(f"Average ({len(have)} of {len(shown)} datasets)", Method(f"{method} (published)", MISSING_MARK),
@@ -367,12 +392,13 @@ def base2new_table(
 
     title = f"{PROTOCOL_TITLES['base2new']} ({shots} shots)"
     panels = {
-        label: {labels[m]: [computed[(m, d)].stats[i] for d in shown] + [averages[m][i]] for m in methods}
+        label: {labels[m]: [computed[(m, d)].stats[i] for d in shown] + ([averages[m][i]] if with_average else [])
+                for m in methods}
         for i, label in enumerate(METRIC_LABELS)
     }
     meta = _meta(root, shots, index, seeds is not None) + (PUBLISHED_NOTE if with_pub else "")
     return Table("base2new", shots, title, meta, layout.columns, layout.rows, notes.texts, layout.records,
-                 Chart(title, shown + ["Average"], panels))
+                 Chart(title, shown + (["Average"] if with_average else []), panels))
 
 
 # ----------------------------------------------------------------------------- cross-dataset, DG
@@ -390,23 +416,25 @@ def transfer_table(
     shots: int | None = None,
     seeds: Sequence[int] | None = None,
     datasets: Sequence[str] | None = None,
+    source: str = XD_SOURCE,
 ) -> Table:
-    """Source ImageNet, each target, and the average over complete targets; one column per method."""
+    """The source (ImageNet unless ``source``), each target, and the average over complete targets
+    (when there are several); one column per method."""
     check_protocol(protocol)
     if protocol == "base2new":
         raise ValueError("transfer_table is for 'xd' and 'dg'; use base2new_table")
     shots = _single_shots(results, shots)
-    index = _Index(results, root, protocol, shots, seeds)
+    index = _Index(results, root, protocol, shots, seeds, source)
     methods = [m for m in methods_of(results) if m in index.expected]
     labels = method_labels(methods)
-    canonical = DG_TARGETS if protocol == "dg" else XD_TARGETS
-    targets = [d for d in datasets if d != XD_SOURCE] if datasets else ordered_datasets(
+    canonical = (DG_TARGETS_BY_SOURCE if protocol == "dg" else XD_TARGETS_BY_SOURCE).get(source, ())
+    targets = [d for d in datasets if d != source] if datasets else ordered_datasets(
         (r.dataset for r in results if r.role == ROLE_TARGET and r.shots == shots), canonical)
     notes, records = Notes(), []
     stats: dict[tuple[Method, str], Stat] = {}
     complete: dict[tuple[Method, str], bool] = {}
     rows: list[list[Cell]] = []
-    for dataset, role in [(XD_SOURCE, ROLE_SOURCE)] + [(t, ROLE_TARGET) for t in targets]:
+    for dataset, role in [(source, ROLE_SOURCE)] + [(t, ROLE_TARGET) for t in targets]:
         row = [Cell(f"{dataset} (source)" if role == ROLE_SOURCE else dataset)]
         for m in methods:
             values, refs = index.values(m, dataset, role, notes)
@@ -430,10 +458,14 @@ def transfer_table(
         records.append({"dataset": "average", "role": "average", "acc_mean": _round(mean), "acc_std": None,
                         "acc_n": None, "complete": not excluded, "notes": _join(notes, refs),
                         **_method_fields(protocol, shots, m, index)})
-    rows.append(average_row)
-    title = f"{PROTOCOL_TITLES[protocol]} ({shots} shots)"
-    categories = [XD_SOURCE] + targets + ["Average"]
-    series = {labels[m]: [stats[(m, d)] for d in [XD_SOURCE] + targets] + [average_stats[i]]
+    with_average = len(targets) > 1  # an average over one target repeats its row
+    if with_average:
+        rows.append(average_row)
+    else:
+        records = [r for r in records if r["dataset"] != "average"]
+    title = f"{PROTOCOL_TITLES[protocol]} ({shots} shots{'' if source == XD_SOURCE else ', source ' + source})"
+    categories = [source] + targets + (["Average"] if with_average else [])
+    series = {labels[m]: [stats[(m, d)] for d in [source] + targets] + ([average_stats[i]] if with_average else [])
               for i, m in enumerate(methods)}
     return Table(protocol, shots, title, _meta(root, shots, index, seeds is not None),
                  ["Dataset"] + [labels[m] for m in methods], rows, notes.texts, records,
@@ -454,8 +486,9 @@ def build_tables(
     datasets: Sequence[str] | None = None,
     published: Published | None = None,
     published_methods: Sequence[str] = (),
+    source: str = XD_SOURCE,
 ) -> list[Table]:
-    """One table per shot count found in ``results``."""
+    """One table per shot count found in ``results`` (xd/dg: runs trained on ``source``)."""
     check_protocol(protocol)
     tables = []
     for shots in sorted({r.shots for r in results}):
@@ -463,7 +496,8 @@ def build_tables(
             tables.append(base2new_table(results, root=root, shots=shots, seeds=seeds, datasets=datasets,
                                          published=published, published_methods=published_methods))
         else:
-            tables.append(transfer_table(results, protocol, root=root, shots=shots, seeds=seeds, datasets=datasets))
+            tables.append(transfer_table(results, protocol, root=root, shots=shots, seeds=seeds, datasets=datasets,
+                                         source=source))
     return tables
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from .. import registry
 from ..results.constants import (BASE2NEW_DIR, BASE2NEW_ROLE_DIRS, FINISH_SIGNAL, LOG_FILE, RESULT_FILE,
                                  ROLE_BASE, ROLE_NEW, SEED_DIR_PREFIX, SHOTS_DIR_PREFIX, XD_CONFIG_SUFFIX,
-                                 XD_EVAL_DIR, XD_EVAL_DIR_FROM)
+                                 transfer_dirs)
 from ..runlock import lock_holder
 
 #: The trailing KEY VALUE options a job ran with: a finished job is only skipped when they match.
@@ -112,8 +112,7 @@ def source_dir(s: Settings, seed: int) -> str:
 
 
 def eval_root(s: Settings) -> str:
-    root = XD_EVAL_DIR if s.source == registry.DEFAULT_SOURCE else XD_EVAL_DIR_FROM.format(source=s.source)
-    return _join(s.output, root, s.trainer, f"{s.cfg}_{s.shots}{XD_CONFIG_SUFFIX}")
+    return _join(s.output, transfer_dirs(s.source)[1], s.trainer, f"{s.cfg}_{s.shots}{XD_CONFIG_SUFFIX}")
 
 
 def base2new_dir(s: Settings, role: str, seed: int) -> str:
