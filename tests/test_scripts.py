@@ -286,7 +286,7 @@ def test_xd_dry_run(env):
 
 def test_minibench_source_uses_its_registered_targets(env):
     """SOURCE=minibench: xd.sh and dg.sh default to MiniBench's generated targets (from
-    spotlighter.registry), which need no folder under $DATA; another source without targets is an error."""
+    spotlighter.registry), which need no folder under $DATA; a source without registered targets is an error naming the valid ones."""
     from spotlighter import registry
 
     r = env.run("xd.sh", "coop", 16, DRY_RUN=1, SEEDS="1", SOURCE="minibench")
@@ -302,7 +302,7 @@ def test_minibench_source_uses_its_registered_targets(env):
     targets = [c.split("configs/datasets/")[1].split(".yaml")[0] for c in commands(r.stdout)]
     assert targets == list(registry.dg_targets("minibench"))
     r = env.run("dg.sh", "coop", 16, DRY_RUN=1, SEEDS="1", SOURCE="caltech101")
-    assert r.returncode == 2 and "set DATASETS" in r.stderr
+    assert r.returncode == 2 and "Valid datasets for SOURCE: imagenet minibench" in r.stderr
 
 
 def test_dg_dry_run_and_missing_checkpoint(env):
