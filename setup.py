@@ -17,10 +17,10 @@ setup(
         "Pillow",
         "yacs",
         "filelock",
-        # Not imported by this project: import-time dependencies of upstream Dassl
-        # (dassl.data.data_manager, dassl.engine.trainer), which the README installs with --no-deps.
+        "tqdm",  # check_data.py's progress bar; also imported by upstream Dassl
+        # Not imported by this project: an import-time dependency of upstream Dassl
+        # (dassl.engine.trainer), which the README installs with --no-deps.
         "tabulate",
-        "tqdm",
         "ftfy",
         "regex",
         "clip-anytorch>=2.6",
