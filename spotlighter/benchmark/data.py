@@ -491,14 +491,21 @@ def _draw_object(name: str, S: int, cx: float, cy: float, r: float, rng: np.rand
     return m1, m2
 
 
-def render_object(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
-    """One drawn object of ``OBJECT_CLASSNAMES[label]`` (random colours, rotation, size, place)."""
+def _cluttered_canvas(rng: np.random.Generator, params: Optional[dict]):
+    """The background and clutter every object/glyph image starts from, at ``ss``x supersampling:
+    (render params, image, ss, supersampled side S, colour jitter)."""
     p = _params(OBJECT_RENDER, params)
     size, ss = int(p["image_size"]), 2
     S = size * ss
     jit = float(p["colour_jitter"])
     img = _canvas(rng, size, ss, p["background"])
     _clutter(ImageDraw.Draw(img), rng, p["num_clutter"], S, ss, jit)
+    return p, img, ss, S, jit
+
+
+def render_object(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
+    """One drawn object of ``OBJECT_CLASSNAMES[label]`` (random colours, rotation, size, place)."""
+    p, img, ss, S, jit = _cluttered_canvas(rng, params)
     r = rng.uniform(p["target_size"][0], p["target_size"][1]) * ss / 2
     cx = rng.uniform(r + ss, S - r - ss)
     cy = rng.uniform(r + ss, S - r - ss)
@@ -515,12 +522,7 @@ def render_object(label: int, rng: np.random.Generator, params: Optional[dict] =
 
 def render_glyph(label: int, rng: np.random.Generator, params: Optional[dict] = None) -> Image.Image:
     """One letter ``GLYPHS[label]`` in Pillow's bundled font (random colour, size, tilt, place)."""
-    p = _params(OBJECT_RENDER, params)
-    size, ss = int(p["image_size"]), 2
-    S = size * ss
-    jit = float(p["colour_jitter"])
-    img = _canvas(rng, size, ss, p["background"])
-    _clutter(ImageDraw.Draw(img), rng, p["num_clutter"], S, ss, jit)
+    p, img, ss, S, jit = _cluttered_canvas(rng, params)
     px = int(rng.uniform(p["target_size"][0], p["target_size"][1]) * ss)
     font = _font(px)
     mask = Image.new("L", (S, S), 0)
