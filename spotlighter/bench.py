@@ -14,9 +14,10 @@ dropping, MODEL.PRUNE), on one device and precision, with random weights of the 
 * trainable scalars and checkpoint size (trained state + class prototypes + SGD momentum, as the
   trainers save it, at ``--classes`` classes).
 
-Repetitions are interleaved (rep 1 of every model, then rep 2, ...), so a noisy machine slows all
-models alike; each rep's ratio is taken within the rep (eval: to zero-shot CLIP; training: to CoOp)
-and the table shows the median and the min-max of the reps. ``--json`` writes every figure.
+Repetitions are interleaved (rep 1 of every model, then rep 2, ...; each rep starts one model later,
+so every model is timed first equally often), so a noisy machine slows all models alike; each rep's
+ratio is taken within the rep (eval: to zero-shot CLIP; training: to CoOp) and the table shows the
+median and the min-max of the reps. ``--json`` writes every figure.
 """
 
 from __future__ import annotations
@@ -383,8 +384,8 @@ def main(argv=None) -> int:
         runners[e.name].eval_step()
         if runners[e.name].train_model is not None:
             runners[e.name].train_step()
-    for _ in range(args.reps):
-        for e in rows:
+    for rep in range(args.reps):
+        for e in rep_order(rows, rep):
             r = runners[e.name]
             if r.do_eval:
                 e.eval_times.append(timed(r.eval_step, device))
@@ -405,6 +406,14 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+def rep_order(rows: Sequence, rep: int) -> list:
+    """The models in the order repetition ``rep`` times them: rotated by one per repetition, so each
+    model is first (and last) equally often and a machine whose load drifts during a repetition
+    does not always favour the models timed late in it."""
+    k = rep % len(rows) if rows else 0
+    return list(rows[k:]) + list(rows[:k])
 
 
 def make_report(args, rows: List[Entry]) -> dict:

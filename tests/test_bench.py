@@ -56,6 +56,16 @@ def test_report_ratios_are_taken_within_each_rep():
     assert rows["coop"]["train_ratio_to_coop"]["median"] == 1.0 and "train_step_s" not in rows["zsclip"]
 
 
+def test_each_rep_starts_one_model_later():
+    rows = ["zsclip", "coop", "paper"]
+    orders = [bench.rep_order(rows, k) for k in range(4)]
+    assert orders == [["zsclip", "coop", "paper"], ["coop", "paper", "zsclip"],
+                      ["paper", "zsclip", "coop"], ["zsclip", "coop", "paper"]]
+    firsts = [o[0] for o in orders[:3]]
+    assert sorted(firsts) == sorted(rows)  # every model is timed first once per len(rows) reps
+    assert bench.rep_order([], 2) == []
+
+
 def test_shipped_prune_config_is_the_benchmarked_setting():
     with open(os.path.join(ROOT, "configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml")) as f:
         prune = yaml.safe_load(f)["MODEL"]["PRUNE"]
