@@ -161,3 +161,29 @@ def test_caption_bank_covers_every_vocabulary():
     concepts = pretrain.sample_concepts(rng, 4000, p, bank)
     share = (concepts < data.NUM_CLASSES).mean()
     assert abs(share - p["scene_share"]) < 0.03 and len(set(concepts.tolist())) == len(bank.concepts)
+
+
+def test_calibrate_coop_proxy_starts_from_zero_shot(tiny):
+    """The calibration probe: with lr 0 the CoOp proxy (context 'a photo of a') is the zero-shot
+    classifier, so its accuracies equal zero-shot's exactly; zero-shot matches pretrain's own."""
+    from spotlighter.benchmark.calibrate import coop_proxy
+
+    ddir, path, meta = tiny
+    still = coop_proxy(path, ddir, shots=1, seed=1, epochs=2, lr=0.0, n_ctx=4, ctx_init="a photo of a")
+    assert (still["coop_base"], still["coop_new"]) == (still["zs_base"], still["zs_new"])
+    z = pretrain.zeroshot_accuracy(pretrain.load_clip(path), ddir)
+    assert (still["zs_base"], still["zs_new"]) == (z["base"], z["new"])
+    assert still["chance"] == round(100 / data.NUM_BASE, 2) and still["num_test"] == 2 * data.NUM_CLASSES
+    moved = coop_proxy(path, ddir, shots=1, seed=1, epochs=3, lr=5.0, n_ctx=2, ctx_init="")
+    assert set(moved) == set(still)
+    assert 0.0 <= moved["coop_base"] <= 100.0 and 0.0 <= moved["probe_base"] <= 100.0
+
+
+def test_calibrate_cli_prints_the_headroom_line(tiny, capsys):
+    ddir, path, _ = tiny
+    root = os.path.dirname(ddir)
+    assert cli.main(["calibrate", "--root", root, "--weights", path, "--shots", "1", "--seeds", "1,2",
+                     "--epochs", "2", "--lr", "0", "--n-ctx", "4", "--ctx-init", "a photo of a"]) == 0
+    out = capsys.readouterr().out
+    assert out.count('"zs_base"') == 3  # one line per seed + the mean
+    assert "CoOp base - ZS base = +0.00; CoOp new - ZS new = +0.00" in out

@@ -104,6 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cp.add_argument("--epochs", type=int, default=10)
     cp.add_argument("--lr", type=float, default=0.01)
     cp.add_argument("--n-ctx", type=int, default=4)
+    cp.add_argument("--ctx-init", default="a photo of a",
+                    help="CoOp proxy context initialisation ('' = random, CoOp's own default with --n-ctx 16)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
 
@@ -141,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .calibrate import coop_proxy
 
         rows = [coop_proxy(weights, ddir, shots=args.shots, seed=int(s), epochs=args.epochs, lr=args.lr,
-                           n_ctx=args.n_ctx) for s in args.seeds.split(",")]
+                           n_ctx=args.n_ctx, ctx_init=args.ctx_init) for s in args.seeds.split(",")]
         keys = [k for k in rows[0] if k not in ("num_test",)]
         for r in rows:
             print(json.dumps(r))
