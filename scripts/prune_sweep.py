@@ -24,7 +24,8 @@ sys.path.insert(0, REPO)
 from spotlighter.results.parse import collect  # noqa: E402
 from spotlighter.results.stats import harmonic_mean, summarize  # noqa: E402
 
-DEFAULT_SETTINGS = ["none", "1:0.5", "1:0.25", "2:0.5", "2:0.25", "2:0.125", "1,2:0.5"]
+DEFAULT_SETTINGS = ["none", "2:0.875", "2:0.75", "2:0.5", "2:0.25", "2:0.2", "1:0.875", "1:0.75", "1:0.5", "1,2:0.7",
+                    "1,2:0.6"]
 DEFAULT_RUNS = ["spotlighter:minibench_ep10_paper", "zsclip:minibench"]
 SHOTS = 16
 DATASET = "minibench"
