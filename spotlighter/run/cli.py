@@ -3,6 +3,7 @@
     python -m spotlighter.run base2new TRAINER DATASET SHOTS [KEY VALUE ...]
     python -m spotlighter.run xd TRAINER SHOTS [KEY VALUE ...]
     python -m spotlighter.run dg TRAINER SHOTS [KEY VALUE ...]
+    python -m spotlighter.run demo [KEY VALUE ...]          # all three protocols on MiniBench (demo --help)
     python -m spotlighter.run status PROTOCOL ARGS...     # done / running / queued / failed, ETA
     python -m spotlighter.run job SPEC.json                 # one job (what a SLURM job runs)
 
@@ -20,6 +21,9 @@ Environment (all optional except DATA):
   LAUNCHER   local (default) | slurm
   JOBS=N     local: run N jobs at a time (default 1, or one per GPUS entry)
   GPUS="0 1" local: one job per listed device at a time, each with its own CUDA_VISIBLE_DEVICES
+  RUNNER_FORK=0  local: start every job as a fresh interpreter; by default, when PYTHON is this
+             runner's interpreter, jobs are forked from a server that imported torch and Dassl once
+             (spotlighter/run/fast.py)
   SLURM_PARTITION SLURM_ACCOUNT SLURM_TIME SLURM_GPUS_PER_JOB SLURM_CPUS_PER_JOB SLURM_MEM_PER_JOB
   SLURM_EXTRA SLURM_CONFIG   slurm: sbatch options (see spotlighter/run/slurm.py)
 Relative DATA and OUTPUT are relative to the directory the command is called from.

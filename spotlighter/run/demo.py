@@ -167,9 +167,10 @@ def table_commands(p: Plan, python: Sequence[str], output: str, seeds: Sequence[
 class Clock:
     """Per-protocol wall time (first job start to last outcome) and the '== protocol' lines."""
 
-    def __init__(self, p: Plan, say):
+    def __init__(self, p: Plan, say, known: Dict[str, Outcome]):
         self.p, self.say = p, say
-        self.left = {proto: len(p.jobs_of(proto)) for proto in p.protocols}
+        # jobs decided before the run (FORCE=1 found their folder locked) get no outcome call
+        self.left = {proto: len([j for j in p.jobs_of(proto) if j.dir not in known]) for proto in p.protocols}
         self.first: Dict[str, float] = {}
         self.last: Dict[str, float] = {}
 
@@ -274,7 +275,7 @@ def run_demo(args: Sequence[str], env: Dict[str, str], cwd: str) -> int:
     say(f"each job's output: <its folder>/{RUN_LOG.format(ts=s0.ts)} (Dassl's log.txt beside it)")
     known = force_aside(p.jobs, lambda job: p.settings_of[job.dir], say) if s0.force else {}
     starter = job_starter(s0, env, say)
-    clock = Clock(p, say)
+    clock = Clock(p, say, known)
     outcomes = run_local(p.jobs, s0, say, slots=slots, gpus=gpus, known=known, start=starter, echo=False,
                          settings_of=lambda job: p.settings_of[job.dir], on_start=clock.started,
                          on_outcome=clock.outcome)
