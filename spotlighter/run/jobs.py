@@ -320,9 +320,9 @@ def write_line(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
-def popen(cmd: Sequence[str], env: Dict[str, str], cwd: Optional[str] = None) -> subprocess.Popen:
+def popen(cmd: Sequence[str], env: Dict[str, str]) -> subprocess.Popen:
     """The default way to start a job: a fresh interpreter, stdout and stderr on one pipe."""
-    return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
 def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True,

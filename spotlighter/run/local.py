@@ -4,6 +4,8 @@ An evaluation starts when the training it loads has finished; a job whose traini
 refused or runs elsewhere is not started (and says why). With more than one slot each job's output
 goes to its run log only (``<dir>/run-<time>.log``) and each device's jobs get
 ``CUDA_VISIBLE_DEVICES`` in their own environment; the runner's environment is never changed.
+How a job's process starts is the caller's choice (``start``): a fresh ``PYTHON train.py ...``
+process, or a child of spotlighter.run.fast's pre-imported fork server (cli.job_starter).
 """
 
 from __future__ import annotations
