@@ -130,6 +130,8 @@ if os.environ.get("STUB_RACE") and os.environ["STUB_RACE"] in out:  # another pr
 def forked_env(env):  # noqa: F811
     """The throwaway repository with a train.py that imitates the trainer (the stub's logic)."""
     body = STUB.format(python=sys.executable).replace("argv = sys.argv[1:]", "argv = sys.argv[:]")
+    body = body.replace("import json, os, sys\n", "import json, os, sys\nif os.environ.get('STUB_STARTED'):\n"
+                        "    open(os.environ['STUB_STARTED'], 'w').write(str(os.getpid()))\n", 1)
     body = body.replace("out = args[\"--output-dir\"]\n", "out = args[\"--output-dir\"]\n" + RACE)
     with open(os.path.join(env.repo, "train.py"), "w") as f:
         f.write(body)
@@ -189,17 +191,16 @@ def test_ctrl_c_stops_the_runner_and_its_forked_jobs(forked_env):
     e = forked_env
     environ = {k: v for k, v in os.environ.items() if k not in ("OUTPUT", "SEEDS", "CFG", "PYTHON")}
     environ.update(DATA=e.data, STUB_CALLS=str(e.tmp / "calls.jsonl"), STUB_NO_RESULTS="1", SEEDS="1",
-                   PYTHON=e.python, STUB_SLEEP="60")
+                   PYTHON=e.python, STUB_SLEEP="60", STUB_STARTED=str(e.tmp / "started"))
     proc = subprocess.Popen(["bash", os.path.join(e.repo, "scripts", "base2new.sh"), "coop", "dtd", "16"],
                             cwd=e.cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    tr = os.path.join(e.out, "base2new", "train_base", "dtd", "shots_16", "CoOp", "vit_b16_ep20_ctx4", "seed1")
-    import glob
+    started = e.tmp / "started"  # written by the job's train.py once it runs (then it sleeps 60 s)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not glob.glob(os.path.join(tr, "run-*.log")):
+    while time.monotonic() < deadline and not started.exists():
         time.sleep(0.2)
-    assert glob.glob(os.path.join(tr, "run-*.log")), "the job did not start"
-    time.sleep(2)  # the job's process is running (it sleeps STUB_SLEEP seconds)
+    assert started.exists(), "the job did not start"
+    job_pid = int(started.read_text())
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
@@ -213,5 +214,7 @@ def test_ctrl_c_stops_the_runner_and_its_forked_jobs(forked_env):
         time.sleep(0.2)
     else:
         pytest.fail("processes of the interrupted run are still alive")
+    with pytest.raises(ProcessLookupError):
+        os.kill(job_pid, 0)  # the job itself ended with the runner
     again = e.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=e.python)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -128,6 +128,9 @@ class ForkLauncher:
             process.start()
         finally:
             writer.close()
+        # As with a subprocess, the runner does not wait for a job when it exits (e.g. on Ctrl-C, which
+        # the job gets too); multiprocessing would join every child it started at exit.
+        multiprocessing.process._children.discard(process)
         stdout = open(os.dup(reader.fileno()), "rb")
         reader.close()
         return ForkedJob(process, stdout)
