@@ -2,11 +2,9 @@
 parsing and errors, the one graph over the protocols (DG after xd's training), the ETA from the cost
 prior and from measured means, the table commands, and whole demo runs through the stub interpreter."""
 
-import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +13,7 @@ from spotlighter import registry
 from spotlighter.run import demo
 from spotlighter.run.jobs import EVAL, TRAIN, InputError, Job
 from spotlighter.run.local import Progress
-from test_scripts import STUB, env  # noqa: F401  (the throwaway-repository fixture)
+from test_scripts import env  # noqa: F401  (the throwaway-repository fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = "zsclip:minibench coop:minibench_ep10_ctx4"

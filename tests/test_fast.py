@@ -12,7 +12,7 @@ import time
 import pytest
 
 from spotlighter.run import fast
-from test_scripts import STUB, env, hold_lock  # noqa: F401  (the throwaway-repository fixture)
+from test_scripts import STUB, env  # noqa: F401  (the throwaway-repository fixture)
 
 SCRIPTS = {
     "ok.py": "import sys, os\nprint('out', sys.argv[1:])\nprint('err', file=sys.stderr)\n",
