@@ -167,6 +167,10 @@ def dataset(name: str) -> Dataset:
 # ------------------------------------------------------------------------------------------------
 # trainers
 # ------------------------------------------------------------------------------------------------
+#: The cost prior (training, evaluation) of a trainer that states none: a CoOp job's.
+DEFAULT_COST: Tuple[float, float] = (1.0, 1.0)
+
+
 @dataclass(frozen=True)
 class Trainer:
     cli: str  # name on the command line (case-insensitive)
@@ -175,6 +179,14 @@ class Trainer:
     trains: bool = True  # False: zero-shot, every run is --eval-only
     aliases: Tuple[str, ...] = ()
     published_method: Optional[str] = None  # its method in the shipped published table
+    #: Relative cost prior of one job (a CoOp training on the same data = 1.0): (training, evaluation).
+    #: The runner's ETA scales it by what the finished jobs measured until a job of the same
+    #: (trainer, kind) has run, then uses that mean.
+    cost: Tuple[float, float] = DEFAULT_COST
+
+    def job_cost(self, kind: str) -> float:
+        """The cost prior of a ``train`` or ``eval`` job of this trainer."""
+        return self.cost[0] if kind == "train" else self.cost[1]
 
     @property
     def config_dir(self) -> str:
@@ -184,14 +196,19 @@ class Trainer:
         return f"{self.config_dir}/{cfg or self.default_config}.yaml"
 
 
+# Cost priors: ZS-CLIP, CoOp and Spotlighter from the whole-process job times of the idle-machine
+# MiniBench demo (CoOp training 11.3 s, evaluations 7.8-9.4 s, Spotlighter training 12.5 s); CoCoOp
+# (batch size 1, an image-conditioned prompt per image) and MaPLe (deep prompts) from their configs'
+# epochs, batch sizes and per-step work relative to CoOp, not measured.
 TRAINERS: Dict[str, Trainer] = {
     t.cli: t for t in (
-        Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", published_method="CoOp w/ Spotlighter"),
-        Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", published_method="CoOp"),
-        Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1"),
-        Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", published_method="MaPLe"),
+        Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", published_method="CoOp w/ Spotlighter",
+                cost=(1.1, 0.75)),
+        Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", published_method="CoOp", cost=(1.0, 0.7)),
+        Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", cost=(2.5, 1.5)),
+        Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", published_method="MaPLe", cost=(1.2, 0.8)),
         Trainer("zsclip", "ZeroshotCLIP", "vit_b16", trains=False, aliases=("zeroshotclip", "zeroshot"),
-                published_method="CLIP"),
+                published_method="CLIP", cost=(0.75, 0.75)),
     )
 }
 #: Trainers of other CoOp-style codebases whose output trees the results tool also reads.
@@ -208,6 +225,14 @@ def trainer_aliases() -> Dict[str, str]:
             out[alias] = t.name
     out.update(OTHER_TRAINERS)
     return out
+
+
+def job_cost(trainer_name: str, kind: str) -> float:
+    """Cost prior of a job of a trainer (CLI or registered name); DEFAULT_COST for one not in TRAINERS."""
+    try:
+        return trainer(trainer_name).job_cost(kind)
+    except RegistryError:
+        return DEFAULT_COST[0] if kind == "train" else DEFAULT_COST[1]
 
 
 def trainer(typed: str) -> Trainer:

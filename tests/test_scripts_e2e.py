@@ -4,12 +4,14 @@ MiniBench-format dataset and the tiny CLIP: train, checkpoint, evaluate, table, 
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, requires_dassl
+from spotlighter import registry
 from test_slurm import slurm, wait_idle  # noqa: F401  (the single-node cluster fixture)
 from tiny_data import make_tiny_minibench
 
@@ -113,3 +115,96 @@ def test_base2new_on_a_real_slurm_cluster(env, tiny_clip_path, slurm):
                          *fast(tiny_clip_path)], cwd=ROOT, capture_output=True, text=True,
                         env={**env, **slurm.env, "OUTPUT": out, "SEEDS": "1 2", "CFG": "minibench_ep10_ctx4"})
     assert st.returncode == 0 and "4/4 done" in st.stdout, st.stdout + st.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the fast launcher (jobs forked from a pre-imported server) against a fresh interpreter per job
+# ------------------------------------------------------------------------------------------------
+TIMING = [(re.compile(r"\btime \d+\.\d+ \(\d+\.\d+\) data \d+\.\d+ \(\d+\.\d+\)"), "time T data T"),
+          (re.compile(r"\beta \d+:\d\d:\d\d"), "eta T"), (re.compile(r"Elapsed: \d+:\d\d:\d\d"), "Elapsed: T"),
+          (re.compile(r"^# elapsed .* s, exit status"), "# elapsed T s, exit status")]
+#: tqdm's evaluation bar: how often it redraws (and so how many lines it leaves) depends on the time
+TQDM_BAR = re.compile(r"^\s*\d+%\|.*\| \d+/\d+ \[")
+
+
+def normalised(path, root):
+    with open(path) as f:
+        text = f.read().replace(root, "ROOT")
+    lines = []
+    for line in text.splitlines():
+        if TQDM_BAR.match(line):
+            continue
+        for pattern, repl in TIMING:
+            line = pattern.sub(repl, line)
+        lines.append(line)
+    return lines
+
+
+def test_fork_path_gives_the_subprocess_results_and_log_lines(tmp_path, tiny_clip_path):
+    """The same job through the fork server and through `python train.py`: the same result.json,
+    checkpoint tensors, per-batch losses and log lines (timings and the two roots aside)."""
+    import torch
+
+    args = ["spotlighter", "minibench", "4", *fast(tiny_clip_path, ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1",
+                                                                    "OPTIM.MAX_EPOCH", "2"])]
+    rel = "base2new/{}/minibench/shots_4/Spotlighter/minibench_ep10_paper/seed1"
+    runs = {}
+    for mode in ("0", "1"):  # RUNNER_FORK=0: a fresh interpreter per job; 1: the fork server
+        root = str(tmp_path / f"fork{mode}")
+        make_tiny_minibench(os.path.join(root, "data"))  # each its own (same bytes) data and few-shot cache
+        proc = script("base2new.sh", args, {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"},
+                      DATA=os.path.join(root, "data"), OUTPUT=os.path.join(root, "out"), SEEDS="1",
+                      CFG="minibench_ep10_paper", RUNNER_FORK=mode)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert ("jobs start from a fork server" in proc.stdout) == (mode == "1")
+        runs[mode] = root
+    a, b = runs["0"], runs["1"]
+    for sub in ("train_base", "test_new"):
+        da, db = (os.path.join(r, "out", rel.format(sub)) for r in (a, b))
+        ra, rb = result(da), result(db)
+        when = ("timestamp", "wall_time_s")  # when it ran and how long it took
+        assert all(k in ra and k in rb for k in when)
+        assert {k: v for k, v in ra.items() if k not in when} == \
+            {k: (v.replace(b, a) if isinstance(v, str) else v) for k, v in rb.items() if k not in when}
+        for name in ("log.txt", "run-*.log"):
+            (la,), (lb,) = glob.glob(os.path.join(da, name)), glob.glob(os.path.join(db, name))
+            assert normalised(la, a) == normalised(lb, b), name
+    la = normalised(os.path.join(a, "out", rel.format("train_base"), "log.txt"), a)
+    assert sum(" loss " in line for line in la) >= 2  # the per-batch losses are among the lines compared
+    ca, cb = (torch.load(glob.glob(os.path.join(r, "out", rel.format("train_base"), "*", "model.pth.tar-2"))[0],
+                         map_location="cpu", weights_only=False) for r in (a, b))
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
+
+
+def test_demo_end_to_end_xd_then_dg_tiny(tmp_path, tiny_clip_path):
+    """python -m spotlighter.run demo at tiny size (the data prepared here): CoOp trained on the
+    source, evaluated on xd's and DG's targets from one graph, the two tables."""
+    from spotlighter.benchmark.data import generate
+
+    data = tmp_path / "data"
+    make_tiny_minibench(str(data))
+    for key in (*registry.XD_TARGETS["minibench"], *registry.DG_TARGETS["minibench"]):
+        generate(str(data / key), key, train_per_class=1, val_per_class=1, test_per_class=2)
+    out = tmp_path / "out"
+    code = ("import sys; from spotlighter.run import demo, cli\n"
+            "demo.prepare_command = lambda python, data: [*python, '-c', 'print(\"prepared (test)\")']\n"
+            "sys.exit(cli.main(['demo', *sys.argv[1:]]))")
+    proc = subprocess.run([sys.executable, "-c", code, *fast(tiny_clip_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT, "DATA": str(data), "OUTPUT": str(out),
+                               "PYTHON": sys.executable, "SEEDS": "1", "DEMO_PROTOCOLS": "xd dg",
+                               "DEMO_RUNS": "coop:minibench_ep10_ctx4", "SPOTLIGHTER_ALLOW_FEWER_SHOTS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "prepared (test)" in proc.stdout and "jobs start from a fork server" in proc.stdout
+    assert "progress: 7/7 finished, 0 running, 0 queued" in proc.stdout
+    src = out / "minibench" / "CoOp" / "minibench_ep10_ctx4_16shots" / "seed1"
+    (ckpt,) = glob.glob(str(src / "*" / "model.pth.tar-1"))
+    for key in registry.DG_TARGETS["minibench"]:
+        d = out / "evaluation_from_minibench" / "CoOp" / "minibench_ep10_ctx4_16shots" / key / "seed1"
+        assert result(str(d))["epoch"] == 1 and os.path.getmtime(d / "result.json") > os.path.getmtime(ckpt)
+    for proto in ("xd", "dg"):
+        assert (out / f"minibench_{proto}.csv").is_file()
+        assert f"== {proto} done in " in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| minibench_sketch |"))
+    assert "(1)" in row

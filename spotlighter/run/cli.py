@@ -3,6 +3,7 @@
     python -m spotlighter.run base2new TRAINER DATASET SHOTS [KEY VALUE ...]
     python -m spotlighter.run xd TRAINER SHOTS [KEY VALUE ...]
     python -m spotlighter.run dg TRAINER SHOTS [KEY VALUE ...]
+    python -m spotlighter.run demo [KEY VALUE ...]          # all three protocols on MiniBench (demo --help)
     python -m spotlighter.run status PROTOCOL ARGS...     # done / running / queued / failed, ETA
     python -m spotlighter.run job SPEC.json                 # one job (what a SLURM job runs)
 
@@ -20,6 +21,9 @@ Environment (all optional except DATA):
   LAUNCHER   local (default) | slurm
   JOBS=N     local: run N jobs at a time (default 1, or one per GPUS entry)
   GPUS="0 1" local: one job per listed device at a time, each with its own CUDA_VISIBLE_DEVICES
+  RUNNER_FORK=0  local: start every job as a fresh interpreter; by default, when PYTHON is this
+             runner's interpreter, jobs are forked from a server that imported torch and Dassl once
+             (spotlighter/run/fast.py)
   SLURM_PARTITION SLURM_ACCOUNT SLURM_TIME SLURM_GPUS_PER_JOB SLURM_CPUS_PER_JOB SLURM_MEM_PER_JOB
   SLURM_EXTRA SLURM_CONFIG   slurm: sbatch options (see spotlighter/run/slurm.py)
 Relative DATA and OUTPUT are relative to the directory the command is called from.
@@ -358,16 +362,57 @@ def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[st
     return EXIT_FAILED if failed or refused or running or blocked else EXIT_OK
 
 
-def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: str) -> int:
-    s = settings_from(protocol, args, env, cwd)
+def launcher_of(env: Dict[str, str]) -> str:
     launcher = env.get("LAUNCHER", "local") or "local"
     if launcher not in LAUNCHERS:
         raise InputError(f"LAUNCHER must be one of {', '.join(LAUNCHERS)}, got '{launcher}'")
+    return launcher
+
+
+def slots_of(env: Dict[str, str]) -> tuple:
+    """(jobs at a time, GPU list) from JOBS and GPUS."""
     gpus = env.get("GPUS", "").split()
     jobs_text = env.get("JOBS", "")
     if jobs_text and (not jobs_text.isdigit() or int(jobs_text) < 1):
         raise InputError(f"JOBS must be a positive integer, got '{jobs_text}'")
-    slots = int(jobs_text) if jobs_text else (len(gpus) or 1)
+    return (int(jobs_text) if jobs_text else (len(gpus) or 1)), gpus
+
+
+def job_starter(s: Settings, env: Dict[str, str], say) -> Optional[object]:
+    """The fork-server launcher (spotlighter.run.fast) when it can be used, else None (subprocesses)."""
+    from . import fast
+    reason = fast.why_not(s.python, env)
+    if reason:
+        say(f"each job starts a fresh interpreter ({reason})")
+        return None
+    launcher = fast.ForkLauncher(s.python, s.repo)
+    launcher.warm_up()
+    say(f"jobs start from a fork server that imported torch and Dassl once ({fast.ENV_SWITCH}=0: a fresh "
+        "interpreter each)")
+    return launcher
+
+
+def force_aside(jobs: Sequence[Job], settings_of, say) -> Dict[str, Outcome]:
+    """FORCE=1: move every job's old folder aside (a folder locked by a live process stays: running)."""
+    outcomes: Dict[str, Outcome] = {}
+    for job in jobs:
+        if os.path.exists(job.dir):
+            s = settings_of(job)
+            st = inspect(job, s)
+            if st.name == "running":
+                outcomes[job.dir] = Outcome("running", st.note)
+                continue
+            try:
+                move_aside(s, job.dir, say, "FORCE=1")
+            except OSError as exc:
+                raise InputError(f"FORCE=1 cannot move {job.dir} aside: {exc.strerror or exc}") from None
+    return outcomes
+
+
+def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: str) -> int:
+    s = settings_from(protocol, args, env, cwd)
+    launcher = launcher_of(env)
+    slots, gpus = slots_of(env)
     runner = Runner(s)
     no_config = missing_configs(s)
     if no_config and not s.dry_run:
@@ -396,21 +441,12 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
         return EXIT_USAGE
     outcomes: Dict[str, Outcome] = {}
     if s.force:
-        try:
-            for job in jobs:
-                if os.path.exists(job.dir):
-                    st = inspect(job, s)
-                    if st.name == "running":
-                        outcomes[job.dir] = Outcome("running", st.note)
-                        continue
-                    move_aside(s, job.dir, runner.say, "FORCE=1")
-        except OSError as exc:
-            print(f"error: FORCE=1 cannot move {job.dir} aside: {exc.strerror or exc}", file=sys.stderr)
-            return EXIT_USAGE
+        outcomes = force_aside(jobs, lambda _job: s, runner.say)
     if launcher == "slurm":
         from .slurm import submit
         return submit(runner, jobs, env, failures, outcomes)
-    outcomes = run_local(jobs, s, runner.say, slots=slots, gpus=gpus, known=outcomes)
+    start = job_starter(s, env, runner.say)
+    outcomes = run_local(jobs, s, runner.say, slots=slots, gpus=gpus, known=outcomes, start=start)
     runner.table(jobs)
     return report(runner, outcomes, failures)
 
@@ -451,9 +487,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s = settings_from(rest[0], rest[1:], {**env, "DRY_RUN": "1"}, cwd)
             os.chdir(s.repo)
             return status(s, build_graph(s))
+        if cmd == "demo":
+            from .demo import run_demo
+            return run_demo(rest, env, cwd)
         if cmd not in registry.PROTOCOLS:
-            raise InputError(f"unknown protocol '{cmd}'; known: {', '.join(registry.PROTOCOLS)}, status, job\n"
-                             + usage(None))
+            raise InputError(f"unknown protocol '{cmd}'; known: {', '.join(registry.PROTOCOLS)}, demo, status, "
+                             "job\n" + usage(None))
         return run_protocol(cmd, rest, env, cwd)
     except (InputError, registry.RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -88,6 +88,7 @@ class Job:
     model_dir: Optional[str] = None  # the trained folder an evaluation loads
     deps: List[str] = field(default_factory=list)  # dirs of the jobs it waits for
     needs_trained: bool = False  # dg: its model_dir comes from another run (xd.sh), not this graph
+    trainer: str = ""  # registered trainer name (the ETA's cost prior and per-trainer means)
 
     @property
     def name(self) -> str:
@@ -148,6 +149,8 @@ def build_graph(s: Settings) -> List[Job]:
                 jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + s.extra, seed, t,
                                 f"evaluation on {t}", model_dir=model(src), deps=list(deps),
                                 needs_trained=s.protocol == "dg" and s.trains))
+    for job in jobs:
+        job.trainer = s.trainer
     return jobs
 
 
@@ -317,9 +320,19 @@ def write_line(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
+def popen(cmd: Sequence[str], env: Dict[str, str]) -> subprocess.Popen:
+    """The default way to start a job: a fresh interpreter, stdout and stderr on one pipe."""
+    return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
 def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True,
-            env: Optional[Dict[str, str]] = None) -> Outcome:
-    """Decide from the folder what the job needs, and run it (``echo``: its output on our stdout)."""
+            env: Optional[Dict[str, str]] = None, start: Optional[Callable] = None) -> Outcome:
+    """Decide from the folder what the job needs, and run it (``echo``: its output on our stdout).
+
+    ``start(cmd, env)`` starts the job's process (default: :func:`popen`; the local launcher's
+    pre-imported forkserver, spotlighter.run.fast, has the same interface); its ``stdout`` carries
+    the job's stdout and stderr.
+    """
     st = inspect(job, s)
     if st.name == "running":
         return Outcome("running", st.note)
@@ -352,8 +365,7 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
     proc = None
     try:
         with open(runlog, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})})
+            proc = (start or popen)(cmd, {**os.environ, **(env or {})})
             out = sys.stdout.buffer if echo else None
             for chunk in iter(lambda: proc.stdout.read1(65536), b""):
                 log.write(chunk)

@@ -4,6 +4,8 @@ An evaluation starts when the training it loads has finished; a job whose traini
 refused or runs elsewhere is not started (and says why). With more than one slot each job's output
 goes to its run log only (``<dir>/run-<time>.log``) and each device's jobs get
 ``CUDA_VISIBLE_DEVICES`` in their own environment; the runner's environment is never changed.
+How a job's process starts is the caller's choice (``start``): a fresh ``PYTHON train.py ...``
+process, or a child of spotlighter.run.fast's pre-imported fork server (cli.job_starter).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..registry import job_cost
 from .jobs import Job, Outcome, Settings, run_one
 
 OK = ("done", "skipped")
@@ -30,32 +33,53 @@ def fmt_seconds(sec: float) -> str:
 
 @dataclass
 class Progress:
-    """Jobs done / running / queued, and an ETA from the jobs that ran (per kind: train, eval)."""
+    """Jobs done / running / queued, and an ETA from the jobs that ran.
+
+    A job's expected time is the mean of the finished jobs of the same (trainer, kind); before one
+    has finished, the trainer's cost prior (spotlighter/registry.py) times the measured seconds per
+    unit of prior of the jobs that did finish. No ETA before any job finished.
+    """
 
     total: int
     slots: int
-    durations: Dict[str, List[float]] = field(default_factory=dict)
+    durations: Dict[Tuple[str, str], List[float]] = field(default_factory=dict)
 
-    def add(self, kind: str, seconds: float) -> None:
-        self.durations.setdefault(kind, []).append(seconds)
+    @staticmethod
+    def key(job: Job) -> Tuple[str, str]:
+        return job.trainer, job.kind
 
-    def mean(self, kind: str) -> Optional[float]:
-        d = self.durations.get(kind)
+    def add(self, job: Job, seconds: float) -> None:
+        self.durations.setdefault(self.key(job), []).append(seconds)
+
+    def mean(self, key: Tuple[str, str]) -> Optional[float]:
+        d = self.durations.get(key)
         return sum(d) / len(d) if d else None
+
+    def seconds_per_cost(self) -> Optional[float]:
+        """Measured seconds per unit of cost prior: the mean over the (trainer, kind) pairs timed."""
+        rates = [self.mean(k) / job_cost(*k) for k in self.durations if self.durations[k]]
+        return sum(rates) / len(rates) if rates else None
+
+    def expected(self, job: Job) -> Optional[float]:
+        m = self.mean(self.key(job))
+        if m is not None:
+            return m
+        rate = self.seconds_per_cost()
+        return None if rate is None else rate * job_cost(job.trainer, job.kind)
 
     def eta(self, queued: Sequence[Job], running: Dict[str, tuple]) -> Optional[float]:
         work = 0.0
         for job in queued:
-            m = self.mean(job.kind)
-            if m is None:
+            e = self.expected(job)
+            if e is None:
                 return None
-            work += m
+            work += e
         now = time.monotonic()
         for job, _dev, t0 in running.values():
-            m = self.mean(job.kind)
-            if m is None:
+            e = self.expected(job)
+            if e is None:
                 return None
-            work += max(m - (now - t0), 0.0)
+            work += max(e - (now - t0), 0.0)
         return work / max(min(self.slots, len(queued) + len(running)), 1)
 
     def line(self, done: int, queued: Sequence[Job], running: Dict[str, tuple]) -> str:
@@ -63,23 +87,33 @@ class Progress:
         if not queued and not running:
             tail = ""
         elif eta is None:
-            kinds = sorted({j.kind for j in queued} | {j.kind for j, _d, _t in running.values()})
-            unknown = [k for k in kinds if self.mean(k) is None]
-            tail = f"; ETA when a {'/'.join(unknown)} job has finished"
+            tail = "; ETA when a job has finished"
         else:
             tail = f"; ETA {fmt_seconds(eta)}"
         return f"progress: {done}/{self.total} finished, {len(running)} running, {len(queued)} queued{tail}"
 
 
 def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: int = 1,
-              gpus: Sequence[str] = (), known: Optional[Dict[str, Outcome]] = None) -> Dict[str, Outcome]:
+              gpus: Sequence[str] = (), known: Optional[Dict[str, Outcome]] = None,
+              start: Optional[Callable] = None, echo: Optional[bool] = None,
+              settings_of: Optional[Callable[[Job], Settings]] = None,
+              on_start: Optional[Callable[[Job], None]] = None,
+              on_outcome: Optional[Callable[[Job, Outcome], None]] = None) -> Dict[str, Outcome]:
     """Run the graph; returns every job's outcome by folder (``blocked``: a dependency did not finish).
 
     ``known``: outcomes decided before (e.g. a folder found locked by FORCE=1); those jobs are not run.
+    ``start``: how a job's process is started (run_one's; spotlighter.run.fast's fork server or a
+    fresh interpreter). ``echo``: job output on our stdout too (default: with one slot).
+    ``settings_of``: each job's Settings when the graph mixes runs (the demo); default ``s``.
+    ``on_start`` / ``on_outcome``: called (under the output lock) when a job starts / gets its outcome.
     """
     slots = max(1, slots)
     devices: List[Optional[str]] = [gpus[i % len(gpus)] for i in range(slots)] if gpus else [None] * slots
-    echo = slots == 1
+    echo = slots == 1 if echo is None else echo
+    settings_of = settings_of or (lambda _job: s)
+    missing = sorted({d for j in jobs for d in j.deps} - {j.dir for j in jobs} - set(known or {}))
+    if missing:  # a job would wait for ever: a bug of the graph builder
+        raise ValueError(f"jobs depend on folders that are not in the graph: {', '.join(missing)}")
     lock = threading.Lock()
 
     def locked_say(msg: str) -> None:
@@ -96,7 +130,7 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
     def work(job: Job, dev: Optional[str]) -> None:
         env = {"CUDA_VISIBLE_DEVICES": dev} if dev is not None else None
         try:
-            out = run_one(job, s, locked_say, echo=echo, env=env)
+            out = run_one(job, settings_of(job), locked_say, echo=echo, env=env, start=start)
         except Exception as exc:  # a bug must not hang the scheduler
             out = Outcome("failed", f"{job.name}: runner error: {exc!r}")
         done_q.put((job, out, dev))
@@ -113,12 +147,18 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
                     verb = BLOCKED_VERB.get(outcomes[bad[0]].status, "did not finish")
                     outcomes[job.dir] = Outcome("blocked", f"{job.name}: not run: {dep.what} {verb}")
                     locked_say(f"seed {job.seed}: {dep.what} {verb}, so its {job.what} is not run")
+                    if on_outcome:
+                        with lock:
+                            on_outcome(job, outcomes[job.dir])
                     started = True
                     continue
                 if all(d in outcomes for d in job.deps) and devices:
                     pending.remove(job)
                     dev = devices.pop(0)
                     running[job.dir] = (job, dev, time.monotonic())
+                    if on_start:
+                        with lock:
+                            on_start(job)
                     if slots > 1:
                         locked_say(f"start ({job.kind}{', GPU ' + dev if dev is not None else ''}): {job.dir}")
                     threading.Thread(target=work, args=(job, dev), daemon=True).start()
@@ -132,7 +172,10 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
         devices.append(dev)
         outcomes[job.dir] = out
         if out.status == "done":
-            progress.add(job.kind, out.seconds)
+            progress.add(job, out.seconds)
+        if on_outcome:
+            with lock:
+                on_outcome(job, out)
         if out.ran:
             n_done = len(outcomes)
             verdict = {"done": "finished", "failed": "FAILED"}.get(out.status, out.status)
