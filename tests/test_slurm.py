@@ -98,6 +98,26 @@ def test_submission_dependencies_options_and_no_double_submission(env, fake_slur
     assert st.returncode == 1 and "0/4 done, 4 not started" in st.stdout
 
 
+def test_dg_submitted_while_xd_training_is_queued_waits_for_it(env, fake_slurm):  # noqa: F811
+    extra, calls = fake_slurm
+    r = env.run("xd.sh", "coop", 16, SEEDS="1 2", DATASETS="", PYTHON=env.stub, LAUNCHER="slurm", **extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    train1, train2, _table = calls()
+    assert "train-imagenet-seed1" in train1[-1] and "train-imagenet-seed2" in train2[-1]
+    # dg.sh right away: the trainings are still pending, so its evaluations wait for them
+    r = env.run("dg.sh", "coop", 16, SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm", **extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "seed 1: imagenet training" in r.stdout and "is queued as SLURM job 1000" in r.stdout
+    evals = [c for c in calls()[3:] if "--job-name=spl-table" not in c]
+    assert len(evals) == 8 and not env.calls()  # 2 seeds x 4 ImageNet variants, nothing ran here
+    for argv in evals:
+        seed = "1000" if "seed1" in argv[-1] else "1001"
+        assert opt(argv, "--dependency") == [f"afterok:{seed}"], argv
+    # without a queued training dg still refuses, naming what to run (the local behaviour)
+    r = env.run("dg.sh", "coop", 16, SEEDS="3", PYTHON=env.stub, LAUNCHER="slurm", **extra)
+    assert r.returncode == 1 and "no finished imagenet checkpoint" in r.stderr
+
+
 def test_bad_slurm_config_is_named(env, fake_slurm, tmp_path):  # noqa: F811
     extra, calls = fake_slurm
     cfg = tmp_path / "slurm.cfg"

@@ -179,13 +179,20 @@ class Runner:
             print(f"cd {quote([s.repo])}")
 
     # --- dg: the models come from xd ----------------------------------------------------------
-    def check_trained(self, jobs: List[Job]) -> tuple:
-        """dg: drop the seeds whose source model is not trained (a failure, or a comment in DRY_RUN)."""
+    def check_trained(self, jobs: List[Job], queued: Optional[Dict[str, str]] = None) -> tuple:
+        """dg: drop the seeds whose source model is not trained (a failure, or a comment in DRY_RUN).
+
+        ``queued``: source folders whose training is queued or running as a SLURM job (folder -> id);
+        those seeds are kept, and their evaluations will wait for that job."""
         s, failures = self.s, []
         missing = set()
         for seed in s.seeds:
             src = source_dir(s, seed)
             if not s.trains or train_finished(src):
+                continue
+            if queued and src in queued:
+                self.say(f"seed {seed}: {s.source} training {src} is queued as SLURM job {queued[src]}; "
+                         "its evaluations will start after it")
                 continue
             train_cmd = quote([*s.python, "train.py", *train_args(s, seed, s.source, src), "DATASET.NUM_SHOTS",
                                str(s.shots), *s.extra])
@@ -430,7 +437,11 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
     for line in no_config + [line for _name, line in missing]:
         runner.say(f"warning: {line}")
     jobs = build_graph(s)
-    jobs, failures = runner.check_trained(jobs) if s.protocol == "dg" else (jobs, [])
+    queued: Dict[str, str] = {}
+    if s.protocol == "dg" and launcher == "slurm" and s.trains and not s.dry_run:
+        from .slurm import queued_trainings
+        queued = queued_trainings(s, [source_dir(s, seed) for seed in s.seeds])
+    jobs, failures = runner.check_trained(jobs, queued) if s.protocol == "dg" else (jobs, [])
     if s.dry_run:
         runner.dry_run(jobs)
         runner.table(jobs)
@@ -444,7 +455,7 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
         outcomes = force_aside(jobs, lambda _job: s, runner.say)
     if launcher == "slurm":
         from .slurm import submit
-        return submit(runner, jobs, env, failures, outcomes)
+        return submit(runner, jobs, env, failures, outcomes, queued=queued)
     start = job_starter(s, env, runner.say)
     outcomes = run_local(jobs, s, runner.say, slots=slots, gpus=gpus, known=outcomes, start=start)
     runner.table(jobs)

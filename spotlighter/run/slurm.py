@@ -162,8 +162,19 @@ def _batch_script(s: Settings, spec: str, what: str) -> str:
         ""])
 
 
+def queued_trainings(s: Settings, dirs: Sequence[str]) -> Dict[str, str]:
+    """Folder -> SLURM job id, for the folders of ``dirs`` whose latest submission (this OUTPUT's
+    ledger) is still pending or running: dg.sh submitted right after xd.sh chains onto xd's training."""
+    ledger = read_ledger(s)
+    entries = {d: ledger[d]["id"] for d in dirs if d in ledger}
+    live = squeue_states(list(entries.values()))
+    return {d: jid for d, jid in entries.items() if live.get(jid) in ACTIVE}
+
+
 def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
-           outcomes: Optional[Dict[str, Outcome]] = None) -> int:
+           outcomes: Optional[Dict[str, Outcome]] = None, queued: Optional[Dict[str, str]] = None) -> int:
+    """Submit ``jobs``; ``queued``: model folders trained by SLURM jobs submitted earlier (dg after
+    xd), whose evaluations depend on those jobs."""
     s: Settings = runner.s
     if shutil.which("sbatch") is None:
         raise InputError("LAUNCHER=slurm needs sbatch on PATH (run on a SLURM login node), or use LAUNCHER=local")
@@ -191,6 +202,8 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
                 runner.say(f"seed {job.seed}: {job.what} not submitted: {bad[0]} is {outcomes[bad[0]].status}")
                 continue
             dep_ids = [ids[d] for d in job.deps if d in ids]
+            if queued and job.model_dir in queued:
+                dep_ids.append(queued[job.model_dir])
             st = inspect(job, s)
             if st.name == "running":
                 outcomes[job.dir] = Outcome("running", st.note)
