@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # ------------------------------------------------------------------------------------------------
 # protocols
@@ -194,6 +194,11 @@ class Trainer:
 
     def config_file(self, cfg: Optional[str] = None) -> str:
         return f"{self.config_dir}/{cfg or self.default_config}.yaml"
+
+    def available_configs(self, repo: str) -> List[str]:
+        """The config names (``CFG`` values) under ``repo``'s configs/trainers/<name>/, sorted."""
+        cdir = os.path.join(repo, self.config_dir)
+        return sorted(f[:-5] for f in os.listdir(cdir) if f.endswith(".yaml")) if os.path.isdir(cdir) else []
 
 
 # Cost priors: ZS-CLIP, CoOp and Spotlighter from the whole-process job times of the idle-machine

@@ -92,8 +92,7 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
     cfg = env.get("CFG") or trainer.default_config
     cfg_file = trainer.config_file(cfg)
     if not os.path.isfile(os.path.join(REPO, cfg_file)):
-        cdir = os.path.join(REPO, trainer.config_dir)
-        avail = sorted(f[:-5] for f in os.listdir(cdir) if f.endswith(".yaml")) if os.path.isdir(cdir) else []
+        avail = trainer.available_configs(REPO)
         raise InputError(f"trainer config {cfg_file} does not exist. Set CFG to one of: "
                          f"{' '.join(avail) or '(none found under ' + trainer.config_dir + ')'}")
     source, targets = None, []

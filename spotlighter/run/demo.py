@@ -81,8 +81,7 @@ def parse_runs(text: Optional[str]) -> List[Tuple[str, str]]:
         except registry.RegistryError as exc:
             raise InputError(f"DEMO_RUNS entry '{entry}': {exc}") from None
         if not os.path.isfile(os.path.join(REPO, t.config_file(cfg))):
-            cdir = os.path.join(REPO, t.config_dir)
-            avail = sorted(f[:-5] for f in os.listdir(cdir) if f.endswith(".yaml")) if os.path.isdir(cdir) else []
+            avail = t.available_configs(REPO)
             raise InputError(f"DEMO_RUNS entry '{entry}': {t.config_file(cfg)} does not exist; configs of "
                              f"{t.cli}: {' '.join(avail) or '(none)'}")
         runs.append((t.cli, cfg))
@@ -107,7 +106,7 @@ class Plan:
         return [j for j in self.jobs if self.protocol_of[j.dir] == protocol]
 
 
-def protocol_env(env: Dict[str, str], protocol: str, cfg: str) -> Dict[str, str]:
+def protocol_env(env: Dict[str, str], cfg: str) -> Dict[str, str]:
     out = {k: v for k, v in env.items() if k != "DATASETS"}  # xd/dg: the source's registered targets
     out.update(CFG=cfg, SOURCE=DATASET)
     return out
@@ -124,7 +123,7 @@ def plan(protocols: Sequence[str], runs: Sequence[Tuple[str, str]], env: Dict[st
         for trainer, cfg in runs:
             args = [trainer, DATASET, str(SHOTS)] if protocol == "base2new" else [trainer, str(SHOTS)]
             args += list(extra)
-            s = settings_from(protocol, args, protocol_env(env, protocol, cfg), cwd)
+            s = settings_from(protocol, args, protocol_env(env, cfg), cwd)
             s.ts = ts  # one run-<time>.log name for the whole demo
             jobs = build_graph(s)
             if protocol == "dg" and s.trains:
