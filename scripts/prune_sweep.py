@@ -4,8 +4,9 @@ MODEL.PRUNE setting (blocks x keep rate), all seeds, and the Base / New / HM tab
     python scripts/prune_sweep.py [--data data] [--output output/prune_sweep] [--seeds 1 2 3]
         [--settings none 1:0.5 ...] [--runs spotlighter:minibench_ep10_paper zsclip:minibench]
 
-A setting is ``none`` (no dropping) or ``LAYERS:KEEP`` with LAYERS comma-separated 0-based blocks,
-e.g. ``1,2:0.5`` = MODEL.PRUNE.LAYERS [1, 2] MODEL.PRUNE.KEEP 0.5. Each (run, setting) goes through
+A setting is ``none`` (no dropping) or ``LAYERS:KEEP[:MODE]`` with LAYERS comma-separated 0-based
+blocks, e.g. ``1,2:0.5`` = MODEL.PRUNE.LAYERS [1, 2] MODEL.PRUNE.KEEP 0.5 (EViT dropping), or
+``1,2:0.6:merge`` = the same with MODEL.PRUNE.MODE merge (ToMe merging). Each (run, setting) goes through
 scripts/base2new.sh (so finished seeds are skipped on a re-run) into OUTPUT/<setting>/. The speed
 side is ``python -m spotlighter.bench`` (docs/efficiency.md). MiniBench's CLIP has 4 vision
 blocks (64 patches): block b of 4 is at the relative depth of block 3b of ViT-B/16's 12.
@@ -29,28 +30,31 @@ DEFAULT_SETTINGS = ["none", "2:0.875", "2:0.75", "2:0.5", "2:0.25", "2:0.2", "1:
 DEFAULT_RUNS = ["spotlighter:minibench_ep10_paper", "zsclip:minibench"]
 SHOTS = 16
 DATASET = "minibench"
+#: MiniBench's 4-block CLIP block b sits at the relative depth of block 3b of ViT-B/16's 12.
+TWIN_ARCH, TWIN_FACTOR = "ViT-B/16", 3
 
 
 def parse_setting(text: str):
-    """'none' -> None; 'L1,L2:KEEP' -> ([L1, L2], KEEP) (clear error otherwise)."""
+    """'none' -> None; 'L1,L2:KEEP[:MODE]' -> PruneSpec (clear error otherwise)."""
     if text == "none":
         return None
+    from spotlighter.backbone import PruneSpec
+
     try:
-        layers, keep = text.split(":")
-        return [int(i) for i in layers.split(",")], float(keep)
-    except ValueError:
-        raise SystemExit(f"error: setting {text!r} is not 'none' or LAYERS:KEEP (e.g. 1,2:0.5)") from None
+        return PruneSpec.parse(text)
+    except ValueError as e:
+        raise SystemExit(f"error: setting {text!r} is not 'none' or LAYERS:KEEP[:MODE] ({e})") from None
 
 
 def tag(text: str) -> str:
-    return "none" if text == "none" else "L" + text.replace(",", "-").replace(":", "_k")
+    return "none" if text == "none" else "L" + text.replace(",", "-").replace(":", "_k", 1).replace(":", "_")
 
 
-def prune_opts(setting) -> list[str]:
-    if setting is None:
+def prune_opts(spec) -> list[str]:
+    if spec is None:
         return []
-    layers, keep = setting
-    return ["MODEL.PRUNE.LAYERS", "[" + ",".join(map(str, layers)) + "]", "MODEL.PRUNE.KEEP", str(keep)]
+    opts = ["MODEL.PRUNE.LAYERS", "[" + ",".join(map(str, spec.layers)) + "]", "MODEL.PRUNE.KEEP", str(spec.keep)]
+    return opts + (["MODEL.PRUNE.MODE", spec.mode] if spec.mode != "drop" else [])
 
 
 def run(trainer: str, cfg: str, setting_text: str, args) -> int:
@@ -90,13 +94,27 @@ def fmt(stat) -> str:
     return f"{stat.mean:.2f} ± {stat.std:.2f} ({stat.n})" if stat.std is not None else f"{stat.mean:.2f} ({stat.n})"
 
 
+def twin(text: str):
+    """The ViT-B/16 setting at the same relative depths ('none' for none) and its multiply-add bound."""
+    from spotlighter.backbone import PruneSpec
+    from spotlighter.bench import encoder_macs
+
+    if text == "none":
+        return "none", 1.0
+    spec = parse_setting(text)
+    vit = PruneSpec(tuple(TWIN_FACTOR * b for b in spec.layers), spec.keep, spec.fuse, mode=spec.mode)
+    return vit.label, encoder_macs(TWIN_ARCH) / encoder_macs(TWIN_ARCH, vit)
+
+
 def print_table(rows) -> None:
-    print("| run | MODEL.PRUNE (layers:keep) | Base | New | HM | HM per seed | ΔHM vs none |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"| run | MiniBench MODEL.PRUNE | Base | New | HM | HM per seed | ΔHM vs none | {TWIN_ARCH} twin | its MAC bound |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
         hm = "—" if r["hm"] is None else f"{r['hm']:.2f}"
         delta = "—" if r["delta"] is None else f"{r['delta']:+.2f}"
-        print(f"| {r['run']} | {r['setting']} | {fmt(r['base'])} | {fmt(r['new'])} | {hm} | {fmt(r['hm_seeds'])} | {delta} |")
+        label, bound = twin(r["setting"])
+        print(f"| {r['run']} | {r['setting']} | {fmt(r['base'])} | {fmt(r['new'])} | {hm} | {fmt(r['hm_seeds'])} | {delta} "
+              f"| {label} | {bound:.2f}× |")
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,9 @@
 * :class:`PruneSpec` (``MODEL.PRUNE``) makes the image forward drop tokens EViT-style: at each listed
   block, between attention and MLP, keep the patch tokens the CLS token attends to most (head mean)
   and, optionally, fuse the dropped ones into one token; the remaining blocks run on CLS + kept
-  (+ fused). Without a spec (or with ``LAYERS = []``) the forward is the unpruned one, bit for bit.
+  (+ fused). With ``MODE = "merge"`` it merges tokens instead, ToMe-style (bipartite soft matching on
+  the block's keys, size-weighted means, proportional attention in the later blocks). Without a spec
+  (or with ``LAYERS = []``) the forward is the unpruned one, bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import PRUNE_MODES
 from .fileio import atomic_path, describe_unreadable
 
 logger = logging.getLogger(__name__)
@@ -279,23 +282,64 @@ class ImageTokens:
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """Token dropping in the image encoder (``MODEL.PRUNE``; see docs/efficiency.md).
+    """Token reduction in the image encoder (``MODEL.PRUNE``; see docs/efficiency.md).
 
-    At each block in ``layers`` (0-based), after its attention and before its MLP, keep
-    ``ceil(keep * n)`` of the ``n`` patch tokens present, those with the highest CLS attention of that
-    block (head mean); with ``fuse`` the dropped patches (and an earlier fused token) become one token,
-    their CLS-attention-weighted mean (EViT). ``in_training``: also prune in training forwards.
+    At each block in ``layers`` (0-based), after its attention and before its MLP, the ``n`` patch
+    tokens present become ``ceil(keep * n)``:
+
+    * ``mode = "drop"`` (EViT): keep those with the highest CLS attention of that block (head mean);
+      with ``fuse`` the dropped patches (and an earlier fused token) become one token, their
+      CLS-attention-weighted mean.
+    * ``mode = "merge"`` (ToMe): the patches are split alternately into two sets A and B; each A
+      token's most similar B token (cosine of the block's keys, head mean) is its match, and the
+      ``n - ceil(keep * n)`` A tokens with the most similar matches are merged into them (a mean
+      weighted by how many patches each token already holds), so ``keep`` must be >= 0.5. Every
+      later attention adds ``log(size)`` to the keys' logits (proportional attention), so a token
+      that holds s patches is attended to as if it were s copies. ``fuse`` plays no part.
+
+    ``in_training``: also reduce in training forwards.
     """
 
     layers: Tuple[int, ...] = ()
     keep: float = 1.0
     fuse: bool = True
     in_training: bool = True
+    mode: str = "drop"
+
+    def __post_init__(self):
+        if self.mode not in PRUNE_MODES:
+            raise ValueError(f"prune mode must be one of {PRUNE_MODES}, got {self.mode!r}")
+        if self.mode == "merge" and self.active and self.keep < 0.5:
+            raise ValueError(f"merging keeps at least half of the tokens at each block (KEEP >= 0.5), got {self.keep}")
 
     @classmethod
     def from_cfg(cls, node) -> "PruneSpec":
         return cls(tuple(int(i) for i in node.LAYERS), float(node.KEEP), bool(node.FUSE),
-                   bool(node.IN_TRAINING))
+                   bool(node.IN_TRAINING), str(node.get("MODE", "drop")))
+
+    @classmethod
+    def parse(cls, text: str) -> "PruneSpec":
+        """``LAYERS:KEEP[:MODE]``, e.g. ``3:0.5``, ``3,6:0.7:merge`` (the benchmark and sweep syntax)."""
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in PRUNE_MODES):
+            raise ValueError(f"{text!r} is not LAYERS:KEEP[:MODE] (e.g. 3,6:0.5 or 3,6:0.7:merge; "
+                             f"MODE one of {', '.join(PRUNE_MODES)})")
+        try:
+            return cls(tuple(int(i) for i in parts[0].split(",")), float(parts[1]),
+                       mode=parts[2] if len(parts) == 3 else "drop")
+        except ValueError as e:
+            raise ValueError(f"{text!r} is not LAYERS:KEEP[:MODE] (e.g. 3,6:0.5 or 3,6:0.7:merge): {e}") from None
+
+    @property
+    def label(self) -> str:
+        """The :meth:`parse` syntax of this spec (the mode only when it is not the default)."""
+        text = ",".join(map(str, self.layers)) + f":{self.keep:g}"
+        return text + (f":{self.mode}" if self.mode != "drop" else "")
+
+    @property
+    def extra_tokens(self) -> int:
+        """Tokens besides CLS and the patches once a block has reduced (the fused token)."""
+        return int(self.fuse and self.mode == "drop")
 
     @property
     def active(self) -> bool:
@@ -332,20 +376,73 @@ def _run_block(block: nn.Module, x: torch.Tensor, need_weights: bool = False):
     return x, weights
 
 
-def _attention_with_cls_row(block: nn.Module, x: torch.Tensor):
+def _attention_with_cls_row(block: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor] = None,
+                            need_keys: bool = False):
     """Attention sub-layer (fused kernel) plus the CLS query's attention row, head mean (B, N).
 
-    Only the CLS row is computed explicitly (N scores per head), not the N x N map."""
+    Only the CLS row is computed explicitly (N scores per head), not the N x N map. ``size`` (B, N):
+    how many patches each token holds (merging); its log is added to every key's logits
+    (proportional attention). ``need_keys``: also return the keys, head mean (B, N, head dim)."""
     attn = block.attn
     N, B, E = x.shape
     H = attn.num_heads
     h = block.ln_1(x)
     q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (t.reshape(N, B, H, E // H).permute(1, 2, 0, 3) for t in (q, k, v))  # (B, H, N, hd)
-    out = F.scaled_dot_product_attention(q, k, v)
-    cls_row = ((q[:, :, :1] @ k.transpose(-1, -2)) * (E // H) ** -0.5).softmax(dim=-1)
+    bias = None if size is None else size.log().to(q.dtype)[:, None, None, :]  # (B, 1, 1, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    logits = (q[:, :, :1] @ k.transpose(-1, -2)) * (E // H) ** -0.5
+    cls_row = (logits if bias is None else logits + bias).softmax(dim=-1)
     out = attn.out_proj(out.permute(2, 0, 1, 3).reshape(N, B, E))
+    if need_keys:
+        return out, cls_row.mean(dim=1)[:, 0], k.mean(dim=1)
     return out, cls_row.mean(dim=1)[:, 0]
+
+
+def _run_block_sized(block: nn.Module, x: torch.Tensor, size: torch.Tensor):
+    """A vision block with proportional attention (tokens holding ``size`` patches); also returns
+    the CLS attention row (head mean, with the same proportional bias)."""
+    out, cls_row = _attention_with_cls_row(block, x, size)
+    x = x + out
+    return x + block.mlp(block.ln_2(x)), cls_row
+
+
+def _merge_tokens(x: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, size: torch.Tensor,
+                  spec: "PruneSpec"):
+    """ToMe bipartite soft matching on x (N, B, D) laid out [CLS, n patches].
+
+    ``keys`` (B, N, hd): the block's keys (head mean) for the similarity; ``index`` (B, n): each
+    patch token's original patch (of a merged token: that of the B token it was merged into);
+    ``size`` (B, N): patches each token holds. Returns the reduced x, index and size, the patch
+    tokens back in the spatial order of their indices."""
+    n = index.shape[1]
+    r = n - spec.kept(n)
+    if r <= 0:
+        return x, index, size
+    xb = x.transpose(0, 1)  # (B, N, D)
+    B, _, D = xb.shape
+    patches, psize = xb[:, 1:], size[:, 1:]
+    metric = F.normalize(keys[:, 1:].float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    r = min(r, a.shape[1])
+    best, match = (a @ b.transpose(-1, -2)).max(dim=-1)  # each A token's most similar B token
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    src, unm = order[:, :r], order[:, r:]  # A tokens merged away / kept
+    dst = match.gather(1, src)
+    wa = (patches[:, ::2] * psize[:, ::2, None])
+    wb = (patches[:, 1::2] * psize[:, 1::2, None])
+    sa, sb = psize[:, ::2], psize[:, 1::2]
+    wb = wb.scatter_add(1, dst[..., None].expand(-1, -1, D), wa.gather(1, src[..., None].expand(-1, -1, D)))
+    sb = sb.scatter_add(1, dst, sa.gather(1, src))
+    xa_u = patches[:, ::2].gather(1, unm[..., None].expand(-1, -1, D))
+    tokens = torch.cat([xa_u, wb / sb[..., None].to(wb.dtype)], dim=1)
+    new_size = torch.cat([sa.gather(1, unm), sb], dim=1)
+    new_index = torch.cat([index[:, ::2].gather(1, unm), index[:, 1::2]], dim=1)
+    pos = new_index.argsort(dim=1)  # back to spatial order (the kept tokens' original positions)
+    tokens = tokens.gather(1, pos[..., None].expand(-1, -1, D))
+    new_size, new_index = new_size.gather(1, pos), new_index.gather(1, pos)
+    x = torch.cat([xb[:, :1], tokens], dim=1).transpose(0, 1)
+    return x, new_index, torch.cat([size[:, :1], new_size], dim=1)
 
 
 def _drop_tokens(x: torch.Tensor, cls_row: torch.Tensor, index: torch.Tensor, spec: PruneSpec):
@@ -490,25 +587,34 @@ class FrozenCLIP(nn.Module):
         return x
 
     def _run_blocks(self, x: torch.Tensor, blocks: Sequence[nn.Module], prune: Optional[PruneSpec]):
-        """Vision blocks on x (N, B, D); with an active ``prune``, drop tokens at its layers.
+        """Vision blocks on x (N, B, D); with an active ``prune``, reduce tokens at its layers.
 
-        Returns x, the kept patches' original indices (B, n) or None, and the per-layer kept indices."""
+        Returns x, the kept patches' original indices (B, n) or None, the per-layer kept indices
+        and the patches each token holds (B, N; None unless tokens were merged)."""
         if prune is None or not prune.active:
             for block in blocks:
                 x, _ = _run_block(block, x)
-            return x, None, ()
+            return x, None, (), None
         layers = set(prune.layers)
         index = torch.arange(x.shape[0] - 1, device=x.device).expand(x.shape[1], -1)
         kept = []
+        size = None
+        merge = prune.mode == "merge"
         for i, block in enumerate(blocks):
             if i not in layers:
-                x, _ = _run_block(block, x)
+                x = _run_block(block, x)[0] if size is None else _run_block_sized(block, x, size)[0]
                 continue
-            out, cls_row = _attention_with_cls_row(block, x)
-            x, index = _drop_tokens(x + out, cls_row, index, prune)
+            if merge:
+                if size is None:
+                    size = torch.ones(x.shape[1], x.shape[0], device=x.device, dtype=x.dtype)
+                out, _, keys = _attention_with_cls_row(block, x, size, need_keys=True)
+                x, index, size = _merge_tokens(x + out, keys, index, size, prune)
+            else:
+                out, cls_row = _attention_with_cls_row(block, x)
+                x, index = _drop_tokens(x + out, cls_row, index, prune)
             kept.append(index)
             x = x + block.mlp(block.ln_2(x))
-        return x, index, tuple(kept)
+        return x, index, tuple(kept), size
 
     def _prune_for(self, pruned: bool) -> Optional[PruneSpec]:
         return self.prune if pruned and self.prune.active else None
@@ -530,7 +636,7 @@ class FrozenCLIP(nn.Module):
             if shallow_prompt is not None:
                 raise BackboneError("MODEL.PRUNE cannot be combined with visual prompts (MaPLe): set "
                                     "MODEL.PRUNE.LAYERS [] for this trainer.")
-            x, _, _ = self._run_blocks(v.ln_pre(x).permute(1, 0, 2), v.transformer.resblocks, prune)
+            x, _, _, _ = self._run_blocks(v.ln_pre(x).permute(1, 0, 2), v.transformer.resblocks, prune)
             return v.ln_post(x[0]) @ v.proj
         n_prompt = 0
         if shallow_prompt is not None:
@@ -557,10 +663,14 @@ class FrozenCLIP(nn.Module):
             raise BackboneError("Token-level features need a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14).")
         x = v.ln_pre(self._embed_patches(images)).permute(1, 0, 2)
         blocks = list(v.transformer.resblocks)
-        x, index, kept = self._run_blocks(x, blocks[:-1], self._prune_for(pruned))
-        x, weights = _run_block(blocks[-1], x, need_weights=need_attn)
+        x, index, kept, size = self._run_blocks(x, blocks[:-1], self._prune_for(pruned))
+        if size is None:
+            x, weights = _run_block(blocks[-1], x, need_weights=need_attn)
+            cls_row = weights[:, 0] if need_attn else None
+        else:  # merged tokens: proportional attention in the last block too
+            x, cls_row = _run_block_sized(blocks[-1], x, size)
         n = x.shape[0] if index is None else 1 + index.shape[1]  # drop the fused token, if any
         tokens = v.ln_post(x[:n].permute(1, 0, 2)) @ v.proj
-        cls_attn = weights[:, 0, 1:n] if need_attn else None
+        cls_attn = cls_row[:, 1:n] if need_attn else None
         return ImageTokens(global_feat=tokens[:, 0], tokens=tokens, cls_attn=cls_attn, patch_index=index,
                            kept_index=kept)

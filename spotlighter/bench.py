@@ -54,6 +54,8 @@ ARCHS: Dict[str, dict] = {
                  transformer_width=64, transformer_layers=2),
 }
 TEXT = dict(context_length=77, vocab_size=49408)
+#: clip.model builds width // 64 heads, so every head has 64 dimensions.
+CLIP_HEAD_DIM = 64
 #: Optimiser of the training step (the shipped configs' SGD).
 SGD = dict(lr=0.002, momentum=0.9, weight_decay=5e-4)
 BASELINE_EVAL = "zsclip"
@@ -63,26 +65,27 @@ TEXT_PER_BATCH = ("cocoop", "maple")
 
 
 def prune_arg(text: str) -> PruneSpec:
-    """``LAYERS:KEEP`` (e.g. ``3:0.5`` or ``3,6:0.5``) -> PruneSpec."""
+    """``LAYERS:KEEP[:MODE]`` (e.g. ``3:0.5``, ``3,6:0.5`` or ``3,6:0.7:merge``) -> PruneSpec."""
     try:
-        layers, keep = text.split(":")
-        return PruneSpec(tuple(int(i) for i in layers.split(",")), float(keep))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LAYERS:KEEP (e.g. 3,6:0.5)") from None
+        return PruneSpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def prune_label(spec: PruneSpec) -> str:
-    return ",".join(map(str, spec.layers)) + f":{spec.keep:g}"
+    return spec.label
 
 
 def default_prune() -> PruneSpec:
-    return PruneSpec(tuple(RECOMMENDED_PRUNE["LAYERS"]), RECOMMENDED_PRUNE["KEEP"], RECOMMENDED_PRUNE["FUSE"])
+    return PruneSpec(tuple(RECOMMENDED_PRUNE["LAYERS"]), RECOMMENDED_PRUNE["KEEP"], RECOMMENDED_PRUNE["FUSE"],
+                     mode=RECOMMENDED_PRUNE.get("MODE", "drop"))
 
 
 def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
     """Multiply-adds of one image through the vision transformer: per block 4·N·D² (QKV, output
     projection) + 2·N²·D (attention) on the tokens entering it and 8·N'·D² (MLP) on the tokens leaving
-    its attention (N' < N only at a pruning block); the fused token counts as a token."""
+    its attention (N' < N only at a pruning block); the fused token counts as a token. Merging's
+    matching (an (n/2 x n/2) similarity of head-dim keys) is counted at the blocks that merge."""
     a = ARCHS[arch]
     D, grid = a["vision_width"], a["image_resolution"] // a["vision_patch_size"]
     patches, fused = grid * grid, 0
@@ -91,7 +94,9 @@ def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
         n = 1 + patches + fused
         total += 4 * n * D * D + 2 * n * n * D
         if prune is not None and prune.active and i in prune.layers and prune.kept(patches) < patches:
-            patches, fused = prune.kept(patches), int(prune.fuse)
+            if prune.mode == "merge":
+                total += (patches // 2) * ((patches + 1) // 2) * CLIP_HEAD_DIM
+            patches, fused = prune.kept(patches), prune.extra_tokens
         total += 8 * (1 + patches + fused) * D * D
     return total
 
@@ -312,7 +317,7 @@ def parse_args(argv=None):
                    default=["zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip+prune", "paper+prune"],
                    help="zsclip coop cocoop maple paper release; NAME+prune = NAME with each --prune setting")
     p.add_argument("--prune", type=prune_arg, nargs="+", default=None,
-                   help="LAYERS:KEEP settings for the +prune models (default: the shipped "
+                   help="LAYERS:KEEP[:MODE] settings for the +prune models (e.g. 3,6:0.7:merge; default: the shipped "
                         f"{RECOMMENDED_PRUNE['LAYERS']}:{RECOMMENDED_PRUNE['KEEP']}, config.RECOMMENDED_PRUNE)")
     p.add_argument("--no-train", action="store_true", help="evaluation only")
     p.add_argument("--no-eval", action="store_true", help="training steps only")

@@ -16,6 +16,7 @@ from yacs.config import CfgNode as CN
 
 PRECISIONS = ("fp16", "fp32", "amp")
 LOCAL_LOGITS = ("cosine", "dot")  # TRAINER.SPOTLIGHTER.LOSS.LOCAL_LOGITS
+PRUNE_MODES = ("drop", "merge")  # MODEL.PRUNE.MODE: how a pruning block reduces its patch tokens
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,8 @@ def extend_cfg(cfg: CN) -> None:
     cfg.MODEL.PRUNE.KEEP = 1.0  # fraction of the patch tokens present at each such block that is kept
     cfg.MODEL.PRUNE.FUSE = True  # fuse the dropped tokens into one (CLS-attention-weighted mean, EViT)
     cfg.MODEL.PRUNE.IN_TRAINING = True  # drop tokens in training forwards too (test always does)
+    # drop: keep the CLS-attended patches (EViT); merge: merge similar patches (ToMe, KEEP >= 0.5)
+    cfg.MODEL.PRUNE.MODE = "drop"
     # Names recorded in result.json; train.py fills them from the --*config-file stems.
     cfg.DATASET.CONFIG_NAME = ""
     cfg.TRAINER.CONFIG_NAME = ""
@@ -190,6 +193,11 @@ def check_prune_cfg(node: CN) -> None:
             "a fraction in (0, 1] of the patch tokens kept at each block of LAYERS")
     for name in ("FUSE", "IN_TRAINING"):
         _expect(isinstance(node[name], bool), p + name, node[name], "True or False")
+    mode = node.get("MODE", "drop")
+    _one_of(p + "MODE", mode, PRUNE_MODES)
+    if mode == "merge" and layers:
+        _expect(keep >= 0.5, p + "KEEP", keep,
+                "a fraction in [0.5, 1] with MODEL.PRUNE.MODE merge (each block merges at most half of its tokens)")
 
 
 def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:

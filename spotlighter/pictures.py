@@ -3,7 +3,9 @@
 Panels, left to right: the image, the sample-wise score a_n, the semantic-wise score b_n and the
 last block's CLS attention A (each map min-max scaled per image, dark = low). In every panel the
 Level-1 tokens are outlined in :data:`LEVEL1_COLOUR`, the Level-2 tokens in :data:`LEVEL2_COLOUR`,
-and the patches dropped by MODEL.PRUNE are greyed out (a lighter grey for each later pruning block).
+and the patches dropped by MODEL.PRUNE are greyed out (a lighter grey for each later pruning block);
+with ``MODE merge`` those are the patches merged into another token there (the token a merge keeps
+is shown at the position of the patch it was merged into).
 Plain torch + PIL; the command line (model dir or config, images) is ``scripts/pictures.py``.
 """
 

@@ -22,8 +22,11 @@ TINY = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128
 def test_prune_arg_and_label():
     assert bench.prune_arg("3,6:0.5") == PruneSpec((3, 6), 0.5)
     assert bench.prune_label(PruneSpec((3,), 0.25)) == "3:0.25"
-    with pytest.raises(Exception, match="LAYERS:KEEP"):
-        bench.prune_arg("3-0.5")
+    assert bench.prune_arg("3,6:0.7:merge") == PruneSpec((3, 6), 0.7, mode="merge")
+    assert bench.prune_label(PruneSpec((3, 6), 0.7, mode="merge")) == "3,6:0.7:merge"
+    for bad in ("3-0.5", "3:0.5:blend"):
+        with pytest.raises(Exception, match="LAYERS:KEEP"):
+            bench.prune_arg(bad)
 
 
 def test_bad_arguments_are_usage_errors(capsys):
@@ -130,6 +133,11 @@ def test_encoder_macs_cost_model():
         + 8 * n * 768 ** 2 + 5 * (12 * n * 768 ** 2 + 2 * n * n * 768)
     assert half == expect
     assert bench.encoder_macs("ViT-B/16", PruneSpec((6,), 0.5, fuse=False)) < half
+    # merging: no fused token, plus the (98 x 98) matching of 64-dimensional keys at block 6
+    merged = bench.encoder_macs("ViT-B/16", PruneSpec((6,), 0.5, mode="merge"))
+    m = 99
+    assert merged == 6 * (12 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768) + 4 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768 \
+        + 98 * 98 * 64 + 8 * m * 768 ** 2 + 5 * (12 * m * 768 ** 2 + 2 * m * m * 768)
 
 
 def test_flops_only_prints_the_bound(capsys):

@@ -171,9 +171,9 @@ class PromptTrainer(TrainerX):
         prune = PruneSpec.from_cfg(cfg.MODEL.PRUNE)
         self.clip = FrozenCLIP(clip_model, prune)
         if prune.active:
-            logger.info("Token dropping: blocks %s keep %.3g of the patch tokens (fuse %s, in training %s): "
-                        "%d of %d patches reach the last block", list(prune.layers), prune.keep, prune.fuse,
-                        prune.in_training, prune.remaining(self.clip.num_patches), self.clip.num_patches)
+            logger.info("Token reduction (%s): blocks %s keep %.3g of the patch tokens (fuse %s, in training %s): "
+                        "%d of %d patches reach the last block", prune.mode, list(prune.layers), prune.keep,
+                        prune.fuse, prune.in_training, prune.remaining(self.clip.num_patches), self.clip.num_patches)
         size = list(cfg.INPUT.SIZE)
         if size != [self.clip.input_resolution] * 2:
             raise ConfigError(f"INPUT.SIZE = {tuple(size)} does not match the CLIP input resolution "
