@@ -36,7 +36,8 @@ def _tensor(views):
     return torch.stack([torch.from_numpy(v.astype(np.float32) / 255).permute(2, 0, 1) for v in views])
 
 
-@pytest.mark.parametrize("prune", [None, PruneSpec((0,), 0.5), PruneSpec((0, 1), 0.6)])
+@pytest.mark.parametrize("prune", [None, PruneSpec((0,), 0.5), PruneSpec((0, 1), 0.6),
+                                   PruneSpec((0, 1), 0.6, mode="merge")])
 def test_outlined_cells_are_exactly_the_selected_tokens(deep_clip, prune):
     model = _model(deep_clip, prune)
     views = _views()

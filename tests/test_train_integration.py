@@ -554,8 +554,10 @@ def test_full_disk_while_saving_is_one_line(data_root, tiny_clip_path, tmp_path,
     assert len(err.strip().splitlines()) == 1 and not list((out / "prompt_learner").glob("*.tmp-*"))
 
 
-def test_pruned_training_then_pictures_of_the_trained_model(data_root, tiny_clip_path, tmp_path):
-    """MODEL.PRUNE through train.py (training and test), then scripts/pictures.py on that model dir."""
+@pytest.mark.parametrize("mode", ["drop", "merge"])
+def test_pruned_training_then_pictures_of_the_trained_model(data_root, tiny_clip_path, tmp_path, mode):
+    """MODEL.PRUNE (both modes) through train.py (training and test), then scripts/pictures.py on that
+    model dir."""
     import glob
 
     import numpy as np
@@ -564,10 +566,10 @@ def test_pruned_training_then_pictures_of_the_trained_model(data_root, tiny_clip
     from spotlighter import pictures
 
     out = tmp_path / "pruned"
-    prune = ["MODEL.PRUNE.LAYERS", "[0]", "MODEL.PRUNE.KEEP", "0.5"]
+    prune = ["MODEL.PRUNE.LAYERS", "[0]", "MODEL.PRUNE.KEEP", "0.5", "MODEL.PRUNE.MODE", mode]
     run_train(data_root, tiny_clip_path, out, extra=prune)
     log = open(out / "log.txt").read()
-    assert "Token dropping: blocks [0] keep 0.5" in log and "8 of 16 patches reach the last block" in log
+    assert f"Token reduction ({mode}): blocks [0] keep 0.5" in log and "8 of 16 patches reach the last block" in log
     assert read_result(out)["total"] == 36
 
     images = sorted(glob.glob(os.path.join(data_root, "minibench", "images", "*", "test_*.png")))[:2]
@@ -586,7 +588,7 @@ def test_pruned_training_then_pictures_of_the_trained_model(data_root, tiny_clip
         assert len(pictures.outlined_cells(pic, 4, 10, pictures.LEVEL2_COLOUR)) == 2
         arr = np.asarray(pic.convert("RGB"))
         grey = (arr == np.array(pictures.DROPPED_GREYS[0], dtype=np.uint8)).all(axis=-1)
-        assert grey.sum() >= 8 * (10 - 2 * 3) ** 2  # 8 dropped cells greyed (at least their interiors)
+        assert grey.sum() >= 8 * (10 - 2 * 3) ** 2  # 8 dropped (merged) cells greyed (at least their interiors)
 
     bad = subprocess.run(cmd[:cmd.index("--images") + 1] + ["missing.png"] + cmd[cmd.index("--out"):], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
