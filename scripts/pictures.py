@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         cell = args.cell or pictures.default_cell(spot.grid)
         target = os.path.join(args.out, stem + ".png")
         pictures.render(view, spot, cell).save(target)
-        print(f"{target}: Level-1 {spot.level1}, Level-2 {spot.level2}, dropped per block "
+        gone = "merged away" if model.clip.prune.mode == "merge" else "dropped"
+        print(f"{target}: Level-1 {spot.level1}, Level-2 {spot.level2}, {gone} per block "
               f"{[len(d) for d in spot.dropped]}")
     return 0
 

@@ -78,7 +78,7 @@ def prune_label(spec: PruneSpec) -> str:
 
 def default_prune() -> PruneSpec:
     return PruneSpec(tuple(RECOMMENDED_PRUNE["LAYERS"]), RECOMMENDED_PRUNE["KEEP"], RECOMMENDED_PRUNE["FUSE"],
-                     mode=RECOMMENDED_PRUNE.get("MODE", "drop"))
+                     mode=RECOMMENDED_PRUNE["MODE"])
 
 
 def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
@@ -318,7 +318,7 @@ def parse_args(argv=None):
                    help="zsclip coop cocoop maple paper release; NAME+prune = NAME with each --prune setting")
     p.add_argument("--prune", type=prune_arg, nargs="+", default=None,
                    help="LAYERS:KEEP[:MODE] settings for the +prune models (e.g. 3,6:0.7:merge; default: the shipped "
-                        f"{RECOMMENDED_PRUNE['LAYERS']}:{RECOMMENDED_PRUNE['KEEP']}, config.RECOMMENDED_PRUNE)")
+                        f"{default_prune().label}, config.RECOMMENDED_PRUNE)")
     p.add_argument("--no-train", action="store_true", help="evaluation only")
     p.add_argument("--no-eval", action="store_true", help="training steps only")
     p.add_argument("--flops-only", action="store_true",

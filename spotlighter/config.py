@@ -125,7 +125,7 @@ def extend_cfg(cfg: CN) -> None:
 
 #: The shipped token-dropping setting for ViT-B/16 (configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml
 #: holds these values, checked by a test; docs/efficiency.md has the trade-off it was chosen from).
-RECOMMENDED_PRUNE: Dict[str, Any] = {"LAYERS": [3], "KEEP": 0.875, "FUSE": True}
+RECOMMENDED_PRUNE: Dict[str, Any] = {"LAYERS": [0, 3, 6], "KEEP": 0.8, "FUSE": True, "MODE": "merge"}
 
 #: What each preset changes relative to the defaults above (the ``paper`` preset).
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -72,13 +72,13 @@ def test_each_rep_starts_one_model_later():
 def test_shipped_prune_config_is_the_benchmarked_setting():
     with open(os.path.join(ROOT, "configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml")) as f:
         prune = yaml.safe_load(f)["MODEL"]["PRUNE"]
-    assert {k: prune[k] for k in ("LAYERS", "KEEP", "FUSE")} == RECOMMENDED_PRUNE
-    assert bench.default_prune() == PruneSpec(tuple(prune["LAYERS"]), prune["KEEP"], prune["FUSE"])
+    assert {k: prune[k] for k in ("LAYERS", "KEEP", "FUSE", "MODE")} == RECOMMENDED_PRUNE
+    assert bench.default_prune() == PruneSpec(tuple(prune["LAYERS"]), prune["KEEP"], prune["FUSE"], mode=prune["MODE"])
     # its MiniBench twin drops at the same relative depth (block b of 4 <-> block 3b of 12), same rate
     with open(os.path.join(ROOT, "configs/trainers/Spotlighter/minibench_ep10_paper_prune.yaml")) as f:
         twin = yaml.safe_load(f)["MODEL"]["PRUNE"]
     assert [3 * b for b in twin["LAYERS"]] == prune["LAYERS"]
-    assert (twin["KEEP"], twin["FUSE"], twin["IN_TRAINING"]) == (prune["KEEP"], prune["FUSE"], prune["IN_TRAINING"])
+    assert [twin[k] for k in ("KEEP", "FUSE", "IN_TRAINING", "MODE")] == [prune[k] for k in ("KEEP", "FUSE", "IN_TRAINING", "MODE")]
 
 
 @pytest.fixture()

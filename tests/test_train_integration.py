@@ -580,6 +580,7 @@ def test_pruned_training_then_pictures_of_the_trained_model(data_root, tiny_clip
            "DATASET.SUBSAMPLE_CLASSES", "base", *prune]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(("merged away" if mode == "merge" else "dropped") + " per block [8]") == len(images)
     for path in images:
         png = pics / (os.path.splitext(os.path.basename(path))[0] + ".png")
         pic = Image.open(png)
