@@ -30,7 +30,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .backbone import FrozenCLIP, build_clip
+from .backbone import FrozenCLIP, PruneSpec, build_clip
+from .config import RECOMMENDED_PRUNE
 
 PRECISIONS = ("fp32", "fp16", "amp")
 #: clip.model.CLIP arguments: OpenAI's ViT-B/16, and a tiny model of the same architecture.
@@ -78,6 +79,11 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
             return models.Spotlighter(clip, CLASSNAMES, head, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
         return build
 
+    def spot_pruned(clip):  # the shipped token reduction (tiny: its first block only, as it has 2)
+        r = RECOMMENDED_PRUNE
+        spec = PruneSpec((0,) if small else tuple(r["LAYERS"]), r["KEEP"], r["FUSE"], mode=r["MODE"])
+        return spot("paper")(FrozenCLIP(clip.model, spec))
+
     return {
         "ZeroshotCLIP": lambda clip: models.ZeroShotCLIP(clip, CLASSNAMES),
         "CoOp": lambda clip: models.CoOp(clip, CLASSNAMES, n_ctx=4, ctx_init="a photo of a"),
@@ -85,6 +91,7 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         "MaPLe": lambda clip: models.MaPLe(clip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", depth=maple_depth),
         "Spotlighter-paper": spot("paper"),
         "Spotlighter-release": spot("release"),
+        "Spotlighter-paper-prune": spot_pruned,
     }
 
 
