@@ -76,9 +76,18 @@ def prune_label(spec: PruneSpec) -> str:
     return spec.label
 
 
-def default_prune() -> PruneSpec:
-    return PruneSpec(tuple(RECOMMENDED_PRUNE["LAYERS"]), RECOMMENDED_PRUNE["KEEP"], RECOMMENDED_PRUNE["FUSE"],
-                     mode=RECOMMENDED_PRUNE["MODE"])
+def recommended_prune(preset: str) -> PruneSpec:
+    r = RECOMMENDED_PRUNE[preset]
+    return PruneSpec(tuple(r["LAYERS"]), r["KEEP"], r["FUSE"], mode=r["MODE"])
+
+
+def default_prunes() -> List[PruneSpec]:
+    """The shipped settings (one per Spotlighter preset, each once)."""
+    out: List[PruneSpec] = []
+    for preset in RECOMMENDED_PRUNE:
+        if recommended_prune(preset) not in out:
+            out.append(recommended_prune(preset))
+    return out
 
 
 def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
@@ -318,7 +327,7 @@ def parse_args(argv=None):
                    help="zsclip coop cocoop maple paper release; NAME+prune = NAME with each --prune setting")
     p.add_argument("--prune", type=prune_arg, nargs="+", default=None,
                    help="LAYERS:KEEP[:MODE] settings for the +prune models (e.g. 3,6:0.7:merge; default: the shipped "
-                        f"{default_prune().label}, config.RECOMMENDED_PRUNE)")
+                        f"{' '.join(p.label for p in default_prunes())}, config.RECOMMENDED_PRUNE)")
     p.add_argument("--no-train", action="store_true", help="evaluation only")
     p.add_argument("--no-eval", action="store_true", help="training steps only")
     p.add_argument("--flops-only", action="store_true",
@@ -328,7 +337,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default="", help="also write every figure to this file")
     p.add_argument("--_probe", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.prune = args.prune or [default_prune()]
+    args.prune = args.prune or default_prunes()
     args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     if args.precision != "fp32" and not args.device.startswith("cuda"):
         p.error(f"--precision {args.precision} needs a CUDA device (CPU runs fp32)")

@@ -123,9 +123,13 @@ def extend_cfg(cfg: CN) -> None:
     s.TEST.LOCAL_GAMMA = 0.5  # test logits = global + gamma * level-weighted local (0 = global only)
 
 
-#: The shipped token-dropping setting for ViT-B/16 (configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml
-#: holds these values, checked by a test; docs/efficiency.md has the trade-off it was chosen from).
-RECOMMENDED_PRUNE: Dict[str, Any] = {"LAYERS": [0, 3, 6], "KEEP": 0.8, "FUSE": True, "MODE": "merge"}
+#: The shipped token-reduction setting for ViT-B/16, per Spotlighter preset
+#: (configs/trainers/Spotlighter/vit_b16_ep20_<preset>_prune.yaml hold these values, checked by a test;
+#: docs/efficiency.md has the trade-off each was chosen from: the fastest within 1 HM on MiniBench).
+RECOMMENDED_PRUNE: Dict[str, Dict[str, Any]] = {
+    "paper": {"LAYERS": [0, 3, 6], "KEEP": 0.8, "FUSE": True, "MODE": "merge"},
+    "release": {"LAYERS": [0, 3, 6], "KEEP": 0.7, "FUSE": True, "MODE": "merge"},
+}
 
 #: What each preset changes relative to the defaults above (the ``paper`` preset).
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -80,7 +80,7 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         return build
 
     def spot_pruned(clip):  # the shipped token reduction (tiny: its first block only, as it has 2)
-        r = RECOMMENDED_PRUNE
+        r = RECOMMENDED_PRUNE["paper"]
         spec = PruneSpec((0,) if small else tuple(r["LAYERS"]), r["KEEP"], r["FUSE"], mode=r["MODE"])
         return spot("paper")(FrozenCLIP(clip.model, spec))
 

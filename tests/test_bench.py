@@ -69,16 +69,30 @@ def test_each_rep_starts_one_model_later():
     assert bench.rep_order([], 2) == []
 
 
-def test_shipped_prune_config_is_the_benchmarked_setting():
-    with open(os.path.join(ROOT, "configs/trainers/Spotlighter/vit_b16_ep20_paper_prune.yaml")) as f:
-        prune = yaml.safe_load(f)["MODEL"]["PRUNE"]
-    assert {k: prune[k] for k in ("LAYERS", "KEEP", "FUSE", "MODE")} == RECOMMENDED_PRUNE
-    assert bench.default_prune() == PruneSpec(tuple(prune["LAYERS"]), prune["KEEP"], prune["FUSE"], mode=prune["MODE"])
-    # its MiniBench twin drops at the same relative depth (block b of 4 <-> block 3b of 12), same rate
-    with open(os.path.join(ROOT, "configs/trainers/Spotlighter/minibench_ep10_paper_prune.yaml")) as f:
-        twin = yaml.safe_load(f)["MODEL"]["PRUNE"]
+@pytest.mark.parametrize("preset", ["paper", "release"])
+def test_shipped_prune_config_is_the_benchmarked_setting(preset):
+    keys = ("LAYERS", "KEEP", "FUSE", "MODE")
+    with open(os.path.join(ROOT, f"configs/trainers/Spotlighter/vit_b16_ep20_{preset}_prune.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    prune = cfg["MODEL"]["PRUNE"]
+    assert cfg["TRAINER"]["SPOTLIGHTER"]["PRESET"] == preset
+    assert {k: prune[k] for k in keys} == RECOMMENDED_PRUNE[preset]
+    assert bench.recommended_prune(preset) in bench.default_prunes()
+    assert bench.recommended_prune(preset) == PruneSpec(tuple(prune["LAYERS"]), prune["KEEP"], prune["FUSE"],
+                                                        mode=prune["MODE"])
+    # its MiniBench twin reduces at the same relative depth (block b of 4 <-> block 3b of 12), same rate
+    with open(os.path.join(ROOT, f"configs/trainers/Spotlighter/minibench_ep10_{preset}_prune.yaml")) as f:
+        twin_cfg = yaml.safe_load(f)
+    twin = twin_cfg["MODEL"]["PRUNE"]
+    assert twin_cfg["TRAINER"]["SPOTLIGHTER"]["PRESET"] == preset
     assert [3 * b for b in twin["LAYERS"]] == prune["LAYERS"]
-    assert [twin[k] for k in ("KEEP", "FUSE", "IN_TRAINING", "MODE")] == [prune[k] for k in ("KEEP", "FUSE", "IN_TRAINING", "MODE")]
+    assert [twin[k] for k in keys[1:] + ("IN_TRAINING",)] == [prune[k] for k in keys[1:] + ("IN_TRAINING",)]
+    # and each differs from its unpruned config only by MODEL.PRUNE
+    for name, pruned in ((f"vit_b16_ep20_{preset}", cfg), (f"minibench_ep10_{preset}", twin_cfg)):
+        with open(os.path.join(ROOT, f"configs/trainers/Spotlighter/{name}.yaml")) as f:
+            plain = yaml.safe_load(f)
+        rest = {k: v for k, v in pruned["MODEL"].items() if k != "PRUNE"}
+        assert {**pruned, "MODEL": rest} == plain, name
 
 
 @pytest.fixture()
