@@ -29,7 +29,7 @@ DEFAULT_SETTINGS = ["none", "2:0.875", "2:0.75", "2:0.5", "2:0.25", "2:0.2", "1:
                     "1,2:0.6",
                     # merging (MODEL.PRUNE.MODE merge)
                     "2:0.5:merge", "1,2:0.7:merge", "0,1,2:0.85:merge", "0,1,2:0.8:merge", "1,2:0.65:merge",
-                    "1,2:0.6:merge", "0,1,2:0.75:merge", "1:0.5:merge", "0,1:0.75:merge", "0,1:0.7:merge",
+                    "1,2:0.6:merge", "0,1,2:0.75:merge", "0,1,2:0.7:merge", "1:0.5:merge", "0,1:0.75:merge", "0,1:0.7:merge",
                     "1,2:0.5:merge", "0:0.5:merge"]
 DEFAULT_RUNS = ["spotlighter:minibench_ep10_paper", "zsclip:minibench"]
 SHOTS = 16
