@@ -100,13 +100,14 @@ def fmt(stat) -> str:
 
 def twin(text: str):
     """The ViT-B/16 setting at the same relative depths ('none' for none) and its multiply-add bound."""
-    from spotlighter.backbone import PruneSpec
+    import dataclasses
+
     from spotlighter.bench import encoder_macs
 
     if text == "none":
         return "none", 1.0
     spec = parse_setting(text)
-    vit = PruneSpec(tuple(TWIN_FACTOR * b for b in spec.layers), spec.keep, spec.fuse, mode=spec.mode)
+    vit = dataclasses.replace(spec, layers=tuple(TWIN_FACTOR * b for b in spec.layers))
     return vit.label, encoder_macs(TWIN_ARCH) / encoder_macs(TWIN_ARCH, vit)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PRUNE_MODES
+from .config import MERGE_MIN_KEEP, PRUNE_MODES, RECOMMENDED_PRUNE
 from .fileio import atomic_path, describe_unreadable
 
 logger = logging.getLogger(__name__)
@@ -309,13 +309,20 @@ class PruneSpec:
     def __post_init__(self):
         if self.mode not in PRUNE_MODES:
             raise ValueError(f"prune mode must be one of {PRUNE_MODES}, got {self.mode!r}")
-        if self.mode == "merge" and self.active and self.keep < 0.5:
-            raise ValueError(f"merging keeps at least half of the tokens at each block (KEEP >= 0.5), got {self.keep}")
+        if self.mode == "merge" and self.active and self.keep < MERGE_MIN_KEEP:
+            raise ValueError(f"merging keeps at least half of the tokens at each block (KEEP >= {MERGE_MIN_KEEP}), "
+                             f"got {self.keep}")
 
     @classmethod
     def from_cfg(cls, node) -> "PruneSpec":
         return cls(tuple(int(i) for i in node.LAYERS), float(node.KEEP), bool(node.FUSE),
                    bool(node.IN_TRAINING), str(node.get("MODE", "drop")))
+
+    @classmethod
+    def recommended(cls, preset: str) -> "PruneSpec":
+        """The shipped ViT-B/16 setting of a Spotlighter preset (``config.RECOMMENDED_PRUNE``)."""
+        r = RECOMMENDED_PRUNE[preset]
+        return cls(tuple(r["LAYERS"]), r["KEEP"], r["FUSE"], mode=r["MODE"])
 
     @classmethod
     def parse(cls, text: str) -> "PruneSpec":

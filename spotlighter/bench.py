@@ -72,21 +72,12 @@ def prune_arg(text: str) -> PruneSpec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def prune_label(spec: PruneSpec) -> str:
-    return spec.label
-
-
-def recommended_prune(preset: str) -> PruneSpec:
-    r = RECOMMENDED_PRUNE[preset]
-    return PruneSpec(tuple(r["LAYERS"]), r["KEEP"], r["FUSE"], mode=r["MODE"])
-
-
 def default_prunes() -> List[PruneSpec]:
     """The shipped settings (one per Spotlighter preset, each once)."""
     out: List[PruneSpec] = []
     for preset in RECOMMENDED_PRUNE:
-        if recommended_prune(preset) not in out:
-            out.append(recommended_prune(preset))
+        if PruneSpec.recommended(preset) not in out:
+            out.append(PruneSpec.recommended(preset))
     return out
 
 
@@ -127,7 +118,7 @@ def entries(models: Sequence[str], prunes: Sequence[PruneSpec]) -> List[Entry]:
     for m in models:
         kind, _, pruned = m.partition("+")
         if pruned:
-            out += [Entry(f"{kind} prune {prune_label(p)}", kind, p) for p in prunes]
+            out += [Entry(f"{kind} prune {p.label}", kind, p) for p in prunes]
         else:
             out.append(Entry(kind, kind))
     return out
@@ -394,7 +385,7 @@ def cpu_memory(args, rows: List[Entry]) -> None:
                "--train-batch", str(args.train_batch), "--train-classes", str(args.train_classes),
                "--threads", str(args.threads)]
         if e.prune is not None:
-            cmd += ["--prune", prune_label(e.prune)]
+            cmd += ["--prune", e.prune.label]
         if args.no_train:
             cmd.append("--no-train")
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -417,7 +408,7 @@ def main(argv=None) -> int:
         print("|---|---:|---:|")
         for spec in [None] + list(args.prune):
             macs = encoder_macs(args.arch, spec)
-            print(f"| {'none' if spec is None else prune_label(spec)} | {macs / 1e9:.2f} | {base / macs:.2f}× |")
+            print(f"| {'none' if spec is None else spec.label} | {macs / 1e9:.2f} | {base / macs:.2f}× |")
         return 0
     device, dtype, autocast = setup(args)
     t0 = time.time()

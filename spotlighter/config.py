@@ -17,6 +17,7 @@ from yacs.config import CfgNode as CN
 PRECISIONS = ("fp16", "fp32", "amp")
 LOCAL_LOGITS = ("cosine", "dot")  # TRAINER.SPOTLIGHTER.LOSS.LOCAL_LOGITS
 PRUNE_MODES = ("drop", "merge")  # MODEL.PRUNE.MODE: how a pruning block reduces its patch tokens
+MERGE_MIN_KEEP = 0.5  # merging pairs each merged token with one kept token: at most half can go per block
 
 
 class ConfigError(ValueError):
@@ -200,8 +201,9 @@ def check_prune_cfg(node: CN) -> None:
     mode = node.get("MODE", "drop")
     _one_of(p + "MODE", mode, PRUNE_MODES)
     if mode == "merge" and layers:
-        _expect(keep >= 0.5, p + "KEEP", keep,
-                "a fraction in [0.5, 1] with MODEL.PRUNE.MODE merge (each block merges at most half of its tokens)")
+        _expect(keep >= MERGE_MIN_KEEP, p + "KEEP", keep,
+                f"a fraction in [{MERGE_MIN_KEEP}, 1] with MODEL.PRUNE.MODE merge "
+                "(each block merges at most half of its tokens)")
 
 
 def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,7 +32,6 @@ import torch
 import torch.nn as nn
 
 from .backbone import FrozenCLIP, PruneSpec, build_clip
-from .config import RECOMMENDED_PRUNE
 
 PRECISIONS = ("fp32", "fp16", "amp")
 #: clip.model.CLIP arguments: OpenAI's ViT-B/16, and a tiny model of the same architecture.
@@ -80,9 +80,8 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         return build
 
     def spot_pruned(clip):  # the shipped token reduction (tiny: its first block only, as it has 2)
-        r = RECOMMENDED_PRUNE["paper"]
-        spec = PruneSpec((0,) if small else tuple(r["LAYERS"]), r["KEEP"], r["FUSE"], mode=r["MODE"])
-        return spot("paper")(FrozenCLIP(clip.model, spec))
+        spec = PruneSpec.recommended("paper")
+        return spot("paper")(FrozenCLIP(clip.model, dataclasses.replace(spec, layers=(0,)) if small else spec))
 
     return {
         "ZeroshotCLIP": lambda clip: models.ZeroShotCLIP(clip, CLASSNAMES),

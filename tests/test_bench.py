@@ -21,9 +21,9 @@ TINY = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128
 
 def test_prune_arg_and_label():
     assert bench.prune_arg("3,6:0.5") == PruneSpec((3, 6), 0.5)
-    assert bench.prune_label(PruneSpec((3,), 0.25)) == "3:0.25"
+    assert PruneSpec((3,), 0.25).label == "3:0.25"
     assert bench.prune_arg("3,6:0.7:merge") == PruneSpec((3, 6), 0.7, mode="merge")
-    assert bench.prune_label(PruneSpec((3, 6), 0.7, mode="merge")) == "3,6:0.7:merge"
+    assert PruneSpec((3, 6), 0.7, mode="merge").label == "3,6:0.7:merge"
     for bad in ("3-0.5", "3:0.5:blend"):
         with pytest.raises(Exception, match="LAYERS:KEEP"):
             bench.prune_arg(bad)
@@ -77,8 +77,8 @@ def test_shipped_prune_config_is_the_benchmarked_setting(preset):
     prune = cfg["MODEL"]["PRUNE"]
     assert cfg["TRAINER"]["SPOTLIGHTER"]["PRESET"] == preset
     assert {k: prune[k] for k in keys} == RECOMMENDED_PRUNE[preset]
-    assert bench.recommended_prune(preset) in bench.default_prunes()
-    assert bench.recommended_prune(preset) == PruneSpec(tuple(prune["LAYERS"]), prune["KEEP"], prune["FUSE"],
+    assert PruneSpec.recommended(preset) in bench.default_prunes()
+    assert PruneSpec.recommended(preset) == PruneSpec(tuple(prune["LAYERS"]), prune["KEEP"], prune["FUSE"],
                                                         mode=prune["MODE"])
     # its MiniBench twin reduces at the same relative depth (block b of 4 <-> block 3b of 12), same rate
     with open(os.path.join(ROOT, f"configs/trainers/Spotlighter/minibench_ep10_{preset}_prune.yaml")) as f:

@@ -12,7 +12,7 @@ from spotlighter.backbone import FrozenCLIP, PruneSpec, _attention_with_cls_row,
 from spotlighter.config import ConfigError, check_prune_cfg
 from spotlighter.models import Spotlighter
 from test_models import NAMES, head_cfg, images
-from test_prune import _cfg, _models
+from test_prune import _cfg, _models, check_reduced_forward
 from tiny_clip import build_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,23 +81,9 @@ def reference_merged(model, x, spec):
 @pytest.mark.parametrize("spec", [PruneSpec((1,), 0.5, mode="merge"), PruneSpec((0, 2), 0.6, mode="merge"),
                                   PruneSpec((0, 1, 2), 0.75, mode="merge")])
 def test_merged_forward_matches_hand_written_tome(deep_clip, spec):
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    clip = FrozenCLIP(deep_clip, spec)
-    with torch.no_grad():
-        ref, ref_index = reference_merged(deep_clip, x, spec)
-        out = clip.encode_image(x)
-        tok = clip.encode_image_tokens(x)
-    assert torch.allclose(out, ref, atol=1e-5)
-    assert torch.allclose(tok.global_feat, ref, atol=1e-5)
-    assert torch.equal(tok.patch_index, ref_index)
-    n = spec.remaining(16)
-    assert tok.tokens.shape == (3, 1 + n, deep_clip.visual.proj.shape[1])  # no fused token
-    assert tok.cls_attn.shape == (3, n)
+    tok = check_reduced_forward(deep_clip, spec, reference_merged)
     assert torch.allclose(tok.cls_attn.sum(dim=1), torch.ones(3), atol=0.2)  # CLS row minus itself
-    assert len(tok.kept_index) == len(spec.layers) and torch.equal(tok.kept_index[-1], tok.patch_index)
     assert torch.equal(tok.patch_index, tok.patch_index.sort(dim=1).values)  # spatial order
-    for earlier, later in zip(tok.kept_index, tok.kept_index[1:]):  # a merged-away patch never comes back
-        assert all(set(l.tolist()) <= set(e.tolist()) for e, l in zip(earlier, later))
 
 
 def test_proportional_attention_equals_attention_over_duplicates(deep_clip):

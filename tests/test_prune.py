@@ -70,26 +70,35 @@ def reference_pruned(model, x, spec):
     return v.ln_post(h[:, 0]) @ v.proj, index
 
 
-@pytest.mark.parametrize("spec", [PruneSpec((1,), 0.5), PruneSpec((0, 2), 0.4), PruneSpec((1,), 0.3, fuse=False),
-                                  PruneSpec((0, 1, 2), 0.7)])
-def test_pruned_forward_matches_hand_written_evit(deep_clip, spec):
+def check_reduced_forward(model, spec, reference):
+    """The reduced forward of ``spec`` against ``reference(model, x, spec)`` -> (global features, patch
+    indices), and the token bookkeeping every reduction mode shares; returns the ImageTokens."""
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    clip = FrozenCLIP(deep_clip, spec)
+    clip = FrozenCLIP(model, spec)
     with torch.no_grad():
-        ref, ref_index = reference_pruned(deep_clip, x, spec)
+        ref, ref_index = reference(model, x, spec)
         out = clip.encode_image(x)
         tok = clip.encode_image_tokens(x)
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(tok.global_feat, ref, atol=1e-5)
     assert torch.equal(tok.patch_index, ref_index)
+    n = spec.remaining(16)
+    assert tok.tokens.shape == (3, 1 + n, model.visual.proj.shape[1])  # the fused token is not returned
+    assert tok.cls_attn.shape == (3, n)
+    assert len(tok.kept_index) == len(spec.layers) and torch.equal(tok.kept_index[-1], tok.patch_index)
+    for earlier, later in zip(tok.kept_index, tok.kept_index[1:]):  # a removed patch never comes back
+        assert all(set(l.tolist()) <= set(e.tolist()) for e, l in zip(earlier, later))
+    return tok
+
+
+@pytest.mark.parametrize("spec", [PruneSpec((1,), 0.5), PruneSpec((0, 2), 0.4), PruneSpec((1,), 0.3, fuse=False),
+                                  PruneSpec((0, 1, 2), 0.7)])
+def test_pruned_forward_matches_hand_written_evit(deep_clip, spec):
+    check_reduced_forward(deep_clip, spec, reference_pruned)
     n = 16
     for _ in spec.layers:
         n = math.ceil(spec.keep * n)
-    assert tok.tokens.shape == (3, 1 + n, deep_clip.visual.proj.shape[1]) and n == spec.remaining(16)
-    assert tok.cls_attn.shape == (3, n)
-    assert len(tok.kept_index) == len(spec.layers) and torch.equal(tok.kept_index[-1], tok.patch_index)
-    for earlier, later in zip(tok.kept_index, tok.kept_index[1:]):  # a dropped patch never comes back
-        assert all(set(l.tolist()) <= set(e.tolist()) for e, l in zip(earlier, later))
+    assert n == spec.remaining(16)
 
 
 def test_kept_patches_are_those_with_the_highest_cls_attention(deep_clip):
