@@ -260,17 +260,25 @@ class ImageRefiner(nn.Module):
             raise ValueError(f"TRAINER.SPOTLIGHTER.IRM.HEADS = {heads} must divide the embedding width {dim}")
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """queries (B, q, d); memory (M, d) shared by the batch or (B, M, d)."""
+    def memory_kv(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a memory shared by the batch (M, d): two (H, M, head dim) tensors."""
+        a = self.attn
+        E, H = a.embed_dim, a.num_heads
+        w_kv, b_kv = a.in_proj_weight[E:], a.in_proj_bias[E:]
+        k, v = F.linear(memory, w_kv, b_kv).view(memory.shape[0], 2, H, E // H).permute(1, 2, 0, 3)
+        return k, v
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor,
+                kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """queries (B, q, d); memory (M, d) shared by the batch or (B, M, d). ``kv``: the shared
+        memory's :meth:`memory_kv`, when the caller already has them (evaluation caches them)."""
         if memory.dim() == 3:
             return self.attn(queries, memory, memory, need_weights=False)[0]
         a = self.attn
         B, L, E = queries.shape
         H = a.num_heads
-        w_q, w_kv = a.in_proj_weight.split([E, 2 * E])
-        b_q, b_kv = a.in_proj_bias.split([E, 2 * E])
-        q = F.linear(queries, w_q, b_q).view(B, L, H, E // H).transpose(1, 2)  # (B, H, L, hd)
-        k, v = F.linear(memory, w_kv, b_kv).view(memory.shape[0], 2, H, E // H).permute(1, 2, 0, 3)
+        q = F.linear(queries, a.in_proj_weight[:E], a.in_proj_bias[:E]).view(B, L, H, E // H).transpose(1, 2)
+        k, v = self.memory_kv(memory) if kv is None else kv  # (H, M, hd) each
         dropout = a.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1),
                                              dropout_p=dropout)
@@ -338,6 +346,23 @@ class HeadOutput:
     patch_idx: Optional[torch.Tensor] = None  # (B, k) original patch index (row-major grid) of token_idx
 
 
+@dataclass
+class ClassSide:
+    """The image-independent part of a head forward (see :meth:`SpotlighterHead.class_side`)."""
+
+    text: torch.Tensor  # (C, d) unit-norm class text
+    refined: torch.Tensor  # (C, d) TRM's refined text
+    memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]]  # IRM keys/values of the memory, (H, M, hd)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Cache keys of :meth:`SpotlighterHead.class_side`: tensors compared by identity, the rest by value."""
+    text_a, ver_a, bufs_a, *rest_a = a
+    text_b, ver_b, bufs_b, *rest_b = b
+    return (text_a is text_b and ver_a == ver_b and len(bufs_a) == len(bufs_b)
+            and all(x is y for x, y in zip(bufs_a, bufs_b)) and rest_a == rest_b)
+
+
 class SpotlighterHead(nn.Module):
     """Everything Spotlighter adds on top of a prompt learner and the frozen CLIP."""
 
@@ -365,7 +390,8 @@ class SpotlighterHead(nn.Module):
         s = logit_scale.exp().float()
         v_hat = F.normalize(img.global_feat.float(), dim=-1)
         tokens = img.tokens.float()
-        t_hat = F.normalize(text.float(), dim=-1)
+        cs = self.class_side(text)
+        t_hat, t_ref = cs.text, cs.refined
         protos = self.memory.prototypes if isinstance(self.memory, ClassMemory) else None
 
         with torch.no_grad():
@@ -374,12 +400,18 @@ class SpotlighterHead(nn.Module):
             scores = token_scores(patches, probs, t_hat, protos, img.cls_attn, cfg.score)
             top_scores, token_idx = select_top_k(scores, cfg.top_k)
 
-        mapped = self.mapper(tokens) if (training or cfg.mapper_at_test) else tokens
-        selected = gather_tokens(mapped, token_idx)  # (B, k, d)
+        if not (training or cfg.mapper_at_test):
+            mapped = tokens
+            selected = gather_tokens(tokens, token_idx)  # (B, k, d)
+        elif training or self.mapper.training:  # BatchNorm on batch statistics: every token takes part
+            mapped = self.mapper(tokens)
+            selected = gather_tokens(mapped, token_idx)
+        else:  # BatchNorm on running statistics acts token by token: map the selected ones only
+            mapped = None
+            selected = self.mapper(gather_tokens(tokens, token_idx))
 
-        t_ref = self.trm(t_hat, self.memory.read_own(t_hat))
         if cfg.irm_kind == "tokens":
-            rep = selected + self.irm(selected, self.memory.keys())
+            rep = selected + self.irm(selected, self.memory.keys(), kv=cs.memory_kv)
             o = (top_scores.softmax(dim=1).unsqueeze(-1) * rep).sum(dim=1)
         else:
             read_v = self.memory.read(v_hat)
@@ -407,6 +439,30 @@ class SpotlighterHead(nn.Module):
         patch_idx = token_idx - 1 if img.patch_index is None else img.patch_index.gather(1, token_idx - 1)
         return HeadOutput(logits=logits, losses=losses, token_idx=token_idx, top_scores=top_scores,
                           scores=scores, patch_idx=patch_idx)
+
+    def class_side(self, text: torch.Tensor) -> "ClassSide":
+        """What depends on the class text and the memory only, not on the images: the unit-norm
+        text, TRM's refined text and (IRM over tokens) the memory's keys and values.
+
+        Without gradients it is computed once and reused while the same ``text`` tensor (CoOp's
+        cached text features at evaluation), the same memory buffers and unchanged TRM/IRM
+        parameters come in (an optimizer step, a checkpoint load, a memory write or ``.to()``
+        each change one of them), as the prompt learner's text features are."""
+        if torch.is_grad_enabled():
+            return self._class_side(text)
+        params = tuple((p.data_ptr(), p._version) for m in (self.trm, self.irm) for p in m.parameters())
+        buffers = tuple(self.memory.buffers())
+        key = (text, text._version, buffers, tuple(b._version for b in buffers), params)
+        cached = getattr(self, "_class_side_cache", None)
+        if cached is None or not _same_key(cached[0], key):
+            self._class_side_cache = (key, self._class_side(text))  # holds the tensors: no id reuse
+        return self._class_side_cache[1]
+
+    def _class_side(self, text: torch.Tensor) -> "ClassSide":
+        t_hat = F.normalize(text.float(), dim=-1)
+        refined = self.trm(t_hat, self.memory.read_own(t_hat))
+        kv = self.irm.memory_kv(self.memory.keys()) if self.cfg.irm_kind == "tokens" else None
+        return ClassSide(text=t_hat, refined=refined, memory_kv=kv)
 
     def _local_logits(self, tokens: torch.Tensor, text: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """(B, n, d) tokens -> (B, n, C): ``s·cos(u, t)`` (cosine) or ``s·u·tᵀ`` (dot, as released:

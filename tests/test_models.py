@@ -217,22 +217,27 @@ def test_maple_depth1_init_text_equals_zero_shot(frozen_clip):
 
 
 def test_maple_deep_prompts_change_features(frozen_clip):
-    """With depth 2, layer-1 text prompts replace tokens 1..n_ctx: changing them changes the text."""
+    """With depth 2, layer-1 text prompts replace tokens 1..n_ctx: changing them changes the text.
+
+    The change is a random direction: adding a constant to a token (the earlier ``+ 1.0``) is removed
+    by every LayerNorm that reads it, so it changed the features only by rounding (~5e-7), and the
+    test passed or failed with the RNG state left by earlier tests."""
     model = MaPLe(frozen_clip, NAMES, depth=2)
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         prompts, deep_text, visual, deep_visual = model.prompt_learner()
         assert len(deep_text) == 1 and deep_text[0].shape == (2, 64) and deep_visual[0].shape == (2, 64)
         tok = model.prompt_learner.tokenized_prompts
         a = model.text_encoder(prompts, tok, deep_text)
-        b = model.text_encoder(prompts, tok, [deep_text[0] + 1.0])
+        b = model.text_encoder(prompts, tok, [deep_text[0] + torch.randn(2, 64, generator=g)])
         c = model.text_encoder(prompts, tok)
-        assert not torch.allclose(a, b) and not torch.allclose(a, c)
+        assert (a - b).abs().max() > 1e-3 and (a - c).abs().max() > 1e-3
         # visual deep prompts: without a shallow prompt they are ignored, with one they matter
         x = images(2)
         v0 = frozen_clip.encode_image(x)
         v1 = frozen_clip.encode_image(x, visual, deep_visual)
-        v2 = frozen_clip.encode_image(x, visual, [deep_visual[0] + 1.0])
-        assert not torch.allclose(v0, v1) and not torch.allclose(v1, v2)
+        v2 = frozen_clip.encode_image(x, visual, [deep_visual[0] + torch.randn(2, 64, generator=g)])
+        assert (v0 - v1).abs().max() > 1e-3 and (v1 - v2).abs().max() > 1e-3
 
 
 def test_zero_shot_logits_value(frozen_clip):
