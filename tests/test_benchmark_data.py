@@ -149,8 +149,27 @@ def test_render_and_caption():
     colour, shape = data.CLASS_ATTRIBUTES[3]
     assert len(caps) > 5
     assert all(colour in c or shape in c for c in caps)
-    texts, cons = data.caption_bank()
-    assert set(caps) <= set(texts) and len(texts) == len(cons)
+    texts, cons, domains = data.caption_bank()
+    assert set(caps) <= set(texts) and len(texts) == len(cons) == len(domains)
+
+
+def test_caption_domains_split_the_templates():
+    """Photo and scene captions are disjoint families; only photo captions say "photo"; a caption
+    drawn for a domain is from that domain; the zero-shot template is a photo caption."""
+    texts, cons, domains = data.caption_bank()
+    by = {d: {t for t, dd in zip(texts, domains) if dd == d} for d in data.CAPTION_DOMAINS}
+    assert set(domains) == set(data.CAPTION_DOMAINS) and not (by["photo"] & by["scene"])
+    assert all("photo" not in t for t in by["scene"]) and len(texts) == len(set(texts))
+    assert set(data.CAPTION_TEMPLATES) == set(data.PHOTO_CAPTION_TEMPLATES) | set(data.SCENE_CAPTION_TEMPLATES)
+    assert "a photo of a {}." in data.PHOTO_CAPTION_TEMPLATES
+    rng = np.random.default_rng(0)
+    for d in data.CAPTION_DOMAINS:
+        drawn = {data.caption(5, rng, 0.5, d) for _ in range(300)}
+        assert drawn <= by[d] and len(drawn) > 3
+    assert {data.caption(5, rng, 0.5) for _ in range(600)} & by["photo"]
+    assert {data.caption(5, rng, 0.5) for _ in range(600)} & by["scene"]
+    with pytest.raises(ValueError, match="unknown caption domain 'sketch'"):
+        data.caption(5, rng, 0.5, "sketch")
 
 
 def test_ensure_noop_mismatch_and_interrupted(tmp_path):

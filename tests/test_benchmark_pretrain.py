@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spotlighter.benchmark import cli, data, pretrain
 
@@ -82,7 +83,7 @@ def test_contrastive_loss_decreases():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(6):
-        loss = pretrain.contrastive_loss(model, *batch, bank)
+        loss = pretrain.contrastive_loss(model, *batch[:3], bank, batch[3], p["cross_domain_captions"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -93,13 +94,91 @@ def test_contrastive_loss_decreases():
 def test_pretraining_stream_is_deterministic_and_disjoint():
     p = pretrain._normalise(TINY)
     bank = pretrain._CaptionBank(77)
-    x1, l1, c1 = pretrain.sample_batch(3, 8, p, bank)
-    x2, l2, c2 = pretrain.sample_batch(3, 8, p, bank)
-    assert torch.equal(x1, x2) and torch.equal(l1, l2) and torch.equal(c1, c2)
-    assert not torch.equal(x1, pretrain.sample_batch(4, 8, p, bank)[0])
-    # a caption always describes its image's class
+    x1, l1, c1, d1 = pretrain.sample_batch(3, 64, p, bank)
+    x2, l2, c2, d2 = pretrain.sample_batch(3, 64, p, bank)
+    assert torch.equal(x1, x2) and torch.equal(l1, l2) and torch.equal(c1, c2) and torch.equal(d1, d2)
+    assert not torch.equal(x1, pretrain.sample_batch(4, 64, p, bank)[0])
+    # a caption always describes its image's class, and a scene's caption is of the scene's domain
     assert bank.positive[l1, c1].all()
+    assert torch.equal(bank.domain[c1], d1)
+    scene = l1 < data.NUM_CLASSES
+    assert (d1[scene] > 0).all() and (d1[~scene] == 0).all() and len(set(d1[scene].tolist())) == 2
     assert bank.train_len <= 77
+
+
+def test_benchmark_like_scenes_are_rendered_as_the_benchmark():
+    """Scene-domain images are the benchmark's renders (SCENE_RENDER), photo-domain ones the clean
+    pretraining renders: same seed stream, re-rendered by hand."""
+    p = pretrain._normalise(TINY)
+    bank = pretrain._CaptionBank(77)
+    x, labels, caps, doms = pretrain.sample_batch(2, 24, p, bank)
+    rng = data.image_rng(p["seed"], data.DOMAIN_PRETRAIN, 2)
+    concepts = pretrain.sample_concepts(rng, 24, p, bank)
+    assert torch.equal(torch.as_tensor(concepts), labels)
+    for i, c in enumerate(concepts):
+        key, label = bank.concepts[int(c)]
+        if key == "scenes":
+            scene = rng.random() < p["benchmark_like_share"]
+            assert int(doms[i]) == 1 + data.CAPTION_DOMAINS.index("scene" if scene else "photo")
+            im = data.render(label, rng, data.SCENE_RENDER if scene else p["render"]["scenes"])
+        else:
+            im = data.VOCABULARIES[key].render(label, rng, p["render"][key])
+        assert torch.equal(pretrain.to_tensor([im])[0], x[i]), i
+        bank.caption(int(c), rng, p["attribute_only_prob"], ("scene" if scene else "photo") if key == "scenes" else None)
+
+
+class _FixedFeatures(torch.nn.Module):
+    """Stands in for CLIP in the loss: given image and caption features."""
+
+    def __init__(self, img, txt_by_id):
+        super().__init__()
+        self.img, self.txt_by_id = img, txt_by_id
+        self.logit_scale = torch.nn.Parameter(torch.tensor(0.0))
+
+    def encode_image(self, images):
+        return self.img
+
+    def encode_text(self, tokens):
+        return self.txt_by_id(tokens)
+
+
+@pytest.mark.parametrize("mode", pretrain.CROSS_DOMAIN_CAPTIONS)
+def test_contrastive_loss_cross_domain_hand_computed(mode):
+    """Two scene images of class 0 (domains photo, scene), captioned "a photo of a red circle." and
+    "a red circle among clutter."; the loss by hand for each treatment of the cross-domain pairs."""
+    bank = pretrain._CaptionBank(77)
+    name = data.CLASSNAMES[0]
+    u_photo, u_scene = bank.index[f"a photo of a {name}."], bank.index[f"a {name} among clutter."]
+    photo, scene = (1 + data.CAPTION_DOMAINS.index(d) for d in ("photo", "scene"))
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    rows = {u_photo: 0, u_scene: 1}
+    order = sorted(rows)  # the loss's caption columns: torch.unique order
+    model = _FixedFeatures(img, lambda tok: txt[[rows[u] for u in order]])
+    labels, caps, doms = torch.tensor([0, 0]), torch.tensor([u_photo, u_scene]), torch.tensor([photo, scene])
+    got = pretrain.contrastive_loss(model, None, labels, caps, bank, doms, mode)
+    sims = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()  # [image, caption], own pairs on the diagonal
+    if mode == "positive":  # both captions fit both images: targets uniform over the two
+        i2t = -0.5 * sims.log_softmax(1).sum(1).mean()
+        t2i = -0.5 * sims.log_softmax(0).sum(0).mean()
+    elif mode == "negative":  # own pair positive, the other a negative
+        i2t = -sims.log_softmax(1).diag().mean()
+        t2i = -sims.log_softmax(0).diag().mean()
+    else:  # only the own pair is in each softmax: -log(1) = 0
+        i2t = t2i = torch.tensor(0.0)
+    torch.testing.assert_close(got, 0.5 * (i2t + t2i))
+    # without image domains (or recipe 2) every mode is the plain multi-positive loss
+    plain = pretrain.contrastive_loss(model, None, labels, caps, bank)
+    torch.testing.assert_close(plain, 0.5 * (-0.5 * sims.log_softmax(1).sum(1).mean()
+                                             - 0.5 * sims.log_softmax(0).sum(0).mean()))
+
+
+def test_recipe_parameters_are_checked():
+    with pytest.raises(ValueError, match="cross_domain_captions = 'maybe'"):
+        pretrain._normalise({"cross_domain_captions": "maybe"})
+    with pytest.raises(ValueError, match="benchmark_like_share = 1.5"):
+        pretrain._normalise({"benchmark_like_share": 1.5})
+    assert pretrain._normalise({"benchmark_like_share": None})["benchmark_like_share"] is None
 
 
 def test_cli_prepare_idempotent_and_zeroshot(tmp_path, capsys, monkeypatch):
@@ -187,3 +266,21 @@ def test_calibrate_cli_prints_the_headroom_line(tiny, capsys):
     out = capsys.readouterr().out
     assert out.count('"zs_base"') == 3  # one line per seed + the mean
     assert "CoOp base - ZS base = +0.00; CoOp new - ZS new = +0.00" in out
+
+
+def test_calibrate_follows_the_demos_coop_config(tmp_path):
+    """The proxy's default schedule is read from the CoOp config the demo runs (one place)."""
+    from spotlighter.benchmark.calibrate import DEFAULT_COOP_CONFIG, proxy_settings
+    from spotlighter.run import demo
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    coop_cfg = dict(demo.parse_runs(None))["coop"]
+    assert DEFAULT_COOP_CONFIG == os.path.join("configs", "trainers", "CoOp", f"{coop_cfg}.yaml")
+    s = proxy_settings(os.path.join(repo, DEFAULT_COOP_CONFIG))
+    assert s == dict(n_ctx=16, ctx_init="", epochs=50, lr=0.002, momentum=0.9, weight_decay=5e-4, batch_size=32)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("OPTIM:\n  LR: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: key TRAINER.COOP.N_CTX is missing"):
+        proxy_settings(str(bad))
+    with pytest.raises(ValueError, match="cannot read it"):
+        proxy_settings(str(tmp_path / "none.yaml"))

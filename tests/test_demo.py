@@ -49,7 +49,7 @@ def test_protocols_default_subset_and_errors():
 
 
 def test_runs_default_and_errors():
-    assert demo.parse_runs(None) == [("zsclip", "minibench"), ("coop", "minibench_ep10_ctx4"),
+    assert demo.parse_runs(None) == [("zsclip", "minibench"), ("coop", "minibench_ep50_ctx16"),
                                      ("spotlighter", "minibench_ep10_paper")]
     assert demo.parse_runs("CoOp:minibench_ep10_ctx4 coop:minibench_ep10_ctx4") == [("coop", "minibench_ep10_ctx4")]
     with pytest.raises(InputError, match=r"DEMO_RUNS: 'coop' is not trainer:config"):

@@ -4,8 +4,9 @@
 zero-shot accuracy (base among base classes, new among new classes), a 16-shot logistic-regression
 probe on the frozen image features (an upper-bound indicator of what few-shot adaptation can
 gain on base), and a CoOp proxy: the project's own :class:`spotlighter.models.CoOp` prompt learner
-trained in-process on the base classes' K-shot images with the mini CoOp config's optimiser
-(SGD, cosine, batch 32) but without augmentation and with precomputed image features, then
+trained in-process on the base classes' K-shot images with a CoOp config's context and schedule (by
+default the one the demo runs, :data:`DEFAULT_COOP_CONFIG`: SGD, cosine, batch 32) but without
+augmentation and with precomputed image features, then
 tested on base and new. It is a calibration instrument only (seconds instead of minutes); the
 numbers of record come from the real trainers (``scripts/base2new.sh``).
 
@@ -16,6 +17,7 @@ calibrated on those, never on Spotlighter.
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, Sequence
 
 import numpy as np
@@ -35,6 +37,34 @@ def _kshot(items, labels_wanted, k: int, seed: int):
     for c in labels_wanted:
         idx = [i for i, it in enumerate(items) if it[1] == c]
         out += list(rng.choice(idx, size=min(k, len(idx)), replace=False))
+    return out
+
+
+#: The CoOp config the demo runs on MiniBench, whose schedule the proxy follows by default.
+DEFAULT_COOP_CONFIG = os.path.join("configs", "trainers", "CoOp", "minibench_ep50_ctx16.yaml")
+
+
+def proxy_settings(config_file: str) -> Dict[str, object]:
+    """The CoOp proxy's keyword arguments (context, schedule, optimiser) read from a CoOp yaml config."""
+    from yacs.config import CfgNode  # values decoded as Dassl's merge_from_file does: "5e-4" is a number
+
+    try:
+        with open(config_file) as f:
+            cfg = CfgNode.load_cfg(f)
+    except OSError as e:
+        raise ValueError(f"calibrate --config {config_file}: cannot read it ({e.strerror})") from None
+    want = {"n_ctx": ("TRAINER", "COOP", "N_CTX"), "ctx_init": ("TRAINER", "COOP", "CTX_INIT"),
+            "epochs": ("OPTIM", "MAX_EPOCH"), "lr": ("OPTIM", "LR"), "momentum": ("OPTIM", "MOMENTUM"),
+            "weight_decay": ("OPTIM", "WEIGHT_DECAY"), "batch_size": ("DATALOADER", "TRAIN_X", "BATCH_SIZE")}
+    out: Dict[str, object] = {}
+    for name, keys in want.items():
+        node = cfg
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                raise ValueError(f"calibrate --config {config_file}: key {'.'.join(keys)} is missing "
+                                 "(expected a CoOp trainer config, e.g. " + DEFAULT_COOP_CONFIG + ")")
+            node = node[k]
+        out[name] = CfgNode._decode_cfg_value(node)  # what merge_from_file does with each value
     return out
 
 

@@ -101,10 +101,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cp.add_argument("--weights", default=None)
     cp.add_argument("--shots", type=int, default=16)
     cp.add_argument("--seeds", default="1,2,3")
-    cp.add_argument("--epochs", type=int, default=10)
-    cp.add_argument("--lr", type=float, default=0.01)
-    cp.add_argument("--n-ctx", type=int, default=4)
-    cp.add_argument("--ctx-init", default="a photo of a",
+    cp.add_argument("--config", default=None,
+                    help="CoOp config whose context and schedule the proxy follows (default: the demo's, "
+                         "configs/trainers/CoOp/minibench_ep50_ctx16.yaml); the flags below override it")
+    cp.add_argument("--epochs", type=int, default=None)
+    cp.add_argument("--lr", type=float, default=None)
+    cp.add_argument("--n-ctx", type=int, default=None)
+    cp.add_argument("--ctx-init", default=None,
                     help="CoOp proxy context initialisation ('' = random, CoOp's own default with --n-ctx 16)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
@@ -140,10 +143,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ddir = dataset_dir(args.root)
     weights = args.weights or clip_path(args.root)
     if args.cmd == "calibrate":
-        from .calibrate import coop_proxy
+        from .calibrate import DEFAULT_COOP_CONFIG, coop_proxy, proxy_settings
 
-        rows = [coop_proxy(weights, ddir, shots=args.shots, seed=int(s), epochs=args.epochs, lr=args.lr,
-                           n_ctx=args.n_ctx, ctx_init=args.ctx_init) for s in args.seeds.split(",")]
+        config = args.config or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))), DEFAULT_COOP_CONFIG)
+        try:
+            settings = proxy_settings(config)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name in ("epochs", "lr", "n_ctx", "ctx_init"):
+            if getattr(args, name) is not None:
+                settings[name] = getattr(args, name)
+        print("CoOp proxy: " + json.dumps(settings) + f" (from {config} and the flags)")
+        rows = [coop_proxy(weights, ddir, shots=args.shots, seed=int(s), **settings) for s in args.seeds.split(",")]
         keys = [k for k in rows[0] if k not in ("num_test",)]
         for r in rows:
             print(json.dumps(r))

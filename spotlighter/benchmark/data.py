@@ -140,19 +140,26 @@ def attributes() -> Dict[str, Tuple[str, ...]]:
 
 # --------------------------------------------------------------------------- captions
 
-CAPTION_TEMPLATES: Tuple[str, ...] = (
+# MiniBench's pretraining captions come in two families (domains), as web captions of different
+# kinds of images do: "photo" captions, used for clean renders, and "scene" captions (none of them
+# says "photo"), used for renders like the benchmark's cluttered scenes (see the pretraining
+# recipe's ``benchmark_like_share``). The zero-shot and CoOp prompt "a photo of a {}." is a photo
+# caption, so on the benchmark it is a prompt from the other domain, as real prompts often are.
+PHOTO_CAPTION_TEMPLATES: Tuple[str, ...] = (
     "a photo of a {}.",
     "a photo of the {}.",
     "a {}.",
     "a picture of a {}.",
+    "a low resolution photo of a {}.",
+    "a drawing of a {}.",
+)
+SCENE_CAPTION_TEMPLATES: Tuple[str, ...] = (
     "a {} among clutter.",
     "a big {} among small shapes.",
     "a large {} and some small distractors.",
     "a cluttered image with a {}.",
     "the biggest object is a {}.",
     "an image showing a {} on a noisy background.",
-    "a low resolution photo of a {}.",
-    "a drawing of a {}.",
     "a blurry and noisy low resolution picture of one large {} surrounded by several small objects.",
     "this is a synthetic image made of many small random shapes and one large {} in it.",
     # long captions exercise text positions ~20-32, where prompt learners (e.g. CoOp with 16
@@ -160,6 +167,7 @@ CAPTION_TEMPLATES: Tuple[str, ...] = (
     "a synthetic low resolution picture with a noisy textured background, many small coloured "
     "shapes and thin strokes as distractors, and one large {} in it.",
 )
+CAPTION_TEMPLATES: Tuple[str, ...] = PHOTO_CAPTION_TEMPLATES + SCENE_CAPTION_TEMPLATES
 # Captions of the other vocabularies (glyphs, textures, objects).
 GENERIC_TEMPLATES: Tuple[str, ...] = (
     "a photo of a {}.",
@@ -171,45 +179,60 @@ GENERIC_TEMPLATES: Tuple[str, ...] = (
     "an image showing a {}.",
     "a synthetic picture of a {} on a noisy background.",
 )
-COLOUR_ONLY_TEMPLATES: Tuple[str, ...] = (
-    "a photo of something {}.",
-    "a big {} object.",
-    "the largest object is {}.",
-)
-SHAPE_ONLY_TEMPLATES: Tuple[str, ...] = (
-    "a photo of a {}.",
-    "a big {} shape.",
-    "the largest object is a {}.",
-)
+# Captions naming one attribute only, per domain.
+COLOUR_ONLY_TEMPLATES: Dict[str, Tuple[str, ...]] = {
+    "photo": ("a photo of something {}.",),
+    "scene": ("a big {} object.", "the largest object is {}."),
+}
+SHAPE_ONLY_TEMPLATES: Dict[str, Tuple[str, ...]] = {
+    "photo": ("a photo of a {}.",),
+    "scene": ("a big {} shape.", "the largest object is a {}."),
+}
+CAPTION_DOMAINS: Tuple[str, ...] = ("photo", "scene")
+_FULL_TEMPLATES = {"photo": PHOTO_CAPTION_TEMPLATES, "scene": SCENE_CAPTION_TEMPLATES}
 
 
-def caption_bank() -> Tuple[List[str], List[Tuple[Optional[str], Optional[str]]]]:
-    """MiniBench's pretraining captions and, for each, the (colour, shape) it constrains (None = any)."""
+def caption_bank() -> Tuple[List[str], List[Tuple[Optional[str], Optional[str]]], List[str]]:
+    """MiniBench's pretraining captions, for each the (colour, shape) it constrains (None = any),
+    and its domain (:data:`CAPTION_DOMAINS`)."""
     texts: List[str] = []
     cons: List[Tuple[Optional[str], Optional[str]]] = []
-    for colour, shape in CLASS_ATTRIBUTES:
-        for t in CAPTION_TEMPLATES:
-            texts.append(t.format(f"{colour} {shape}"))
-            cons.append((colour, shape))
-    for colour in COLOUR_NAMES:
-        for t in COLOUR_ONLY_TEMPLATES:
-            texts.append(t.format(colour))
-            cons.append((colour, None))
-    for shape in SHAPES:
-        for t in SHAPE_ONLY_TEMPLATES:
-            texts.append(t.format(shape))
-            cons.append((None, shape))
-    return texts, cons
+    domains: List[str] = []
+    for domain in CAPTION_DOMAINS:
+        for colour, shape in CLASS_ATTRIBUTES:
+            for t in _FULL_TEMPLATES[domain]:
+                texts.append(t.format(f"{colour} {shape}"))
+                cons.append((colour, shape))
+                domains.append(domain)
+        for colour in COLOUR_NAMES:
+            for t in COLOUR_ONLY_TEMPLATES[domain]:
+                texts.append(t.format(colour))
+                cons.append((colour, None))
+                domains.append(domain)
+        for shape in SHAPES:
+            for t in SHAPE_ONLY_TEMPLATES[domain]:
+                texts.append(t.format(shape))
+                cons.append((None, shape))
+                domains.append(domain)
+    return texts, cons, domains
 
 
-def caption(label: int, rng: np.random.Generator, attribute_only_prob: float = 0.15) -> str:
-    """A random caption for a MiniBench image of class ``label`` (possibly naming one attribute)."""
+def caption(label: int, rng: np.random.Generator, attribute_only_prob: float = 0.15,
+            domain: Optional[str] = None) -> str:
+    """A random caption for a MiniBench image of class ``label`` (possibly naming one attribute),
+    from the templates of ``domain`` ("photo" or "scene"; None: both)."""
+    if domain is not None and domain not in CAPTION_DOMAINS:
+        raise ValueError(f"unknown caption domain {domain!r}; expected one of {CAPTION_DOMAINS}")
+    domains = CAPTION_DOMAINS if domain is None else (domain,)
     colour, shape = CLASS_ATTRIBUTES[label]
     if rng.random() < attribute_only_prob:
         if rng.random() < 0.5:
-            return COLOUR_ONLY_TEMPLATES[rng.integers(len(COLOUR_ONLY_TEMPLATES))].format(colour)
-        return SHAPE_ONLY_TEMPLATES[rng.integers(len(SHAPE_ONLY_TEMPLATES))].format(shape)
-    return CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(f"{colour} {shape}")
+            group = tuple(t for d in domains for t in COLOUR_ONLY_TEMPLATES[d])
+            return group[rng.integers(len(group))].format(colour)
+        group = tuple(t for d in domains for t in SHAPE_ONLY_TEMPLATES[d])
+        return group[rng.integers(len(group))].format(shape)
+    group = tuple(t for d in domains for t in _FULL_TEMPLATES[d])
+    return group[rng.integers(len(group))].format(f"{colour} {shape}")
 
 
 # --------------------------------------------------------------------------- drawing primitives

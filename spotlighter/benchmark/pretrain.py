@@ -8,9 +8,13 @@ and ``clip.model.build_model(torch.load(path, weights_only=True))`` or
 Pretraining draws image-caption pairs on the fly from the generators over *every* concept of every
 vocabulary (MiniBench's 24 classes and the glyphs, textures and objects of its cross-dataset
 targets: real CLIP has seen every concept; ``scene_share`` of the stream is MiniBench scenes) using
-the seed domain ``DOMAIN_PRETRAIN``, disjoint from the benchmarks' own images, rendered cleaner
-than the benchmarks (a deliberate domain gap, see ``DEFAULT_CLIP_PARAMS["render"]``), with varied
-caption templates including MiniBench's attribute-only phrases ("a photo of something red."). Because many captions in a batch describe the same concept, the
+the seed domain ``DOMAIN_PRETRAIN``, disjoint from the benchmarks' own images, with varied
+caption templates including MiniBench's attribute-only phrases ("a photo of something red."). The
+other vocabularies are rendered cleaner than their benchmarks (``DEFAULT_CLIP_PARAMS["render"]``);
+MiniBench's scenes come in two caption domains (``benchmark_like_share``, ``cross_domain_captions``):
+rendered like the benchmark with scene captions, or clean with photo captions, never mixed, so the
+zero-shot prompt "a photo of a {}." is from the other domain on the benchmark (DATASETS.md, "The
+small CLIP"). Because many captions in a batch describe the same concept, the
 CLIP loss is used in its multi-positive form (UniCL-style): the target distribution of an image
 is uniform over every caption in the batch that correctly describes it, and vice versa. With one
 caption per concept this reduces to the standard symmetric CLIP loss. The learnable temperature
@@ -35,7 +39,8 @@ from . import data
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
+CROSS_DOMAIN_CAPTIONS = ("positive", "negative", "ignore")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ZEROSHOT_TEMPLATE = "a photo of a {}."
@@ -67,6 +72,16 @@ DEFAULT_CLIP_PARAMS: Dict[str, object] = {
     # distributions the zero-shot classifier is already the best linear classifier of the frozen
     # features, leaving few-shot adaptation nothing to gain.
     "render": {k: {**v.render_defaults, **v.pretrain_render} for k, v in data.VOCABULARIES.items()},
+    # Domain-tagged captions (recipe 3, calibrated on zero-shot CLIP and CoOp only, docs in
+    # DATASETS.md): this share of the MiniBench scenes is rendered like the benchmark itself
+    # (data.SCENE_RENDER) and captioned only with scene captions (data.SCENE_CAPTION_TEMPLATES, none
+    # says "photo"); the rest is rendered clean (render["scenes"]) and captioned only with photo
+    # captions. None: every scene clean, captions of both kinds (recipe 2).
+    "benchmark_like_share": 0.7,
+    # How a scene caption of one domain counts for a scene image of the other domain (same concept):
+    # "positive" (as recipe 2), "negative", or "ignore" (left out of the image's and the caption's
+    # softmax: pretraining never says whether a photo caption fits a cluttered scene).
+    "cross_domain_captions": "ignore",
     # Recorded so that a new generator (other renders) invalidates the cached CLIP.
     "generator_version": data.GENERATOR_VERSION,
 }
@@ -112,6 +127,13 @@ def _normalise(params: dict) -> dict:
         raise TypeError(f"unknown render vocabularies: {sorted(unknown)} (valid: {sorted(data.VOCABULARIES)})")
     p["render"] = {k: data.merge_params(d, given.get(k) or {}, f"{k} render")
                    for k, d in DEFAULT_CLIP_PARAMS["render"].items()}
+    share = p["benchmark_like_share"]
+    if share is not None and not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
+        raise ValueError(f"pretraining parameter benchmark_like_share = {share!r}: expected None or a number "
+                         "in [0, 1]")
+    if p["cross_domain_captions"] not in CROSS_DOMAIN_CAPTIONS:
+        raise ValueError(f"pretraining parameter cross_domain_captions = {p['cross_domain_captions']!r}: expected "
+                         f"one of {CROSS_DOMAIN_CAPTIONS}")
     return p
 
 
@@ -138,7 +160,7 @@ class _CaptionBank:
     def __init__(self, context_length: int):
         import clip
 
-        scene_texts, scene_cons = data.caption_bank()
+        scene_texts, scene_cons, scene_domains = data.caption_bank()
         self.texts: List[str] = list(scene_texts)
         self.concepts: List[tuple] = [("scenes", l) for l in range(data.NUM_CLASSES)]
         cons = [("scenes", c) for c in scene_cons]
@@ -173,11 +195,16 @@ class _CaptionBank:
                 else:
                     pos[c, u] = con == label
         self.positive = pos
+        # Domain of every caption: 0 for the other vocabularies, 1 + its index in data.CAPTION_DOMAINS
+        # for MiniBench's (image domains use the same codes).
+        self.domain = torch.tensor([1 + data.CAPTION_DOMAINS.index(d) for d in scene_domains]
+                                   + [0] * (len(self.texts) - len(scene_texts)))
 
-    def caption(self, concept: int, rng: np.random.Generator, attribute_only_prob: float) -> int:
+    def caption(self, concept: int, rng: np.random.Generator, attribute_only_prob: float,
+                domain: Optional[str] = None) -> int:
         key, label = self.concepts[concept]
         if key == "scenes":
-            return self.index[data.caption(label, rng, attribute_only_prob)]
+            return self.index[data.caption(label, rng, attribute_only_prob, domain)]
         t = self.templates[key][rng.integers(len(self.templates[key]))]
         return self.index[t.format(data.VOCABULARIES[key].classnames[label])]
 
@@ -191,29 +218,59 @@ def sample_concepts(rng: np.random.Generator, n: int, params: dict, bank: _Capti
 
 
 def sample_batch(step: int, batch_size: int, params: dict, bank: _CaptionBank):
-    """Deterministic batch ``step`` of the pretraining stream: (images, concept ids, caption ids)."""
+    """Deterministic batch ``step`` of the pretraining stream: (images, concept ids, caption ids,
+    image domains: 0 other vocabularies, else the code of the scene's caption domain, see
+    ``_CaptionBank.domain``; with ``benchmark_like_share`` None every scene is 0)."""
     rng = data.image_rng(params["seed"], data.DOMAIN_PRETRAIN, step)
     concepts = sample_concepts(rng, batch_size, params, bank)
-    images, caps = [], []
+    share = params["benchmark_like_share"]
+    images, caps, domains = [], [], []
     for c in concepts:
         key, label = bank.concepts[int(c)]
+        if key == "scenes" and share is not None:
+            domain = "scene" if rng.random() < float(share) else "photo"
+            render = params["render"][key]
+            if domain == "scene":  # the clean-photo overrides undone: rendered as the benchmark is
+                render = {**render, **{k: data.SCENE_RENDER[k] for k in data.VOCABULARIES[key].pretrain_render}}
+            images.append(data.VOCABULARIES[key].render(label, rng, render))
+            caps.append(bank.caption(int(c), rng, params["attribute_only_prob"], domain))
+            domains.append(1 + data.CAPTION_DOMAINS.index(domain))
+            continue
         images.append(data.VOCABULARIES[key].render(label, rng, params["render"][key]))
         caps.append(bank.caption(int(c), rng, params["attribute_only_prob"]))
-    return to_tensor(images), torch.as_tensor(concepts), torch.as_tensor(caps)
+        domains.append(0)
+    return to_tensor(images), torch.as_tensor(concepts), torch.as_tensor(caps), torch.as_tensor(domains)
 
 
-def contrastive_loss(model, images, labels, caption_ids, bank: _CaptionBank) -> torch.Tensor:
-    """Symmetric multi-positive CLIP loss over the batch's images and its distinct captions."""
+def contrastive_loss(model, images, labels, caption_ids, bank: _CaptionBank,
+                     image_domains: Optional[torch.Tensor] = None, cross_domain: str = "positive") -> torch.Tensor:
+    """Symmetric multi-positive CLIP loss over the batch's images and its distinct captions.
+
+    ``image_domains`` (B,) with ``cross_domain`` "negative" or "ignore": a MiniBench caption of one
+    domain is not a positive for a scene of the other domain; "ignore" also leaves the pair out of
+    both softmaxes (its logit is -inf)."""
     uniq = torch.unique(caption_ids)
     img = F.normalize(model.encode_image(images), dim=-1)
     txt = F.normalize(model.encode_text(bank.tokens[uniq]), dim=-1)
     scale = model.logit_scale.exp()
     logits = scale * img @ txt.t()  # [B, U]
-    pos = bank.positive[labels][:, uniq].float()  # [B, U]
+    pos = bank.positive[labels][:, uniq]  # [B, U]
+    clash = None
+    if image_domains is not None and cross_domain != "positive":
+        cap = bank.domain[uniq][None, :]
+        img_dom = image_domains[:, None]
+        clash = (img_dom > 0) & (cap > 0) & (img_dom != cap)
+        pos = pos & ~clash
+        if cross_domain == "ignore":
+            logits = logits.masked_fill(clash, float("-inf"))
+    pos = pos.float()
     t_i2t = pos / pos.sum(1, keepdim=True)
     t_t2i = pos / pos.sum(0, keepdim=True)
-    loss_i2t = -(t_i2t * logits.log_softmax(dim=1)).sum(1).mean()
-    loss_t2i = -(t_t2i * logits.log_softmax(dim=0)).sum(0).mean()
+    lp_i2t, lp_t2i = logits.log_softmax(dim=1), logits.log_softmax(dim=0)
+    if clash is not None and cross_domain == "ignore":  # 0 * -inf would be nan
+        lp_i2t, lp_t2i = lp_i2t.masked_fill(clash, 0.0), lp_t2i.masked_fill(clash, 0.0)
+    loss_i2t = -(t_i2t * lp_i2t).sum(1).mean()
+    loss_t2i = -(t_t2i * lp_t2i).sum(0).mean()
     return 0.5 * (loss_i2t + loss_t2i)
 
 
@@ -253,12 +310,12 @@ def pretrain(params: Optional[dict] = None, *, log_every: int = 10) -> "torch.nn
     pool = ThreadPoolExecutor(max_workers=1)
     pending = pool.submit(sample_batch, 0, p["batch_size"], p, bank)
     for step in range(steps):
-        images, labels, caps = pending.result()
+        images, labels, caps, domains = pending.result()
         if step + 1 < steps:
             pending = pool.submit(sample_batch, step + 1, p["batch_size"], p, bank)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = contrastive_loss(model, images, labels, caps, bank)
+        loss = contrastive_loss(model, images, labels, caps, bank, domains, p["cross_domain_captions"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -42,7 +42,7 @@ from .jobs import RUN_LOG, InputError, Job, Outcome, Settings, build_graph, quot
 from .local import fmt_seconds, run_local
 
 DEFAULT_PROTOCOLS: Tuple[str, ...] = ("base2new", "xd", "dg")
-DEFAULT_RUNS = "zsclip:minibench coop:minibench_ep10_ctx4 spotlighter:minibench_ep10_paper"
+DEFAULT_RUNS = "zsclip:minibench coop:minibench_ep50_ctx16 spotlighter:minibench_ep10_paper"
 SHOTS = 16
 DATASET = registry.MINIBENCH  # base-to-novel dataset and xd/dg source
 DEFAULT_DATA = os.path.join(REPO, "data")
