@@ -204,9 +204,22 @@ def test_coop_and_cocoop_defaults_are_coops_own(node):
         assert (n.CSC, n.CLASS_TOKEN_POSITION) == (False, "end")
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs/trainers/Co*Op/*.yaml"))))
+CALIBRATED_MINIBENCH_COOP = os.path.join(ROOT, "configs/trainers/CoOp/minibench_ep50_ctx16.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(ROOT, "configs/trainers/Co*Op/*.yaml"))
+                                        if p != CALIBRATED_MINIBENCH_COOP))
 def test_shipped_coop_yaml_files_keep_the_four_token_init(path):
     node = "COCOOP" if "/CoCoOp/" in path else "COOP"
     with open(path) as f:
         data = yaml.safe_load(f)
     assert data["TRAINER"][node]["CTX_INIT"] == "a photo of a" and data["TRAINER"][node]["N_CTX"] == 4
+
+
+def test_minibench_coop_is_coops_own_random_16_token_context():
+    """The demo's MiniBench CoOp (calibrated on zero-shot CLIP and CoOp, README "MiniBench"): CoOp's own
+    context and learning rate, 50 epochs."""
+    with open(CALIBRATED_MINIBENCH_COOP) as f:
+        data = yaml.safe_load(f)
+    assert (data["TRAINER"]["COOP"]["N_CTX"], data["TRAINER"]["COOP"]["CTX_INIT"]) == (16, "")
+    assert (data["OPTIM"]["LR"], data["OPTIM"]["MAX_EPOCH"]) == (0.002, 50)

@@ -1,7 +1,7 @@
 """MiniBench: procedurally generated, seeded benchmarks for all three protocols, on a CPU.
 
 Seven generated datasets share one renderer and one small CLIP (see
-:mod:`spotlighter.benchmark.pretrain`, pretrained on clean renders of *every* vocabulary below):
+:mod:`spotlighter.benchmark.pretrain`, pretrained on renders of *every* vocabulary below, with domain-tagged captions):
 
 =====================  ====================  ======  ===============================================
 key                    Dassl name            role    content
