@@ -17,13 +17,13 @@ calibrated on those, never on Spotlighter.
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import registry
 from . import data, pretrain
 
 
@@ -40,8 +40,9 @@ def _kshot(items, labels_wanted, k: int, seed: int):
     return out
 
 
-#: The CoOp config the demo runs on MiniBench, whose schedule the proxy follows by default.
-DEFAULT_COOP_CONFIG = os.path.join("configs", "trainers", "CoOp", "minibench_ep50_ctx16.yaml")
+#: The CoOp config the demo runs on MiniBench, whose schedule the proxy follows by default (path
+#: relative to the repository, by the trainer table's rule).
+DEFAULT_COOP_CONFIG = registry.trainer("coop").config_file("minibench_ep50_ctx16")
 
 
 def proxy_settings(config_file: str) -> Dict[str, object]:

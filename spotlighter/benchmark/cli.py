@@ -143,10 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ddir = dataset_dir(args.root)
     weights = args.weights or clip_path(args.root)
     if args.cmd == "calibrate":
+        from ..run.cli import REPO
         from .calibrate import DEFAULT_COOP_CONFIG, coop_proxy, proxy_settings
 
-        config = args.config or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__)))), DEFAULT_COOP_CONFIG)
+        config = args.config or os.path.join(REPO, DEFAULT_COOP_CONFIG)
         try:
             settings = proxy_settings(config)
         except ValueError as e:
