@@ -40,6 +40,7 @@ import torch
 
 from .backbone import FrozenCLIP, PruneSpec
 from .config import RECOMMENDED_PRUNE
+from .machine import cpu_name
 
 #: ``clip.model.CLIP`` arguments of the OpenAI ViTs.
 ARCHS: Dict[str, dict] = {
@@ -113,7 +114,11 @@ class Entry:
     info: dict = field(default_factory=dict)
 
 
-def entries(models: Sequence[str], prunes: Sequence[PruneSpec]) -> List[Entry]:
+#: The row ``--noise-floor`` adds: a second zero-shot CLIP, timed like every other model.
+NOISE_FLOOR = f"{BASELINE_EVAL} (noise floor)"
+
+
+def entries(models: Sequence[str], prunes: Sequence[PruneSpec], noise_floor: bool = False) -> List[Entry]:
     out = []
     for m in models:
         kind, _, pruned = m.partition("+")
@@ -121,6 +126,8 @@ def entries(models: Sequence[str], prunes: Sequence[PruneSpec]) -> List[Entry]:
             out += [Entry(f"{kind} prune {p.label}", kind, p) for p in prunes]
         else:
             out.append(Entry(kind, kind))
+    if noise_floor:
+        out.append(Entry(NOISE_FLOOR, BASELINE_EVAL))
     return out
 
 
@@ -210,12 +217,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], None], device) -> float:
+def timed(fn: Callable[[], None], device, batches: int = 1) -> float:
+    """Mean seconds of ``batches`` back-to-back calls of ``fn``."""
     _sync(device)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(batches):
+        fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / batches
 
 
 class Runner:
@@ -313,6 +322,12 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-classes", type=int, default=50)
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (after one warm-up)")
+    p.add_argument("--batches", type=int, default=1,
+                   help="evaluation batches and training steps per timed sample (its time is their mean): more "
+                        "batches per sample average out a noisy machine's per-batch jitter")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also time a second, identical zero-shot CLIP as its own row: its ratio to the first is what "
+                        "this machine's noise alone makes of a 1.00x model")
     p.add_argument("--models", nargs="+",
                    default=["zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip+prune", "paper+prune"],
                    help="zsclip coop cocoop maple paper release; NAME+prune = NAME with each --prune setting")
@@ -338,8 +353,8 @@ def parse_args(argv=None):
             p.error(f"--models: {m!r} is not one of {', '.join(known)} (optionally NAME+prune)")
     if args.no_train and args.no_eval:
         p.error("--no-train and --no-eval leave nothing to measure")
-    if args.classes < 1 or args.batch < 1 or args.reps < 1:
-        p.error("--classes, --batch and --reps must be >= 1")
+    if args.classes < 1 or args.batch < 1 or args.reps < 1 or args.batches < 1:
+        p.error("--classes, --batch, --reps and --batches must be >= 1")
     return args
 
 
@@ -413,12 +428,13 @@ def main(argv=None) -> int:
     device, dtype, autocast = setup(args)
     t0 = time.time()
     clips = build_clips(args.arch, device, dtype)
-    rows = entries(args.models, args.prune)
+    rows = entries(args.models, args.prune, args.noise_floor)
     runners = {e.name: Runner(e, clips, args, device, autocast) for e in rows}
-    print(f"# {args.arch} random weights, {args.precision} on {device} (torch {torch.__version__}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"# {args.arch} random weights, {args.precision} on {device} ({where}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads); eval batch {args.batch} at {args.classes} classes, train step "
-          f"batch {args.train_batch} at {args.train_classes} classes; {args.reps} interleaved reps "
-          f"(set-up {time.time() - t0:.0f}s)", flush=True)
+          f"batch {args.train_batch} at {args.train_classes} classes; {args.reps} interleaved reps of "
+          f"{args.batches} batch(es) each (set-up {time.time() - t0:.0f}s)", flush=True)
     for e in rows:  # warm-up (and the one-time text features)
         runners[e.name].eval_step()
         if runners[e.name].train_model is not None:
@@ -427,9 +443,9 @@ def main(argv=None) -> int:
         for e in rep_order(rows, rep):
             r = runners[e.name]
             if r.do_eval:
-                e.eval_times.append(timed(r.eval_step, device))
+                e.eval_times.append(timed(r.eval_step, device, args.batches))
             if r.train_model is not None:
-                e.train_times.append(timed(r.train_step, device))
+                e.train_times.append(timed(r.train_step, device, args.batches))
     if device.type == "cuda":
         for e in rows:
             r = runners[e.name]
@@ -472,7 +488,10 @@ def make_report(args, rows: List[Entry]) -> dict:
         out.append(row)
     return {"arch": args.arch, "device": args.device, "precision": args.precision, "batch": args.batch,
             "classes": args.classes, "train_batch": args.train_batch, "train_classes": args.train_classes,
-            "reps": args.reps, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": out}
+            "reps": args.reps, "batches_per_rep": args.batches, "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name(),
+            "rows": out}
 
 
 def _ratio(s: Optional[dict]) -> str:

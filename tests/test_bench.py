@@ -45,6 +45,29 @@ def test_entries_expand_prune_settings():
         ("paper prune 6:0.5", "paper", PruneSpec((6,), 0.5))]
 
 
+def test_noise_floor_row_is_a_second_zsclip_after_the_baseline():
+    rows = bench.entries(["coop", "zsclip"], [], noise_floor=True)
+    assert [(e.name, e.kind, e.prune) for e in rows] == [
+        ("coop", "coop", None), ("zsclip", "zsclip", None), (bench.NOISE_FLOOR, "zsclip", None)]
+    args = bench.parse_args(["--device", "cpu", "--reps", "3", "--noise-floor"])
+    assert args.noise_floor and args.batches == 1
+    for e, times in zip(rows, ([2.0, 2.0, 2.0], [1.0, 2.0, 1.0], [1.0, 1.0, 2.0])):
+        e.eval_times, e.info = times, {"classes": 1000, "trainable": 0, "checkpoint_bytes": 0}
+    report = {r["model"]: r for r in bench.make_report(args, rows)["rows"]}
+    # ratios are to the first zero-shot CLIP, never to the noise-floor copy
+    assert report["zsclip"]["eval_ratio_to_zsclip"] == {"median": 1.0, "min": 1.0, "max": 1.0, "n": 3}
+    assert report[bench.NOISE_FLOOR]["eval_ratio_to_zsclip"] == {"median": 1.0, "min": 0.5, "max": 2.0, "n": 3}
+
+
+def test_timed_sample_is_the_mean_of_its_batches(monkeypatch):
+    calls, clock = [], iter([10.0, 16.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.timed(lambda: calls.append(1), torch.device("cpu"), batches=3) == 2.0
+    assert len(calls) == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--batches", "0"])
+
+
 def test_report_ratios_are_taken_within_each_rep():
     args = bench.parse_args(["--device", "cpu", "--reps", "3"])
     zs, coop = bench.Entry("zsclip", "zsclip"), bench.Entry("coop", "coop")
@@ -120,10 +143,12 @@ def test_tiny_end_to_end_json(tiny_arch, tmp_path, capsys):
     assert bench.main(["--arch", "tiny", "--device", "cpu", "--classes", "6", "--slow-classes", "3", "--batch", "2",
                        "--train-batch", "2", "--train-classes", "4", "--reps", "2", "--no-memory", "--threads", "1",
                        "--models", "zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip+prune",
-                       "--prune", "1:0.5", "--json", str(out)]) == 0
+                       "--prune", "1:0.5", "--batches", "2", "--noise-floor", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["model"]: r for r in report["rows"]}
-    assert list(rows) == ["zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip prune 1:0.5"]
+    assert list(rows) == ["zsclip", "coop", "cocoop", "maple", "paper", "release", "zsclip prune 1:0.5",
+                          bench.NOISE_FLOOR]
+    assert report["batches_per_rep"] == 2 and report["hardware"] == bench.cpu_name() != ""
     assert rows["zsclip"]["eval_ratio_to_zsclip"]["median"] == 1.0
     assert rows["coop"]["train_ratio_to_coop"]["median"] == 1.0
     assert rows["cocoop"]["classes"] == 3 and rows["paper"]["classes"] == 6  # text per batch: fewer on CPU

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spotlighter import machine
 from spotlighter.benchmark import cli, data, pretrain
 
 TINY = dict(
@@ -72,6 +73,8 @@ def test_ensure_clip_noop_and_mismatch(tiny):
     with open(path + ".json") as f:
         side = json.load(f)
     assert side["params"]["steps"] == 2 and side["pretrain_version"] == pretrain.PRETRAIN_VERSION
+    # which CPU kind and torch made these weights (another CPU's kernels give other weights)
+    assert side["cpu"] == machine.cpu_name() and side["torch"] == torch.__version__
 
 
 def test_contrastive_loss_decreases():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from spotlighter import registry
+from spotlighter import machine, registry
 from spotlighter.run import demo
 from spotlighter.run.jobs import EVAL, TRAIN, InputError, Job
 from spotlighter.run.local import Progress
@@ -174,7 +174,7 @@ def span(calls, sub, seed):
 
 def test_whole_demo_one_graph_progress_tables_and_rerun(denv):
     e = denv
-    r = rundemo(e, JOBS=2, STUB_SLEEP=0.2)
+    r = rundemo(e, JOBS=2, STUB_SLEEP=0.2, OMP_NUM_THREADS=None, MKL_NUM_THREADS=None)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"PREPARE --root {e.data}" in r.stdout
     calls = e.calls()
@@ -196,10 +196,35 @@ def test_whole_demo_one_graph_progress_tables_and_rerun(denv):
     assert all("--trainers coop,zsclip --configs minibench,minibench_ep10_ctx4 --seeds 1,2" in t for t in tables)
     assert "--plot" not in r.stdout  # no matplotlib: CSV only
 
+    # JOBS=2 and no thread count set: each job gets cores // 2 threads (the test env sets none)
+    assert {c["omp"] for c in calls} == {str(max(1, machine.cores() // 2))}
+    assert f"JOBS=2 on {machine.cores()} cores: " in r.stdout
+
     again = rundemo(e, STUB_PLOT=1)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skip (finished)") == 36 and len(e.calls()) == 36
     assert "--plot-deltas" in again.stdout
+
+
+def test_default_jobs_one_per_core_and_threads_shared(monkeypatch):
+    from spotlighter.run import cli
+
+    monkeypatch.setattr(machine, "cores", lambda: 4)
+    assert demo.default_jobs({})["JOBS"] == "4"
+    assert demo.default_jobs({"JOBS": "1"})["JOBS"] == "1" and "JOBS" not in demo.default_jobs({"GPUS": "0 1"})
+    monkeypatch.setattr(machine, "cores", lambda: 64)
+    assert demo.default_jobs({})["JOBS"] == str(demo.MAX_DEFAULT_JOBS)
+    monkeypatch.setattr(machine, "cores", lambda: 4)
+    monkeypatch.setattr(cli.os, "environ", {})
+    said, env = [], {}
+    assert cli.share_cores(env, 3, said.append) == 1 and env["OMP_NUM_THREADS"] == "1"
+    assert cli.os.environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the fork server inherits it
+    env = {}
+    assert cli.share_cores(env, 2, said.append) == 2 and env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert said[-1] == "JOBS=2 on 4 cores: 2 thread(s) per job (OMP_NUM_THREADS=2; set it to choose)"
+    cli.os.environ.clear()
+    assert cli.share_cores({"OMP_NUM_THREADS": "3"}, 2, said.append) is None  # the user's choice stands
+    assert cli.share_cores({}, 1, said.append) is None and cli.os.environ == {}
 
 
 def test_failed_job_exit_1_its_log_and_dg_not_run(denv):

@@ -65,7 +65,8 @@ time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
 def record():
     with open(os.environ["STUB_CALLS"], "a") as f:
         f.write(json.dumps({{"argv": argv, "cwd": os.getcwd(), "resumed": resumed, "start": start,
-                            "end": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}) + "\n")
+                            "end": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "omp": os.environ.get("OMP_NUM_THREADS")}}) + "\n")
 
 
 import atexit

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import machine
 from . import data
 
 logger = logging.getLogger(__name__)
@@ -442,6 +443,10 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
         "train_seconds": round(train_s, 1),
         "train_cpu_seconds": round(cpu_s, 1),
         "torch_threads": torch.get_num_threads(),
+        # the weights depend on the CPU's kernels (and the thread count): a CLIP pretrained on another
+        # CPU kind differs, and so do the accuracies measured with it
+        "cpu": machine.cpu_name(),
+        "torch": torch.__version__,
         "file_bytes": os.path.getsize(path),
     }
     if dataset_dir is not None:

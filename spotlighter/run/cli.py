@@ -19,7 +19,8 @@ Environment (all optional except DATA):
   FORCE=1    re-run finished jobs; old folders move to $OUTPUT/backup/<time>/<same path>
   DRY_RUN=1  print every command (a runnable script) instead of running it
   LAUNCHER   local (default) | slurm
-  JOBS=N     local: run N jobs at a time (default 1, or one per GPUS entry)
+  JOBS=N     local: run N jobs at a time (default 1, or one per GPUS entry); with N > 1 and no
+             OMP_NUM_THREADS / MKL_NUM_THREADS set, each job gets cores // N threads
   GPUS="0 1" local: one job per listed device at a time, each with its own CUDA_VISIBLE_DEVICES
   RUNNER_FORK=0  local: start every job as a fresh interpreter; by default, when PYTHON is this
              runner's interpreter, jobs are forked from a server that imported torch and Dassl once
@@ -42,7 +43,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .. import registry
+from .. import machine, registry
 from ..results.stats import harmonic_mean, summarize
 from .jobs import (InputError, Job, Outcome, Settings, build_graph, config_max_epoch,
                    eval_root, inspect, model_args, move_aside, newest_log, quote, run_one, source_dir,
@@ -384,6 +385,25 @@ def slots_of(env: Dict[str, str]) -> tuple:
     return (int(jobs_text) if jobs_text else (len(gpus) or 1)), gpus
 
 
+#: The thread-count variables torch's CPU kernels read when they are loaded.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def share_cores(env: Dict[str, str], slots: int, say) -> Optional[int]:
+    """With ``slots`` > 1 local jobs and no thread count set: give each job cores // slots threads.
+
+    Sets THREAD_VARS in this process's environment (and ``env``), which the fork server and every
+    job's interpreter inherit, so N jobs do not each start one thread per core. Returns the count,
+    or None when nothing was set (one slot, or the user chose a thread count)."""
+    if slots <= 1 or any(env.get(v) for v in THREAD_VARS):
+        return None
+    n = max(1, machine.cores() // slots)
+    for v in THREAD_VARS:
+        os.environ[v] = env[v] = str(n)
+    say(f"JOBS={slots} on {machine.cores()} cores: {n} thread(s) per job (OMP_NUM_THREADS={n}; set it to choose)")
+    return n
+
+
 def job_starter(s: Settings, env: Dict[str, str], say) -> Optional[object]:
     """The fork-server launcher (spotlighter.run.fast) when it can be used, else None (subprocesses)."""
     from . import fast
@@ -455,6 +475,7 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
     if launcher == "slurm":
         from .slurm import submit
         return submit(runner, jobs, env, failures, outcomes, queued=queued)
+    share_cores(env, slots, runner.say)
     start = job_starter(s, env, runner.say)
     outcomes = run_local(jobs, s, runner.say, slots=slots, gpus=gpus, known=outcomes, start=start)
     runner.table(jobs)
