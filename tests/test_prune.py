@@ -277,4 +277,10 @@ def test_unpruned_models_are_bit_identical_to_the_code_before_token_dropping():
         # capability string), and bitwise equality cannot be asked for here.
         pytest.skip("zero-shot CLIP's logits differ from the reference in the last bits: this CPU's kernels "
                     "round differently from the machine the reference was saved on")
+    # Spotlighter's evaluation since: the IRM attends with the batch folded into the queries and the
+    # semantic-wise score multiplies prototype-major (both faster at 1000 classes); the kernels round
+    # those differently in the last bits (3.6e-7 on logits of magnitude 1.2 here). Training is unchanged.
+    rounding = {k: 1e-6 for k in ("spot-paper/eval", "spot-paper/eval2")}
+    differ = [k for k in differ if not (k in rounding and torch.allclose(out[k], ref["tensors"][k], rtol=0,
+                                                                          atol=rounding[k]))]
     assert not differ, differ
