@@ -138,6 +138,19 @@ def test_checkpoint_size_is_what_a_trainer_saves(tiny_arch):
     assert abs(bench.checkpoint_bytes(model) - buf.tell()) < 0.01 * buf.tell()
 
 
+def test_every_evaluation_rep_runs_before_the_first_training_rep(tiny_arch, monkeypatch, capsys):
+    """A training step's memory churn slows the evaluations after it, so the phases are separate."""
+    calls = []
+    monkeypatch.setattr(bench.Runner, "eval_step", lambda self: calls.append("eval"))
+    monkeypatch.setattr(bench.Runner, "train_step", lambda self: calls.append("train"))
+    assert bench.main(["--arch", "tiny", "--device", "cpu", "--classes", "4", "--batch", "2", "--train-batch", "2",
+                       "--train-classes", "4", "--reps", "3", "--batches", "2", "--no-memory", "--threads", "1",
+                       "--models", "zsclip", "coop", "paper"]) == 0
+    timed_calls = calls[3 + 2:]  # after the warm-up: 3 evaluations and 2 training steps (ZS trains nothing)
+    assert timed_calls == ["eval"] * (3 * 3 * 2) + ["train"] * (2 * 3 * 2)
+    capsys.readouterr()
+
+
 def test_tiny_end_to_end_json(tiny_arch, tmp_path, capsys):
     out = tmp_path / "b.json"
     assert bench.main(["--arch", "tiny", "--device", "cpu", "--classes", "6", "--slow-classes", "3", "--batch", "2",

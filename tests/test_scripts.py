@@ -554,6 +554,13 @@ def test_graph_of_each_protocol():
     mb = build_graph(settings(protocol="xd", dataset=None, source="minibench", targets=["minibench"], seeds=[1]))
     assert mb[1].dir.startswith("output/evaluation_from_minibench/")  # never ImageNet's evaluation tree
 
+    # zero-shot CLIP trains nothing: its first job of each seed is an evaluation, and says so
+    zs = build_graph(settings(trainer="ZeroshotCLIP", trains=False, seeds=[1]))
+    assert [(j.kind, j.what) for j in zs] == [("eval", "evaluation on base"), ("eval", "evaluation on new")]
+    zs_xd = build_graph(settings(protocol="xd", trainer="ZeroshotCLIP", trains=False, dataset=None,
+                                 source="imagenet", targets=["dtd"], seeds=[1]))
+    assert [(j.kind, j.what) for j in zs_xd] == [("eval", "evaluation on imagenet"), ("eval", "evaluation on dtd")]
+
     dg = build_graph(settings(protocol="dg", dataset=None, source="imagenet", targets=["imagenet_a"], seeds=[3]))
     assert len(dg) == 1 and dg[0].needs_trained and not dg[0].deps  # trained by xd, not in this graph
     assert dg[0].model_dir == "output/imagenet/CoOp/c_16shots/seed3"

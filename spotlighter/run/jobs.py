@@ -128,12 +128,13 @@ def build_graph(s: Settings) -> List[Job]:
     first_kind = TRAIN if s.trains else EVAL
     first_tail = [] if s.trains else ["--eval-only"]
     model = (lambda d: d) if s.trains else (lambda d: None)
+    first_what = "training on" if s.trains else "evaluation on"  # zero-shot CLIP trains nothing
     for seed in s.seeds:
         if s.protocol == "base2new":
             tr, te = base2new_dir(s, ROLE_BASE, seed), base2new_dir(s, ROLE_NEW, seed)
             jobs.append(Job(first_kind, tr, train_args(s, seed, s.dataset, tr),
                             first_tail + shots + ["DATASET.SUBSAMPLE_CLASSES", "base"] + s.extra,
-                            seed, s.dataset, "training on base"))
+                            seed, s.dataset, f"{first_what} base"))
             jobs.append(Job(EVAL, te, train_args(s, seed, s.dataset, te),
                             ["--eval-only"] + shots + ["DATASET.SUBSAMPLE_CLASSES", "new"] + s.extra,
                             seed, s.dataset, "evaluation on new", model_dir=model(tr), deps=[tr]))
@@ -142,7 +143,7 @@ def build_graph(s: Settings) -> List[Job]:
             deps: List[str] = []
             if s.protocol == "xd":
                 jobs.append(Job(first_kind, src, train_args(s, seed, s.source, src), first_tail + shots + s.extra,
-                                seed, s.source, f"training on {s.source}"))
+                                seed, s.source, f"{first_what} {s.source}"))
                 deps = [src]
             for t in s.targets:
                 d = _join(eval_root(s), t, f"{SEED_DIR_PREFIX}{seed}")
