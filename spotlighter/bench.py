@@ -302,6 +302,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's (every figure says which hardware it came from)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def cuda_peak(fn, device) -> float:
     torch.cuda.reset_peak_memory_stats(device)
     fn()
@@ -432,8 +437,7 @@ def main(argv=None) -> int:
     clips = build_clips(args.arch, device, dtype)
     rows = entries(args.models, args.prune, args.noise_floor)
     runners = {e.name: Runner(e, clips, args, device, autocast) for e in rows}
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"# {args.arch} random weights, {args.precision} on {device} ({where}; torch {torch.__version__}, "
+    print(f"# {args.arch} random weights, {args.precision} on {device} ({hardware_name(device)}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads); eval batch {args.batch} at {args.classes} classes, train step "
           f"batch {args.train_batch} at {args.train_classes} classes; {args.reps} interleaved reps of "
           f"{args.batches} batch(es) each (set-up {time.time() - t0:.0f}s)", flush=True)
@@ -496,7 +500,7 @@ def make_report(args, rows: List[Entry]) -> dict:
             "classes": args.classes, "train_batch": args.train_batch, "train_classes": args.train_classes,
             "reps": args.reps, "batches_per_rep": args.batches, "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name(),
+            "hardware": hardware_name(torch.device(args.device)),
             "rows": out}
 
 

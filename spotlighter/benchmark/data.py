@@ -190,6 +190,13 @@ SHAPE_ONLY_TEMPLATES: Dict[str, Tuple[str, ...]] = {
 }
 CAPTION_DOMAINS: Tuple[str, ...] = ("photo", "scene")
 _FULL_TEMPLATES = {"photo": PHOTO_CAPTION_TEMPLATES, "scene": SCENE_CAPTION_TEMPLATES}
+# What caption() draws from, per domain argument (None: both domains, in CAPTION_DOMAINS order):
+# (colour-only, shape-only, full) templates, built once rather than on every call of the render loop.
+_CAPTION_GROUPS: Dict[Optional[str], Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]] = {
+    key: tuple(tuple(t for d in doms for t in table[d])
+               for table in (COLOUR_ONLY_TEMPLATES, SHAPE_ONLY_TEMPLATES, _FULL_TEMPLATES))
+    for key, doms in [(None, CAPTION_DOMAINS)] + [(d, (d,)) for d in CAPTION_DOMAINS]
+}
 
 
 def caption_bank() -> Tuple[List[str], List[Tuple[Optional[str], Optional[str]]], List[str]]:
@@ -221,18 +228,15 @@ def caption(label: int, rng: np.random.Generator, attribute_only_prob: float = 0
             domain: Optional[str] = None) -> str:
     """A random caption for a MiniBench image of class ``label`` (possibly naming one attribute),
     from the templates of ``domain`` ("photo" or "scene"; None: both)."""
-    if domain is not None and domain not in CAPTION_DOMAINS:
+    if domain not in _CAPTION_GROUPS:
         raise ValueError(f"unknown caption domain {domain!r}; expected one of {CAPTION_DOMAINS}")
-    domains = CAPTION_DOMAINS if domain is None else (domain,)
+    colour_only, shape_only, full = _CAPTION_GROUPS[domain]
     colour, shape = CLASS_ATTRIBUTES[label]
     if rng.random() < attribute_only_prob:
         if rng.random() < 0.5:
-            group = tuple(t for d in domains for t in COLOUR_ONLY_TEMPLATES[d])
-            return group[rng.integers(len(group))].format(colour)
-        group = tuple(t for d in domains for t in SHAPE_ONLY_TEMPLATES[d])
-        return group[rng.integers(len(group))].format(shape)
-    group = tuple(t for d in domains for t in _FULL_TEMPLATES[d])
-    return group[rng.integers(len(group))].format(f"{colour} {shape}")
+            return colour_only[rng.integers(len(colour_only))].format(colour)
+        return shape_only[rng.integers(len(shape_only))].format(shape)
+    return full[rng.integers(len(full))].format(f"{colour} {shape}")
 
 
 # --------------------------------------------------------------------------- drawing primitives

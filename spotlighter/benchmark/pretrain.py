@@ -228,18 +228,14 @@ def sample_batch(step: int, batch_size: int, params: dict, bank: _CaptionBank):
     images, caps, domains = [], [], []
     for c in concepts:
         key, label = bank.concepts[int(c)]
+        render, domain = params["render"][key], None
         if key == "scenes" and share is not None:
             domain = "scene" if rng.random() < float(share) else "photo"
-            render = params["render"][key]
             if domain == "scene":  # the clean-photo overrides undone: rendered as the benchmark is
                 render = {**render, **{k: data.SCENE_RENDER[k] for k in data.VOCABULARIES[key].pretrain_render}}
-            images.append(data.VOCABULARIES[key].render(label, rng, render))
-            caps.append(bank.caption(int(c), rng, params["attribute_only_prob"], domain))
-            domains.append(1 + data.CAPTION_DOMAINS.index(domain))
-            continue
-        images.append(data.VOCABULARIES[key].render(label, rng, params["render"][key]))
-        caps.append(bank.caption(int(c), rng, params["attribute_only_prob"]))
-        domains.append(0)
+        images.append(data.VOCABULARIES[key].render(label, rng, render))
+        caps.append(bank.caption(int(c), rng, params["attribute_only_prob"], domain))
+        domains.append(0 if domain is None else 1 + data.CAPTION_DOMAINS.index(domain))
     return to_tensor(images), torch.as_tensor(concepts), torch.as_tensor(caps), torch.as_tensor(domains)
 
 

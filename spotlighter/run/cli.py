@@ -397,10 +397,11 @@ def share_cores(env: Dict[str, str], slots: int, say) -> Optional[int]:
     or None when nothing was set (one slot, or the user chose a thread count)."""
     if slots <= 1 or any(env.get(v) for v in THREAD_VARS):
         return None
-    n = max(1, machine.cores() // slots)
+    cores = machine.cores()
+    n = max(1, cores // slots)
     for v in THREAD_VARS:
         os.environ[v] = env[v] = str(n)
-    say(f"JOBS={slots} on {machine.cores()} cores: {n} thread(s) per job (OMP_NUM_THREADS={n}; set it to choose)")
+    say(f"JOBS={slots} on {cores} cores: {n} thread(s) per job (OMP_NUM_THREADS={n}; set it to choose)")
     return n
 
 
