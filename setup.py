@@ -9,7 +9,7 @@ setup(
     description="Spotlighter (EMNLP 2025 Findings) and CLIP prompt-tuning baselines as Dassl trainers",
     python_requires=">=3.10",
     packages=find_packages(include=["spotlighter", "spotlighter.*"]),
-    package_data={"spotlighter": ["data/*.csv"]},
+    package_data={"spotlighter": ["data/*.csv", "benchmark/reference/*"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -31,12 +31,15 @@ def clip_path(root: str) -> str:
 
 
 def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, clip_params: Optional[dict] = None,
-            keys: Sequence[str] = tuple(data.SPECS), target_params: Optional[dict] = None) -> dict:
+            keys: Sequence[str] = tuple(data.SPECS), target_params: Optional[dict] = None,
+            use_reference: bool = True) -> dict:
     """Ensure every generated dataset ``root/<key>`` and the CLIP ``root/minibench/clip/minibench_clip.pt``.
 
     ``dataset_params`` apply to MiniBench (the source), ``target_params`` (e.g. smaller counts for
-    tests) to the other datasets, which otherwise use their defaults; all use ``seed``. Returns a summary dict: paths, what was built and how long it took, the metas
-    and the CLIP sidecar (with its zero-shot accuracies on every dataset).
+    tests) to the other datasets, which otherwise use their defaults; all use ``seed``. The CLIP is
+    the shipped reference when its recipe is the requested one and ``use_reference`` (see
+    :mod:`.reference`), else pretrained here. Returns a summary dict: paths, what was built and how
+    long it took, the metas and the CLIP sidecar (with its zero-shot accuracies on every dataset).
     """
     cparams = dict(clip_params or {})
     cparams["seed"] = seed
@@ -55,7 +58,8 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
     had_clip = pretrain.read_sidecar(cpath)
     t0 = time.time()
     others = [dataset_dir(root, k) for k in keys if k != "minibench"]
-    side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others, **cparams)
+    side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others,
+                                use_reference=use_reference, **cparams)
     t_clip = time.time() - t0
     ddir = dataset_dir(root)
     return {
@@ -74,6 +78,25 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
     }
 
 
+def describe_origin(side: dict) -> str:
+    """Where the CLIP came from, and whether its accuracies compare with the reference CLIP's."""
+    from . import reference
+
+    digest = side.get("digest") or "unknown"
+    if side.get("origin") == "reference":
+        return (f"the shipped reference CLIP (pretrained on {side.get('cpu')}, {side.get('torch_threads')} threads, "
+                f"torch {side.get('torch')}; digest {digest[:16]})")
+    how = f"pretrained here in {side.get('train_seconds')}s on {side.get('cpu')} (digest {digest[:16]})"
+    ref = reference.matches(side.get("params") or {})
+    if ref is None:
+        return how + "; no reference CLIP has this recipe"
+    if ref["digest"] == digest:
+        return how + ": bit-identical to the shipped reference CLIP"
+    return (how + ": differs from the shipped reference CLIP (another CPU kind or thread count), so its "
+            "accuracies do not compare with the README's; delete it and run prepare without --pretrain "
+            "to install the reference")
+
+
 def _fmt_acc(z: dict) -> str:
     halves = [h for h in ("base", "new", "all") if h in z]
     accs = ", ".join(f"{h} {z[h]:.2f}% (chance {z['chance_' + h]:.2f}%)" for h in halves)
@@ -90,6 +113,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pp.add_argument("--val-per-class", type=int, default=data.DEFAULT_PARAMS["val_per_class"])
     pp.add_argument("--test-per-class", type=int, default=data.DEFAULT_PARAMS["test_per_class"])
     pp.add_argument("--pretrain-steps", type=int, default=pretrain.DEFAULT_CLIP_PARAMS["steps"])
+    pp.add_argument("--pretrain", action="store_true",
+                    help="pretrain the CLIP here (minutes) instead of installing the shipped reference CLIP; "
+                         "its weights, and every accuracy measured with them, then depend on this CPU kind")
+    ep = sub.add_parser("export-reference",
+                        help="(maintainers) make ROOT's pretrained CLIP the shipped reference CLIP "
+                             "(spotlighter/benchmark/reference/)")
+    ep.add_argument("--root", required=True)
     zp = sub.add_parser("zeroshot", help="re-measure the zero-shot accuracy of the prepared CLIP")
     zp.add_argument("--root", required=True)
     zp.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -123,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     test_per_class=args.test_per_class,
                 ),
                 clip_params=dict(steps=args.pretrain_steps),
+                use_reference=not args.pretrain,
             )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -133,13 +164,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             how = "generated in %.1fs" % s["seconds"][key] if s["built"][key] else "cached"
             print(f"dataset:  {os.path.abspath(dataset_dir(args.root, key))}  ({how}; {meta['num_images']})")
         print(f"split:    {s['split_file']}")
-        print(f"weights:  {s['clip_path']}  ({'pretrained in %.1fs' % s['clip']['train_seconds'] if s['built_clip'] else 'cached'}; {s['clip']['file_bytes'] / 2**20:.1f} MiB)")
+        print(f"weights:  {s['clip_path']}  ({'built' if s['built_clip'] else 'cached'}; "
+              f"{s['clip']['file_bytes'] / 2**20:.1f} MiB)")
+        print(f"CLIP:     {describe_origin(s['clip'])}")
         if "zeroshot" in s["clip"]:
             print(f"zero-shot: {_fmt_acc(s['clip']['zeroshot'])}")
         for z in (s["clip"].get("zeroshot_targets") or {}).values():
             print(f"zero-shot: {_fmt_acc(z)}")
         return 0
 
+    if args.cmd == "export-reference":
+        from . import reference
+
+        try:
+            meta = reference.export(clip_path(args.root))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"reference: {reference.weights_file()} ({os.path.getsize(reference.weights_file()) / 2**20:.1f} MiB, "
+              f"{meta['sparse_rows']} trained token-embedding rows, digest {meta['digest'][:16]}...)")
+        return 0
     ddir = dataset_dir(args.root)
     weights = args.weights or clip_path(args.root)
     if args.cmd == "calibrate":

@@ -403,14 +403,20 @@ def read_sidecar(path: str) -> Optional[dict]:
         return json.load(f)
 
 
-def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequence[str] = (), **params) -> dict:
-    """Pretrain and cache the MiniBench CLIP at ``path`` unless it exists with the same params.
+def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequence[str] = (),
+                use_reference: bool = True, **params) -> dict:
+    """Install or pretrain the MiniBench CLIP at ``path`` unless it exists with the same params.
 
-    Writes ``path`` (plain float32 state dict) and then ``path + ".json"`` (version, params,
-    training time and, when ``dataset_dir`` is given, the zero-shot accuracies on its test split).
-    Returns the sidecar dict. Raises ``ValueError`` naming the differing parameters when a cached
-    model was built with other parameters.
+    When the shipped reference CLIP (:mod:`.reference`) was pretrained with exactly these params and
+    ``use_reference`` is true, its weights are installed (the same bits on every machine);
+    otherwise the CLIP is pretrained here. Writes ``path`` (plain float32 state dict) and then
+    ``path + ".json"`` (version, params, origin, digest, training time and, when ``dataset_dir`` is
+    given, the zero-shot accuracies on its test split). Returns the sidecar dict. Raises
+    ``ValueError`` naming the differing parameters when a cached model was built with other
+    parameters.
     """
+    from . import reference
+
     p = _normalise(params)
     meta = read_sidecar(path)
     if meta is not None and (meta.get("pretrain_version") != PRETRAIN_VERSION
@@ -427,24 +433,32 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
     if os.path.exists(sidecar_path(path)):
         os.remove(sidecar_path(path))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    t0, c0 = time.time(), time.process_time()
-    model = pretrain(p)
-    train_s, cpu_s = time.time() - t0, time.process_time() - c0
-    tmp = path + ".tmp"
-    torch.save({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
-    meta = {
-        "pretrain_version": PRETRAIN_VERSION,
-        "params": p,
-        "train_seconds": round(train_s, 1),
-        "train_cpu_seconds": round(cpu_s, 1),
-        "torch_threads": torch.get_num_threads(),
-        # the weights depend on the CPU's kernels (and the thread count): a CLIP pretrained on another
-        # CPU kind differs, and so do the accuracies measured with it
-        "cpu": machine.cpu_name(),
-        "torch": torch.__version__,
-        "file_bytes": os.path.getsize(path),
-    }
+    if use_reference and reference.matches(p):
+        meta = {"pretrain_version": PRETRAIN_VERSION, "params": p, **reference.install(path)}
+        logger.info("Installed the reference MiniBench CLIP (pretrained on %s, digest %s) at %s",
+                    meta["cpu"], meta["digest"][:16], path)
+    else:
+        t0, c0 = time.time(), time.process_time()
+        model = pretrain(p)
+        train_s, cpu_s = time.time() - t0, time.process_time() - c0
+        state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        meta = {
+            "pretrain_version": PRETRAIN_VERSION,
+            "params": p,
+            "origin": "pretrained here",
+            "digest": reference.state_digest(state),
+            "train_seconds": round(train_s, 1),
+            "train_cpu_seconds": round(cpu_s, 1),
+            "torch_threads": torch.get_num_threads(),
+            # the weights depend on the CPU's kernels (and the thread count): a CLIP pretrained on another
+            # CPU kind differs, and so do the accuracies measured with it (hence the reference CLIP)
+            "cpu": machine.cpu_name(),
+            "torch": torch.__version__,
+        }
+    meta["file_bytes"] = os.path.getsize(path)
     if dataset_dir is not None:
         model = load_clip(path)
         meta["zeroshot"] = zeroshot_accuracy(model, dataset_dir)
