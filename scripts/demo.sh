@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All three protocols on the built-in mini-benchmark, on a CPU, in minutes: generate MiniBench, its
-# cross-dataset and domain-generalisation targets and pretrain the small CLIP (cached under $DATA),
+# cross-dataset and domain-generalisation targets and install the shipped small CLIP (cached under $DATA),
 # then run base-to-novel, cross-dataset and DG (source minibench) for zero-shot CLIP, CoOp and
 # Spotlighter with seeds 1 2 3 as one job graph, and print the three tables (python -m spotlighter.run demo).
 #

@@ -223,3 +223,21 @@ def test_minibench_coop_is_coops_own_random_16_token_context():
         data = yaml.safe_load(f)
     assert (data["TRAINER"]["COOP"]["N_CTX"], data["TRAINER"]["COOP"]["CTX_INIT"]) == (16, "")
     assert (data["OPTIM"]["LR"], data["OPTIM"]["MAX_EPOCH"]) == (0.002, 50)
+
+
+MINIBENCH_TRAINER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs/trainers/*/minibench*.yaml")))
+
+
+def test_every_minibench_trainer_config_has_the_benchmarks_one_input_block():
+    """Input size, normalisation and augmentation are a property of the benchmark, as on real data: every
+    trainer sees MiniBench the same way. Flips only: a class is the biggest object of a 64 px scene, which
+    a random resized crop can cut or let a distractor outgrow (calibrated on ZS-CLIP and CoOp, docs/minibench.md)."""
+    assert len(MINIBENCH_TRAINER_CONFIGS) >= 6
+    blocks = {}
+    for path in MINIBENCH_TRAINER_CONFIGS:
+        with open(path) as f:
+            blocks[os.path.relpath(path, ROOT)] = yaml.safe_load(f)["INPUT"]
+    first = next(iter(blocks.values()))
+    assert first["TRANSFORMS"] == ["random_flip", "normalize"]
+    assert "RRCROP_SCALE" not in first
+    assert {k: v for k, v in blocks.items() if v != first} == {}

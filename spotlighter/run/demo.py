@@ -261,8 +261,8 @@ def run_demo(args: Sequence[str], env: Dict[str, str], cwd: str) -> int:
         code = check_install(python)
         if code is not None:
             return code
-        say(f"preparing MiniBench and its targets in {data} (first run: image generation + CLIP pretraining, "
-            "a few minutes)")
+        say(f"preparing MiniBench and its targets in {data} (first run: image generation and the shipped "
+            "CLIP's zero-shot checks, about a minute)")
         r = subprocess.run(prepare)
         if r.returncode != 0:
             print(f"error: '{quote(prepare)}' failed (exit status {r.returncode}); see above", file=sys.stderr)
