@@ -478,6 +478,24 @@ def _drop_tokens(x: torch.Tensor, cls_row: torch.Tensor, index: torch.Tensor, sp
     return torch.cat(parts, dim=1).transpose(0, 1), index.gather(1, top)
 
 
+def _prompt_tokens(prompt: torch.Tensor, batch: int, dtype: torch.dtype, round_fp16: bool,
+                   seq_first: bool = False) -> torch.Tensor:
+    """A learnable prompt (n, w) expanded to (batch, n, w), or (n, batch, w) with ``seq_first``, for
+    concatenation with tokens of ``dtype``.
+
+    ``round_fp16`` repeats what the IVLP/PromptSRC/PromptKD code does in every precision: it casts
+    the expanded prompt to fp16 (``.half()``) before concatenating, so in fp32 runs the prompt's
+    values are rounded to fp16 in the forward pass (``torch.cat`` promotes them back) and each
+    image's gradient slice is rounded to fp16 before the slices are summed. Same operations in the
+    same order, so an fp32 run equals the original's bit for bit (docs/method.md). The rounded
+    prompt is cast back to ``dtype`` here rather than by ``torch.cat``'s type promotion (the same
+    values and gradients), so that autocast never sees an fp16 tensor beside its own dtype."""
+    p = prompt.expand(batch, -1, -1)
+    if seq_first:
+        p = p.permute(1, 0, 2)
+    return p.half().to(dtype) if round_fp16 else p.type(dtype)
+
+
 class FrozenCLIP(nn.Module):
     """Frozen CLIP with prompt-injection hooks. Holds no trainable parameter."""
 
@@ -555,18 +573,21 @@ class FrozenCLIP(nn.Module):
 
     def encode_text_embeddings(self, embeddings: torch.Tensor, tokenized: torch.Tensor,
                                deep_prompts: Optional[Sequence[torch.Tensor]] = None,
-                               prompt_start: int = 1) -> torch.Tensor:
+                               prompt_start: int = 1, round_prompts: bool = False) -> torch.Tensor:
         """Text features from token embeddings (C, L, w); ``deep_prompts[i]`` (n, w) replaces the
-        ``n`` tokens after ``prompt_start`` at the input of block ``i + 1`` (MaPLe)."""
+        ``n`` tokens after ``prompt_start`` at the input of block ``i + 1`` (MaPLe, IVLP).
+        ``round_prompts``: see :func:`_prompt_tokens`."""
         m = self.model
         x = embeddings.type(self.dtype) + m.positional_embedding.type(self.dtype)
         x = x.permute(1, 0, 2)
         deep = list(deep_prompts or [])
         for i, block in enumerate(m.transformer.resblocks):
             if 1 <= i <= len(deep):
-                p = deep[i - 1].type(self.dtype)
-                n = p.shape[0]
-                p = p.unsqueeze(1).expand(-1, x.shape[1], -1)
+                n = deep[i - 1].shape[0]
+                if round_prompts:
+                    p = _prompt_tokens(deep[i - 1], x.shape[1], self.dtype, True, seq_first=True)
+                else:
+                    p = deep[i - 1].type(self.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
                 x = torch.cat([x[:prompt_start], p, x[prompt_start + n:]], dim=0)
             x, _ = _run_block(block, x)
         x = x.permute(1, 0, 2)
@@ -629,9 +650,11 @@ class FrozenCLIP(nn.Module):
     def encode_image(self, images: torch.Tensor,
                      shallow_prompt: Optional[torch.Tensor] = None,
                      deep_prompts: Optional[Sequence[torch.Tensor]] = None,
-                     pruned: bool = True) -> torch.Tensor:
-        """Global image feature; optional visual prompts appended after the patches (MaPLe).
-        ``pruned``: apply :attr:`prune` (the models pass False in training when it says so)."""
+                     pruned: bool = True, round_prompts: bool = False) -> torch.Tensor:
+        """Global image feature; optional visual prompts appended after the patches (MaPLe, IVLP):
+        ``shallow_prompt`` (n, D) before ``ln_pre``, ``deep_prompts[i]`` (n, D) replacing them at the
+        input of block ``i + 1``. ``pruned``: apply :attr:`prune` (the models pass False in training
+        when it says so). ``round_prompts``: see :func:`_prompt_tokens`."""
         if not self.is_vit:
             if shallow_prompt is not None or deep_prompts:
                 raise BackboneError("Visual prompts need a ViT backbone.")
@@ -648,12 +671,19 @@ class FrozenCLIP(nn.Module):
         n_prompt = 0
         if shallow_prompt is not None:
             n_prompt = shallow_prompt.shape[0]
-            x = torch.cat([x, shallow_prompt.type(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+            if round_prompts:
+                p = _prompt_tokens(shallow_prompt, x.shape[0], x.dtype, True)
+            else:
+                p = shallow_prompt.type(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat([x, p], dim=1)
         x = v.ln_pre(x).permute(1, 0, 2)
         deep = list(deep_prompts or [])
         for i, block in enumerate(v.transformer.resblocks):
             if n_prompt and 1 <= i <= len(deep):
-                p = deep[i - 1].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
+                if round_prompts:
+                    p = _prompt_tokens(deep[i - 1], x.shape[1], x.dtype, True, seq_first=True)
+                else:
+                    p = deep[i - 1].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
                 x = torch.cat([x[:-n_prompt], p], dim=0)
             x, _ = _run_block(block, x)
         x = v.ln_post(x[0])

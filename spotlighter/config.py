@@ -32,6 +32,20 @@ def _prompt_node(n_ctx: int, ctx_init: str, prec: str) -> CN:
     return node
 
 
+def _ivlp_node(n_ctx: int) -> CN:
+    node = CN()
+    node.N_CTX_VISION = n_ctx  # visual prompt tokens per prompted vision block
+    node.N_CTX_TEXT = n_ctx  # text context tokens (input and each prompted text block)
+    node.CTX_INIT = "a photo of a"  # words that initialise the input context (N_CTX_TEXT <= 4); "" = random
+    node.PREC = "fp16"  # fp16 | fp32 | amp (fp16 on CPU falls back to fp32 with a warning)
+    node.PROMPT_DEPTH_VISION = 9  # vision blocks with prompts (0 = none; J = input + blocks 1..J-1)
+    node.PROMPT_DEPTH_TEXT = 9  # text blocks with prompts (>= 1; 1 = the input context only)
+    # Round the prompts to fp16 where they enter the encoders, in every precision, as the original
+    # code does (its .half()); False: prompts enter in the encoders' precision (docs/method.md).
+    node.ROUND_PROMPTS_FP16 = True
+    return node
+
+
 def extend_cfg(cfg: CN) -> None:
     """Add this project's keys to a Dassl config (or any yacs node with the same top-level nodes)."""
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new
@@ -67,6 +81,14 @@ def extend_cfg(cfg: CN) -> None:
     # MaPLe's own defaults; N_CTX > 4 (or > the words of CTX_INIT) initialises randomly, as MaPLe does
     cfg.TRAINER.MAPLE = _prompt_node(2, "a photo of a", "fp16")
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9  # layers with learnable prompts (1 = shallow only)
+
+    # IVLP and PromptSRC: the original repository's (muzairkhattak/PromptSRC train.py) names and defaults
+    cfg.TRAINER.IVLP = _ivlp_node(n_ctx=2)
+    cfg.TRAINER.PROMPTSRC = _ivlp_node(n_ctx=4)
+    cfg.TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT = 25  # L1(prompted text, 60-template frozen text)
+    cfg.TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT = 10  # L1(prompted image, frozen image feature)
+    cfg.TRAINER.PROMPTSRC.GPA_MEAN = 15  # Gaussian prompt aggregation: mean epoch (1-based) ...
+    cfg.TRAINER.PROMPTSRC.GPA_STD = 1  # ... and its standard deviation in epochs
 
     cfg.TRAINER.ZSCLIP = CN()
     cfg.TRAINER.ZSCLIP.PREC = "fp16"

@@ -1,5 +1,6 @@
 """Checkpoints written by the original repositories (CoOp/CoCoOp: ``KaiyangZhou/CoOp``; MaPLe:
-``muzairkhattak/multimodal-prompt-learning``), read safely and converted to this project's keys.
+``muzairkhattak/multimodal-prompt-learning``; IVLP/PromptSRC: ``muzairkhattak/PromptSRC``, whose
+PromptSRC checkpoints PromptKD publishes as teachers), read safely and converted to this project's keys.
 
 Those repos save with Dassl's ``save_checkpoint``: ``{"state_dict", "epoch", "optimizer",
 "scheduler", "val_result"}``. With a warm-up epoch (every shipped CoOp/CoCoOp/MaPLe config), the
@@ -10,8 +11,8 @@ naming any other global is refused, and nothing in it is executed.
 
 One converter per source maps the original ``state_dict`` to ours (:data:`CONVERTERS`): tensors
 become float32 (the originals keep fp16 prompts under ``PREC fp16``), class-dependent buffers
-(``token_prefix``/``token_suffix``) and MaPLe's copy of the frozen CLIP are dropped, anything else
-unknown is an error naming the key.
+(``token_prefix``/``token_suffix``) and MaPLe's, IVLP's and PromptSRC's copies of the frozen CLIP are
+dropped, anything else unknown is an error naming the key.
 """
 
 from __future__ import annotations
@@ -119,9 +120,45 @@ def from_maple(state: StateDict, path: str = "checkpoint") -> StateDict:
                      "text_encoder.", "logit_scale"))
 
 
+_IVLP_TEXT = re.compile(r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
+_IVLP_VISION = re.compile(r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
+
+
+def from_ivlp(state: StateDict, path: str = "checkpoint") -> StateDict:
+    """IVLP / PromptSRC (``VLPromptLearner`` = the whole CustomCLIP): the text context
+    ``prompt_learner.ctx``, the deep text prompts ``text_encoder.transformer.resblocks.<i>.VPT_shallow``
+    (i = 1 .. depth-1), the visual prompts ``image_encoder.VPT`` and
+    ``image_encoder.transformer.resblocks.<i>.VPT_shallow``. The rest of its frozen CLIP copy,
+    PromptSRC's frozen image encoder (``prompt_learner.ZS_image_encoder``) and the class buffers are
+    dropped. Deep prompts must be numbered 1, 2, ... without gaps."""
+    def rename(key: str):
+        if key == "prompt_learner.ctx":
+            return key
+        if key == "image_encoder.VPT":
+            return "prompt_learner.visual_prompt"
+        for pattern, target in ((_IVLP_TEXT, "text_prompts"), (_IVLP_VISION, "visual_prompts")):
+            m = pattern.match(key)
+            if m:
+                return f"prompt_learner.{target}.{int(m.group(1)) - 1}"
+        return None
+
+    def frozen(key: str) -> bool:  # the frozen CLIP copy and the class buffers
+        return (key.startswith(("image_encoder.", "text_encoder.", "prompt_learner.ZS_image_encoder."))
+                or key in ("logit_scale", "prompt_learner.token_prefix", "prompt_learner.token_suffix")) \
+            and rename(key) is None
+
+    out = _convert({k: v for k, v in state.items() if not frozen(k)}, path, "IVLP/PromptSRC", rename, ())
+    for group in ("text_prompts", "visual_prompts"):
+        found = sorted(int(k.rsplit(".", 1)[1]) for k in out if k.startswith(f"prompt_learner.{group}."))
+        if found != list(range(len(found))):
+            raise CheckpointError(f"{path}: its {group.replace('_', ' ')} are at blocks "
+                                  f"{[i + 1 for i in found]}; IVLP/PromptSRC prompt blocks 1, 2, ... without gaps.")
+    return out
+
+
 #: Trainer name -> converter of that trainer's original-repository checkpoints.
 CONVERTERS: Dict[str, Callable[[StateDict, str], StateDict]] = {
-    "CoOp": from_coop, "CoCoOp": from_cocoop, "MaPLe": from_maple,
+    "CoOp": from_coop, "CoCoOp": from_cocoop, "MaPLe": from_maple, "IVLP": from_ivlp, "PromptSRC": from_ivlp,
 }
 
 
@@ -133,8 +170,8 @@ def is_original(data: Dict[str, Any]) -> bool:
 def convert(data: Dict[str, Any], trainer: str, path: str) -> Tuple[StateDict, int]:
     """(our state dict, epoch) of an original-repository checkpoint of ``trainer``."""
     if trainer not in CONVERTERS:
-        raise CheckpointError(f"{path} is a Dassl checkpoint of another codebase; only CoOp, CoCoOp and "
-                              f"MaPLe checkpoints of the original repositories can be converted, not "
-                              f"{trainer}'s.")
+        raise CheckpointError(f"{path} is a Dassl checkpoint of another codebase; only "
+                              f"{', '.join(CONVERTERS)} checkpoints of the original repositories can be "
+                              f"converted, not {trainer}'s.")
     state = {k[7:] if k.startswith("module.") else k: v for k, v in data["state_dict"].items()}
     return CONVERTERS[trainer](state, path), int(data["epoch"])

@@ -188,3 +188,62 @@ class MaPLePromptLearner(PromptLearner):
         visual = self.proj(self.ctx)
         deep_visual = [layer(p) for layer, p in zip(self.compound_prompt_projections, self.compound_prompts_text)]
         return prompts, list(self.compound_prompts_text), visual, deep_visual
+
+
+#: IVLP/PromptSRC initialise the text context from CTX_INIT only with at most this many tokens
+#: (``n_ctx <= 4`` in their ``VLPromptLearner``), at random otherwise.
+IVLP_MAX_WORD_INIT = 4
+
+
+class IVLPPromptLearner(nn.Module):
+    """Independent vision-language prompts (IVLP; the prompts PromptSRC trains).
+
+    Text: ``n_text`` context tokens replace the first words of ``"<ctx_init> <class>."`` at the input
+    (``ctx``), and ``text_depth - 1`` deep prompts (``text_prompts``) replace those positions at the
+    input of text blocks 1 .. text_depth - 1. Vision (``vision_depth >= 1``): ``n_vision`` tokens
+    (``visual_prompt``) are appended after CLS and the patches before ``ln_pre``, and
+    ``vision_depth - 1`` deep prompts (``visual_prompts``) replace them at the input of vision
+    blocks 1 .. vision_depth - 1. The two branches are independent (no coupling function, unlike
+    MaPLe). All prompts are initialised N(0, 0.02^2) except a context initialised from words.
+    """
+
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_text: int = 4, n_vision: int = 4,
+                 ctx_init: str = "a photo of a", text_depth: int = 9, vision_depth: int = 9):
+        super().__init__()
+        words = ctx_init.replace("_", " ").strip().split()
+        if words and n_text <= IVLP_MAX_WORD_INIT:
+            if n_text > len(words):
+                raise ValueError(f"{n_text} context tokens cannot be initialised from the {len(words)} word(s) "
+                                 f"{ctx_init!r}: give at least {n_text} words, fewer tokens, or no words "
+                                 "(random init)")
+            ctx, prefix = init_context(clip, n_text, ctx_init)
+            ctx = ctx[:n_text].clone()  # the remaining words stay fixed text, as in IVLP
+        else:
+            if words:
+                logger.info("N_CTX_TEXT = %d: random context init (IVLP initialises from CTX_INIT %r only "
+                            "with at most %d tokens)", n_text, ctx_init, IVLP_MAX_WORD_INIT)
+            ctx, prefix = init_context(clip, n_text, "")
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx = n_text
+        self.classes = ClassPrompts(clip, classnames, prefix, n_text)
+        w = clip.text_width
+        self.text_prompts = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_text, w).normal_(0.0, 0.02)) for _ in range(text_depth - 1)])
+        self.vision_depth = vision_depth
+        if vision_depth >= 1:
+            vw = clip.vision_width
+            self.visual_prompt = nn.Parameter(torch.empty(n_vision, vw).normal_(0.0, 0.02))
+            self.visual_prompts = nn.ParameterList(
+                [nn.Parameter(torch.empty(n_vision, vw).normal_(0.0, 0.02)) for _ in range(vision_depth - 1)])
+        else:
+            self.visual_prompt = None
+            self.visual_prompts = nn.ParameterList()
+
+    @property
+    def tokenized_prompts(self) -> torch.Tensor:
+        return self.classes.tokenized_prompts
+
+    def forward(self):
+        """(class prompts (C, L, w), deep text prompts, shallow visual prompt or None, deep visual prompts)."""
+        return (self.classes.assemble(self.ctx), list(self.text_prompts), self.visual_prompt,
+                list(self.visual_prompts))

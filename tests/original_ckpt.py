@@ -125,3 +125,32 @@ def save_original(out_dir, module_name, state, epoch=2, pointer=True, use_dassl=
             with open(os.path.join(folder, "checkpoint"), "w") as f:
                 f.write(f"model.pth.tar-{epoch}\n")
     return os.path.join(folder, f"model.pth.tar-{epoch}")
+
+
+def ivlp_original_state(model, with_zs_encoder=False):
+    """The state_dict the PromptSRC repository saves for our IVLP/PromptSRC ``model`` after a PREC fp16
+    run: its whole CustomCLIP (``VLPromptLearner``), i.e. the fp16 text context, the class buffers,
+    the frozen CLIP copy (fp16 where ``convert_weights`` made it so) with the fp32 prompt parameters
+    inside it (``image_encoder.VPT``, ``*.transformer.resblocks.<i>.VPT_shallow``), and for PromptSRC
+    its frozen zero-shot image encoder ``prompt_learner.ZS_image_encoder.*``."""
+    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    clip = model.clip.model.state_dict()
+    state = OrderedDict()
+    state["prompt_learner.ctx"] = ours["prompt_learner.ctx"].half()
+    n_cls = model.prompt_learner.classes.n_cls
+    state["prompt_learner.token_prefix"] = torch.zeros(n_cls, 1, clip["ln_final.weight"].shape[0], dtype=torch.float16)
+    if with_zs_encoder:
+        state.update({f"prompt_learner.ZS_image_encoder.{k[7:]}": v.half() for k, v in clip.items()
+                      if k.startswith("visual.")})
+    state.update({f"image_encoder.{k[7:]}": v.half() for k, v in clip.items() if k.startswith("visual.")})
+    state["image_encoder.VPT"] = ours["prompt_learner.visual_prompt"]
+    for k, v in ours.items():
+        if k.startswith("prompt_learner.visual_prompts."):
+            state[f"image_encoder.transformer.resblocks.{int(k.rsplit('.', 1)[1]) + 1}.VPT_shallow"] = v
+    state.update({f"text_encoder.{k}": v for k, v in clip.items()
+                  if k.startswith(("transformer.", "ln_final.", "positional_embedding", "text_projection"))})
+    for k, v in ours.items():
+        if k.startswith("prompt_learner.text_prompts."):
+            state[f"text_encoder.transformer.resblocks.{int(k.rsplit('.', 1)[1]) + 1}.VPT_shallow"] = v
+    state["logit_scale"] = clip["logit_scale"]
+    return state

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import dassl_available
-from original_ckpt import coop_state, save_original
+from original_ckpt import coop_state, ivlp_original_state, save_original
 from spotlighter import foreign
 from spotlighter.checkpoint import CheckpointError
-from spotlighter.models import CoCoOp, CoOp, MaPLe
+from spotlighter.models import IVLP, CoCoOp, CoOp, MaPLe, PromptSRC
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,6 +45,8 @@ def _original_keys(source, model):
             for p in ("weight", "bias"):
                 state[f"meta_net.{name}.{p}"] = ours[f"prompt_learner.meta_net.{i}.{p}"].half()  # meta_net.half()
         return state
+    if source in ("IVLP", "PromptSRC"):
+        return ivlp_original_state(model, with_zs_encoder=source == "PromptSRC")
     state = OrderedDict((k, v) for k, v in ours.items())
     state["prompt_learner.ctx"] = state["prompt_learner.ctx"].half()
     state["prompt_learner.proj.weight"] = state["prompt_learner.proj.weight"].half()  # self.proj.half()
@@ -57,7 +59,10 @@ def _original_keys(source, model):
     return state
 
 
+IVLP_TINY = dict(n_text=4, n_vision=4, ctx_init="a photo of a", text_depth=2, vision_depth=2)
 BUILD = {
+    "IVLP": (lambda clip: IVLP(clip, NAMES, **IVLP_TINY), "VLPromptLearner"),
+    "PromptSRC": (lambda clip: PromptSRC(clip, NAMES, **IVLP_TINY), "VLPromptLearner"),
     "CoOp": (lambda clip: CoOp(clip, NAMES, n_ctx=4, ctx_init="a photo of a"), "prompt_learner"),
     "CoCoOp": (lambda clip: CoCoOp(clip, NAMES, n_ctx=4, ctx_init="a photo of a"), "prompt_learner"),
     "MaPLe": (lambda clip: MaPLe(clip, NAMES, n_ctx=2, ctx_init="a photo of a", depth=2),
@@ -66,7 +71,7 @@ BUILD = {
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-@pytest.mark.parametrize("source", ["CoOp", "CoCoOp", "MaPLe"])
+@pytest.mark.parametrize("source", ["CoOp", "CoCoOp", "MaPLe", "IVLP", "PromptSRC"])
 def test_original_checkpoint_loads_into_our_model(source, writer, frozen_clip, tmp_path):
     build, module = BUILD[source]
     trained = _perturbed(build(frozen_clip))
@@ -154,5 +159,23 @@ def test_our_own_checkpoints_read_through_the_same_door(tmp_path):
 
 
 def test_spotlighter_has_no_original_converter():
-    with pytest.raises(CheckpointError, match="only CoOp, CoCoOp and MaPLe"):
+    with pytest.raises(CheckpointError, match="only CoOp, CoCoOp, MaPLe, IVLP, PromptSRC checkpoints"):
         foreign.convert({"state_dict": {}, "epoch": 1}, "Spotlighter", "x.pth")
+
+
+def test_ivlp_converter_maps_block_numbers_and_refuses_gaps_and_strangers():
+    p = torch.ones(2, 8)
+    state = {"prompt_learner.ctx": p, "image_encoder.VPT": p, "image_encoder.conv1.weight": p,
+             "image_encoder.transformer.resblocks.1.VPT_shallow": p * 2,
+             "image_encoder.transformer.resblocks.2.VPT_shallow": p * 3,
+             "text_encoder.transformer.resblocks.1.VPT_shallow": p * 4, "text_encoder.ln_final.weight": p,
+             "prompt_learner.ZS_image_encoder.proj": p, "prompt_learner.token_suffix": p, "logit_scale": p}
+    out = foreign.from_ivlp(state)
+    assert sorted(out) == ["prompt_learner.ctx", "prompt_learner.text_prompts.0", "prompt_learner.visual_prompt",
+                           "prompt_learner.visual_prompts.0", "prompt_learner.visual_prompts.1"]
+    assert out["prompt_learner.visual_prompts.1"][0, 0] == 3 and out["prompt_learner.text_prompts.0"][0, 0] == 4
+    gap = {k: v for k, v in state.items() if k != "image_encoder.transformer.resblocks.1.VPT_shallow"}
+    with pytest.raises(CheckpointError, match="visual prompts are at blocks \\[2\\]"):
+        foreign.from_ivlp(gap, "ckpt")
+    with pytest.raises(CheckpointError, match="key 'prompt_learner.meta_net.w' is not part of a IVLP/PromptSRC"):
+        foreign.from_ivlp({**state, "prompt_learner.meta_net.w": p}, "ckpt")
