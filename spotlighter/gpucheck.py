@@ -34,11 +34,17 @@ import torch.nn as nn
 from .backbone import FrozenCLIP, PruneSpec, build_clip
 
 PRECISIONS = ("fp32", "fp16", "amp")
-#: clip.model.CLIP arguments: OpenAI's ViT-B/16, and a tiny model of the same architecture.
+#: clip.model.CLIP arguments: OpenAI's ViT-B/16, ViT-L/14 (224 and 336 px), and a tiny model of the
+#: same architecture.
+_VIT_L14 = dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12,
+                transformer_layers=12)
 SIZES = {
     "vit_b16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                     vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
                     transformer_heads=8, transformer_layers=12),
+    "vit_l14": _VIT_L14,
+    "vit_l14_336": {**_VIT_L14, "image_resolution": 336},
     "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                  context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
                  transformer_layers=2),
@@ -72,6 +78,7 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
     small = size == "tiny"
     heads = 1 if small else None  # the tiny width 64 with 1 attention head
     maple_depth = 2 if small else 9
+    ivlp = dict(n_text=4, n_vision=4, ctx_init="a photo of a", text_depth=maple_depth, vision_depth=maple_depth)
 
     def spot(preset):
         def build(clip):
@@ -88,6 +95,8 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         "CoOp": lambda clip: models.CoOp(clip, CLASSNAMES, n_ctx=4, ctx_init="a photo of a"),
         "CoCoOp": lambda clip: models.CoCoOp(clip, CLASSNAMES, n_ctx=4, ctx_init="a photo of a"),
         "MaPLe": lambda clip: models.MaPLe(clip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", depth=maple_depth),
+        "IVLP": lambda clip: models.IVLP(clip, CLASSNAMES, **ivlp),
+        "PromptSRC": lambda clip: models.PromptSRC(clip, CLASSNAMES, **ivlp),
         "Spotlighter-paper": spot("paper"),
         "Spotlighter-release": spot("release"),
         "Spotlighter-paper-prune": spot_pruned,
@@ -212,8 +221,17 @@ def run(device: str = "cuda", size: str = "vit_b16", steps: int = 3, batch: int 
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     total = len(names) * len(precisions)
-    print(f"gpu_check: {total - failures} passed, {failures} failed", file=out)
+    print(f"gpu_check: {total - failures} passed, {failures} failed; peak memory {_peak_memory(dev)}", file=out)
     return failures
+
+
+def _peak_memory(dev: torch.device) -> str:
+    """The process's peak resident memory (CPU) or the device's peak allocation (CUDA), in GiB."""
+    if dev.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GiB allocated on the GPU"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB resident (CPU)"
 
 
 def _kind(model: nn.Module, name: str) -> str:

@@ -203,8 +203,9 @@ class Trainer:
 
 # Cost priors: ZS-CLIP, CoOp and Spotlighter from the whole-process job times of the idle-machine
 # MiniBench demo (CoOp training 11.3 s, evaluations 7.8-9.4 s, Spotlighter training 12.5 s); CoCoOp
-# (batch size 1, an image-conditioned prompt per image) and MaPLe (deep prompts) from their configs'
-# epochs, batch sizes and per-step work relative to CoOp, not measured.
+# (batch size 1, an image-conditioned prompt per image), MaPLe (deep prompts), IVLP and PromptSRC (deep
+# prompts in both towers, 20 epochs at batch 4; PromptSRC adds a frozen image forward per step) from their
+# configs' epochs, batch sizes and per-step work relative to CoOp, not measured.
 TRAINERS: Dict[str, Trainer] = {
     t.cli: t for t in (
         Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", published_method="CoOp w/ Spotlighter",
@@ -212,14 +213,18 @@ TRAINERS: Dict[str, Trainer] = {
         Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", published_method="CoOp", cost=(1.0, 0.7)),
         Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", cost=(2.5, 1.5)),
         Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", published_method="MaPLe", cost=(1.2, 0.8)),
+        Trainer("ivlp", "IVLP", "vit_b16_c2_ep20_batch4_4+4ctx", cost=(4.0, 0.8)),
+        Trainer("promptsrc", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", published_method="PromptSRC",
+                cost=(5.0, 0.8)),
         Trainer("zsclip", "ZeroshotCLIP", "vit_b16", trains=False, aliases=("zeroshotclip", "zeroshot"),
                 published_method="CLIP", cost=(0.75, 0.75)),
     )
 }
 #: Trainers of other CoOp-style codebases whose output trees the results tool also reads.
-OTHER_TRAINERS: Dict[str, str] = {"promptsrc": "PromptSRC", "kgcoop": "KgCoOp"}
+OTHER_TRAINERS: Dict[str, str] = {"kgcoop": "KgCoOp"}
 #: Display order of trainers in tables (others follow alphabetically).
-TRAINER_ORDER: Tuple[str, ...] = ("ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "PromptSRC", "Spotlighter")
+TRAINER_ORDER: Tuple[str, ...] = ("ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "IVLP", "PromptSRC",
+                                  "Spotlighter")
 
 
 def trainer_aliases() -> Dict[str, str]:

@@ -14,8 +14,8 @@ from spotlighter import gpucheck
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "Spotlighter-paper", "Spotlighter-release",
-            "Spotlighter-paper-prune"]
+TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "IVLP", "PromptSRC", "Spotlighter-paper",
+            "Spotlighter-release", "Spotlighter-paper-prune"]
 
 
 def test_cpu_mode_trains_and_evaluates_every_trainer_in_every_precision():
@@ -36,7 +36,8 @@ def test_cpu_mode_trains_and_evaluates_every_trainer_in_every_precision():
             if precision != "fp32":  # compared with the fp32 run of the same weights and init
                 diff = float(re.search(r"max\|logits-fp32\| ([\d.e-]+)", line).group(1))
                 assert diff < 0.5, line
-    assert lines[-1] == f"gpu_check: {len(TRAINERS) * 3} passed, 0 failed"
+    assert re.fullmatch(f"gpu_check: {len(TRAINERS) * 3} passed, 0 failed; peak memory [\\d.]+ GiB resident \\(CPU\\)",
+                        lines[-1]), lines[-1]
 
 
 def test_without_cuda_it_skips_cleanly(monkeypatch):

@@ -26,10 +26,15 @@ CONFIGS = {
     "CoCoOp": "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml",
     "MaPLe": "configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml",
     "ZeroshotCLIP": "configs/trainers/ZeroshotCLIP/vit_b16.yaml",
+    "IVLP": "configs/trainers/IVLP/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
+    "PromptSRC": "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
 }
 EXTRA = {"Spotlighter": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
          "Spotlighter-release": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
-         "MaPLe": ["TRAINER.MAPLE.PROMPT_DEPTH", "2"]}
+         "MaPLe": ["TRAINER.MAPLE.PROMPT_DEPTH", "2"],
+         "IVLP": ["TRAINER.IVLP.PROMPT_DEPTH_TEXT", "2", "TRAINER.IVLP.PROMPT_DEPTH_VISION", "2"],
+         "PromptSRC": ["TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2",
+                       "TRAINER.PROMPTSRC.GPA_MEAN", "1"]}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +169,7 @@ def test_resume_continues_from_last_checkpoint(data_root, tiny_clip_path, tmp_pa
     assert read_result(out)["epoch"] == 2
 
 
-@pytest.mark.parametrize("trainer", ["Spotlighter-release", "CoCoOp", "MaPLe"])
+@pytest.mark.parametrize("trainer", ["Spotlighter-release", "CoCoOp", "MaPLe", "IVLP"])
 def test_other_trainers_train_and_evaluate(trainer, data_root, tiny_clip_path, tmp_path):
     out = tmp_path / trainer
     run_train(data_root, tiny_clip_path, out, trainer=trainer, extra=["OPTIM.MAX_EPOCH", "1"])
@@ -298,6 +303,8 @@ ORIGINAL_LAYOUTS = [  # (trainer, write Dassl's 'checkpoint' pointer, --load-epo
     ("CoOp", True, None),
     ("CoCoOp", False, 2),
     ("MaPLe", False, None),  # neither pointer nor epoch: the last model.pth.tar-N
+    ("IVLP", True, None),
+    ("PromptSRC", False, 2),
 ]
 
 
@@ -594,3 +601,39 @@ def test_pruned_training_then_pictures_of_the_trained_model(data_root, tiny_clip
     bad = subprocess.run(cmd[:cmd.index("--images") + 1] + ["missing.png"] + cmd[cmd.index("--out"):], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "image(s) not found: missing.png" in bad.stderr
+
+
+def test_promptsrc_aggregates_prompts_and_resumes_the_aggregate_bit_identically(data_root, tiny_clip_path, tmp_path):
+    """PromptSRC, 3 epochs, GPA around epoch 2: the final checkpoint holds the Gaussian-weighted sum of
+    the three epochs' prompts (not the last epoch's); killed after epoch 1 and resumed, the run ends
+    with the same aggregate, checkpoint tensors and result as an uninterrupted one."""
+    from spotlighter.models import gpa_weights
+
+    extra = ["OPTIM.MAX_EPOCH", "3", "TRAINER.PROMPTSRC.GPA_MEAN", "2", "TRAINER.PROMPTSRC.GPA_STD", "1",
+             "TRAIN.CHECKPOINT_FREQ", "1"]
+    ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
+    run_train(data_root, tiny_clip_path, ref, trainer="PromptSRC", extra=extra)
+    folder = ref / "VLPromptLearner"
+    per_epoch = [torch.load(folder / f"model.pth.tar-{e}", weights_only=True) for e in (1, 2, 3)]
+    final = per_epoch[2]
+    w = gpa_weights(2, 1, 3)
+    # epochs 1 and 2 are saved as trained; epoch 3's checkpoint holds the aggregate, whose last term is
+    # the epoch-3 prompts, recovered from the aggregate of epochs 1-2 kept in epoch 2's trainer state
+    agg2 = per_epoch[1]["trainer_state"]["gpa"]["sum"]
+    for k, v in final["state_dict"].items():
+        by_hand = per_epoch[0]["state_dict"][k] * w[0] + per_epoch[1]["state_dict"][k] * w[1]
+        assert torch.equal(agg2[k], by_hand), k
+        assert torch.equal(v, final["trainer_state"]["gpa"]["sum"][k]), k
+        assert not torch.equal(v, per_epoch[1]["state_dict"][k]), k
+    assert "Gaussian prompt aggregation (mean 2, std 1 over 3 epochs)" in open(ref / "log.txt").read()
+
+    killed = run_train(data_root, tiny_clip_path, cut, trainer="PromptSRC", extra=extra, check=False,
+                       env={"SPOTLIGHTER_TEST_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_train(data_root, tiny_clip_path, cut, trainer="PromptSRC", extra=extra)
+    a = dict(flat_tensors(torch.load(folder / "model.pth.tar-3", weights_only=True)))
+    b = dict(flat_tensors(torch.load(cut / "VLPromptLearner" / "model.pth.tar-3", weights_only=True)))
+    assert a.keys() == b.keys() and any(k.startswith("/trainer_state/gpa/sum/") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    ra, rb = read_result(ref), read_result(cut)
+    assert (ra["correct"], ra["macro_f1"], ra["trainer"]) == (rb["correct"], rb["macro_f1"], "PromptSRC")

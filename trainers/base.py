@@ -112,6 +112,8 @@ class PromptTrainer(TrainerX):
 
     CFG_NODE = ""  # cfg.TRAINER.<CFG_NODE> holds PREC and the method's keys
     MODULE_NAME = "prompt_learner"  # folder of the checkpoints inside OUTPUT_DIR
+    #: The keys of cfg.TRAINER.<CFG_NODE> that fix the shapes of a checkpoint's tensors (error messages)
+    CHECKPOINT_KEYS = "N_CTX / CTX_INIT (and CSC or PROMPT_DEPTH)"
 
     def __init__(self, cfg):
         self._start_time = time.time()
@@ -267,6 +269,14 @@ class PromptTrainer(TrainerX):
     def load_class_state(self, state: dict) -> None:
         pass
 
+    def trainer_state(self) -> Optional[dict]:
+        """State of the training procedure beyond the model, optimizer and schedule that a resume
+        needs (e.g. PromptSRC's running prompt aggregate); tensors and plain containers only."""
+        return None
+
+    def load_trainer_state(self, state: dict) -> None:
+        pass
+
     def after_epoch(self):
         """Dassl's (best-val test, TRAIN.CHECKPOINT_FREQ and last-epoch checkpoints), plus the
         resumable checkpoint of every epoch (TRAIN.RESUMABLE_EVERY_EPOCH)."""
@@ -301,6 +311,7 @@ class PromptTrainer(TrainerX):
                 # what the next epoch depends on besides the model: a resume is bit-identical
                 "rng": rng_state(), "best_result": float(self.best_result), "intermediate": bool(intermediate),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "trainer_state": self.trainer_state(),
             }
             path = os.path.join(folder, fname)
             ckpt.save(path, payload)
@@ -366,6 +377,8 @@ class PromptTrainer(TrainerX):
                 self.scaler.load_state_dict(data["scaler"])
             if data.get("best_result") is not None:
                 self.best_result = float(data["best_result"])
+            if data.get("trainer_state") is not None:
+                self.load_trainer_state(data["trainer_state"])
             start = int(data["epoch"])
             rng = data.get("rng")
             logger.info("Resumed from %s (epoch %d)", path, start)
@@ -419,8 +432,7 @@ class PromptTrainer(TrainerX):
             lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
             raise ckpt.CheckpointError(
                 f"{path} (a checkpoint of the original {trainer} code) does not fit this config ({lines}). "
-                f"Set TRAINER.{self.CFG_NODE}.N_CTX / CTX_INIT (and CSC or PROMPT_DEPTH) as in the run that "
-                "trained it.")
+                f"Set TRAINER.{self.CFG_NODE}.{self.CHECKPOINT_KEYS} as in the run that trained it.")
         logger.info("%s was written by the original %s code: converted (%s)", path, trainer, ", ".join(state))
         return {"state_dict": state, "epoch": epoch}
 
