@@ -217,7 +217,7 @@ def test_shipped_coop_yaml_files_keep_the_four_token_init(path):
 
 
 def test_minibench_coop_is_coops_own_random_16_token_context():
-    """The demo's MiniBench CoOp (calibrated on zero-shot CLIP and CoOp, README "MiniBench"): CoOp's own
+    """The demo's MiniBench CoOp (calibrated on zero-shot CLIP and CoOp, docs/minibench.md): CoOp's own
     context and learning rate, 50 epochs."""
     with open(CALIBRATED_MINIBENCH_COOP) as f:
         data = yaml.safe_load(f)

@@ -219,9 +219,9 @@ def test_maple_depth1_init_text_equals_zero_shot(frozen_clip):
 def test_maple_deep_prompts_change_features(frozen_clip):
     """With depth 2, layer-1 text prompts replace tokens 1..n_ctx: changing them changes the text.
 
-    The change is a random direction: adding a constant to a token (the earlier ``+ 1.0``) is removed
-    by every LayerNorm that reads it, so it changed the features only by rounding (~5e-7), and the
-    test passed or failed with the RNG state left by earlier tests."""
+    The change is a random direction, not a constant: a constant added to a token is removed by every
+    LayerNorm that reads it, so it would change the features only by rounding (~5e-7), and the test
+    would pass or fail with the RNG state other tests leave behind."""
     model = MaPLe(frozen_clip, NAMES, depth=2)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

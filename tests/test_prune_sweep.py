@@ -23,7 +23,7 @@ def sweep():
 def test_settings_tags_and_options(sweep):
     assert sweep.parse_setting("none") is None
     assert sweep.parse_setting("1,2:0.7:merge") == PruneSpec((1, 2), 0.7, mode="merge")
-    assert sweep.tag("none") == "none" and sweep.tag("1,2:0.5") == "L1-2_k0.5"  # the folders of earlier sweeps
+    assert sweep.tag("none") == "none" and sweep.tag("1,2:0.5") == "L1-2_k0.5"  # drop settings: no mode suffix
     assert sweep.tag("1,2:0.7:merge") == "L1-2_k0.7_merge"
     assert sweep.prune_opts(sweep.parse_setting("1,2:0.5")) == ["MODEL.PRUNE.LAYERS", "[1,2]", "MODEL.PRUNE.KEEP", "0.5"]
     assert sweep.prune_opts(sweep.parse_setting("0:0.6:merge"))[-2:] == ["MODEL.PRUNE.MODE", "merge"]

@@ -49,8 +49,8 @@ DATASET = registry.MINIBENCH  # base-to-novel dataset and xd/dg source
 DEFAULT_DATA = os.path.join(REPO, "data")
 DEFAULT_OUTPUT = os.path.join(REPO, "output", "demo")
 #: Jobs at a time when neither JOBS nor GPUS is set: one per core up to this many. The demo's models are
-#: tiny, so one thread per job beats several threads per job (2 cores: base-to-novel 2m40s with 2 jobs
-#: x 1 thread against 3m00s with 1 job x 2 threads, measured side by side).
+#: tiny, so one thread per job beats several threads per job (2-core Intel Xeon: base-to-novel 2m40s with
+#: 2 jobs x 1 thread against 3m00s with 1 job x 2 threads, measured side by side).
 MAX_DEFAULT_JOBS = 8
 #: What the demo's train.py calls import, and what to do when they cannot be imported.
 PROJECT_IMPORTS = "import spotlighter, clip, yacs, tabulate"
