@@ -439,15 +439,18 @@ def base2new_table(
     pub_methods = list(dict.fromkeys([mapping[m.trainer] for m in methods if m.trainer in mapping] + only))
     pub_methods = [p for p in pub_methods if with_pub and any(pub_of(p, d) for d in shown)]
 
+    # The paper layout leaves out the datasets none of our rows has a value for (the Markdown lists them).
+    with_data = [d for d in shown if any(st.ok for m in methods for st in computed[(m, d)].stats)] or shown
+
     def pub_average(method: str) -> BaseNew | None:
-        have = [d for d in shown if pub_of(method, d)]
+        have = [d for d in with_data if pub_of(method, d)]
         return published.average(method, have) if published and have else None
 
     def pub_stats(values: BaseNew | None) -> list[Stat]:
         return [Stat(v, None, 0) if values else EMPTY for v in (values or (None, None, None))]
 
     blocks: list[tuple[str, list[PaperRow]]] = []
-    for dataset in shown:
+    for dataset in with_data:
         rows = [PaperRow(labels[m], computed[(m, dataset)].stats, computed[(m, dataset)].refs) for m in methods]
         rows += [PaperRow(p, tuple(pub_of(p, dataset) or (None, None, None)), published=True) for p in pub_methods]
         blocks.append((dataset, rows))
@@ -601,14 +604,18 @@ def transfer_table(
         meta += _transfer_published_note(protocol, published, mapping, {m: labels[m] for m in compared},
                                          pub_methods)
 
-    paper_rows = [PaperRow(labels[m], tuple(stats[(m, d)] for d in shown)
+    # The paper layout leaves out the targets none of our rows has a value for (the Markdown lists them).
+    paper_targets = [t for t in targets if any(stats[(m, t)].ok for m in methods)] or targets
+    paper_shown = [source] + paper_targets
+    paper_rows = [PaperRow(labels[m], tuple(stats[(m, d)] for d in paper_shown)
                            + ((average_stats[m],) if with_average else ()),
-                           tuple(refs_of[(m, d)] for d in shown) + ((average_refs[m],) if with_average else ()))
+                           tuple(refs_of[(m, d)] for d in paper_shown) + ((average_refs[m],) if with_average else ()))
                   for m in methods]
-    paper_rows += [PaperRow(p, tuple(pub_of(p, d) for d in shown)
-                            + ((pub_average(p, pub_targets(p)),) if with_average else ()), published=True)
+    paper_rows += [PaperRow(p, tuple(pub_of(p, d) for d in paper_shown)
+                            + ((pub_average(p, [t for t in paper_targets if pub_of(p, t) is not None]),)
+                               if with_average else ()), published=True)
                    for p in pub_methods]
-    paper = PaperTable(["Method", f"{source} (source)"] + targets + (["Average"] if with_average else []),
+    paper = PaperTable(["Method", f"{source} (source)"] + paper_targets + (["Average"] if with_average else []),
                        [("", paper_rows)],
                        published_note=published.citation(pub_methods) if published and pub_methods else "")
     return Table(protocol, shots, title, meta, columns, rows, notes.texts, records,
