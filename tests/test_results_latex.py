@@ -160,6 +160,11 @@ def test_cli_formats(b2n_root, capsys):
     assert cli.main(args + ["--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [(r["trainer"], r["dataset"]) for r in rows][:2] == [("CoOp", "oxford_pets"), ("MaPLe", "oxford_pets")]
+    # with a non-Markdown stdout, where the --csv file went is said on stderr: stdout stays parseable
+    csv_path = b2n_root / "t.csv"
+    assert cli.main(args + ["--format", "latex", "--csv", str(csv_path)]) == 0
+    captured = capsys.readouterr()
+    assert "CSV written" not in captured.out and f"CSV written to {csv_path}" in captured.err
     with pytest.raises(SystemExit) as exc:
         cli.main(args + ["--std"])
     assert exc.value.code == 2

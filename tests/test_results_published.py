@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from spotlighter import registry
-from spotlighter.results import cli, collect, to_csv, to_markdown, transfer_table
+from spotlighter.results import base2new_table, cli, collect, load_published, to_csv, to_markdown, transfer_table
 from spotlighter.results.layout import seed_dir_path
 from spotlighter.results.published import load_transfer_published
 from spotlighter.results.synthetic import eval_log, write_log
@@ -74,7 +74,8 @@ def test_xd_equal_to_published_gives_zero_deltas_and_the_printed_average(tmp_pat
     md = to_markdown(table)
     assert "| imagenet (source) | 71.02 ± 0.00 (3) | 71.02 | +0.00 | 70.72 ± 0.00 (3) | 70.72 | +0.00 |" in md
     assert ("Pub. = published accuracy (spotlighter/data/xd_published.csv: CoCoOp: CoCoOp (CVPR 2022) Table 2; "
-            "MaPLe: MaPLe (CVPR 2023) Table 2; PromptSRC: PromptSRC (ICCV 2023) Table 3); Δ = ours − published") in md
+            "MaPLe: MaPLe (CVPR 2023) Table 2; PromptSRC: PromptSRC (ICCV 2023) Table 3); "
+            "Δ = ours − published") in md
     rows = list(csv.DictReader(io.StringIO(to_csv([table]))))
     maple_avg = next(r for r in rows if r["trainer"] == "MaPLe" and r["dataset"] == "average")
     assert (maple_avg["published_method"], maple_avg["pub_acc"], maple_avg["delta_acc"]) == ("MaPLe", "66.301", "0.0")
@@ -83,7 +84,8 @@ def test_xd_equal_to_published_gives_zero_deltas_and_the_printed_average(tmp_pat
 
 
 def test_dg_zero_shot_clip_compares_with_clip_over_the_targets_it_covers(tmp_path):
-    write_transfer(tmp_path, "dg", "ZeroshotCLIP", "vit_b16", {"imagenet": 66.0, "imagenetv2": 61.0, "imagenet_a": 48.0})
+    write_transfer(tmp_path, "dg", "ZeroshotCLIP", "vit_b16",
+                   {"imagenet": 66.0, "imagenetv2": 61.0, "imagenet_a": 48.0})
     table = transfer_table(collect(tmp_path, "dg"), "dg", root=tmp_path, published=load_transfer_published("dg"),
                            published_methods=["PromptSRC"])
     assert table.columns == ["Dataset", "ZeroshotCLIP", "Pub. ZeroshotCLIP", "Δ ZeroshotCLIP",
@@ -130,3 +132,16 @@ def test_plot_published_draws_the_published_bars(tmp_path, capsys):
     assert cli.main(["dg", "--root", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png"),
                      "--plot-published"]) == 0
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_base2new_trainer_of_another_codebase_compares_with_its_published_row(tmp_path):
+    """PromptSRC (read from its own repository's output tree) has a published_method by its own name."""
+    for seed in (1, 2, 3):
+        for role, correct in (("base", 9533), ("new", 9730)):
+            path = seed_dir_path(tmp_path, "base2new", "PromptSRC", "vit_b16_c2_ep20", "oxford_pets", role, 16, seed)
+            write_log(path, eval_log(correct, 10000, trainer="PromptSRC"))
+    table = base2new_table(collect(tmp_path, "base2new"), root=tmp_path, datasets=["oxford_pets"],
+                           published=load_published())
+    row = table.rows[0]
+    assert row[table.columns.index("Pub. Base")].value == 95.33
+    assert abs(row[table.columns.index("Δ Base")].value) < 1e-9 and abs(row[table.columns.index("Δ New")].value) < 1e-9

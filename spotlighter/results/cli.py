@@ -125,13 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
     sys.stdout.write(render(tables, args.format, std=args.std))
+    # where files went: after a Markdown table on stdout, else on stderr (stdout stays valid CSV / LaTeX)
+    say = sys.stdout.write if args.format == DEFAULT_FORMAT else sys.stderr.write
     if args.csv:
         try:
             Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
             Path(args.csv).write_text(to_csv(tables), encoding="utf-8")
         except OSError as exc:
             return _fail(f"cannot write the CSV to {args.csv}: {exc.strerror or exc}", EXIT_UNWRITABLE)
-        sys.stdout.write(f"\nCSV written to {Path(args.csv).resolve()}\n")
+        say(f"\nCSV written to {Path(args.csv).resolve()}\n")
     if args.plot:
         from .plot import plot_tables
 
@@ -140,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             return _fail(f"cannot write the plot to {args.plot}: {exc.strerror or exc}", EXIT_UNWRITABLE)
         for path in paths:
-            sys.stdout.write(f"plot written to {Path(path).resolve()}\n")
+            say(f"plot written to {Path(path).resolve()}\n")
     return EXIT_OK
 
 

@@ -78,7 +78,7 @@ def tabular_lines(paper: PaperTable, *, std: bool = False) -> list[str]:
     """``\\begin{tabular}`` ... ``\\end{tabular}`` with booktabs rules."""
     grouped = paper.group_header is not None
     spec = ("l" if grouped else "") + "l" + "r" * (len(paper.headers) - 1)
-    header = ([latex_escape(paper.group_header)] if grouped else []) + [latex_escape(h) for h in paper.headers]  # type: ignore[arg-type]
+    header = [latex_escape(h) for h in ([paper.group_header] if paper.group_header else []) + paper.headers]
     lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
     width = len(paper.headers) - 1
     for b, (title, rows) in enumerate(paper.blocks):
