@@ -12,7 +12,7 @@ import pytest
 from spotlighter.results import cli
 from spotlighter.results.layout import SeedDir, seed_dir_path
 from spotlighter.results.parse import collect, parse_log_text, read_seed_dir
-from spotlighter.results.record import make_record, write_record
+from spotlighter.results.record import make_record
 from spotlighter.results.synthetic import eval_log, result_block, write_log
 from spotlighter.results.tables import csv_safe, to_csv, transfer_table
 
