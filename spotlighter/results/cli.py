@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Sequence
 
 from .constants import (
+    DEFAULT_FORMAT,
     DG_TARGETS_BY_SOURCE,
     EXIT_NOTHING_FOUND,
     EXIT_OK,
     EXIT_PLOT_UNAVAILABLE,
+    EXIT_UNWRITABLE,
+    FORMATS,
     PROTOCOL_TITLES,
     PROTOCOLS,
     XD_SOURCE,
@@ -20,8 +23,9 @@ from .constants import (
 )
 from .layout import search_patterns
 from .parse import canonical_trainer, collect
-from .published import load_published
-from .tables import build_tables, to_csv, to_markdown
+from .latex import to_latex
+from .published import load_protocol_published
+from .tables import Table, build_tables, to_csv, to_markdown
 
 logger = logging.getLogger(__name__)
 PROG = "spotlighter-results"
@@ -50,10 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                                          f"targets --datasets names, else {XD_SOURCE}), e.g. minibench")
     parser.add_argument("--shots", type=_ints, help="shot counts, e.g. 16 (default: every one found)")
     parser.add_argument("--seeds", type=_ints, help="expected seeds, e.g. 1,2,3 (default: every one found)")
+    parser.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
+                        help="what stdout gets: markdown (default; with footnotes and deltas), csv (the --csv "
+                             "rows), latex (booktabs tables: best of our rows per column in bold, published "
+                             "rows marked with a dagger)")
+    parser.add_argument("--std", action="store_true", help="latex: cells are mean ± sample std (default: mean)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table(s) as CSV")
     parser.add_argument("--plot", metavar="FILE_OR_DIR", help="also write PNG bar chart(s) (needs matplotlib)")
     parser.add_argument("--plot-deltas", nargs="?", const="ZeroshotCLIP", default=None, metavar="TRAINER",
                         help="plot each method's difference to TRAINER (default ZeroshotCLIP) instead of accuracies")
+    parser.add_argument("--plot-published", action="store_true",
+                        help="also draw the published numbers shown in the table (hatched bars)")
     parser.add_argument("--no-published", action="store_true", help="hide published numbers and deltas")
     parser.add_argument("--published-methods", type=_names, default=[],
                         help="more published methods to show, or TRAINER=METHOD to compare a trainer with one")
@@ -85,7 +96,10 @@ def infer_source(protocol: str, datasets: Sequence[str] | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spotlighter-results``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.std and args.format != "latex":
+        parser.error("--std applies to --format latex (markdown cells always show mean ± std)")
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.plot:
@@ -104,20 +118,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"no {args.protocol} runs under {Path(args.root)} matching the filters; searched:\n  {patterns}",
                      EXIT_NOTHING_FOUND)
     _warn_unmatched(args.trainers, {r.trainer for r in results})
-    published = None if args.no_published or args.protocol != "base2new" else load_published()
+    published = None if args.no_published else load_protocol_published(args.protocol)
     try:
         tables = build_tables(results, args.protocol, root=args.root, seeds=args.seeds, datasets=args.datasets,
                               published=published, published_methods=args.published_methods, source=source)
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    sys.stdout.write("\n".join(to_markdown(t) for t in tables))
+    sys.stdout.write(render(tables, args.format, std=args.std))
+    # where files went: after a Markdown table on stdout, else on stderr (stdout stays valid CSV / LaTeX)
+    say = sys.stdout.write if args.format == DEFAULT_FORMAT else sys.stderr.write
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.csv).write_text(to_csv(tables), encoding="utf-8")
-        sys.stdout.write(f"\nCSV written to {Path(args.csv).resolve()}\n")
+        try:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.csv).write_text(to_csv(tables), encoding="utf-8")
+        except OSError as exc:
+            return _fail(f"cannot write the CSV to {args.csv}: {exc.strerror or exc}", EXIT_UNWRITABLE)
+        say(f"\nCSV written to {Path(args.csv).resolve()}\n")
     if args.plot:
         from .plot import plot_tables
 
-        for path in plot_tables(args.plot, tables, deltas_to=args.plot_deltas):
-            sys.stdout.write(f"plot written to {Path(path).resolve()}\n")
+        try:
+            paths = plot_tables(args.plot, tables, deltas_to=args.plot_deltas, published=args.plot_published)
+        except OSError as exc:
+            return _fail(f"cannot write the plot to {args.plot}: {exc.strerror or exc}", EXIT_UNWRITABLE)
+        for path in paths:
+            say(f"plot written to {Path(path).resolve()}\n")
     return EXIT_OK
+
+
+def render(tables: Sequence[Table], fmt: str, *, std: bool = False) -> str:
+    """The tables in ``fmt`` ('markdown', 'csv' or 'latex')."""
+    if fmt == "csv":
+        return to_csv(tables)
+    if fmt == "latex":
+        return "\n".join(to_latex(t, std=std) for t in tables)
+    return "\n".join(to_markdown(t) for t in tables)

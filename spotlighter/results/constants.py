@@ -58,14 +58,24 @@ TRAINER_ORDER: tuple[str, ...] = registry.TRAINER_ORDER
 PUBLISHED_METHOD_FOR_TRAINER: dict[str, str] = {
     t.name: t.published_method for t in registry.TRAINERS.values() if t.published_method}
 PUBLISHED_FILE = "base2new_published.csv"
+# Published cross-dataset and DG tables (source ImageNet): method,dataset,accuracy,source.
+TRANSFER_PUBLISHED_FILES: dict[str, str] = {"xd": "xd_published.csv", "dg": "dg_published.csv"}
 PUBLISHED_AVERAGE_ROW = "average"
 
 # Presentation.
 DECIMALS = 2
 MISSING_MARK = "—"
+LATEX_MISSING_MARK = "--"
+PUBLISHED_MARK = r"$^{\dagger}$"  # LaTeX: marks a published row
+FORMATS = ("markdown", "csv", "latex")
+DEFAULT_FORMAT = "markdown"
+# CSV cells (strings only) starting with one of these are prefixed with CSV_ESCAPE_PREFIX (OWASP, CSV injection).
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+CSV_ESCAPE_PREFIX = "'"
 PLOT_HINT = "--plot needs matplotlib: pip install matplotlib (or pip install -e .[plot])"
 
 # CLI exit codes.
 EXIT_OK = 0
 EXIT_NOTHING_FOUND = 1
 EXIT_PLOT_UNAVAILABLE = 2
+EXIT_UNWRITABLE = 2  # --csv / --plot to a path that cannot be written

@@ -19,6 +19,7 @@ from .constants import (
     RESULT_SIGNAL,
     ROLE_SOURCE,
     ROLE_SUBSET,
+    ROLE_TARGET,
     TRAINER_ALIASES,
     XD_SOURCE,
 )
@@ -27,12 +28,17 @@ from .record import read_record
 
 logger = logging.getLogger(__name__)
 
-_ITEM_RE = re.compile(r"^\*\s*(total|correct|accuracy|error|macro_f1):\s*([\d,]+(?:\.\d+)?)\s*%?\s*$")
+# Numbers may be negative or non-finite in a corrupt log: they are read, then rejected by ``implausible``.
+_ITEM_RE = re.compile(
+    r"^\*\s*(total|correct|accuracy|error|macro_f1):\s*(-?[\d,]+(?:\.\d+)?|-?nan|-?inf)\s*%?\s*$", re.IGNORECASE)
+#: Percent points a printed ``accuracy`` may differ from 100 * correct / total (Dassl prints 1-2 decimals).
+PRINTED_ACCURACY_TOLERANCE = 0.05 + 1e-9
 _EPOCH_RE = re.compile(EPOCH_PATTERN)
 #: Dassl-style train.py scripts print their arguments (CoOp, MaPLe: ``eval_only: False``); ours prints
 #: its command line. Either says whether a log is a training, even one killed before its first epoch.
 _EVAL_ONLY_ARG_RE = re.compile(r"^eval_only:\s*(True|False)\s*$")
 _COMMAND_PREFIX = "Command: "
+IMPOSSIBLE = "impossible result"
 HEADER_LINES = 500  # the arguments/command come first; never scan a whole long log for them
 
 
@@ -56,6 +62,22 @@ class EvalBlock:
     correct: int | None
     total: int | None
     macro_f1: float | None
+    printed_accuracy: float | None = None
+
+    def implausible(self) -> str | None:
+        """Why these numbers cannot be a test result (negative counts, correct > total, an accuracy that is
+        not finite, outside 0-100 or not 100 * correct / total), or None."""
+        if self.correct is not None and self.correct < 0 or self.total is not None and self.total <= 0:
+            return f"impossible counts (correct {self.correct}, total {self.total})"
+        if self.correct is not None and self.total is not None and self.correct > self.total:
+            return f"correct ({self.correct}) exceeds total ({self.total})"
+        if not math.isfinite(self.accuracy) or not 0.0 <= self.accuracy <= 100.0:
+            return f"accuracy {self.accuracy}% outside 0-100"
+        printed = self.printed_accuracy
+        if printed is not None and (not math.isfinite(printed)
+                                    or abs(printed - self.accuracy) > PRINTED_ACCURACY_TOLERANCE):
+            return f"printed accuracy {printed}% is not 100 * correct / total = {self.accuracy:.4f}%"
+        return None
 
 
 @dataclass(frozen=True)
@@ -92,14 +114,21 @@ class Result:
         return self.accuracy is not None
 
 
+def _count(text: str | None) -> int | None:
+    if text is None:
+        return None
+    value = float(text.replace(",", ""))
+    return int(value) if math.isfinite(value) else -1  # a non-finite count is impossible: flag it as negative
+
+
 def _block_from_items(line: int, items: dict[str, str]) -> EvalBlock | None:
-    correct = int(items["correct"].replace(",", "")) if "correct" in items else None
-    total = int(items["total"].replace(",", "")) if "total" in items else None
+    correct, total = _count(items.get("correct")), _count(items.get("total"))
     macro_f1 = float(items["macro_f1"]) if "macro_f1" in items else None
+    printed = float(items["accuracy"].replace(",", "")) if "accuracy" in items else None
     if correct is not None and total:
-        return EvalBlock(line, 100.0 * correct / total, correct, total, macro_f1)
-    if "accuracy" in items:
-        return EvalBlock(line, float(items["accuracy"]), correct, total, macro_f1)
+        return EvalBlock(line, 100.0 * correct / total, correct, total, macro_f1, printed)
+    if printed is not None:
+        return EvalBlock(line, printed, correct, total, macro_f1)
     return None  # truncated block
 
 
@@ -114,7 +143,7 @@ def parse_blocks(lines: Sequence[str]) -> list[EvalBlock]:
             match = _ITEM_RE.match(item_line.strip())
             if not match:
                 break
-            items[match.group(1)] = match.group(2)
+            items[match.group(1).lower()] = match.group(2)
         block = _block_from_items(start, items)
         if block is not None:
             blocks.append(block)
@@ -122,7 +151,17 @@ def parse_blocks(lines: Sequence[str]) -> list[EvalBlock]:
 
 
 def parse_log_text(text: str, path: str = "") -> LogOutcome:
-    """The test result of one log: after ``Finish training`` in a train log, else the last block."""
+    """The test result of one log: after ``Finish training`` in a train log, else the last block; a block
+    with impossible numbers is no result (its reason says why)."""
+    outcome = _parse_log_text(text, path)
+    block = outcome.block
+    problem = block.implausible() if block is not None else None
+    if block is not None and problem:
+        return LogOutcome(path, None, f"{IMPOSSIBLE} at line {block.line + 1}: {problem}", outcome.is_train)
+    return outcome
+
+
+def _parse_log_text(text: str, path: str = "") -> LogOutcome:
     lines = text.splitlines()
     declared = declared_training(lines)
     is_train = any(_EPOCH_RE.search(line) for line in lines) or declared is True
@@ -170,7 +209,7 @@ def _from_record(seed: SeedDir) -> Result | None:
     try:
         record = read_record(path)
     except (OSError, ValueError) as exc:
-        logger.warning("ignoring invalid %s: %s", path, exc)
+        logger.warning("ignoring invalid %s", exc)  # the message starts with the file
         return None
     expected_subset = ROLE_SUBSET[seed.role]
     if record["split"] != "test" or record["subset"] != expected_subset:
@@ -178,6 +217,10 @@ def _from_record(seed: SeedDir) -> Result | None:
             "ignoring %s: split=%r subset=%r, expected split='test' subset=%r",
             path, record["split"], record["subset"], expected_subset,
         )
+        return None
+    contradictions = record_contradictions(record, seed)
+    if contradictions:
+        logger.warning("ignoring %s: it contradicts its folder (%s)", path, "; ".join(contradictions))
         return None
     return _result(
         seed,
@@ -187,6 +230,24 @@ def _from_record(seed: SeedDir) -> Result | None:
         macro_f1=record["macro_f1"],
         source=str(path),
     )
+
+
+def record_contradictions(record: dict, seed: SeedDir) -> list[str]:
+    """Where a ``result.json`` disagrees with the folder it sits in: trainer, config, dataset, seed, shots.
+
+    Trainers compare through their aliases, case-insensitively. Shots: the folder's K, or null for an
+    evaluation on a cross-dataset / DG target (those evaluate on the full test set).
+    """
+    found = []
+    if canonical_trainer(record["trainer"]).lower() != canonical_trainer(seed.trainer).lower():
+        found.append(f"trainer {record['trainer']!r}, folder {seed.trainer!r}")
+    for key, folder in (("config", seed.config), ("dataset", seed.dataset), ("seed", seed.seed)):
+        if record[key] != folder:
+            found.append(f"{key} {record[key]!r}, folder {folder!r}")
+    allowed = (seed.shots, None) if seed.role == ROLE_TARGET else (seed.shots,)
+    if record["shots"] not in allowed:
+        found.append(f"shots {record['shots']!r}, folder {seed.shots!r}")
+    return found
 
 
 def _from_logs(seed: SeedDir) -> Result:
@@ -205,7 +266,10 @@ def _from_logs(seed: SeedDir) -> Result:
                         f"the value is from the older {outcome.path}")
             return _result(seed, accuracy=block.accuracy, correct=block.correct, total=block.total,
                            macro_f1=block.macro_f1, source=outcome.path, reason=note)
-        logger.info("skipping %s: %s", outcome.path, outcome.reason)
+        if outcome.reason and outcome.reason.startswith(IMPOSSIBLE):
+            logger.warning("ignoring %s: %s", outcome.path, outcome.reason)
+        else:
+            logger.info("skipping %s: %s", outcome.path, outcome.reason)
     assert newest is not None
     tried = f" (also tried {len(logs) - 1} older log(s))" if len(logs) > 1 else ""
     return _result(seed, reason=f"{newest.reason}: {newest.path}{tried}")

@@ -16,6 +16,9 @@ PANEL_SIZE_IN = (10.0, 3.2)  # width and height of one panel, inches
 DPI = 100
 ZOOM_MARGIN = 0.12  # share of the data's span added below and above it on the value axis
 VALUE_FONT_SIZE = 7
+PUBLISHED_HATCH = "//"  # published bars: hatched, no error bar
+PUBLISHED_ALPHA = 0.45
+PUBLISHED_SUFFIX = " (published)"
 
 
 class PlotUnavailable(RuntimeError):
@@ -44,7 +47,8 @@ def plot_paths(target: str | Path, tables: Sequence[Table]) -> list[Path]:
 
 def _delta_series(series: dict[str, list[Stat]], reference: str) -> dict[str, list[Stat]] | None:
     """Each series minus the ``reference`` series' means (its own std kept); None without reference."""
-    ref = next((v for k, v in series.items() if k == reference or k.startswith(reference + " (")), None)
+    ref = next((v for k, v in series.items() if not k.endswith(PUBLISHED_SUFFIX)
+                and (k == reference or k.startswith(reference + " ("))), None)
     if ref is None:
         return None
     out = {}
@@ -78,13 +82,15 @@ def value_limits(series: dict[str, list[Stat]], deltas: bool) -> tuple[float, fl
     return lo, hi
 
 
-def draw_chart(chart: Chart, path: str | Path, deltas_to: str | None = None) -> Path:
+def draw_chart(chart: Chart, path: str | Path, deltas_to: str | None = None, published: bool = False) -> Path:
     """Grouped bars (one group per category, one bar per series) with mean ± sample std error bars and
     the value on each bar, on a value axis zoomed to the data; with ``deltas_to`` (a trainer, e.g.
-    ZeroshotCLIP) each bar is the difference to that trainer's mean instead."""
+    ZeroshotCLIP) each bar is the difference to that trainer's mean instead. ``published``: the chart's
+    published numbers are drawn too, as hatched bars after ours."""
     figure = figure_class()(figsize=(PANEL_SIZE_IN[0], PANEL_SIZE_IN[1] * len(chart.panels)), dpi=DPI)
     positions = range(len(chart.categories))
-    for i, (panel, series) in enumerate(chart.panels.items()):
+    for i, (panel, ours) in enumerate(chart.panels.items()):
+        series = {**ours, **(chart.published.get(panel, {}) if published else {})}
         axes = figure.add_subplot(len(chart.panels), 1, i + 1)
         shown = _delta_series(series, deltas_to) if deltas_to else None
         deltas = shown is not None
@@ -94,7 +100,8 @@ def draw_chart(chart: Chart, path: str | Path, deltas_to: str | None = None) -> 
             heights = [s.mean if s.mean is not None else math.nan for s in stats]
             errors = [s.std if s.std is not None else 0.0 for s in stats]
             offsets = [p - BAR_GROUP_WIDTH / 2 + (j + 0.5) * width for p in positions]
-            bars = axes.bar(offsets, heights, width, yerr=errors, label=label, capsize=2)
+            style = {"hatch": PUBLISHED_HATCH, "alpha": PUBLISHED_ALPHA} if label.endswith(PUBLISHED_SUFFIX) else {}
+            bars = axes.bar(offsets, heights, width, yerr=errors, label=label, capsize=2, **style)
             fmt = "%+.1f" if deltas else "%.1f"
             axes.bar_label(bars, labels=["" if math.isnan(h) else fmt % h for h in heights],
                            fontsize=VALUE_FONT_SIZE, padding=2)
@@ -117,7 +124,8 @@ def draw_chart(chart: Chart, path: str | Path, deltas_to: str | None = None) -> 
     return path
 
 
-def plot_tables(target: str | Path, tables: Sequence[Table], deltas_to: str | None = None) -> list[Path]:
+def plot_tables(target: str | Path, tables: Sequence[Table], deltas_to: str | None = None,
+                published: bool = False) -> list[Path]:
     """Write one PNG per table; return their paths."""
-    return [draw_chart(t.chart, p, deltas_to) for t, p in zip(tables, plot_paths(target, tables), strict=True)
-            if t.chart]
+    return [draw_chart(t.chart, p, deltas_to, published)
+            for t, p in zip(tables, plot_paths(target, tables), strict=True) if t.chart]

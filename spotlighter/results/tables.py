@@ -1,4 +1,4 @@
-"""Seed-averaged tables of the three protocols, as Markdown and CSV."""
+"""Seed-averaged tables of the three protocols, as Markdown and CSV (LaTeX: ``latex.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Iterable, Mapping, Sequence
 
 from .constants import (
     BASE2NEW_DATASETS,
+    CSV_ESCAPE_PREFIX,
+    CSV_FORMULA_PREFIXES,
     DECIMALS,
     DG_TARGETS_BY_SOURCE,
     MISSING_MARK,
@@ -24,12 +26,13 @@ from .constants import (
     ROLE_TARGET,
     SEED_DIR_PREFIX,
     TRAINER_ORDER,
+    TRANSFER_PUBLISHED_FILES,
     XD_SOURCE,
     XD_TARGETS_BY_SOURCE,
 )
 from .layout import check_protocol, seed_dir_path
 from .parse import Result
-from .published import BaseNew, Published
+from .published import BaseNew, Published, TransferPublished
 from .stats import EMPTY, Stat, harmonic_mean, summarize
 
 CellValue = Stat | float | str | None
@@ -55,11 +58,34 @@ class Cell:
 
 @dataclass
 class Chart:
-    """Bars of one table: per panel, per series (method), one Stat per category (dataset)."""
+    """Bars of one table: per panel, per series (method), one Stat per category (dataset); ``published``:
+    the published numbers of the same panels and categories, per published method (drawn on request)."""
 
     title: str
     categories: list[str]
     panels: dict[str, dict[str, list[Stat]]]
+    published: dict[str, dict[str, list[Stat]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper layout: a method (ours, or a published one) and its values."""
+
+    label: str
+    values: tuple[CellValue, ...]
+    notes: tuple[tuple[int, ...], ...] = ()
+    published: bool = False
+
+
+@dataclass
+class PaperTable:
+    """The layout papers print (LaTeX): blocks of method rows; ``group_header`` names the first column
+    of base-to-novel's per-dataset blocks (None: one block, methods as rows, datasets as columns)."""
+
+    headers: list[str]
+    blocks: list[tuple[str, list[PaperRow]]]
+    group_header: str | None = None
+    published_note: str = ""
 
 
 @dataclass
@@ -75,6 +101,7 @@ class Table:
     footnotes: list[str] = field(default_factory=list)
     records: list[dict[str, object]] = field(default_factory=list)
     chart: Chart | None = None
+    paper: PaperTable | None = None
 
 
 class Notes:
@@ -224,6 +251,9 @@ PUBLISHED_NOTE = (
 )
 
 
+BASE2NEW_PUBLISHED_CITATION = "Table I of Spotlighter (EMNLP 2025 Findings)"
+
+
 METRICS = ("base", "new", "hm")
 METRIC_LABELS = ("Base", "New", "HM")
 
@@ -252,14 +282,19 @@ def _b2n_row(index: _Index, method: Method, dataset: str, notes: Notes) -> _B2NR
 
 
 def resolve_published_methods(
-    published: Published, methods: Sequence[Method], extra: Sequence[str] = ()
+    published: Published | TransferPublished, methods: Sequence[Method], extra: Sequence[str] = ()
 ) -> tuple[dict[str, str], list[str]]:
     """Trainer -> published method (default map plus ``TRAINER=Method`` items), and published-only methods.
 
-    A plain name in ``extra`` that is also one of our trainers compares that trainer with it;
-    otherwise its published rows are shown on their own.
+    The default map is the registry's ``published_method`` of each trainer, else a published method of the
+    trainer's own name (e.g. CoCoOp, PromptSRC). A plain name in ``extra`` that is also one of our trainers
+    compares that trainer with it; otherwise its published rows are shown on their own.
     """
     mapping = {t: m for t, m in PUBLISHED_METHOD_FOR_TRAINER.items() if published.method_name(m)}
+    for m in methods:
+        same_name = published.method_name(m.trainer)
+        if m.trainer not in PUBLISHED_METHOD_FOR_TRAINER and same_name:
+            mapping[m.trainer] = same_name
     ours = {m.trainer.lower(): m.trainer for m in methods}
     only: list[str] = []
     for item in extra:
@@ -368,6 +403,7 @@ def base2new_table(
                        (None, None, None), None, None, {"dataset": dataset, "notes": "published numbers only"})
 
     averages: dict[Method, list[Stat]] = {}
+    layout_average_cells: dict[Method, list[Cell]] = {}
     with_average = len(shown) > 1  # an average over one dataset repeats its row
     for m in methods if with_average else ():
         covered = [d for d in shown if computed[(m, d)].complete]
@@ -381,7 +417,8 @@ def base2new_table(
         record = {"dataset": "average", "seeds_expected": " ".join(map(str, index.expected[m])),
                   "complete": not excluded, "notes": _join(notes, refs),
                   **{f"{k}_mean": _round(v) for k, v in zip(METRICS, values, strict=True)}}
-        layout.add(f"Average ({len(covered)} of {len(shown)} datasets)", m, [Cell(v, refs) for v in values], values,
+        layout_average_cells[m] = [Cell(v, refs) for v in values]
+        layout.add(f"Average ({len(covered)} of {len(shown)} datasets)", m, layout_average_cells[m], values,
                    pub_method, pub, record)
     for method in only if with_average else ():
         have = [d for d in shown if pub_of(method, d)]
@@ -397,15 +434,58 @@ def base2new_table(
         for i, label in enumerate(METRIC_LABELS)
     }
     meta = _meta(root, shots, index, seeds is not None) + (PUBLISHED_NOTE if with_pub else "")
+
+    # Published methods beside ours: those our trainers map to, then the ones asked for on their own.
+    pub_methods = list(dict.fromkeys([mapping[m.trainer] for m in methods if m.trainer in mapping] + only))
+    pub_methods = [p for p in pub_methods if with_pub and any(pub_of(p, d) for d in shown)]
+
+    # The paper layout leaves out the datasets none of our rows has a value for (the Markdown lists them).
+    with_data = [d for d in shown if any(st.ok for m in methods for st in computed[(m, d)].stats)] or shown
+
+    def pub_average(method: str) -> BaseNew | None:
+        have = [d for d in with_data if pub_of(method, d)]
+        return published.average(method, have) if published and have else None
+
+    def pub_stats(values: BaseNew | None) -> list[Stat]:
+        return [Stat(v, None, 0) if values else EMPTY for v in (values or (None, None, None))]
+
+    blocks: list[tuple[str, list[PaperRow]]] = []
+    for dataset in with_data:
+        rows = [PaperRow(labels[m], computed[(m, dataset)].stats, computed[(m, dataset)].refs) for m in methods]
+        rows += [PaperRow(p, tuple(pub_of(p, dataset) or (None, None, None)), published=True) for p in pub_methods]
+        blocks.append((dataset, rows))
+    if with_average:
+        rows = [PaperRow(labels[m], tuple(averages[m]), tuple(r.notes for r in layout_average_cells[m]))
+                for m in methods]
+        rows += [PaperRow(p, tuple(pub_average(p) or (None, None, None)), published=True) for p in pub_methods]
+        blocks.append(("Average", rows))
+    paper = PaperTable(["Method", *METRIC_LABELS], blocks, group_header="Dataset",
+                       published_note=BASE2NEW_PUBLISHED_CITATION if pub_methods else "")
+    pub_panels = {
+        label: {f"{p} (published)": [pub_stats(pub_of(p, d))[i] for d in shown]
+                + ([pub_stats(pub_average(p))[i]] if with_average else []) for p in pub_methods}
+        for i, label in enumerate(METRIC_LABELS)
+    } if pub_methods else {}
     return Table("base2new", shots, title, meta, layout.columns, layout.rows, notes.texts, layout.records,
-                 Chart(title, shown + (["Average"] if with_average else []), panels))
+                 Chart(title, shown + (["Average"] if with_average else []), panels, pub_panels), paper)
 
 
 # ----------------------------------------------------------------------------- cross-dataset, DG
 TRANSFER_CSV_COLUMNS = [
     "protocol", "shots", "trainer", "config", "dataset", "role",
-    "acc_mean", "acc_std", "acc_n", "seeds_expected", "complete", "notes",
+    "acc_mean", "acc_std", "acc_n", "seeds_expected", "complete",
+    "published_method", "pub_acc", "delta_acc", "notes",
 ]
+
+
+def _transfer_published_note(protocol: str, published: TransferPublished, mapping: Mapping[str, str],
+                             labels: Mapping[Method, str], pub_methods: Sequence[str]) -> str:
+    renamed = [f"{labels[m]} with {mapping[m.trainer]}" for m in labels
+               if m.trainer in mapping and mapping[m.trainer] != m.trainer]
+    compared = f" ({'; '.join(renamed)})" if renamed else ""
+    return (f"\n\nPub. = published accuracy{compared} (spotlighter/data/{TRANSFER_PUBLISHED_FILES[protocol]}: "
+            f"{published.citation(pub_methods)}); Δ = ours − published; the published average is recomputed "
+            "as the mean over the targets our average covers.")
 
 
 def transfer_table(
@@ -417,9 +497,12 @@ def transfer_table(
     seeds: Sequence[int] | None = None,
     datasets: Sequence[str] | None = None,
     source: str = XD_SOURCE,
+    published: TransferPublished | None = None,
+    published_methods: Sequence[str] = (),
 ) -> Table:
     """The source (ImageNet unless ``source``), each target, and the average over complete targets
-    (when there are several); one column per method."""
+    (when there are several); one column per method, each followed by the published accuracy of the
+    method it maps to and the difference (when ``published`` has numbers for the shown datasets)."""
     check_protocol(protocol)
     if protocol == "base2new":
         raise ValueError("transfer_table is for 'xd' and 'dg'; use base2new_table")
@@ -430,9 +513,21 @@ def transfer_table(
     canonical = (DG_TARGETS_BY_SOURCE if protocol == "dg" else XD_TARGETS_BY_SOURCE).get(source, ())
     targets = [d for d in datasets if d != source] if datasets else ordered_datasets(
         (r.dataset for r in results if r.role == ROLE_TARGET and r.shots == shots), canonical)
+    shown = [source] + targets
+    mapping, only = resolve_published_methods(published, methods, published_methods) if published else ({}, [])
+
+    def pub_of(method: str | None, dataset: str) -> float | None:
+        return published.get(method, dataset) if published and method else None
+
+    compared = {m: mapping[m.trainer] for m in methods
+                if m.trainer in mapping and any(pub_of(mapping[m.trainer], d) is not None for d in shown)}
+    only = [p for p in only if any(pub_of(p, d) is not None for d in shown)]
+    pub_methods = list(dict.fromkeys(list(compared.values()) + only))
+
     notes, records = Notes(), []
     stats: dict[tuple[Method, str], Stat] = {}
     complete: dict[tuple[Method, str], bool] = {}
+    refs_of: dict[tuple[Method, str], tuple[int, ...]] = {}
     rows: list[list[Cell]] = []
     for dataset, role in [(source, ROLE_SOURCE)] + [(t, ROLE_TARGET) for t in targets]:
         row = [Cell(f"{dataset} (source)" if role == ROLE_SOURCE else dataset)]
@@ -440,36 +535,99 @@ def transfer_table(
             values, refs = index.values(m, dataset, role, notes)
             stat = stats[(m, dataset)] = summarize(list(values.values()))
             complete[(m, dataset)] = set(index.expected[m]) <= set(values)
+            refs_of[(m, dataset)] = refs
             row.append(Cell(stat, refs))
+            pub = pub_of(compared.get(m), dataset)
+            delta = stat.mean - pub if stat.ok and pub is not None else None
+            if m in compared:
+                row += [Cell(pub), Cell(delta, signed=True)]
             records.append({"dataset": dataset, "role": role, "acc_mean": _round(stat.mean),
                             "acc_std": _round(stat.std), "acc_n": stat.n, "complete": complete[(m, dataset)],
-                            "notes": _join(notes, refs), **_method_fields(protocol, shots, m, index)})
+                            "published_method": compared.get(m, ""), "pub_acc": _round(pub),
+                            "delta_acc": _round(delta), "notes": _join(notes, refs),
+                            **_method_fields(protocol, shots, m, index)})
+        for method in only:
+            row.append(Cell(pub_of(method, dataset)))
+            records.append(_published_record(protocol, shots, method, dataset, role, pub_of(method, dataset)))
         rows.append(row)
+
+    def pub_average(method: str, over: Sequence[str]) -> float | None:
+        return published.average(method, over) if published and over else None
+
+    def pub_targets(method: str) -> list[str]:
+        return [t for t in targets if pub_of(method, t) is not None]
+
     average_row = [Cell(f"Average over targets ({len(targets)})")]
-    average_stats = []
+    average_stats: dict[Method, Stat] = {}
+    average_refs: dict[Method, tuple[int, ...]] = {}
+    average_records = []
     for m in methods:
         covered = [t for t in targets if complete[(m, t)]]
         excluded = [t for t in targets if t not in covered]
         refs = (notes.add(f"{labels[m]} average over complete targets only; excluded: {', '.join(excluded)}"),) \
             if excluded else ()
         mean = statistics.fmean(stats[(m, t)].mean for t in covered) if covered else None  # type: ignore[misc]
-        average_stats.append(Stat(mean, None, len(covered)))
+        average_stats[m], average_refs[m] = Stat(mean, None, len(covered)), refs
         average_row.append(Cell(mean, refs, suffix=f" ({len(covered)} of {len(targets)})"))
-        records.append({"dataset": "average", "role": "average", "acc_mean": _round(mean), "acc_std": None,
-                        "acc_n": None, "complete": not excluded, "notes": _join(notes, refs),
-                        **_method_fields(protocol, shots, m, index)})
+        pub = pub_average(compared[m], covered) if m in compared else None
+        delta = mean - pub if mean is not None and pub is not None else None
+        if m in compared:
+            average_row += [Cell(pub), Cell(delta, signed=True)]
+        average_records.append({"dataset": "average", "role": "average", "acc_mean": _round(mean), "acc_std": None,
+                                "acc_n": None, "complete": not excluded, "published_method": compared.get(m, ""),
+                                "pub_acc": _round(pub), "delta_acc": _round(delta), "notes": _join(notes, refs),
+                                **_method_fields(protocol, shots, m, index)})
+    for method in only:
+        have = pub_targets(method)
+        average_row.append(Cell(pub_average(method, have), suffix=f" ({len(have)} of {len(targets)})"))
+        average_records.append(_published_record(protocol, shots, method, "average", "average",
+                                                 pub_average(method, have)))
     with_average = len(targets) > 1  # an average over one target repeats its row
     if with_average:
         rows.append(average_row)
-    else:
-        records = [r for r in records if r["dataset"] != "average"]
+        records += average_records
+
     title = f"{PROTOCOL_TITLES[protocol]} ({shots} shots{'' if source == XD_SOURCE else ', source ' + source})"
-    categories = [source] + targets + (["Average"] if with_average else [])
-    series = {labels[m]: [stats[(m, d)] for d in [source] + targets] + ([average_stats[i]] if with_average else [])
-              for i, m in enumerate(methods)}
-    return Table(protocol, shots, title, _meta(root, shots, index, seeds is not None),
-                 ["Dataset"] + [labels[m] for m in methods], rows, notes.texts, records,
-                 Chart(title, categories, {"Accuracy": series}))
+    categories = shown + (["Average"] if with_average else [])
+    series = {labels[m]: [stats[(m, d)] for d in shown] + ([average_stats[m]] if with_average else [])
+              for m in methods}
+    pub_series = {f"{p} (published)": [Stat(pub_of(p, d), None, 0) if pub_of(p, d) is not None else EMPTY
+                                       for d in shown]
+                  + ([Stat(pub_average(p, pub_targets(p)), None, 0) if pub_targets(p) else EMPTY]
+                     if with_average else []) for p in pub_methods}
+    columns = ["Dataset"]
+    for m in methods:
+        columns += [labels[m]] + ([f"Pub. {labels[m]}", f"Δ {labels[m]}"] if m in compared else [])
+    columns += [f"{p} (published)" for p in only]
+    meta = _meta(root, shots, index, seeds is not None)
+    if published and pub_methods:
+        meta += _transfer_published_note(protocol, published, mapping, {m: labels[m] for m in compared},
+                                         pub_methods)
+
+    # The paper layout leaves out the targets none of our rows has a value for (the Markdown lists them).
+    paper_targets = [t for t in targets if any(stats[(m, t)].ok for m in methods)] or targets
+    paper_shown = [source] + paper_targets
+    paper_rows = [PaperRow(labels[m], tuple(stats[(m, d)] for d in paper_shown)
+                           + ((average_stats[m],) if with_average else ()),
+                           tuple(refs_of[(m, d)] for d in paper_shown) + ((average_refs[m],) if with_average else ()))
+                  for m in methods]
+    paper_rows += [PaperRow(p, tuple(pub_of(p, d) for d in paper_shown)
+                            + ((pub_average(p, [t for t in paper_targets if pub_of(p, t) is not None]),)
+                               if with_average else ()), published=True)
+                   for p in pub_methods]
+    paper = PaperTable(["Method", f"{source} (source)"] + paper_targets + (["Average"] if with_average else []),
+                       [("", paper_rows)],
+                       published_note=published.citation(pub_methods) if published and pub_methods else "")
+    return Table(protocol, shots, title, meta, columns, rows, notes.texts, records,
+                 Chart(title, categories, {"Accuracy": series}, {"Accuracy": pub_series} if pub_series else {}),
+                 paper)
+
+
+def _published_record(protocol: str, shots: int, method: str, dataset: str, role: str,
+                      value: float | None) -> dict[str, object]:
+    return {"protocol": protocol, "shots": shots, "trainer": f"{method} (published)", "config": "",
+            "dataset": dataset, "role": role, "published_method": method, "pub_acc": _round(value),
+            "notes": "published numbers only"}
 
 
 def _method_fields(protocol: str, shots: int, m: Method, index: _Index) -> dict[str, object]:
@@ -484,7 +642,7 @@ def build_tables(
     root: str | Path = "",
     seeds: Sequence[int] | None = None,
     datasets: Sequence[str] | None = None,
-    published: Published | None = None,
+    published: Published | TransferPublished | None = None,
     published_methods: Sequence[str] = (),
     source: str = XD_SOURCE,
 ) -> list[Table]:
@@ -494,10 +652,12 @@ def build_tables(
     for shots in sorted({r.shots for r in results}):
         if protocol == "base2new":
             tables.append(base2new_table(results, root=root, shots=shots, seeds=seeds, datasets=datasets,
-                                         published=published, published_methods=published_methods))
+                                         published=published,  # type: ignore[arg-type]
+                                         published_methods=published_methods))
         else:
             tables.append(transfer_table(results, protocol, root=root, shots=shots, seeds=seeds, datasets=datasets,
-                                         source=source))
+                                         source=source, published=published,  # type: ignore[arg-type]
+                                         published_methods=published_methods))
     return tables
 
 
@@ -555,5 +715,13 @@ def to_csv(tables: Sequence[Table]) -> str:
     return out.getvalue()
 
 
+def csv_safe(value: object) -> object:
+    """A string starting with ``= + - @`` (or tab / carriage return) gets a leading ``'`` so spreadsheets
+    read it as text, not a formula (OWASP, CSV injection); numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+        return CSV_ESCAPE_PREFIX + value
+    return value
+
+
 def _csv_row(record: Mapping[str, object], columns: Sequence[str]) -> dict[str, object]:
-    return {c: "" if record.get(c) is None else record.get(c) for c in columns}
+    return {c: "" if record.get(c) is None else csv_safe(record.get(c)) for c in columns}
