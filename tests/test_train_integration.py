@@ -637,3 +637,30 @@ def test_promptsrc_aggregates_prompts_and_resumes_the_aggregate_bit_identically(
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     ra, rb = read_result(ref), read_result(cut)
     assert (ra["correct"], ra["macro_f1"], ra["trainer"]) == (rb["correct"], rb["macro_f1"], "PromptSRC")
+
+
+def test_promptsrc_teacher_file_named_model_best_loads(data_root, tiny_clip_path, tmp_path, capsys):
+    """PromptKD publishes PromptSRC checkpoints renamed to VLPromptLearner/model-best.pth.tar, without
+    Dassl's pointer file: --eval-only --model-dir reads that file; a checkpoint of another prompt depth
+    names the differing keys and the config keys to set."""
+    from original_ckpt import ivlp_original_state, save_original
+
+    from spotlighter.backbone import FrozenCLIP, load_clip
+    from spotlighter.models import PromptSRC
+
+    clip = FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))
+    model = PromptSRC(clip, ["a", "b"], n_text=4, n_vision=4, ctx_init="a photo of a", text_depth=2, vision_depth=2)
+    path = save_original(tmp_path / "teacher", "VLPromptLearner", ivlp_original_state(model, True), epoch=20,
+                         pointer=False)
+    os.rename(path, tmp_path / "teacher" / "VLPromptLearner" / "model-best.pth.tar")
+    argv = ["--eval-only", "--model-dir", str(tmp_path / "teacher")]
+    code, err = run_in_process(argv + train_argv(data_root, tiny_clip_path, tmp_path / "e", trainer="PromptSRC"), capsys)
+    assert code == 0, err
+    log = open(tmp_path / "e" / "log.txt").read()
+    assert "model-best.pth.tar was written by the original PromptSRC code: converted" in log
+    assert read_result(tmp_path / "e")["epoch"] == 20
+    code, err = run_in_process(argv + train_argv(data_root, tiny_clip_path, tmp_path / "f", trainer="PromptSRC",
+                                                 extra=["TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "1"]), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "prompt_learner.visual_prompts.0: checkpoint [4, 64] vs config None" in err
+    assert "TRAINER.PROMPTSRC.N_CTX_TEXT / N_CTX_VISION / PROMPT_DEPTH_TEXT / PROMPT_DEPTH_VISION" in err
