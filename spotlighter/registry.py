@@ -183,6 +183,8 @@ class Trainer:
     #: The runner's ETA scales it by what the finished jobs measured until a job of the same
     #: (trainer, kind) has run, then uses that mean.
     cost: Tuple[float, float] = DEFAULT_COST
+    #: The config the runner uses on MiniBench (base-to-novel dataset or xd/dg source) when CFG is unset.
+    minibench_config: Optional[str] = None
 
     def job_cost(self, kind: str) -> float:
         """The cost prior of a ``train`` or ``eval`` job of this trainer."""
@@ -194,6 +196,12 @@ class Trainer:
 
     def config_file(self, cfg: Optional[str] = None) -> str:
         return f"{self.config_dir}/{cfg or self.default_config}.yaml"
+
+    def config_for(self, dataset: Optional[str]) -> str:
+        """The default config for runs on ``dataset``: the MiniBench one on MiniBench, else the default."""
+        if dataset is not None and dataset.startswith(MINIBENCH) and self.minibench_config:
+            return self.minibench_config
+        return self.default_config
 
     def available_configs(self, repo: str) -> List[str]:
         """The config names (``CFG`` values) under ``repo``'s configs/trainers/<name>/, sorted."""
@@ -209,15 +217,19 @@ class Trainer:
 TRAINERS: Dict[str, Trainer] = {
     t.cli: t for t in (
         Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", published_method="CoOp w/ Spotlighter",
-                cost=(1.1, 0.75)),
-        Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", published_method="CoOp", cost=(1.0, 0.7)),
-        Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", cost=(2.5, 1.5)),
-        Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", published_method="MaPLe", cost=(1.2, 0.8)),
-        Trainer("ivlp", "IVLP", "vit_b16_c2_ep20_batch4_4+4ctx", cost=(4.0, 0.8)),
+                cost=(1.1, 0.75), minibench_config="minibench_ep10_paper"),
+        Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", published_method="CoOp", cost=(1.0, 0.7),
+                minibench_config="minibench_ep50_ctx16"),
+        Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", cost=(2.5, 1.5),
+                minibench_config="minibench_ep2_batch1_ctx4"),
+        Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", published_method="MaPLe", cost=(1.2, 0.8),
+                minibench_config="minibench_ep5_batch4_2ctx_depth3"),
+        Trainer("ivlp", "IVLP", "vit_b16_c2_ep20_batch4_4+4ctx", cost=(4.0, 0.8),
+                minibench_config="minibench_ep20_batch4_4+4ctx_depth3"),
         Trainer("promptsrc", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", published_method="PromptSRC",
-                cost=(5.0, 0.8)),
+                cost=(5.0, 0.8), minibench_config="minibench_ep20_batch4_4+4ctx_depth3"),
         Trainer("zsclip", "ZeroshotCLIP", "vit_b16", trains=False, aliases=("zeroshotclip", "zeroshot"),
-                published_method="CLIP", cost=(0.75, 0.75)),
+                published_method="CLIP", cost=(0.75, 0.75), minibench_config="minibench"),
     )
 }
 #: Trainers of other CoOp-style codebases whose output trees the results tool also reads.

@@ -52,8 +52,10 @@ def test_runs_default_and_errors():
     assert demo.parse_runs(None) == [("zsclip", "minibench"), ("coop", "minibench_ep50_ctx16"),
                                      ("spotlighter", "minibench_ep10_paper")]
     assert demo.parse_runs("CoOp:minibench_ep10_ctx4 coop:minibench_ep10_ctx4") == [("coop", "minibench_ep10_ctx4")]
-    with pytest.raises(InputError, match=r"DEMO_RUNS: 'coop' is not trainer:config"):
-        demo.parse_runs("coop")
+    assert demo.parse_runs("coop promptsrc") == [("coop", "minibench_ep50_ctx16"),
+                                                 ("promptsrc", "minibench_ep20_batch4_4+4ctx_depth3")]
+    with pytest.raises(InputError, match=r"DEMO_RUNS: 'coop:' is not trainer or trainer:config"):
+        demo.parse_runs("coop:")
     with pytest.raises(InputError, match=r"DEMO_RUNS entry 'clip:minibench': unknown trainer 'clip'. Valid trainers"):
         demo.parse_runs("clip:minibench")
     with pytest.raises(InputError) as e:
@@ -140,7 +142,7 @@ def test_eta_from_the_cost_prior_then_from_measured_means():
 def test_every_trainer_has_a_positive_prior_for_both_kinds():
     for t in registry.TRAINERS.values():
         assert len(t.cost) == 2 and min(t.cost) > 0, t
-    assert registry.job_cost("PromptSRC", TRAIN) == registry.DEFAULT_COST[0]
+    assert registry.job_cost("KgCoOp", TRAIN) == registry.DEFAULT_COST[0]  # a trainer of another codebase
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,8 +245,8 @@ def test_bad_input_exit_2_before_anything_runs(denv):
     r = rundemo(e, DEMO_PROTOCOLS="base2new cross")
     assert r.returncode == 2 and "PREPARE" not in r.stdout and not e.calls()
     assert r.stderr.strip() == "error: DEMO_PROTOCOLS: unknown protocol 'cross' (valid: base2new xd dg)"
-    r = rundemo(e, DEMO_RUNS="coop")
-    assert r.returncode == 2 and "is not trainer:config" in r.stderr
+    r = rundemo(e, DEMO_RUNS=":minibench")
+    assert r.returncode == 2 and "is not trainer or trainer:config" in r.stderr
     r = rundemo(e, JOBS="two")
     assert r.returncode == 2 and r.stderr.strip() == "error: JOBS must be a positive integer, got 'two'"
     r = rundemo(e, STUB_NO_DASSL=1)

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
+        "IVLP": "vit_b16_c2_ep20_batch4_4+4ctx", "PromptSRC": "vit_b16_c2_ep20_batch4_4+4ctx",
         "ZeroshotCLIP": "vit_b16"}
 FOLDERS = {"imagenet": "imagenet", "caltech101": "caltech-101", "oxford_pets": "oxford_pets",
            "stanford_cars": "stanford_cars", "oxford_flowers": "oxford_flowers", "food101": "food-101",
@@ -118,10 +119,14 @@ def env(tmp_path):
     os.makedirs(repo / "datasets")
     shutil.copy(os.path.join(ROOT, "datasets", "layout.py"), repo / "datasets" / "layout.py")
     shutil.copytree(os.path.join(ROOT, "configs", "datasets"), repo / "configs" / "datasets")
+    from spotlighter import registry
+
+    minibench = {t.name: t.minibench_config for t in registry.TRAINERS.values()}
     for trainer, cfg in CFGS.items():
         os.makedirs(repo / "configs" / "trainers" / trainer)
-        (repo / "configs" / "trainers" / trainer / f"{cfg}.yaml").write_text(
-            "DATALOADER:\n  NUM_WORKERS: 0\nOPTIM:\n  NAME: \"sgd\"\n  MAX_EPOCH: 5\n")
+        for name in (cfg, minibench[trainer]):
+            (repo / "configs" / "trainers" / trainer / f"{name}.yaml").write_text(
+                "DATALOADER:\n  NUM_WORKERS: 0\nOPTIM:\n  NAME: \"sgd\"\n  MAX_EPOCH: 5\n")
     data = tmp_path / "data"
     for folder in FOLDERS.values():
         os.makedirs(data / folder)
@@ -297,7 +302,7 @@ def test_minibench_source_uses_its_registered_targets(env):
     assert "configs/datasets/minibench.yaml" in cmds[0]
     for cmd, target in zip(cmds[1:], registry.xd_targets("minibench")):
         assert f"configs/datasets/{target}.yaml" in cmd
-        assert f"output/evaluation_from_minibench/CoOp/vit_b16_ep20_ctx4_16shots/{target}/seed1" in cmd
+        assert f"output/evaluation_from_minibench/CoOp/minibench_ep50_ctx16_16shots/{target}/seed1" in cmd
     r = env.run("dg.sh", "coop", 16, DRY_RUN=1, SEEDS="1", SOURCE="minibench")
     assert r.returncode == 0, r.stderr
     targets = [c.split("configs/datasets/")[1].split(".yaml")[0] for c in commands(r.stdout)]
@@ -334,7 +339,7 @@ def test_dg_dry_run_and_missing_checkpoint(env):
 # bad input
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script,args,extra,expect", [
-    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple zsclip"),
+    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple ivlp promptsrc zsclip"),
     ("xd.sh", ["bar", 16], {}, "unknown trainer 'bar'"),
     ("base2new.sh", ["coop", "pets", 16], {}, "unknown dataset 'pets'. Valid datasets for base-to-novel: imagenet caltech101"),
     ("base2new.sh", ["coop", "imagenet_a", 16], {}, "unknown dataset 'imagenet_a'"),
@@ -345,7 +350,7 @@ def test_dg_dry_run_and_missing_checkpoint(env):
     ("base2new.sh", ["coop", "dtd", "x"], {}, "SHOTS must be a positive integer"),
     ("base2new.sh", ["coop", "dtd", 16, "OPTIM.LR"], {}, "KEY VALUE pairs"),
     ("base2new.sh", ["coop", "dtd", 16], {"SEEDS": "1 a"}, "SEEDS must be integers"),
-    ("base2new.sh", ["coop", "dtd", 16], {"CFG": "nope"}, "configs/trainers/CoOp/nope.yaml does not exist. Set CFG to one of: vit_b16_ep20_ctx4"),
+    ("base2new.sh", ["coop", "dtd", 16], {"CFG": "nope"}, "configs/trainers/CoOp/nope.yaml does not exist. Set CFG to one of: minibench_ep50_ctx16 vit_b16_ep20_ctx4"),
     ("base2new.sh", ["coop"], {}, "usage:"),
 ])
 def test_bad_input(env, script, args, extra, expect):
@@ -505,6 +510,19 @@ def test_registry_default_configs_exist_and_match_the_runner():
     assert {t.name: t.default_config for t in registry.TRAINERS.values()} == CFGS
     for t in registry.TRAINERS.values():
         assert os.path.isfile(os.path.join(ROOT, t.config_file())), t.name
+        assert os.path.isfile(os.path.join(ROOT, t.config_file(t.minibench_config))), t.name
+        assert t.config_for("minibench") == t.config_for("minibench_glyphs") == t.minibench_config
+        assert t.config_for("dtd") == t.config_for(None) == t.default_config
+
+
+def test_minibench_runs_get_minibench_configs_without_cfg(env):
+    """SOURCE=minibench xd.sh spotlighter without CFG runs the MiniBench config (not ViT-B/16's)."""
+    r = env.run("xd.sh", "spotlighter", 16, SEEDS="1", SOURCE="minibench", DATASETS="", DRY_RUN="1")
+    assert r.returncode == 0, r.stderr
+    (cmd,) = commands(r.stdout)
+    assert "--config-file configs/trainers/Spotlighter/minibench_ep10_paper.yaml" in cmd
+    r = env.run("base2new.sh", "spotlighter", "dtd", 16, SEEDS="1", DRY_RUN="1")
+    assert all("vit_b16_ep20_paper.yaml" in c for c in commands(r.stdout))
 
 
 def test_evaluations_of_a_retrained_model_are_redone(env):

@@ -10,7 +10,8 @@
 Environment (all optional except DATA):
   DATA       folder that holds every dataset (CoOp's $DATA layout, see DATASETS.md); required
   SEEDS      seeds to run (default "1 2 3")
-  CFG        trainer config under configs/trainers/<Trainer>/ (default: the trainer's own)
+  CFG        trainer config under configs/trainers/<Trainer>/ (default: the trainer's own; on MiniBench
+             its MiniBench config, both in spotlighter/registry.py)
   OUTPUT     output root (default "output" in the repository)
   PYTHON     interpreter that runs train.py (default "python"; may hold several words)
   RUNNER_PYTHON  (scripts/*.sh) the interpreter of this runner (default: python, else python3)
@@ -90,12 +91,6 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
         trainer = registry.trainer(typed)
     except registry.RegistryError as exc:
         raise InputError(str(exc)) from None
-    cfg = env.get("CFG") or trainer.default_config
-    cfg_file = trainer.config_file(cfg)
-    if not os.path.isfile(os.path.join(REPO, cfg_file)):
-        avail = trainer.available_configs(REPO)
-        raise InputError(f"trainer config {cfg_file} does not exist. Set CFG to one of: "
-                         f"{' '.join(avail) or '(none found under ' + trainer.config_dir + ')'}")
     source, targets = None, []
     if protocol == "base2new":
         if dataset not in registry.BASE2NEW_RUNNABLE:
@@ -111,6 +106,12 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
         for t in targets:
             if t not in known:
                 raise InputError(f"unknown dataset '{t}'. Valid datasets for DATASETS: {' '.join(known)}")
+    cfg = env.get("CFG") or trainer.config_for(dataset or source)
+    cfg_file = trainer.config_file(cfg)
+    if not os.path.isfile(os.path.join(REPO, cfg_file)):
+        avail = trainer.available_configs(REPO)
+        raise InputError(f"trainer config {cfg_file} does not exist. Set CFG to one of: "
+                         f"{' '.join(avail) or '(none found under ' + trainer.config_dir + ')'}")
     if not re.fullmatch(r"[0-9]+", shots_text) or int(shots_text) == 0:
         raise InputError(f"SHOTS must be a positive integer (e.g. 16), got '{shots_text}'")
     seeds_text = env.get("SEEDS", "1 2 3")

@@ -14,7 +14,8 @@ Environment:
   SEEDS           default "1 2 3"
   PYTHON          interpreter of train.py, the benchmark and the results tool (default python)
   DEMO_PROTOCOLS  default "base2new xd dg" (DEMO_PROTOCOLS=base2new: the short run)
-  DEMO_RUNS       "trainer:config ..." (default: DEFAULT_RUNS below); configs under
+  DEMO_RUNS       "trainer[:config] ..." (default: DEFAULT_RUNS below; a trainer alone runs its MiniBench
+                  config from spotlighter/registry.py); configs under
                   configs/trainers/<Trainer>/, e.g. spotlighter:minibench_ep10_release,
                   cocoop:minibench_ep2_batch1_ctx4, maple:minibench_ep5_batch4_2ctx_depth3
   FORCE=1         re-run finished jobs (old folders move to $OUTPUT/backup/<time>/)
@@ -43,7 +44,9 @@ from .jobs import RUN_LOG, InputError, Job, Outcome, Settings, build_graph, quot
 from .local import fmt_seconds, run_local
 
 DEFAULT_PROTOCOLS: Tuple[str, ...] = ("base2new", "xd", "dg")
-DEFAULT_RUNS = "zsclip:minibench coop:minibench_ep50_ctx16 spotlighter:minibench_ep10_paper"
+#: The demo's trainers, each with its MiniBench config from the registry.
+DEFAULT_TRAINERS: Tuple[str, ...] = ("zsclip", "coop", "spotlighter")
+DEFAULT_RUNS = " ".join(f"{t}:{registry.trainer(t).minibench_config}" for t in DEFAULT_TRAINERS)
 SHOTS = 16
 DATASET = registry.MINIBENCH  # base-to-novel dataset and xd/dg source
 DEFAULT_DATA = os.path.join(REPO, "data")
@@ -75,16 +78,18 @@ def parse_protocols(text: Optional[str]) -> List[str]:
 
 
 def parse_runs(text: Optional[str]) -> List[Tuple[str, str]]:
-    """``"trainer:config ..."`` -> [(trainer CLI name, config)], checked against the registry and configs/."""
+    """``"trainer[:config] ..."`` -> [(trainer CLI name, config)], checked against the registry and
+    configs/; a trainer without ``:config`` runs its MiniBench config."""
     runs = []
     for entry in (text if text is not None else DEFAULT_RUNS).split():
         trainer_text, sep, cfg = entry.partition(":")
-        if not sep or not trainer_text or not cfg:
-            raise InputError(f"DEMO_RUNS: '{entry}' is not trainer:config (e.g. coop:minibench_ep10_ctx4)")
+        if not trainer_text or (sep and not cfg):
+            raise InputError(f"DEMO_RUNS: '{entry}' is not trainer or trainer:config (e.g. coop:minibench_ep10_ctx4)")
         try:
             t = registry.trainer(trainer_text)
         except registry.RegistryError as exc:
             raise InputError(f"DEMO_RUNS entry '{entry}': {exc}") from None
+        cfg = cfg or t.config_for(DATASET)
         if not os.path.isfile(os.path.join(REPO, t.config_file(cfg))):
             avail = t.available_configs(REPO)
             raise InputError(f"DEMO_RUNS entry '{entry}': {t.config_file(cfg)} does not exist; configs of "
