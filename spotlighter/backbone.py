@@ -185,41 +185,49 @@ def load_state_dict_file(path: str) -> dict:
     A MiniBench CLIP (a file with the sidecar ``prepare`` writes, or at ``DATA/minibench/clip/``)
     must also be the CLIP its sidecar says: its digest is checked on every load
     (:func:`spotlighter.benchmark.reference.check_clip`)."""
-    from .weights import ArchiveError, UnsafeArchiveError, read_torchscript_state
-
     minibench = _minibench_claim(path)
     try:
-        if _is_torchscript(path):
-            try:
-                return _checked(path, read_torchscript_state(path), minibench)
-            except UnsafeArchiveError as exc:
-                raise BackboneError(
-                    f"{path} was refused without running any of it: {exc}. A CLIP weight file holds tensors "
-                    "only; this one may have been crafted to run code. Use weights from a trusted source: "
-                    "OpenAI's files as clip downloads them (checksum verified) or a state dict saved with "
-                    "torch.save(model.state_dict(), path).") from None
-            except ArchiveError as exc:
-                raise BackboneError(f"{path} is a TorchScript archive that cannot be loaded: {exc}. "
-                                    f"{WEIGHTS_FIX}") from None
-            except BackboneError:
-                raise
-            except Exception as exc:  # zip and pickle parsers raise many types
-                raise BackboneError(f"{path} is a TorchScript archive that cannot be loaded: it is "
-                                    f"{describe_unreadable(path, exc)}. {WEIGHTS_FIX}") from None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise BackboneError(f"{path} is neither a TorchScript archive nor a state dict: it is "
-                                f"{describe_unreadable(path, exc)}. {WEIGHTS_FIX}") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or "visual.conv1.weight" not in state and "visual.proj" not in state:
-            raise BackboneError(f"{path} does not hold CLIP weights (no 'visual.*' tensors found).")
-        return _checked(path, state, minibench)
+        state = _read_state(path)
     except BackboneError as exc:
-        if minibench is None or getattr(exc, "checked", False):
+        if minibench is None:
             raise
         raise BackboneError(f"{exc} {minibench.advice(path)}") from None
+    if minibench is not None:
+        try:
+            minibench.check_clip(path, state)
+        except minibench.ClipMismatch as exc:
+            raise BackboneError(str(exc)) from None
+    return state
+
+
+def _read_state(path: str) -> dict:
+    from .weights import ArchiveError, UnsafeArchiveError, read_torchscript_state
+
+    if _is_torchscript(path):
+        try:
+            return read_torchscript_state(path)
+        except UnsafeArchiveError as exc:
+            raise BackboneError(
+                f"{path} was refused without running any of it: {exc}. A CLIP weight file holds tensors "
+                "only; this one may have been crafted to run code. Use weights from a trusted source: "
+                "OpenAI's files as clip downloads them (checksum verified) or a state dict saved with "
+                "torch.save(model.state_dict(), path).") from None
+        except ArchiveError as exc:
+            raise BackboneError(f"{path} is a TorchScript archive that cannot be loaded: {exc}. "
+                                f"{WEIGHTS_FIX}") from None
+        except Exception as exc:  # zip and pickle parsers raise many types
+            raise BackboneError(f"{path} is a TorchScript archive that cannot be loaded: it is "
+                                f"{describe_unreadable(path, exc)}. {WEIGHTS_FIX}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"{path} is neither a TorchScript archive nor a state dict: it is "
+                            f"{describe_unreadable(path, exc)}. {WEIGHTS_FIX}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "visual.conv1.weight" not in state and "visual.proj" not in state:
+        raise BackboneError(f"{path} does not hold CLIP weights (no 'visual.*' tensors found).")
+    return state
 
 
 #: File name of MiniBench's CLIP (``DATA/minibench/clip/minibench_clip.pt``, see ``benchmark.cli``).
@@ -235,17 +243,6 @@ def _minibench_claim(path: str):
     from .benchmark import reference
 
     return reference if reference.claims_minibench(path) else None
-
-
-def _checked(path: str, state: dict, minibench) -> dict:
-    if minibench is not None:
-        try:
-            minibench.check_clip(path, state)
-        except minibench.ClipMismatch as exc:
-            err = BackboneError(str(exc))
-            err.checked = True
-            raise err from None
-    return state
 
 
 #: The precisions :func:`load_clip` builds: fp32, or OpenAI's half precision (``convert_weights``).

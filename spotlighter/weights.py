@@ -51,14 +51,6 @@ class UnsafeArchiveError(ArchiveError):
     """An archive that asks for something no weight file needs (nothing of it was run)."""
 
 
-def is_torchscript(path: str) -> bool:
-    """A TorchScript archive is a zip holding ``*/constants.pkl`` or ``*/code/`` (torch.save's zips hold neither)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
-
-
 class _ScriptObject:
     """Stands for an object of one of the archive's classes: keeps the state pickled for it."""
 

@@ -204,7 +204,7 @@ def advice(path: str) -> str:
     """How to restore the MiniBench CLIP at ``path``."""
     return (f"Restore it with `python -m spotlighter.benchmark prepare --root {_data_root(path) or 'DATA'}` "
             "(with the options it was prepared with): prepare checks the CLIP and installs the shipped "
-            "reference CLIP again, or pretrains it again when its recipe is not the reference's")
+            "reference CLIP again, or pretrains it again when its recipe is not the reference's.")
 
 
 def _read_claim(path: str):
