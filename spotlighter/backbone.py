@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MERGE_MIN_KEEP, PRUNE_MODES, RECOMMENDED_PRUNE
-from .fileio import atomic_path, describe_unreadable
+from .fileio import describe_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,10 @@ def weights_dir() -> str:
 
 
 def resolve_weights(name: str, path: str = "") -> str:
-    """Return a local weight file for backbone ``name`` (or the explicit ``path``)."""
+    """Return a local weight file for backbone ``name`` (or the explicit ``path``).
+
+    A file named like one of OpenAI's (``ViT-B-16.pt``, ...) is checked against the SHA-256 in its
+    download URL every time it is resolved (:func:`verify_weights`)."""
     if path:
         path = os.path.expanduser(path)
         if not os.path.isfile(path):
@@ -117,12 +120,8 @@ def resolve_weights(name: str, path: str = "") -> str:
             f"Could not download CLIP {name} ({exc}). On a machine without internet copy "
             f"{os.path.basename(url)} to {target} (or set {WEIGHTS_DIR_ENV} / MODEL.BACKBONE.PATH)."
         ) from exc
-    verify_weights(downloaded, _url_sha256(url), name)  # remembers it: later runs do not hash it again
+    verify_weights(downloaded, _url_sha256(url), name)
     return downloaded
-
-
-#: Suffix of the record, beside a weight file, that its SHA-256 was verified (for that size+mtime).
-VERIFIED_SUFFIX = ".sha256-verified"
 
 
 def _url_sha256(url: str) -> str:
@@ -142,35 +141,19 @@ def openai_sha256(filename: str) -> Optional[str]:
     return None
 
 
-def _verified_records(path: str):
-    """Where the verification of ``path`` is remembered: beside it, else in the user's cache."""
-    import hashlib
-
-    yield path + VERIFIED_SUFFIX
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    tag = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
-    yield os.path.join(cache, "spotlighter", "verified", f"{os.path.basename(path)}-{tag}")
+#: Bytes read at a time while hashing a weight file.
+HASH_CHUNK = 1 << 20
 
 
 def verify_weights(path: str, expected: str, name: str) -> None:
-    """Check ``path`` against OpenAI's SHA-256 once per file version (size + mtime), remembered in
-    a small record file: a wrong or damaged file named like OpenAI's never trains silently."""
+    """Check ``path`` against OpenAI's SHA-256, on every call: a wrong, damaged or swapped file named
+    like OpenAI's never trains silently. Nothing is remembered (no record a swapped file could come
+    with); hashing ViT-B/16's 335 MiB takes about 0.25 s with the CPU's SHA instructions, 0.7 s without."""
     import hashlib
 
-    st = os.stat(path)
-    version = f"{expected} {st.st_size} {st.st_mtime_ns}\n"
-    records = list(_verified_records(path))
-    for record in records:
-        try:
-            with open(record) as f:
-                if f.read() == version:
-                    return
-        except OSError:
-            pass
-    logger.info("Verifying the SHA-256 of %s (once per file version)", path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
             digest.update(chunk)
     if digest.hexdigest() != expected:
         raise BackboneError(
@@ -178,23 +161,15 @@ def verify_weights(path: str, expected: str, name: str) -> None:
             f"in its download URL is {expected}. Delete it (it is downloaded again, checksum verified) or "
             f"copy the right {os.path.basename(path)} there; for other weights set MODEL.BACKBONE.PATH to a "
             "file with another name.")
-    for record in records:
-        try:
-            with atomic_path(record) as tmp, open(tmp, "w") as f:
-                f.write(version)
-            return
-        except OSError:
-            continue
-    logger.info("Could not record the verification of %s (read-only folders); it is verified again "
-                "next time", path)
 
 
 def _is_torchscript(path: str) -> bool:
-    """OpenAI's archives are TorchScript zips (they hold ``code/``); torch.save files are not."""
+    """OpenAI's archives are TorchScript zips (they hold ``code/`` and ``constants.pkl``); torch.save
+    files hold neither."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
+        return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 #: What a CLIP weight file must be, said with every error about one.
@@ -204,16 +179,45 @@ WEIGHTS_FIX = ("A CLIP weight file is an OpenAI TorchScript archive (e.g. ViT-B-
 
 
 def load_state_dict_file(path: str) -> dict:
-    """Read a TorchScript archive or a plain state dict without unpickling arbitrary objects."""
+    """Read a TorchScript archive or a plain state dict without running or unpickling anything but
+    tensors (:mod:`spotlighter.weights` for archives, ``torch.load(weights_only=True)`` otherwise).
+
+    A MiniBench CLIP (a file with the sidecar ``prepare`` writes, or at ``DATA/minibench/clip/``)
+    must also be the CLIP its sidecar says: its digest is checked on every load
+    (:func:`spotlighter.benchmark.reference.check_clip`)."""
+    minibench = _minibench_claim(path)
+    try:
+        state = _read_state(path)
+    except BackboneError as exc:
+        if minibench is None:
+            raise
+        raise BackboneError(f"{exc} {minibench.advice(path)}") from None
+    if minibench is not None:
+        try:
+            minibench.check_clip(path, state)
+        except minibench.ClipMismatch as exc:
+            raise BackboneError(str(exc)) from None
+    return state
+
+
+def _read_state(path: str) -> dict:
+    from .weights import ArchiveError, UnsafeArchiveError, read_torchscript_state
+
     if _is_torchscript(path):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                archive = torch.jit.load(path, map_location="cpu")
-        except Exception as exc:
+            return read_torchscript_state(path)
+        except UnsafeArchiveError as exc:
+            raise BackboneError(
+                f"{path} was refused without running any of it: {exc}. A CLIP weight file holds tensors "
+                "only; this one may have been crafted to run code. Use weights from a trusted source: "
+                "OpenAI's files as clip downloads them (checksum verified) or a state dict saved with "
+                "torch.save(model.state_dict(), path).") from None
+        except ArchiveError as exc:
+            raise BackboneError(f"{path} is a TorchScript archive that cannot be loaded: {exc}. "
+                                f"{WEIGHTS_FIX}") from None
+        except Exception as exc:  # zip and pickle parsers raise many types
             raise BackboneError(f"{path} is a TorchScript archive that cannot be loaded: it is "
                                 f"{describe_unreadable(path, exc)}. {WEIGHTS_FIX}") from None
-        return {k: v for k, v in archive.state_dict().items()}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -224,6 +228,21 @@ def load_state_dict_file(path: str) -> dict:
     if not isinstance(state, dict) or "visual.conv1.weight" not in state and "visual.proj" not in state:
         raise BackboneError(f"{path} does not hold CLIP weights (no 'visual.*' tensors found).")
     return state
+
+
+#: File name of MiniBench's CLIP (``DATA/minibench/clip/minibench_clip.pt``, see ``benchmark.cli``).
+MINIBENCH_CLIP_FILE = "minibench_clip.pt"
+
+
+def _minibench_claim(path: str):
+    """The MiniBench identity module when ``path`` is (or claims to be) a MiniBench CLIP, else None.
+    The benchmark package is imported only for files that may be one: with a sidecar beside them
+    (``path.json``) or named like MiniBench's CLIP."""
+    if not (os.path.isfile(path + ".json") or os.path.basename(path) == MINIBENCH_CLIP_FILE):
+        return None
+    from .benchmark import reference
+
+    return reference if reference.claims_minibench(path) else None
 
 
 #: The precisions :func:`load_clip` builds: fp32, or OpenAI's half precision (``convert_weights``).

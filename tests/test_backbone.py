@@ -256,12 +256,12 @@ def test_weights_found_in_weights_dir(monkeypatch, tmp_path, tiny_clip_path):
         resolve_weights("ViT-B/32")  # another name is not satisfied by that file
 
 
-def test_cached_weights_are_checked_against_the_url_checksum_once(monkeypatch, tmp_path, tiny_clip_path, caplog):
-    from spotlighter.backbone import VERIFIED_SUFFIX
-
+def test_cached_weights_are_checked_against_the_url_checksum_every_time(monkeypatch, tmp_path, tiny_clip_path):
     monkeypatch.setenv(OFFLINE_ENV, "1")
-    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
-    target = tmp_path / "ViT-B-16.pt"
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    target = tmp_path / "weights" / "ViT-B-16.pt"
+    target.parent.mkdir()
     target.write_bytes(open(tiny_clip_path, "rb").read())
     with pytest.raises(BackboneError) as err:  # the real URL's checksum: a wrong model named ViT-B-16.pt
         resolve_weights("ViT-B/16")
@@ -272,16 +272,24 @@ def test_cached_weights_are_checked_against_the_url_checksum_once(monkeypatch, t
         resolve_weights("ViT-B/32", path=str(target))
 
     digest = _pretend_openai_file(monkeypatch, target)
-    with caplog.at_level("INFO"):
+    assert resolve_weights("ViT-B/16") == str(target)
+    assert os.listdir(tmp_path / "weights") == ["ViT-B-16.pt"] and not (tmp_path / "cache").exists()  # no records
+    # the file is swapped for another of the same size and mtime, and records claiming it was verified
+    # are forged beside it and in the user's cache: it is hashed again and refused
+    st = target.stat()
+    other = open(tiny_clip_path, "rb").read()
+    other = other[:-1000] + bytes(b ^ 1 for b in other[-1000:])
+    target.write_bytes(other)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size
+    record = f"{digest} {st.st_size} {st.st_mtime_ns}\n"
+    (tmp_path / "weights" / "ViT-B-16.pt.sha256-verified").write_text(record)
+    (tmp_path / "cache" / "spotlighter" / "verified").mkdir(parents=True)
+    (tmp_path / "cache" / "spotlighter" / "verified" / "ViT-B-16.pt").write_text(record)
+    with pytest.raises(BackboneError, match=f"{target} is not OpenAI's ViT-B/16 weight file"):
         resolve_weights("ViT-B/16")
-        resolve_weights("ViT-B/16")
-    assert caplog.text.count("Verifying the SHA-256") == 1  # remembered for this file version
-    assert (tmp_path / ("ViT-B-16.pt" + VERIFIED_SUFFIX)).read_text().startswith(digest)
-    os.utime(target, ns=(1, 1))  # another version of the file (copied over): verified again
-    caplog.clear()
-    with caplog.at_level("INFO"):
-        resolve_weights("ViT-B/16")
-    assert caplog.text.count("Verifying the SHA-256") == 1
+    with pytest.raises(BackboneError, match="is not OpenAI's ViT-B/16 weight file"):
+        load_clip("ViT-B/16")
 
 
 def test_explicit_path_wins_over_name(tiny_clip_path, monkeypatch, tmp_path):

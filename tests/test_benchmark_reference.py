@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import ROOT, requires_dassl
 from spotlighter.benchmark import cli, data, pretrain, reference
 
 TINY = dict(embed_dim=64, vision_width=64, vision_layers=1, transformer_width=64, transformer_layers=1,
@@ -139,3 +140,178 @@ def test_cli_prepare_pretrain_flag_and_export(tmp_path, monkeypatch, capsys):
     assert meta["digest"] == reference.file_digest(cli.clip_path(root))
     assert cli.main(["export-reference", "--root", str(tmp_path / "empty")]) == 2
     assert "no complete MiniBench CLIP" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- an installed MiniBench CLIP is what it claims
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The shipped reference CLIP installed where prepare puts it; its weights' and sidecar's bytes."""
+    root = str(tmp_path_factory.mktemp("data"))
+    path = cli.clip_path(root)
+    side = pretrain.ensure_clip(path)  # the default recipe is the reference's: installed, not pretrained
+    assert side["origin"] == "reference"
+    with open(path, "rb") as w, open(pretrain.sidecar_path(path), "rb") as s:
+        return w.read(), s.read()
+
+
+def install_copy(installed, root) -> str:
+    """The installed reference CLIP copied to ``root`` (tests damage their copy)."""
+    path = cli.clip_path(str(root))
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as w, open(pretrain.sidecar_path(path), "wb") as s:
+        w.write(installed[0])
+        s.write(installed[1])
+    return path
+
+
+def swap_weights(path):
+    torch.save(pretrain.build_clip({"seed": 7}).state_dict(), path)  # random weights of the same shapes
+
+
+def remove_block(path):
+    state = torch.load(path, weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("visual.transformer.resblocks.3.")}
+    from spotlighter.backbone import build_clip
+
+    assert len(build_clip(state).visual.transformer.resblocks) == 3  # builds fine: only the digest sees it
+    torch.save(state, path)
+
+
+def flip_byte(path):
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:  # the largest tensor record (the token embedding)
+        item = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(item.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        at = item.header_offset + 30 + name_len + extra_len + item.file_size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def expect_refused(path, root):
+    from spotlighter.backbone import BackboneError, load_clip
+
+    ref = reference.read_meta()
+    with pytest.raises(BackboneError) as err:
+        load_clip("MiniBench-ViT", path=path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path} is not the MiniBench CLIP it claims to be: its weights have digest ")
+    assert f"the shipped reference CLIP's ({reference.meta_file()}) is {ref['digest'][:16]}..." in msg
+    assert "(weights replaced, damaged or cut short)" in msg
+    assert f"Restore it with `python -m spotlighter.benchmark prepare --root {root}`" in msg
+    return msg
+
+
+def test_installed_reference_clip_loads_and_is_checked(installed, tmp_path):
+    path = install_copy(installed, tmp_path)
+    model = pretrain.load_clip(path)
+    want = reference.reconstruct()
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+    assert reference.check_clip(path)["origin"] == "reference"
+
+
+@pytest.mark.parametrize("damage", [swap_weights, remove_block, flip_byte], ids=["random", "block-removed", "flipped-byte"])
+def test_swapped_or_damaged_minibench_clip_is_refused_and_prepare_restores_it(installed, tmp_path, damage, caplog):
+    path = install_copy(installed, tmp_path)
+    damage(path)
+    expect_refused(path, str(tmp_path))
+    with caplog.at_level("WARNING"):
+        side = pretrain.ensure_clip(path)  # what prepare does with it: installed again
+    assert f"MiniBench CLIP at {path} is not the one its sidecar describes: its weights have digest" in caplog.text
+    assert side["origin"] == "reference"
+    with open(path, "rb") as f:
+        assert f.read() == installed[0]
+    pretrain.load_clip(path)
+
+
+def test_a_sidecar_cannot_vouch_for_swapped_weights(installed, tmp_path):
+    path = install_copy(installed, tmp_path)
+    swap_weights(path)
+    side = json.load(open(pretrain.sidecar_path(path)))
+    side["digest"] = reference.file_digest(path)  # the sidecar rewritten for the swapped weights
+    json.dump(side, open(pretrain.sidecar_path(path), "w"))
+    expect_refused(path, str(tmp_path))
+    # said honestly (pretrained here), they load, and prepare does not call them the reference
+    side["origin"] = "pretrained here"
+    json.dump(side, open(pretrain.sidecar_path(path), "w"))
+    pretrain.load_clip(path)
+    assert "differs from the shipped reference CLIP" in cli.describe_origin(side)
+    # damaged after pretraining: checked against the digest recorded then
+    flip_byte(path)
+    from spotlighter.backbone import BackboneError
+
+    with pytest.raises(BackboneError, match="the one recorded when it was pretrained"):
+        pretrain.load_clip(path)
+
+
+def test_minibench_clip_without_its_sidecar_is_refused(installed, tmp_path):
+    from spotlighter.backbone import BackboneError
+
+    path = install_copy(installed, tmp_path)
+    os.remove(pretrain.sidecar_path(path))
+    with pytest.raises(BackboneError) as err:
+        pretrain.load_clip(path)
+    assert str(err.value).startswith(f"{path} is not the MiniBench CLIP it claims to be: no sidecar "
+                                     f"{pretrain.sidecar_path(path)} says which MiniBench CLIP it is")
+    # a sidecar that says it is the reference of another recipe
+    side = json.loads(installed[1])
+    side["pretrain_version"] = pretrain.PRETRAIN_VERSION - 1
+    json.dump(side, open(pretrain.sidecar_path(path), "w"))
+    with pytest.raises(BackboneError, match="no shipped reference CLIP has its recipe"):
+        pretrain.load_clip(path)
+    # unreadable weights where a MiniBench CLIP should be: the same advice
+    with open(path, "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(BackboneError, match=r"not a torch file .*Restore it with `python -m spotlighter.benchmark prepare"):
+        pretrain.load_clip(path)
+
+
+def test_prepare_verifies_before_it_reports_the_reference(tmp_path, monkeypatch, capsys, caplog):
+    real = cli.prepare
+
+    def small(root, **kw):
+        return real(root, seed=kw["seed"], dataset_params=dict(train_per_class=1, val_per_class=1, test_per_class=1),
+                    keys=("minibench",), use_reference=kw["use_reference"])
+
+    monkeypatch.setattr(cli, "prepare", small)
+    root = str(tmp_path / "data")
+    assert cli.main(["prepare", "--root", root]) == 0
+    assert "CLIP:     the shipped reference CLIP" in capsys.readouterr().out
+    path = cli.clip_path(root)
+    swap_weights(path)
+    assert cli.main(["zeroshot", "--root", root]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path} is not the MiniBench CLIP it claims to be")
+    with caplog.at_level("WARNING"):
+        assert cli.main(["prepare", "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert "not the one its sidecar describes" in caplog.text
+    assert f"weights:  {path}  (built;" in out and "CLIP:     the shipped reference CLIP" in out
+    assert reference.file_digest(path) == reference.read_meta()["digest"]
+
+
+@requires_dassl
+def test_train_refuses_a_swapped_minibench_clip_from_the_configs_path(installed, tmp_path):
+    """The MiniBench trainer configs read MODEL.BACKBONE.PATH "{root}/minibench/clip/minibench_clip.pt"."""
+    import subprocess
+    import sys
+
+    from tiny_data import make_tiny_minibench
+
+    make_tiny_minibench(str(tmp_path), train=1, val=1, test=1)
+    path = install_copy(installed, tmp_path)
+    swap_weights(path)
+    proc = subprocess.run([sys.executable, "train.py", "--root", str(tmp_path), "--seed", "1", "--trainer", "ZeroshotCLIP",
+                           "--dataset-config-file", "configs/datasets/minibench.yaml",
+                           "--config-file", "configs/trainers/ZeroshotCLIP/minibench.yaml",
+                           "--output-dir", str(tmp_path / "out"), "--eval-only", "DATALOADER.NUM_WORKERS", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{path} is not the MiniBench CLIP it claims to be: its weights have digest" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -12,12 +12,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..backbone import MINIBENCH_CLIP_FILE
 from . import data, pretrain
 
 logger = logging.getLogger(__name__)
 
 DATASET_SUBDIR = "minibench"
-CLIP_RELPATH = os.path.join("clip", "minibench_clip.pt")
+CLIP_RELPATH = os.path.join("clip", MINIBENCH_CLIP_FILE)
 
 
 def dataset_dir(root: str, key: str = "minibench") -> str:
@@ -55,7 +56,7 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
         seconds[key] = round(time.time() - t0, 1)
         built[key] = before != metas[key]
         logger.info("%s: %s in %.1fs", key, "generated" if built[key] else "cached", seconds[key])
-    had_clip = pretrain.read_sidecar(cpath)
+    had_clip, had_file = pretrain.read_sidecar(cpath), _file_version(cpath)
     t0 = time.time()
     others = [dataset_dir(root, k) for k in keys if k != "minibench"]
     side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others,
@@ -68,7 +69,7 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
         "clip_path": os.path.abspath(cpath),
         "built_dataset": built.get("minibench", False),
         "built": built,
-        "built_clip": had_clip != side,
+        "built_clip": had_clip != side or had_file != _file_version(cpath),  # reinstalled: same sidecar, new file
         "dataset_seconds": seconds.get("minibench", 0.0),
         "seconds": seconds,
         "clip_seconds": round(t_clip, 1),
@@ -76,6 +77,15 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
         "datasets": metas,
         "clip": side,
     }
+
+
+def _file_version(path: str):
+    """Identifies the file at ``path`` (None when there is none): a replaced file gets another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def describe_origin(side: dict) -> str:
@@ -141,7 +151,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="CoOp proxy context initialisation ('' = random, CoOp's own default with --n-ctx 16)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    from ..backbone import BackboneError
 
+    try:
+        return _run(args)
+    except BackboneError as e:  # a CLIP that cannot be loaded or is not the one it claims to be
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.cmd == "prepare":
         try:
             s = prepare(

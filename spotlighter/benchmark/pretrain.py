@@ -413,7 +413,9 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
     ``path + ".json"`` (version, params, origin, digest, training time and, when ``dataset_dir`` is
     given, the zero-shot accuracies on its test split). Returns the sidecar dict. Raises
     ``ValueError`` naming the differing parameters when a cached model was built with other
-    parameters.
+    parameters. A cached model is kept only when its weights have the digest they must have
+    (:func:`.reference.check_clip`: the shipped reference's when its sidecar says it is the reference);
+    otherwise it is built again, with a warning.
     """
     from . import reference
 
@@ -428,8 +430,15 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
     if meta is not None:
         data.require_same_params(meta, p, "pretrain_version", PRETRAIN_VERSION, f"MiniBench CLIP at {path}",
                                  f"Delete {path!r} and {sidecar_path(path)!r} to rebuild it.")
-        logger.info("MiniBench CLIP already present at %s; nothing to do", path)
-        return meta
+        try:  # the weights must be the ones the sidecar describes before it is reported as theirs
+            reference.check_clip(path)
+        except reference.ClipMismatch as e:
+            logger.warning("MiniBench CLIP at %s is not the one its sidecar describes: %s; building it again",
+                           path, e.problem)
+            meta = None
+        else:
+            logger.info("MiniBench CLIP already present at %s (digest checked); nothing to do", path)
+            return meta
     if os.path.exists(sidecar_path(path)):
         os.remove(sidecar_path(path))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -460,7 +469,13 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
         }
     meta["file_bytes"] = os.path.getsize(path)
     if dataset_dir is not None:
-        model = load_clip(path)
+        # as the trainers' loader builds it; checked here against the digest the sidecar (written last) records
+        from ..backbone import build_clip as build_backbone
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if reference.state_digest(state) != meta["digest"]:
+            raise ValueError(f"{path}: the weights just written read back with another digest (a failing disk?)")
+        model = build_backbone(state, source=path)
         meta["zeroshot"] = zeroshot_accuracy(model, dataset_dir)
         meta["dataset_dir"] = os.path.abspath(dataset_dir)
         logger.info("Zero-shot accuracy: %s", meta["zeroshot"])

@@ -14,6 +14,12 @@ The file holds every trained tensor. The token embedding (49,408 x 128, 25 MB) i
 rows no caption ever used get no gradient and no weight decay (``pretrain._param_groups``), so
 they keep their seeded initial values, which :func:`install` regenerates with ``build_clip``. The
 digest of the reconstructed state dict is checked against the one recorded at export.
+
+An installed MiniBench CLIP (``DATA/minibench/clip/minibench_clip.pt``) is checked on every load
+(:func:`check_clip`, called by ``spotlighter.backbone.load_state_dict_file``) and by every
+``prepare``: one whose sidecar says it is the shipped reference must have the digest of the
+reference in this repository (not merely the digest its sidecar records, which a swapped file could
+come with); one pretrained here must have the digest its sidecar recorded at pretraining.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -175,3 +181,87 @@ def install(path: str, directory: Optional[str] = None) -> dict:
     }
 
 
+
+
+class ClipMismatch(ValueError):
+    """A MiniBench CLIP that is not the one it claims to be: ``problem`` says how, the message adds the fix."""
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path} is not the MiniBench CLIP it claims to be: {problem}. {advice(path)}")
+
+
+def _data_root(path: str) -> Optional[str]:
+    """``DATA`` when ``path`` is ``DATA/minibench/clip/minibench_clip.pt`` (where ``prepare`` puts it), else None."""
+    from .cli import CLIP_RELPATH, DATASET_SUBDIR
+
+    full = os.path.abspath(path)
+    tail = os.sep + os.path.join(DATASET_SUBDIR, CLIP_RELPATH)
+    return full[: -len(tail)] or os.sep if full.endswith(tail) else None
+
+
+def advice(path: str) -> str:
+    """How to restore the MiniBench CLIP at ``path``."""
+    return (f"Restore it with `python -m spotlighter.benchmark prepare --root {_data_root(path) or 'DATA'}` "
+            "(with the options it was prepared with): prepare checks the CLIP and installs the shipped "
+            "reference CLIP again, or pretrains it again when its recipe is not the reference's.")
+
+
+def _read_claim(path: str):
+    """The sidecar beside ``path`` when it is a MiniBench CLIP's (has ``pretrain_version``), else None;
+    raises ``OSError``/``ValueError`` when it cannot be read."""
+    with open(pretrain.sidecar_path(path)) as f:
+        side = json.load(f)
+    return side if isinstance(side, dict) and "pretrain_version" in side else None
+
+
+def claims_minibench(path: str) -> bool:
+    """Whether ``path`` is, or says it is, a MiniBench CLIP: it sits where ``prepare`` puts it, or a
+    MiniBench sidecar is beside it."""
+    if _data_root(path) is not None:
+        return True
+    try:
+        return _read_claim(path) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def expected_digest(path: str, side: dict) -> Tuple[str, str]:
+    """The digest the CLIP at ``path`` must have, and where that digest comes from, in words."""
+    if side.get("origin") == "reference":
+        ref = matches(side.get("params") or {}) if side.get("pretrain_version") == pretrain.PRETRAIN_VERSION else None
+        if ref is None:
+            raise ClipMismatch(path, f"its sidecar says it is the shipped reference CLIP, but no shipped reference "
+                                     f"CLIP has its recipe (pretraining recipe {side.get('pretrain_version')}; this "
+                                     f"code ships recipe {pretrain.PRETRAIN_VERSION} in {meta_file()})")
+        return ref["digest"], f"the shipped reference CLIP's ({meta_file()})"
+    digest = side.get("digest")
+    if not (isinstance(digest, str) and len(digest) == 64):
+        raise ClipMismatch(path, f"its sidecar {pretrain.sidecar_path(path)} records no digest")
+    return digest, f"the one recorded when it was pretrained ({pretrain.sidecar_path(path)})"
+
+
+def check_clip(path: str, state: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
+    """Raise :class:`ClipMismatch` unless the MiniBench CLIP at ``path`` (its loaded ``state``, else
+    read here) has the digest it must have (:func:`expected_digest`); return its sidecar."""
+    sidecar = pretrain.sidecar_path(path)
+    try:
+        side = _read_claim(path)
+    except FileNotFoundError:
+        side = None
+    except (OSError, ValueError) as e:
+        raise ClipMismatch(path, f"its sidecar {sidecar} cannot be read ({e})") from None
+    if side is None:
+        raise ClipMismatch(path, f"no sidecar {sidecar} says which MiniBench CLIP it is (prepare writes it "
+                                 "after the weights: an interrupted prepare, or weights copied there)")
+    expected, source = expected_digest(path, side)
+    try:
+        if state is None:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        actual = state_digest(state)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a mismatch
+        raise ClipMismatch(path, f"its weights cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if actual != expected:
+        raise ClipMismatch(path, f"its weights have digest {actual[:16]}..., {source} is {expected[:16]}... "
+                                 "(weights replaced, damaged or cut short)")
+    return side
