@@ -90,6 +90,25 @@ def extend_cfg(cfg: CN) -> None:
     cfg.TRAINER.PROMPTSRC.GPA_MEAN = 15  # Gaussian prompt aggregation: mean epoch (1-based) ...
     cfg.TRAINER.PROMPTSRC.GPA_STD = 1  # ... and its standard deviation in epochs
 
+    # PromptKD: the original repository's (zhengli97/PromptKD train.py) names and defaults, plus where
+    # the teacher comes from. The student uses N_CTX_VISION / PROMPT_DEPTH_VISION (it has no text tower).
+    kd = cfg.TRAINER.PROMPTKD = _ivlp_node(n_ctx=4)
+    kd.KD_WEIGHT = 1.0  # lambda: loss = KD_WEIGHT * T^2 * KL(teacher || student) (its scripts pass 1000)
+    kd.TEMPERATURE = 1.0  # T of the softened distributions
+    kd.PROJECT_LAYER = 2  # accepted for the original's yaml files; unused (as in the original)
+    kd.CE_WEIGHT = 0.0  # accepted for the original's yaml files; unused (the student sees no label)
+    kd.TEACHER_NAME = "ViT-L/14"  # the teacher's CLIP (OpenAI name) ...
+    kd.TEACHER_PATH = ""  # ... or a local weight file of it ("{root}/..." = under DATASET.ROOT)
+    # The teacher's checkpoint: a file, an output folder or its VLPromptLearner folder; "{dataset}" is
+    # replaced by DATASET.NAME ("{root}" by DATASET.ROOT), so PromptKD's published teacher_model/<Name>/ fit.
+    kd.TEACHER = "teacher_model/{dataset}"
+    kd.TEACHER_N_CTX_TEXT = 4  # the teacher's prompt design (the original hard-codes 4+4, depth 9/9)
+    kd.TEACHER_N_CTX_VISION = 4
+    kd.TEACHER_CTX_INIT = "a photo of a"
+    kd.TEACHER_PROMPT_DEPTH_TEXT = 9
+    kd.TEACHER_PROMPT_DEPTH_VISION = 9
+    cfg.TRAINER.MODAL = "base2novel"  # accepted for PromptKD's scripts; the classes are the run's subset
+
     cfg.TRAINER.ZSCLIP = CN()
     cfg.TRAINER.ZSCLIP.PREC = "fp16"
     cfg.TRAINER.ZSCLIP.TEMPLATE = ""  # "" = the dataset's CoOp template; else e.g. "a photo of a {}."

@@ -156,9 +156,34 @@ def from_ivlp(state: StateDict, path: str = "checkpoint") -> StateDict:
     return out
 
 
+_KD_PROJECTOR = re.compile(r"VPT_image_trans\.conv1\.[013]\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+
+
+def from_promptkd(state: StateDict, path: str = "checkpoint") -> StateDict:
+    """A PromptKD student (``VLPromptLearner`` = its whole CustomCLIP): the visual prompts
+    (``image_encoder.VPT``, ``image_encoder.transformer.resblocks.<i>.VPT_shallow``) and the projector
+    ``VPT_image_trans.*`` (BatchNorm statistics included); its frozen ViT-B/16 copy is dropped."""
+    out: StateDict = {}
+    for key, value in state.items():
+        m = _IVLP_VISION.match(key)
+        if key == "image_encoder.VPT":
+            out["prompt_learner.visual_prompt"] = _float(value)
+        elif m:
+            out[f"prompt_learner.visual_prompts.{int(m.group(1)) - 1}"] = _float(value)
+        elif _KD_PROJECTOR.match(key):
+            out[key] = _float(value)
+        elif not (key.startswith("image_encoder.") or key == "logit_scale"):
+            raise CheckpointError(f"{path}: key {key!r} is not part of a PromptKD student; is this a PromptKD "
+                                  "checkpoint of the original repository?")
+    if not any(k.startswith("VPT_image_trans.") for k in out):
+        raise CheckpointError(f"{path} has no projector ('VPT_image_trans'): not a PromptKD student checkpoint.")
+    return out
+
+
 #: Trainer name -> converter of that trainer's original-repository checkpoints.
 CONVERTERS: Dict[str, Callable[[StateDict, str], StateDict]] = {
     "CoOp": from_coop, "CoCoOp": from_cocoop, "MaPLe": from_maple, "IVLP": from_ivlp, "PromptSRC": from_ivlp,
+    "PromptKD": from_promptkd,
 }
 
 

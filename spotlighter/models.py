@@ -177,6 +177,20 @@ class IVLP(_CLIPHolder):
         logits = self.clip.logit_scale.exp().float() * v @ t.t()
         return logits, self._ce(logits, labels)
 
+    def text_features(self) -> torch.Tensor:
+        """Unit-norm prompted text features of the classes (C, d), float32."""
+        prompts, deep_text, _, _ = self.prompt_learner()
+        t = self.clip.encode_text_embeddings(prompts, self.prompt_learner.tokenized_prompts, deep_text,
+                                             round_prompts=self.round_prompts)
+        return F.normalize(t.float(), dim=-1)
+
+    def image_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Logits of the prompted image features against given unit-norm ``text`` (C, d) (a teacher's
+        soft labels, its text features computed once)."""
+        _, _, visual, deep_visual = self.prompt_learner()
+        v = self.clip.encode_image(images, visual, deep_visual, pruned=self._pruned(), round_prompts=self.round_prompts)
+        return self.clip.logit_scale.exp().float() * F.normalize(v.float(), dim=-1) @ text.t()
+
 
 def ensemble_text(clip: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ENSEMBLE_TEMPLATES,
                   batch_size: int = 256) -> torch.Tensor:

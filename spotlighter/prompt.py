@@ -195,21 +195,44 @@ class MaPLePromptLearner(PromptLearner):
 IVLP_MAX_WORD_INIT = 4
 
 
-class IVLPPromptLearner(nn.Module):
+class VisualPrompts(nn.Module):
+    """IVLP's visual prompts: ``n_vision`` tokens (``visual_prompt``) appended after CLS and the patches
+    before ``ln_pre``, and ``vision_depth - 1`` deep prompts (``visual_prompts``) that replace them at
+    the input of vision blocks 1 .. vision_depth - 1; none with ``vision_depth`` 0. N(0, 0.02^2)."""
+
+    def __init__(self, clip: FrozenCLIP, n_vision: int = 4, vision_depth: int = 9):
+        super().__init__()
+        self._init_visual(clip, n_vision, vision_depth)
+
+    def _init_visual(self, clip: FrozenCLIP, n_vision: int, vision_depth: int) -> None:
+        self.vision_depth = vision_depth
+        if vision_depth >= 1:
+            vw = clip.vision_width
+            self.visual_prompt = nn.Parameter(torch.empty(n_vision, vw).normal_(0.0, 0.02))
+            self.visual_prompts = nn.ParameterList(
+                [nn.Parameter(torch.empty(n_vision, vw).normal_(0.0, 0.02)) for _ in range(vision_depth - 1)])
+        else:
+            self.visual_prompt = None
+            self.visual_prompts = nn.ParameterList()
+
+    def visual(self):
+        """(shallow visual prompt or None, deep visual prompts)."""
+        return self.visual_prompt, list(self.visual_prompts)
+
+
+class IVLPPromptLearner(VisualPrompts):
     """Independent vision-language prompts (IVLP; the prompts PromptSRC trains).
 
     Text: ``n_text`` context tokens replace the first words of ``"<ctx_init> <class>."`` at the input
     (``ctx``), and ``text_depth - 1`` deep prompts (``text_prompts``) replace those positions at the
-    input of text blocks 1 .. text_depth - 1. Vision (``vision_depth >= 1``): ``n_vision`` tokens
-    (``visual_prompt``) are appended after CLS and the patches before ``ln_pre``, and
-    ``vision_depth - 1`` deep prompts (``visual_prompts``) replace them at the input of vision
-    blocks 1 .. vision_depth - 1. The two branches are independent (no coupling function, unlike
-    MaPLe). All prompts are initialised N(0, 0.02^2) except a context initialised from words.
+    input of text blocks 1 .. text_depth - 1. Vision: :class:`VisualPrompts`. The two branches are
+    independent (no coupling function, unlike MaPLe). All prompts are initialised N(0, 0.02^2) except
+    a context initialised from words.
     """
 
     def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], n_text: int = 4, n_vision: int = 4,
                  ctx_init: str = "a photo of a", text_depth: int = 9, vision_depth: int = 9):
-        super().__init__()
+        nn.Module.__init__(self)
         words = ctx_init.replace("_", " ").strip().split()
         if words and n_text <= IVLP_MAX_WORD_INIT:
             if n_text > len(words):
@@ -229,15 +252,7 @@ class IVLPPromptLearner(nn.Module):
         w = clip.text_width
         self.text_prompts = nn.ParameterList(
             [nn.Parameter(torch.empty(n_text, w).normal_(0.0, 0.02)) for _ in range(text_depth - 1)])
-        self.vision_depth = vision_depth
-        if vision_depth >= 1:
-            vw = clip.vision_width
-            self.visual_prompt = nn.Parameter(torch.empty(n_vision, vw).normal_(0.0, 0.02))
-            self.visual_prompts = nn.ParameterList(
-                [nn.Parameter(torch.empty(n_vision, vw).normal_(0.0, 0.02)) for _ in range(vision_depth - 1)])
-        else:
-            self.visual_prompt = None
-            self.visual_prompts = nn.ParameterList()
+        self._init_visual(clip, n_vision, vision_depth)
 
     @property
     def tokenized_prompts(self) -> torch.Tensor:

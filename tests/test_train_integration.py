@@ -28,6 +28,7 @@ CONFIGS = {
     "ZeroshotCLIP": "configs/trainers/ZeroshotCLIP/vit_b16.yaml",
     "IVLP": "configs/trainers/IVLP/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
     "PromptSRC": "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
+    "PromptKD": "configs/trainers/PromptKD/vit_b16_c2_ep20_batch8_4+4ctx.yaml",
 }
 EXTRA = {"Spotlighter": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
          "Spotlighter-release": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
@@ -664,3 +665,29 @@ def test_promptsrc_teacher_file_named_model_best_loads(data_root, tiny_clip_path
     assert code == 2 and "Traceback" not in err
     assert "prompt_learner.visual_prompts.0: checkpoint [4, 64] vs config None" in err
     assert "TRAINER.PROMPTSRC.N_CTX_TEXT / N_CTX_VISION / PROMPT_DEPTH_TEXT / PROMPT_DEPTH_VISION" in err
+
+
+def test_promptkd_distils_from_a_promptsrc_teacher_and_evaluates_new_classes(data_root, tiny_clip_path, tmp_path):
+    """A PromptSRC teacher (wider tiny CLIP) trained here on base classes, a PromptKD student distilled
+    on the unlabelled images of all classes, then evaluated on the new classes with the teacher's text."""
+    from tiny_clip import save_tiny_clip
+
+    teacher_clip = save_tiny_clip(tmp_path / "teacher_clip.pt", seed=4, vision_width=128, transformer_width=128,
+                                  embed_dim=96)
+    teacher = tmp_path / "teacher"
+    run_train(data_root, teacher_clip, teacher, trainer="PromptSRC", extra=["OPTIM.MAX_EPOCH", "1"])
+    kd = ["TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2", "TRAINER.PROMPTKD.TEACHER", str(teacher),
+          "TRAINER.PROMPTKD.TEACHER_PATH", teacher_clip, "TRAINER.PROMPTKD.TEACHER_PROMPT_DEPTH_TEXT", "2",
+          "TRAINER.PROMPTKD.TEACHER_PROMPT_DEPTH_VISION", "2", "OPTIM.MAX_EPOCH", "1"]
+    student = tmp_path / "student"
+    run_train(data_root, tiny_clip_path, student, trainer="PromptKD", subset="all", extra=kd)
+    log = open(student / "log.txt").read()
+    assert f"Teacher: {teacher}/VLPromptLearner/model.pth.tar-1 (a PromptSRC checkpoint of this project)" in log
+    # 2 visual prompts (4 x 64) + projector 64 -> 96 (convs, BatchNorm affine)
+    assert "Trainable scalars: 16,256 in 8 tensors" in log
+    assert " kd " in log and read_result(student)["total"] == 72
+    new = tmp_path / "new"
+    run_train(data_root, tiny_clip_path, new, trainer="PromptKD", subset="new", extra=kd, eval_only=True,
+              model_dir=student)
+    rec = read_result(new)
+    assert rec["trainer"] == "PromptKD" and rec["subset"] == "new" and rec["total"] == 36 and rec["epoch"] == 1

@@ -184,8 +184,9 @@ class PromptTrainer(TrainerX):
         classnames = self.dm.dataset.classnames
         self.model = self.build_custom_model(self.clip, classnames).to(self.device)
         n_trainable = count_trainable(self.model)
-        logger.info("Trainable scalars: %s (frozen CLIP excluded); precision %s on %s",
-                    f"{n_trainable:,}", self.precision, self.device)
+        n_tensors = sum(1 for p in self.model.parameters() if p.requires_grad)
+        logger.info("Trainable scalars: %s in %d tensors (frozen CLIP excluded); precision %s on %s",
+                    f"{n_trainable:,}", n_tensors, self.precision, self.device)
         optim = sched = None
         if n_trainable:
             optim = build_optimizer(self.model, cfg.OPTIM)
