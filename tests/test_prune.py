@@ -4,6 +4,7 @@ the unpruned forward bit for bit, the models and the config checks."""
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -394,3 +395,39 @@ def test_spotlighter_selects_among_evit_tokens(deep_clip):
     assert (img.patch_index == FUSED_INDEX).any()  # some image kept a fused token to the end
     assert torch.equal(out.patch_idx, img.patch_index.gather(1, out.token_idx - 1))
     assert out.scores.shape == (3, n) and torch.isfinite(out.logits).all()
+
+
+def test_pictures_place_only_real_patches_with_evit(deep_clip):
+    """The pictures draw a kept fused token nowhere: maps hold the real patches' values only, no
+    outline and no greyed cell comes from a fused token."""
+    import io
+
+    from PIL import Image
+
+    from spotlighter import pictures
+
+    torch.manual_seed(0)
+    clip = FrozenCLIP(deep_clip, PruneSpec((0, 1, 2), 0.6, mode="evit"))
+    model = Spotlighter(clip, NAMES, head_cfg("paper", 8))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    spots = pictures.spotlight(model, x)
+    with torch.no_grad():
+        img = clip.encode_image_tokens(x, need_attn=False)
+        out = model.head(img, model.text_features(), clip.logit_scale)
+    # these images exercise it: a fused token where the last patch is gone, a fused token kept then fused
+    assert any(FUSED_INDEX in p.tolist() and 15 not in p.tolist() for p in img.patch_index)
+    assert any(FUSED_INDEX in a.tolist() and FUSED_INDEX not in b.tolist()
+               for k1, k2 in zip(img.kept_index, img.kept_index[1:]) for a, b in zip(k1, k2))
+    for b, spot in enumerate(spots):
+        real = img.patch_index[b][img.patch_index[b] >= 0]
+        for values in spot.maps:
+            if values is not None:
+                assert sorted(np.flatnonzero(~np.isnan(values)).tolist()) == sorted(real.tolist())
+        assert all(0 <= p < 16 for dropped in spot.dropped for p in dropped)
+        assert sorted(p for d in spot.dropped for p in d) == sorted(set(range(16)) - set(real.tolist()))
+        view = np.zeros((32, 32, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        pictures.render(view, spot, 9).save(png, format="PNG")
+        pic = Image.open(io.BytesIO(png.getvalue()))
+        selected = [p for p in out.patch_idx[b, :3].tolist() if p >= 0]
+        assert pictures.outlined_cells(pic, 4, 9, pictures.LEVEL1_COLOUR) == sorted(selected)
