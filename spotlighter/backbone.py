@@ -543,7 +543,7 @@ def _tome_tokens(x: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, size:
     sb = sb.scatter_add(1, dst, sa.gather(1, src))
     new_size = torch.cat([sa.gather(1, unm), sb], dim=1)
     tokens = torch.cat([wa.gather(1, unm[..., None].expand(-1, -1, D)), wb], dim=1) / new_size[..., None]
-    full = torch.cat([index.new_full((index.shape[0], 1), FUSED_INDEX), index], dim=1)  # CLS's slot
+    full = torch.cat([index.new_full((index.shape[0], 1), -1), index], dim=1)  # -1: CLS's slot, cut below
     new_index = torch.cat([full[:, ::2].gather(1, unm), full[:, 1::2]], dim=1)[:, 1:]
     return tokens.transpose(0, 1), new_index, new_size
 

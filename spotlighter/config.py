@@ -58,7 +58,8 @@ def extend_cfg(cfg: CN) -> None:
     cfg.MODEL.PRUNE = CN()
     cfg.MODEL.PRUNE.LAYERS = []  # 0-based vision blocks that drop tokens (between attention and MLP)
     cfg.MODEL.PRUNE.KEEP = 1.0  # fraction of the patch tokens present at each such block that is kept
-    cfg.MODEL.PRUNE.FUSE = True  # fuse the dropped tokens into one (CLS-attention-weighted mean, EViT)
+    # fuse the dropped tokens into one (drop: CLS-attention-weighted mean; evit: EViT's weighted sum)
+    cfg.MODEL.PRUNE.FUSE = True
     cfg.MODEL.PRUNE.IN_TRAINING = True  # drop tokens in training forwards too (test always does)
     # drop: keep the CLS-attended patches (EViT); merge: merge similar patches (ToMe, KEEP >= 0.5);
     # evit / tome: EViT's / ToMe's own rules, token order included (docs/efficiency.md)
