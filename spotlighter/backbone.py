@@ -11,8 +11,9 @@
   block, between attention and MLP, keep the patch tokens the CLS token attends to most (head mean)
   and, optionally, fuse the dropped ones into one token; the remaining blocks run on CLS + kept
   (+ fused). With ``MODE = "merge"`` it merges tokens instead, ToMe-style (bipartite soft matching on
-  the block's keys, size-weighted means, proportional attention in the later blocks). Without a spec
-  (or with ``LAYERS = []``) the forward is the unpruned one, bit for bit.
+  the block's keys, size-weighted means, proportional attention in the later blocks). ``MODE = "evit"``
+  and ``"tome"`` follow EViT's and ToMe's own rules exactly (docs/efficiency.md). Without a spec (or
+  with ``LAYERS = []``) the forward is the unpruned one, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MERGE_MIN_KEEP, PRUNE_MODES, RECOMMENDED_PRUNE
+from .config import MERGE_MIN_KEEP, MERGING_MODES, PRUNE_MODES, RECOMMENDED_PRUNE
 from .fileio import describe_unreadable
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ WEIGHTS_DIR_ENV = "SPOTLIGHTER_CLIP_DIR"
 #: Environment variable that forbids downloads (clusters without internet).
 OFFLINE_ENV = "SPOTLIGHTER_OFFLINE"
 DEFAULT_WEIGHTS_DIR = os.path.join("~", ".cache", "clip")  # the folder OpenAI's clip.load uses
+
+
+#: ``ImageTokens.patch_index`` of a token that holds no single patch (EViT's fused token, ``MODE evit``).
+FUSED_INDEX = -1
 
 
 class BackboneError(RuntimeError):
@@ -294,8 +299,10 @@ class ImageTokens:
     cls_attn: Optional[torch.Tensor]  # (B, N-1): last block's CLS->patch attention, head mean
     #: (B, N-1) original patch index (0-based, row-major on the patch grid) of ``tokens[:, 1:]`` when
     #: tokens were dropped (pruning); None when every patch is there (then token n+1 is patch n).
+    #: A merged token has the index of the patch it was merged into; with ``MODE evit`` a fused token
+    #: that a later block kept among its top-k has index :data:`FUSED_INDEX` (it holds no one patch).
     patch_index: Optional[torch.Tensor] = None
-    #: per pruning block, (B, n) original patch indices of the patches kept there (pictures, tests)
+    #: per pruning block, (B, n) original patch indices of the tokens kept there (pictures, tests)
     kept_index: Tuple[torch.Tensor, ...] = ()
 
 
@@ -306,15 +313,25 @@ class PruneSpec:
     At each block in ``layers`` (0-based), after its attention and before its MLP, the ``n`` patch
     tokens present become ``ceil(keep * n)``:
 
-    * ``mode = "drop"`` (EViT): keep those with the highest CLS attention of that block (head mean);
-      with ``fuse`` the dropped patches (and an earlier fused token) become one token, their
-      CLS-attention-weighted mean.
-    * ``mode = "merge"`` (ToMe): the patches are split alternately into two sets A and B; each A
+    * ``mode = "drop"`` (EViT-style): keep those with the highest CLS attention of that block (head
+      mean), in spatial order; with ``fuse`` the dropped patches (and an earlier fused token) become
+      one token, their CLS-attention-weighted mean, which is never among the kept.
+    * ``mode = "merge"`` (ToMe-style): the patches are split alternately into two sets A and B; each A
       token's most similar B token (cosine of the block's keys, head mean) is its match, and the
       ``n - ceil(keep * n)`` A tokens with the most similar matches are merged into them (a mean
       weighted by how many patches each token already holds), so ``keep`` must be >= 0.5. Every
       later attention adds ``log(size)`` to the keys' logits (proportional attention), so a token
-      that holds s patches is attended to as if it were s copies. ``fuse`` plays no part.
+      that holds s patches is attended to as if it were s copies. Spatial order is restored.
+      ``fuse`` plays no part.
+    * ``mode = "evit"``: EViT's rule. The ``n`` non-CLS tokens, an earlier fused token included,
+      become the ``ceil(keep * n)`` with the highest CLS attention, in descending order of it, and
+      (with ``fuse``) the others are fused into one token appended last: their sum weighted by
+      their CLS attention (not renormalised). A fused token can be kept by a later block.
+    * ``mode = "tome"``: ToMe's rule. The whole sequence, CLS included, is split alternately (CLS and
+      the odd patches in A, the even patches in B; CLS is never merged); ``r`` A tokens are merged as
+      in ``merge``, and the tokens are laid out [CLS, unmerged A, B], which the next block splits
+      again. ``r > 0``: a constant ``r`` per block; ``r = 0``: ``n - ceil(keep * n)``; at most
+      ``n // 2`` either way, as ToMe caps it.
 
     ``in_training``: also reduce in training forwards.
     """
@@ -324,18 +341,22 @@ class PruneSpec:
     fuse: bool = True
     in_training: bool = True
     mode: str = "drop"
+    r: int = 0
 
     def __post_init__(self):
         if self.mode not in PRUNE_MODES:
             raise ValueError(f"prune mode must be one of {PRUNE_MODES}, got {self.mode!r}")
-        if self.mode == "merge" and self.active and self.keep < MERGE_MIN_KEEP:
+        if self.r < 0 or (self.r > 0 and self.mode != "tome"):
+            raise ValueError(f"R (tokens merged per block) must be 0, or > 0 with mode tome; got {self.r} "
+                             f"with mode {self.mode}")
+        if self.mode in MERGING_MODES and self.r == 0 and self.active and self.keep < MERGE_MIN_KEEP:
             raise ValueError(f"merging keeps at least half of the tokens at each block (KEEP >= {MERGE_MIN_KEEP}), "
                              f"got {self.keep}")
 
     @classmethod
     def from_cfg(cls, node) -> "PruneSpec":
         return cls(tuple(int(i) for i in node.LAYERS), float(node.KEEP), bool(node.FUSE),
-                   bool(node.IN_TRAINING), str(node.get("MODE", "drop")))
+                   bool(node.IN_TRAINING), str(node.get("MODE", "drop")), int(node.get("R", 0)))
 
     @classmethod
     def recommended(cls, preset: str) -> "PruneSpec":
@@ -345,7 +366,8 @@ class PruneSpec:
 
     @classmethod
     def parse(cls, text: str) -> "PruneSpec":
-        """``LAYERS:KEEP[:MODE]``, e.g. ``3:0.5``, ``3,6:0.7:merge`` (the benchmark and sweep syntax)."""
+        """``LAYERS:KEEP[:MODE]``, e.g. ``3:0.5``, ``3,6:0.7:merge`` (the benchmark and sweep syntax;
+        a constant ``r`` is the config key ``MODEL.PRUNE.R`` only)."""
         parts = text.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in PRUNE_MODES):
             raise ValueError(f"{text!r} is not LAYERS:KEEP[:MODE] (e.g. 3,6:0.5 or 3,6:0.7:merge; "
@@ -358,28 +380,40 @@ class PruneSpec:
 
     @property
     def label(self) -> str:
-        """The :meth:`parse` syntax of this spec (the mode only when it is not the default)."""
-        text = ",".join(map(str, self.layers)) + f":{self.keep:g}"
+        """The :meth:`parse` syntax of this spec (the mode only when it is not the default); a
+        constant ``r`` shows as ``rN`` in place of KEEP (a label only: :meth:`parse` takes KEEP)."""
+        text = ",".join(map(str, self.layers)) + (f":r{self.r}" if self.r else f":{self.keep:g}")
         return text + (f":{self.mode}" if self.mode != "drop" else "")
 
     @property
     def extra_tokens(self) -> int:
         """Tokens besides CLS and the patches once a block has reduced (the fused token)."""
-        return int(self.fuse and self.mode == "drop")
+        return int(self.fuse and self.mode in ("drop", "evit"))
 
     @property
     def active(self) -> bool:
-        return bool(self.layers) and self.keep < 1.0
+        return bool(self.layers) and (self.keep < 1.0 or (self.mode == "tome" and self.r > 0))
 
     def kept(self, n: int) -> int:
+        """Tokens left of the ``n`` a reducing block gets (CLS aside; for ``evit``, a fused one in)."""
+        if self.mode == "tome":
+            return n - self.merged(n)
         return max(1, math.ceil(self.keep * n - 1e-9))
 
+    def merged(self, n: int) -> int:
+        """``tome``: tokens merged away of the ``n`` patch tokens present (ToMe caps r at ``n // 2``)."""
+        return min(self.r if self.r > 0 else n - max(1, math.ceil(self.keep * n - 1e-9)), n // 2)
+
     def remaining(self, num_patches: int) -> int:
-        """Patch tokens (fused token excluded) left after every pruning block."""
-        n = num_patches
+        """Tokens after CLS that reach the last block and are returned as patch tokens (the last
+        fused token excluded; with ``evit`` an earlier fused token kept among the top-k included)."""
+        n, fused = num_patches, 0
         if self.active:
             for _ in self.layers:
-                n = min(n, self.kept(n))
+                candidates = n + fused if self.mode == "evit" else n  # evit: the fused token competes
+                k = self.kept(candidates)
+                if k < candidates:
+                    n, fused = k, self.extra_tokens
         return n
 
 
@@ -494,6 +528,70 @@ def _drop_tokens(x: torch.Tensor, cls_row: torch.Tensor, index: torch.Tensor, sp
             num = num + cls_row[:, -1:] * xb[:, -1]
             den = den + cls_row[:, -1]
         parts.append((num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)).unsqueeze(1))
+    return torch.cat(parts, dim=1).transpose(0, 1), index.gather(1, top)
+
+
+def _tome_tokens(x: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, size: torch.Tensor,
+                 spec: "PruneSpec"):
+    """ToMe's own bipartite soft matching (``MODE tome``) on x (N, B, D) laid out [CLS, n tokens].
+
+    The whole sequence is split alternately, A = positions 0, 2, ... (CLS first), B = 1, 3, ...; CLS's
+    scores are -inf, so it is never merged. The ``spec.merged(n)`` A tokens with the most similar B
+    match (cosine of ``keys`` (B, N, hd), the block's keys, head mean) are merged into it, every token
+    being the size-weighted mean of its members; the result is laid out [CLS, unmerged A in their
+    order, B in their order] (not restored to spatial order: the next block splits this sequence).
+    ``index`` (B, n): each patch token's original patch (a merged token keeps its B token's);
+    ``size`` (B, N): patches each token holds. Returns the reduced x, index and size."""
+    n = index.shape[1]
+    r = spec.merged(n)
+    if r <= 0:
+        return x, index, size
+    xb = x.transpose(0, 1)  # (B, N, D)
+    D = xb.shape[-1]
+    metric = F.normalize(keys.float(), dim=-1)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
+    scores[:, 0] = -math.inf  # A's first token is CLS
+    best, match = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    src, unm = order[:, :r], order[:, r:].sort(dim=-1).values  # merged / unmerged A (CLS first)
+    dst = match.gather(1, src)
+    weighted = xb * size[..., None]
+    wa, wb = weighted[:, ::2], weighted[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    wb = wb.scatter_add(1, dst[..., None].expand(-1, -1, D), wa.gather(1, src[..., None].expand(-1, -1, D)))
+    sb = sb.scatter_add(1, dst, sa.gather(1, src))
+    new_size = torch.cat([sa.gather(1, unm), sb], dim=1)
+    tokens = torch.cat([wa.gather(1, unm[..., None].expand(-1, -1, D)), wb], dim=1) / new_size[..., None]
+    full = torch.cat([index.new_full((index.shape[0], 1), -1), index], dim=1)  # -1: CLS's slot, cut below
+    new_index = torch.cat([full[:, ::2].gather(1, unm), full[:, 1::2]], dim=1)[:, 1:]
+    return tokens.transpose(0, 1), new_index, new_size
+
+
+def _evit_tokens(x: torch.Tensor, cls_row: torch.Tensor, index: torch.Tensor, spec: PruneSpec):
+    """EViT's own rule (``MODE evit``) on x (N, B, D) laid out [CLS, n tokens, fused?], where ``index``
+    (B, n) covers the n tokens (FUSED_INDEX for a fused one kept earlier) and a last fused token, if
+    any, follows them.
+
+    All non-CLS tokens, the last fused one included, compete: the ``spec.kept`` with the highest CLS
+    attention are kept in descending order of it and, with ``fuse``, the others become one token
+    appended last, their sum weighted by their CLS attention. Returns the reduced x and the kept
+    tokens' indices."""
+    n = index.shape[1]
+    has_fused = x.shape[0] == n + 2
+    candidates = n + has_fused
+    keep = spec.kept(candidates)
+    if keep >= candidates:
+        return x, index
+    xb = x.transpose(0, 1)  # (B, N, D)
+    D = xb.shape[-1]
+    scores = cls_row[:, 1:]  # (B, candidates)
+    if has_fused:
+        index = torch.cat([index, index.new_full((index.shape[0], 1), FUSED_INDEX)], dim=1)
+    top = scores.topk(keep, dim=1, largest=True, sorted=True).indices
+    parts = [xb[:, :1], xb[:, 1:].gather(1, top[..., None].expand(-1, -1, D))]
+    if spec.fuse:
+        w = scores.scatter(1, top, 0.0)  # CLS attention of the others, 0 for the kept
+        parts.append(torch.einsum("bn,bnd->bd", w, xb[:, 1:]).unsqueeze(1))
     return torch.cat(parts, dim=1).transpose(0, 1), index.gather(1, top)
 
 
@@ -646,19 +744,23 @@ class FrozenCLIP(nn.Module):
         index = torch.arange(x.shape[0] - 1, device=x.device).expand(x.shape[1], -1)
         kept = []
         size = None
-        merge = prune.mode == "merge"
+        merging = prune.mode in MERGING_MODES
         for i, block in enumerate(blocks):
             if i not in layers:
                 x = _run_block(block, x)[0] if size is None else _run_block_sized(block, x, size)[0]
                 continue
-            if merge:
+            if merging:
                 if size is None:
                     size = torch.ones(x.shape[1], x.shape[0], device=x.device, dtype=x.dtype)
                 out, _, keys = _attention_with_cls_row(block, x, size, need_keys=True)
-                x, index, size = _merge_tokens(x + out, keys, index, size, prune)
+                if prune.mode == "merge":
+                    x, index, size = _merge_tokens(x + out, keys, index, size, prune)
+                else:
+                    x, index, size = _tome_tokens(x + out, keys, index, size, prune)
             else:
                 out, cls_row = _attention_with_cls_row(block, x)
-                x, index = _drop_tokens(x + out, cls_row, index, prune)
+                reduce = _drop_tokens if prune.mode == "drop" else _evit_tokens
+                x, index = reduce(x + out, cls_row, index, prune)
             kept.append(index)
             x = x + block.mlp(block.ln_2(x))
         return x, index, tuple(kept), size

@@ -16,7 +16,10 @@ from yacs.config import CfgNode as CN
 
 PRECISIONS = ("fp16", "fp32", "amp")
 LOCAL_LOGITS = ("cosine", "dot")  # TRAINER.SPOTLIGHTER.LOSS.LOCAL_LOGITS
-PRUNE_MODES = ("drop", "merge")  # MODEL.PRUNE.MODE: how a pruning block reduces its patch tokens
+# MODEL.PRUNE.MODE: how a pruning block reduces its patch tokens. drop / merge: this project's EViT /
+# ToMe variants; evit / tome: the authors' own rules (docs/efficiency.md says how they differ).
+PRUNE_MODES = ("drop", "merge", "evit", "tome")
+MERGING_MODES = ("merge", "tome")  # the modes that merge tokens (sizes, proportional attention)
 MERGE_MIN_KEEP = 0.5  # merging pairs each merged token with one kept token: at most half can go per block
 
 
@@ -55,10 +58,15 @@ def extend_cfg(cfg: CN) -> None:
     cfg.MODEL.PRUNE = CN()
     cfg.MODEL.PRUNE.LAYERS = []  # 0-based vision blocks that drop tokens (between attention and MLP)
     cfg.MODEL.PRUNE.KEEP = 1.0  # fraction of the patch tokens present at each such block that is kept
-    cfg.MODEL.PRUNE.FUSE = True  # fuse the dropped tokens into one (CLS-attention-weighted mean, EViT)
+    # fuse the dropped tokens into one (drop: CLS-attention-weighted mean; evit: EViT's weighted sum)
+    cfg.MODEL.PRUNE.FUSE = True
     cfg.MODEL.PRUNE.IN_TRAINING = True  # drop tokens in training forwards too (test always does)
-    # drop: keep the CLS-attended patches (EViT); merge: merge similar patches (ToMe, KEEP >= 0.5)
+    # drop: keep the CLS-attended patches (EViT); merge: merge similar patches (ToMe, KEEP >= 0.5);
+    # evit / tome: EViT's / ToMe's own rules, token order included (docs/efficiency.md)
     cfg.MODEL.PRUNE.MODE = "drop"
+    # MODE tome only: tokens merged at each block of LAYERS (ToMe's constant r, at most half of them);
+    # 0 = merge n - ceil(KEEP * n) of the n patch tokens present instead
+    cfg.MODEL.PRUNE.R = 0
     # Names recorded in result.json; train.py fills them from the --*config-file stems.
     cfg.DATASET.CONFIG_NAME = ""
     cfg.TRAINER.CONFIG_NAME = ""
@@ -242,9 +250,16 @@ def check_prune_cfg(node: CN) -> None:
         _expect(isinstance(node[name], bool), p + name, node[name], "True or False")
     mode = node.get("MODE", "drop")
     _one_of(p + "MODE", mode, PRUNE_MODES)
-    if mode == "merge" and layers:
+    r = node.get("R", 0)
+    _expect(isinstance(r, int) and not isinstance(r, bool) and r >= 0, p + "R", r,
+            "an integer >= 0 (tokens merged per block with MODEL.PRUNE.MODE tome; 0 = use KEEP)")
+    if r > 0:
+        _expect(mode == "tome", p + "R", r,
+                f"0 with MODEL.PRUNE.MODE {mode} (a constant number of tokens per block is ToMe's rule: "
+                "set MODEL.PRUNE.MODE tome, or R 0 and a KEEP fraction)")
+    if mode in MERGING_MODES and layers and r == 0:
         _expect(keep >= MERGE_MIN_KEEP, p + "KEEP", keep,
-                f"a fraction in [{MERGE_MIN_KEEP}, 1] with MODEL.PRUNE.MODE merge "
+                f"a fraction in [{MERGE_MIN_KEEP}, 1] with MODEL.PRUNE.MODE {mode} "
                 "(each block merges at most half of its tokens)")
 
 

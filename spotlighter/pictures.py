@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backbone import FUSED_INDEX
 from .method import ClassMemory, sample_wise_score, semantic_wise_score
 
 LEVEL1_COLOUR = (255, 0, 255)  # magenta
@@ -34,7 +35,8 @@ OUTLINE = 2  # outline width in pixels, drawn inside the cell
 
 @dataclass
 class Spotlight:
-    """What one image's picture shows; patch indices are row-major on the ``grid`` x ``grid`` grid."""
+    """What one image's picture shows; patch indices are row-major on the ``grid`` x ``grid`` grid
+    (a selected fused token, ``MODEL.PRUNE.MODE evit``, is ``backbone.FUSED_INDEX`` and has no cell)."""
 
     grid: int
     level1: List[int]
@@ -46,7 +48,8 @@ class Spotlight:
 def _full_map(values: torch.Tensor, patch_index: Optional[torch.Tensor], num_patches: int) -> np.ndarray:
     out = np.full(num_patches, np.nan, dtype=np.float64)
     idx = np.arange(num_patches) if patch_index is None else patch_index.cpu().numpy()
-    out[idx] = values.detach().float().cpu().numpy()
+    real = idx >= 0  # a fused token (MODEL.PRUNE.MODE evit) has no cell
+    out[idx[real]] = values.detach().float().cpu().numpy()[real]
     return out
 
 
@@ -80,7 +83,7 @@ def spotlight(model, images: torch.Tensor) -> List[Spotlight]:
         pidx = None if img.patch_index is None else img.patch_index[b]
         dropped, prev = [], set(range(P))
         for kept in img.kept_index:
-            now = set(kept[b].tolist())
+            now = set(kept[b].tolist()) - {FUSED_INDEX}
             dropped.append(sorted(prev - now))
             prev = now
         sel = out.patch_idx[b].tolist()
@@ -136,6 +139,8 @@ def render(image: np.ndarray, spot: Spotlight, cell: int):
         draw.text((x0, 1), title, fill=(0, 0, 0))
         for colour, patches in ((LEVEL1_COLOUR, spot.level1), (LEVEL2_COLOUR, spot.level2)):
             for p in patches:
+                if p < 0:  # a fused token was selected (MODE evit): it has no cell to outline
+                    continue
                 r, c = divmod(p, g)
                 box = (x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell - 1, y0 + (r + 1) * cell - 1)
                 draw.rectangle(box, outline=colour, width=OUTLINE)

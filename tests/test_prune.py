@@ -4,13 +4,14 @@ the unpruned forward bit for bit, the models and the config checks."""
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from spotlighter.backbone import (BackboneError, FrozenCLIP, PruneSpec, _attention_with_cls_row,
-                                  _block_attention)
+from spotlighter.backbone import (FUSED_INDEX, BackboneError, FrozenCLIP, PruneSpec, _attention_with_cls_row,
+                                  _block_attention, _evit_tokens)
 from spotlighter.config import ConfigError, check_prune_cfg, extend_cfg
 from spotlighter.models import CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP
 from test_models import NAMES, head_cfg, images
@@ -284,3 +285,149 @@ def test_unpruned_models_are_bit_identical_to_the_code_before_token_dropping():
     differ = [k for k in differ if not (k in rounding and torch.allclose(out[k], ref["tensors"][k], rtol=0,
                                                                           atol=rounding[k]))]
     assert not differ, differ
+
+
+# ----------------------------------------------------------------------------- EViT's own rule (MODE evit)
+def reference_evit(model, x, spec):
+    """EViT as its authors define it, by hand, image by image: at a pruning block every non-CLS token
+    (an earlier fused one included) competes; the ceil(KEEP * t) with the highest CLS attention (MHA's
+    head-mean weights) are kept in descending order of it, and with FUSE the others become one token
+    appended last, the sum of the tokens times their CLS attention. Returns global features, the kept
+    tokens' patch indices (-1: a fused token; the last fused token is not returned) and the last
+    block's projected tokens (CLS and the returned ones)."""
+    v = model.visual
+    h = v.conv1(x)
+    h = h.reshape(h.shape[0], h.shape[1], -1).permute(0, 2, 1)
+    h = torch.cat([v.class_embedding.expand(h.shape[0], 1, -1), h], dim=1) + v.positional_embedding
+    h = v.ln_pre(h)
+    feats, indices, tokens = [], [], []
+    for b in range(h.shape[0]):
+        seq = h[b]  # (N, D), CLS first
+        ids = list(range(seq.shape[0] - 1))  # patch of each non-CLS token, -1 for a fused token
+        last_fused = False  # a fused token appended by the latest drop sits at the end
+        for i, block in enumerate(v.transformer.resblocks):
+            if i not in spec.layers:
+                seq = block(seq[:, None])[:, 0]
+                continue
+            ln = block.ln_1(seq)[:, None]
+            out, w = block.attn(ln, ln, ln, need_weights=True, average_attn_weights=True)
+            seq = seq + out[:, 0]
+            t = seq.shape[0] - 1
+            k = math.ceil(spec.keep * t)
+            if k < t:
+                cls = w[0, 0, 1:]
+                order = sorted(range(t), key=lambda j: -cls[j].item())
+                rows = [seq[0]] + [seq[1 + j] for j in order[:k]]
+                ids = [ids[j] for j in order[:k]]
+                if spec.fuse:
+                    rows.append(sum(cls[j] * seq[1 + j] for j in order[k:]))
+                    ids.append(-1)
+                seq, last_fused = torch.stack(rows), spec.fuse
+            seq = seq + block.mlp(block.ln_2(seq))
+        ids = ids[:-1] if last_fused else ids
+        out = v.ln_post(seq[:1 + len(ids)]) @ v.proj
+        feats.append(out[0])
+        tokens.append(out)
+        indices.append(torch.tensor(ids))
+    return torch.stack(feats), torch.stack(indices), torch.stack(tokens)
+
+
+# (spec, whether some image keeps an earlier fused token among a later block's top-k)
+EVIT_SPECS = [(PruneSpec((0, 1, 2), 0.5, mode="evit"), True), (PruneSpec((1,), 0.5, mode="evit"), False),
+              (PruneSpec((0, 2), 0.4, fuse=False, mode="evit"), False), (PruneSpec((0, 1, 2), 0.7, mode="evit"), True)]
+
+
+@pytest.mark.parametrize("spec,keeps_fused", EVIT_SPECS, ids=lambda s: getattr(s, "label", ""))
+def test_evit_forward_matches_hand_written_evit(deep_clip, spec, keeps_fused):
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    clip = FrozenCLIP(deep_clip, spec)
+    with torch.no_grad():
+        ref, ref_index, ref_tokens = reference_evit(deep_clip, x, spec)
+        out = clip.encode_image(x)
+        tok = clip.encode_image_tokens(x)
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(tok.global_feat, ref, atol=1e-5)
+    assert torch.equal(tok.patch_index, ref_index)
+    assert torch.allclose(tok.tokens, ref_tokens, atol=1e-5)
+    n = spec.remaining(16)
+    assert tok.tokens.shape == (3, 1 + n, model_dim(deep_clip)) and tok.cls_attn.shape == (3, n)
+    assert len(tok.kept_index) == len(spec.layers) and torch.equal(tok.kept_index[-1], tok.patch_index)
+    fused_kept = any((k == FUSED_INDEX).any() for k in tok.kept_index)
+    assert fused_kept == keeps_fused
+    for k in tok.kept_index:  # each real patch at most once
+        assert all(len(set(p[p >= 0].tolist())) == int((p >= 0).sum()) for p in k)
+
+
+def model_dim(model):
+    return model.visual.proj.shape[1]
+
+
+def test_evit_counts_the_fused_token_among_the_candidates():
+    spec = PruneSpec((0, 1, 2), 0.5, mode="evit")
+    assert spec.remaining(16) == 3  # 16 -> 8 (+ fused) -> ceil(9 / 2) = 5 (+ fused) -> 3
+    assert PruneSpec((0, 1, 2), 0.5).remaining(16) == 2  # drop: 16 -> 8 -> 4 -> 2
+    assert PruneSpec((0, 1, 2), 0.5, fuse=False, mode="evit").remaining(16) == 2
+    assert spec.extra_tokens == 1 and spec.label == "0,1,2:0.5:evit"
+
+
+def test_evit_fuses_an_attention_weighted_sum_and_keeps_descending_order():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 + 4 + 1, 1, 3, generator=g)  # CLS, 4 tokens, a fused token from an earlier block
+    cls_row = torch.tensor([[0.25, 0.05, 0.2, 0.1, 0.15, 0.25]])  # CLS, tokens 0..3, fused
+    index = torch.tensor([[7, 2, 9, 4]])
+    y, kept = _evit_tokens(x, cls_row, index, PruneSpec((0,), 0.6, mode="evit"))  # ceil(0.6 * 5) = 3 kept
+    assert kept[0].tolist() == [FUSED_INDEX, 2, 4]  # attention 0.25, 0.2, 0.15: the fused token stays
+    assert torch.equal(y[1:4, 0], x[[5, 2, 4], 0])
+    assert torch.allclose(y[4, 0], 0.05 * x[1, 0] + 0.1 * x[3, 0], atol=1e-7)  # not renormalised
+    assert y.shape[0] == 1 + 3 + 1
+
+
+def test_spotlighter_selects_among_evit_tokens(deep_clip):
+    """A fused token kept among the top-k is a candidate like any token; its patch index says it
+    holds no single patch."""
+    clip = FrozenCLIP(deep_clip, PruneSpec((0, 1, 2), 0.7, mode="evit"))
+    model = Spotlighter(clip, NAMES, head_cfg("paper", 8)).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        img = clip.encode_image_tokens(x, need_attn=True)
+        out = model.head(img, model.text_features(), clip.logit_scale)
+    n = clip.prune.remaining(16)
+    assert img.tokens.shape[1] == 1 + n and img.cls_attn.shape == (3, n) and n >= 5
+    assert (img.patch_index == FUSED_INDEX).any()  # some image kept a fused token to the end
+    assert torch.equal(out.patch_idx, img.patch_index.gather(1, out.token_idx - 1))
+    assert out.scores.shape == (3, n) and torch.isfinite(out.logits).all()
+
+
+def test_pictures_place_only_real_patches_with_evit(deep_clip):
+    """The pictures draw a kept fused token nowhere: maps hold the real patches' values only, no
+    outline and no greyed cell comes from a fused token."""
+    import io
+
+    from PIL import Image
+
+    from spotlighter import pictures
+
+    torch.manual_seed(0)
+    clip = FrozenCLIP(deep_clip, PruneSpec((0, 1, 2), 0.6, mode="evit"))
+    model = Spotlighter(clip, NAMES, head_cfg("paper", 8))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    spots = pictures.spotlight(model, x)
+    with torch.no_grad():
+        img = clip.encode_image_tokens(x, need_attn=False)
+        out = model.head(img, model.text_features(), clip.logit_scale)
+    # these images exercise it: a fused token where the last patch is gone, a fused token kept then fused
+    assert any(FUSED_INDEX in p.tolist() and 15 not in p.tolist() for p in img.patch_index)
+    assert any(FUSED_INDEX in a.tolist() and FUSED_INDEX not in b.tolist()
+               for k1, k2 in zip(img.kept_index, img.kept_index[1:]) for a, b in zip(k1, k2))
+    for b, spot in enumerate(spots):
+        real = img.patch_index[b][img.patch_index[b] >= 0]
+        for values in spot.maps:
+            if values is not None:
+                assert sorted(np.flatnonzero(~np.isnan(values)).tolist()) == sorted(real.tolist())
+        assert all(0 <= p < 16 for dropped in spot.dropped for p in dropped)
+        assert sorted(p for d in spot.dropped for p in d) == sorted(set(range(16)) - set(real.tolist()))
+        view = np.zeros((32, 32, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        pictures.render(view, spot, 9).save(png, format="PNG")
+        pic = Image.open(io.BytesIO(png.getvalue()))
+        selected = [p for p in out.patch_idx[b, :3].tolist() if p >= 0]
+        assert pictures.outlined_cells(pic, 4, 9, pictures.LEVEL1_COLOUR) == sorted(selected)
