@@ -185,6 +185,11 @@ class Trainer:
     cost: Tuple[float, float] = DEFAULT_COST
     #: The config the runner uses on MiniBench (base-to-novel dataset or xd/dg source) when CFG is unset.
     minibench_config: Optional[str] = None
+    #: Trained on the unlabelled images of all classes of the base-to-novel dataset (PromptKD), then
+    #: evaluated on the base and the new classes: a transductive protocol, marked so in the tables.
+    transductive: bool = False
+    #: A distilling trainer's teacher: (trainer, config, the cfg key that points the student at it).
+    teacher: Optional[Tuple[str, str, str]] = None
 
     def job_cost(self, kind: str) -> float:
         """The cost prior of a ``train`` or ``eval`` job of this trainer."""
@@ -228,6 +233,9 @@ TRAINERS: Dict[str, Trainer] = {
                 minibench_config="minibench_ep20_batch4_4+4ctx_depth3"),
         Trainer("promptsrc", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", published_method="PromptSRC",
                 cost=(5.0, 0.8), minibench_config="minibench_ep20_batch4_4+4ctx_depth3"),
+        Trainer("promptkd", "PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx", published_method="PromptKD",
+                cost=(6.0, 1.0), transductive=True,
+                teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER")),
         Trainer("zsclip", "ZeroshotCLIP", "vit_b16", trains=False, aliases=("zeroshotclip", "zeroshot"),
                 published_method="CLIP", cost=(0.75, 0.75), minibench_config="minibench"),
     )
@@ -236,7 +244,7 @@ TRAINERS: Dict[str, Trainer] = {
 OTHER_TRAINERS: Dict[str, str] = {"kgcoop": "KgCoOp"}
 #: Display order of trainers in tables (others follow alphabetically).
 TRAINER_ORDER: Tuple[str, ...] = ("ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "IVLP", "PromptSRC",
-                                  "Spotlighter")
+                                  "Spotlighter", "PromptKD")
 
 
 def trainer_aliases() -> Dict[str, str]:

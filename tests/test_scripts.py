@@ -24,6 +24,7 @@ SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
         "IVLP": "vit_b16_c2_ep20_batch4_4+4ctx", "PromptSRC": "vit_b16_c2_ep20_batch4_4+4ctx",
+        "PromptKD": "vit_b16_c2_ep20_batch8_4+4ctx",
         "ZeroshotCLIP": "vit_b16"}
 FOLDERS = {"imagenet": "imagenet", "caltech101": "caltech-101", "oxford_pets": "oxford_pets",
            "stanford_cars": "stanford_cars", "oxford_flowers": "oxford_flowers", "food101": "food-101",
@@ -121,7 +122,7 @@ def env(tmp_path):
     shutil.copytree(os.path.join(ROOT, "configs", "datasets"), repo / "configs" / "datasets")
     from spotlighter import registry
 
-    minibench = {t.name: t.minibench_config for t in registry.TRAINERS.values()}
+    minibench = {t.name: t.minibench_config or CFGS[t.name] for t in registry.TRAINERS.values()}
     for trainer, cfg in CFGS.items():
         os.makedirs(repo / "configs" / "trainers" / trainer)
         for name in (cfg, minibench[trainer]):
@@ -339,7 +340,7 @@ def test_dg_dry_run_and_missing_checkpoint(env):
 # bad input
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script,args,extra,expect", [
-    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple ivlp promptsrc zsclip"),
+    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple ivlp promptsrc promptkd zsclip"),
     ("xd.sh", ["bar", 16], {}, "unknown trainer 'bar'"),
     ("base2new.sh", ["coop", "pets", 16], {}, "unknown dataset 'pets'. Valid datasets for base-to-novel: imagenet caltech101"),
     ("base2new.sh", ["coop", "imagenet_a", 16], {}, "unknown dataset 'imagenet_a'"),
@@ -510,6 +511,9 @@ def test_registry_default_configs_exist_and_match_the_runner():
     assert {t.name: t.default_config for t in registry.TRAINERS.values()} == CFGS
     for t in registry.TRAINERS.values():
         assert os.path.isfile(os.path.join(ROOT, t.config_file())), t.name
+        if t.minibench_config is None:  # PromptKD: no teacher-size MiniBench CLIP yet
+            assert t.config_for("minibench") == t.default_config
+            continue
         assert os.path.isfile(os.path.join(ROOT, t.config_file(t.minibench_config))), t.name
         assert t.config_for("minibench") == t.config_for("minibench_glyphs") == t.minibench_config
         assert t.config_for("dtd") == t.config_for(None) == t.default_config
@@ -701,3 +705,33 @@ def test_status_from_the_tree(env):
     assert len(failed) == 1 and "test_new" in failed[0] and "/seed2/run-" in failed[0]
     assert sum(l.startswith("not started") for l in lines) == 2
     assert re.search(r"^3/6 done, 1 failed, 2 not started; ETA \d+m\d\ds", lines[-1], re.M), lines[-1]
+
+
+def test_promptkd_base2new_is_transductive_with_the_teacher_trained_once(env):
+    """promptkd: the student trains on all classes (unlabelled) and is evaluated on base and new; with
+    TEACHER=train a PromptSRC teacher is trained once per dataset (seed 1, base classes) before every
+    seed's student, which points TRAINER.PROMPTKD.TEACHER at it."""
+    teacher_cfg = os.path.join(env.repo, "configs", "trainers", "PromptSRC", "vit_l14_c2_ep20_batch8_4+4ctx.yaml")
+    with open(teacher_cfg, "w") as f:
+        f.write("OPTIM:\n  MAX_EPOCH: 5\n")
+    r = env.run("base2new.sh", "promptkd", "dtd", 16, SEEDS="1 2", DRY_RUN="1", TEACHER="train")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert len(cmds) == 1 + 2 * 3
+    teacher = "output/teachers/dtd/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx_16shots/seed1"
+    assert "--trainer PromptSRC" in cmds[0] and f"--output-dir {teacher}" in cmds[0]
+    assert "DATASET.SUBSAMPLE_CLASSES base" in cmds[0]
+    for i, seed in ((1, 1), (4, 2)):
+        student = f"output/base2new/train_all/dtd/shots_16/PromptKD/vit_b16_c2_ep20_batch8_4+4ctx/seed{seed}"
+        train, base, new = cmds[i:i + 3]
+        assert f"--output-dir {student}" in train and "DATASET.SUBSAMPLE_CLASSES all" in train
+        assert "--eval-only" not in train and f"TRAINER.PROMPTKD.TEACHER {teacher}" in train
+        for cmd, subset, role in ((base, "base", "train_base"), (new, "new", "test_new")):
+            assert "--eval-only" in cmd and f"--model-dir {student}" in cmd and f"SUBSAMPLE_CLASSES {subset}" in cmd
+            assert f"output/base2new/{role}/dtd/" in cmd and f"TRAINER.PROMPTKD.TEACHER {teacher}" in cmd
+    r = env.run("base2new.sh", "promptkd", "dtd", 16, SEEDS="1", DRY_RUN="1")
+    assert r.returncode == 0 and len(commands(r.stdout)) == 3 and "teachers/" not in r.stdout
+    r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN="1", TEACHER="train")
+    assert r.returncode == 2 and "CoOp distils from no teacher (only promptkd do)" in r.stderr
+    r = env.run("base2new.sh", "promptkd", "dtd", 16, DRY_RUN="1", TEACHER="/x")
+    assert r.returncode == 2 and "to use an existing teacher pass TRAINER.PROMPTKD.TEACHER PATH" in r.stderr

@@ -26,6 +26,7 @@ def transfer_dirs(source: str) -> tuple[str, str]:
 # Roles of a seed folder. ``subset`` is what a result.json written there must say.
 ROLE_BASE = "base"
 ROLE_NEW = "new"
+ROLE_ALL = "all"  # transductive base2new (PromptKD): the model distilled on all classes' unlabelled images
 ROLE_SOURCE = "source"
 ROLE_TARGET = "target"
 ROLE_SUBSET: dict[str, str] = {ROLE_BASE: "base", ROLE_NEW: "new", ROLE_SOURCE: "all", ROLE_TARGET: "all"}
@@ -33,6 +34,9 @@ ROLE_SUBSET: dict[str, str] = {ROLE_BASE: "base", ROLE_NEW: "new", ROLE_SOURCE: 
 # Output tree (ecosystem.md, "Output tree users already have").
 BASE2NEW_DIR = "base2new"
 BASE2NEW_ROLE_DIRS: dict[str, str] = {ROLE_BASE: "train_base", ROLE_NEW: "test_new"}
+#: A transductive trainer's base-to-novel model (PromptKD) is trained here; its base and new
+#: evaluations are in BASE2NEW_ROLE_DIRS as usual.
+TRAIN_ALL_DIR = "train_all"
 XD_TRAIN_DIR = XD_SOURCE
 XD_EVAL_DIR = "evaluation"
 # Evaluations of a model trained on another source than ImageNet: never ImageNet's folders.

@@ -15,6 +15,10 @@ Environment (all optional except DATA):
   OUTPUT     output root (default "output" in the repository)
   PYTHON     interpreter that runs train.py (default "python"; may hold several words)
   RUNNER_PYTHON  (scripts/*.sh) the interpreter of this runner (default: python, else python3)
+  TEACHER=train  a distilling trainer (promptkd): train its teacher (PromptSRC, once per dataset,
+             seed 1, under OUTPUT/teachers/) in the same job graph before the students; otherwise the
+             student reads TRAINER.PROMPTKD.TEACHER (default teacher_model/<DATASET.NAME>/)
+  TEACHER_CFG  the teacher's config (default in spotlighter/registry.py: vit_l14_c2_ep20_batch8_4+4ctx)
   DATASETS   xd/dg targets (default: the source's targets in spotlighter/registry.py; empty: xd only trains)
   SOURCE     xd/dg source dataset (default imagenet)
   FORCE=1    re-run finished jobs; old folders move to $OUTPUT/backup/<time>/<same path>
@@ -53,7 +57,7 @@ from .local import run_local
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENV_KEYS = ("DATA", "SEEDS", "CFG", "OUTPUT", "PYTHON", "DATASETS", "SOURCE", "FORCE", "DRY_RUN", "LAUNCHER",
-            "JOBS", "GPUS")
+            "JOBS", "GPUS", "TEACHER", "TEACHER_CFG")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHERS = ("local", "slurm")
 
@@ -130,11 +134,25 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
     if len(extra) % 2:
         raise InputError(f"trailing options must be KEY VALUE pairs (e.g. OPTIM.MAX_EPOCH 5), got: {' '.join(extra)}")
     python = (env.get("PYTHON") or "python").split()
+    teacher = None
+    if env.get("TEACHER"):
+        if trainer.teacher is None:
+            raise InputError(f"TEACHER={env['TEACHER']}: {trainer.name} distils from no teacher (only "
+                             f"{' '.join(t.cli for t in registry.TRAINERS.values() if t.teacher)} do)")
+        if env["TEACHER"] != "train":
+            raise InputError(f"TEACHER={env['TEACHER']!r}: expected 'train' (train the teacher in this run); to use an "
+                             f"existing teacher pass {trainer.teacher[2]} PATH as a trailing KEY VALUE")
+        t_trainer, t_cfg, key = trainer.teacher
+        t_cfg = env.get("TEACHER_CFG") or t_cfg
+        if not os.path.isfile(os.path.join(REPO, registry.trainer(t_trainer).config_file(t_cfg))):
+            raise InputError(f"TEACHER_CFG={t_cfg}: {registry.trainer(t_trainer).config_file(t_cfg)} does not exist")
+        teacher = [t_trainer, t_cfg, key]
     return Settings(protocol=protocol, trainer=trainer.name, trains=trainer.trains, cfg=cfg, cfg_file=cfg_file,
                     shots=int(shots_text), seeds=[int(x) for x in seeds_text.split()], data=data,
                     output=output, python=python, extra=extra, repo=REPO,
                     ts=time.strftime("%Y%m%d-%H%M%S"), dataset=dataset, source=source, targets=targets,
-                    force=_flag(env, "FORCE"), dry_run=dry, typed_trainer=typed)
+                    force=_flag(env, "FORCE"), dry_run=dry, typed_trainer=typed,
+                    transductive=trainer.transductive, teacher=teacher)
 
 
 def protocol_datasets(s: Settings) -> List[str]:

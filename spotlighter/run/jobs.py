@@ -28,8 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import registry
 from ..results.constants import (BASE2NEW_DIR, BASE2NEW_ROLE_DIRS, FINISH_SIGNAL, LOG_FILE, RESULT_FILE,
-                                 ROLE_BASE, ROLE_NEW, SEED_DIR_PREFIX, SHOTS_DIR_PREFIX, XD_CONFIG_SUFFIX,
-                                 transfer_dirs)
+                                 ROLE_ALL, ROLE_BASE, ROLE_NEW, SEED_DIR_PREFIX, SHOTS_DIR_PREFIX, TRAIN_ALL_DIR,
+                                 XD_CONFIG_SUFFIX, transfer_dirs)
 from ..runlock import lock_holder
 
 #: The trailing KEY VALUE options a job ran with: a finished job is only skipped when they match.
@@ -41,6 +41,8 @@ BACKUP_DIR = "backup"
 RUN_LOG = "run-{ts}.log"
 ELAPSED_PREFIX = "# elapsed "  # last line of a run log: "# elapsed <seconds> s, exit status <rc>"
 TRAIN, EVAL = "train", "eval"
+TEACHERS_DIR = "teachers"  # OUTPUT/teachers/<dataset>/<Trainer>/<cfg>_<K>shots/seed1: teachers trained in a graph
+TEACHER_SEED = 1
 
 
 class InputError(ValueError):
@@ -70,6 +72,9 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     typed_trainer: str = ""
+    transductive: bool = False  # base2new: trained on all classes' unlabelled images (PromptKD)
+    #: A teacher trained in this graph (TEACHER=train): (trainer CLI name, config, the student's cfg key)
+    teacher: Optional[List[str]] = None
 
     @property
     def options_text(self) -> str:
@@ -117,20 +122,56 @@ def eval_root(s: Settings) -> str:
 
 
 def base2new_dir(s: Settings, role: str, seed: int) -> str:
-    return _join(s.output, BASE2NEW_DIR, BASE2NEW_ROLE_DIRS[role], s.dataset, f"{SHOTS_DIR_PREFIX}{s.shots}",
+    role_dir = TRAIN_ALL_DIR if role == ROLE_ALL else BASE2NEW_ROLE_DIRS[role]
+    return _join(s.output, BASE2NEW_DIR, role_dir, s.dataset, f"{SHOTS_DIR_PREFIX}{s.shots}",
                  s.trainer, s.cfg, f"{SEED_DIR_PREFIX}{seed}")
+
+
+def teacher_dir(s: Settings, dataset: str) -> str:
+    """One teacher per dataset (and shots), shared by every seed and student: trained with seed 1."""
+    trainer, cfg = registry.trainer(s.teacher[0]).name, s.teacher[1]
+    return _join(s.output, TEACHERS_DIR, dataset, trainer, f"{cfg}_{s.shots}{XD_CONFIG_SUFFIX}",
+                 f"{SEED_DIR_PREFIX}{TEACHER_SEED}")
+
+
+def teacher_job(s: Settings, dataset: str, subset: str) -> Job:
+    t = registry.trainer(s.teacher[0])
+    d = teacher_dir(s, dataset)
+    args = ["--root", s.data, "--seed", str(TEACHER_SEED), "--trainer", t.name,
+            "--dataset-config-file", registry.dataset(dataset).config, "--config-file", t.config_file(s.teacher[1]),
+            "--output-dir", d]
+    return Job(TRAIN, d, args, ["DATASET.NUM_SHOTS", str(s.shots), "DATASET.SUBSAMPLE_CLASSES", subset],
+               TEACHER_SEED, dataset, f"training the {t.name} teacher on {subset}", trainer=t.name)
 
 
 def build_graph(s: Settings) -> List[Job]:
     """Jobs in the order a single device runs them (per seed: training, then its evaluations)."""
     jobs: List[Job] = []
+    teacher_opts: List[str] = []
+    teacher_deps: List[str] = []
+    if s.teacher:
+        dataset = s.dataset if s.protocol == "base2new" else s.source
+        # base-to-novel: the teacher learns the base classes' labels; cross-dataset: all the source's
+        tj = teacher_job(s, dataset, "base" if s.protocol == "base2new" else "all")
+        jobs.append(tj)
+        teacher_opts, teacher_deps = [s.teacher[2], tj.dir], [tj.dir]
     shots = ["DATASET.NUM_SHOTS", str(s.shots)]
     first_kind = TRAIN if s.trains else EVAL
     first_tail = [] if s.trains else ["--eval-only"]
     model = (lambda d: d) if s.trains else (lambda d: None)
     first_what = "training on" if s.trains else "evaluation on"  # zero-shot CLIP trains nothing
     for seed in s.seeds:
-        if s.protocol == "base2new":
+        if s.protocol == "base2new" and s.transductive:
+            dist = base2new_dir(s, ROLE_ALL, seed)
+            jobs.append(Job(TRAIN, dist, train_args(s, seed, s.dataset, dist),
+                            shots + ["DATASET.SUBSAMPLE_CLASSES", "all"] + teacher_opts + s.extra,
+                            seed, s.dataset, "training on all classes (unlabelled)", deps=list(teacher_deps)))
+            for role, subset in ((ROLE_BASE, "base"), (ROLE_NEW, "new")):
+                d = base2new_dir(s, role, seed)
+                jobs.append(Job(EVAL, d, train_args(s, seed, s.dataset, d),
+                                ["--eval-only"] + shots + ["DATASET.SUBSAMPLE_CLASSES", subset] + teacher_opts + s.extra,
+                                seed, s.dataset, f"evaluation on {subset}", model_dir=dist, deps=[dist]))
+        elif s.protocol == "base2new":
             tr, te = base2new_dir(s, ROLE_BASE, seed), base2new_dir(s, ROLE_NEW, seed)
             jobs.append(Job(first_kind, tr, train_args(s, seed, s.dataset, tr),
                             first_tail + shots + ["DATASET.SUBSAMPLE_CLASSES", "base"] + s.extra,
@@ -142,16 +183,17 @@ def build_graph(s: Settings) -> List[Job]:
             src = source_dir(s, seed)
             deps: List[str] = []
             if s.protocol == "xd":
-                jobs.append(Job(first_kind, src, train_args(s, seed, s.source, src), first_tail + shots + s.extra,
-                                seed, s.source, f"{first_what} {s.source}"))
+                jobs.append(Job(first_kind, src, train_args(s, seed, s.source, src),
+                                first_tail + shots + teacher_opts + s.extra, seed, s.source,
+                                f"{first_what} {s.source}", deps=list(teacher_deps)))
                 deps = [src]
             for t in s.targets:
                 d = _join(eval_root(s), t, f"{SEED_DIR_PREFIX}{seed}")
-                jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + s.extra, seed, t,
+                jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + teacher_opts + s.extra, seed, t,
                                 f"evaluation on {t}", model_dir=model(src), deps=list(deps),
                                 needs_trained=s.protocol == "dg" and s.trains))
     for job in jobs:
-        job.trainer = s.trainer
+        job.trainer = job.trainer or s.trainer
     return jobs
 
 
