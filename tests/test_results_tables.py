@@ -237,3 +237,14 @@ def test_dg_table_lists_all_four_variants(tmp_path):
         "imagenet (source)", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r", "Average over targets (4)"]
     assert table.rows[1][1].value.mean == pytest.approx(64.15)
     assert table.rows[-1][1].value == pytest.approx(64.15) and table.rows[-1][1].suffix == " (1 of 4)"
+
+
+def test_transductive_trainers_and_published_rows_are_marked():
+    from spotlighter.results.constants import TRANSDUCTIVE_MARK, is_transductive
+    from spotlighter.results.tables import Method, method_labels
+
+    labels = method_labels([Method("PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx"), Method("PromptSRC", "a")])
+    assert labels[Method("PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx")] == "PromptKD" + TRANSDUCTIVE_MARK
+    assert labels[Method("PromptSRC", "a")] == "PromptSRC"
+    assert is_transductive("PromptKD w/ Spotlighter") and is_transductive("PromptKD w/ TextRefiner")
+    assert not is_transductive("CoOp w/ Spotlighter") and not is_transductive("PromptKDX")

@@ -83,3 +83,14 @@ EXIT_OK = 0
 EXIT_NOTHING_FOUND = 1
 EXIT_PLOT_UNAVAILABLE = 2
 EXIT_UNWRITABLE = 2  # --csv / --plot to a path that cannot be written
+
+#: Trainers whose base-to-novel protocol is transductive (they see the new classes' unlabelled images),
+#: and the published methods that are: their rows are marked in every table.
+TRANSDUCTIVE_TRAINERS: frozenset[str] = frozenset(t.name for t in registry.TRAINERS.values() if t.transductive)
+TRANSDUCTIVE_MARK = " [transductive]"
+
+
+def is_transductive(name: str) -> bool:
+    """A registered transductive trainer, or a published method built on one (e.g. "PromptKD w/ Spotlighter")."""
+    return any(name == t or name.startswith(t + " ") for t in TRANSDUCTIVE_TRAINERS)
+

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from .constants import (
+    TRANSDUCTIVE_MARK,
+    is_transductive,
     BASE2NEW_DATASETS,
     CSV_ESCAPE_PREFIX,
     CSV_FORMULA_PREFIXES,
@@ -133,7 +135,8 @@ def method_labels(methods: Sequence[Method]) -> dict[Method, str]:
     configs = defaultdict(set)
     for m in methods:
         configs[m.trainer].add(m.config)
-    return {m: m.trainer if len(configs[m.trainer]) == 1 else f"{m.trainer} ({m.config})" for m in methods}
+    labels = {m: m.trainer if len(configs[m.trainer]) == 1 else f"{m.trainer} ({m.config})" for m in methods}
+    return {m: label + (TRANSDUCTIVE_MARK if is_transductive(m.trainer) else "") for m, label in labels.items()}
 
 
 def ordered_datasets(found: Iterable[str], canonical: Sequence[str]) -> list[str]:
@@ -452,7 +455,8 @@ def base2new_table(
     blocks: list[tuple[str, list[PaperRow]]] = []
     for dataset in with_data:
         rows = [PaperRow(labels[m], computed[(m, dataset)].stats, computed[(m, dataset)].refs) for m in methods]
-        rows += [PaperRow(p, tuple(pub_of(p, dataset) or (None, None, None)), published=True) for p in pub_methods]
+        rows += [PaperRow(p + (TRANSDUCTIVE_MARK if is_transductive(p) else ""),
+                          tuple(pub_of(p, dataset) or (None, None, None)), published=True) for p in pub_methods]
         blocks.append((dataset, rows))
     if with_average:
         rows = [PaperRow(labels[m], tuple(averages[m]), tuple(r.notes for r in layout_average_cells[m]))
