@@ -37,6 +37,7 @@ def main(argv=None) -> int:
 
     import train
     from spotlighter import pictures
+    from spotlighter.config import MERGING_MODES
 
     targs = train.parse_args(["--root", args.root, "--config-file", args.config_file, "--dataset-config-file",
                               args.dataset_config_file, "--trainer", "Spotlighter", "--eval-only",
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         cell = args.cell or pictures.default_cell(spot.grid)
         target = os.path.join(args.out, stem + ".png")
         pictures.render(view, spot, cell).save(target)
-        gone = "merged away" if model.clip.prune.mode == "merge" else "dropped"
+        gone = "merged away" if model.clip.prune.mode in MERGING_MODES else "dropped"
         print(f"{target}: Level-1 {spot.level1}, Level-2 {spot.level2}, {gone} per block "
               f"{[len(d) for d in spot.dropped]}")
     return 0

@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .backbone import FrozenCLIP, PruneSpec
-from .config import RECOMMENDED_PRUNE
+from .config import MERGING_MODES, RECOMMENDED_PRUNE
 from .machine import cpu_name
 
 #: ``clip.model.CLIP`` arguments of the OpenAI ViTs.
@@ -88,7 +88,8 @@ def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
     """Multiply-adds of one image through the vision transformer: per block 4·N·D² (QKV, output
     projection) + 2·N²·D (attention) on the tokens entering it and 8·N'·D² (MLP) on the tokens leaving
     its attention (N' < N only at a pruning block); the fused token counts as a token. Merging's
-    matching (an (n/2 x n/2) similarity of head-dim keys) is counted at the blocks that merge."""
+    matching (an (n/2 x n/2) similarity of head-dim keys) is counted at the blocks that merge
+    (``merge``, ``tome``); with ``evit`` an earlier fused token is one of the candidates kept."""
     a = ARCHS[arch]
     D, grid = a["vision_width"], a["image_resolution"] // a["vision_patch_size"]
     patches, fused = grid * grid, 0
@@ -97,9 +98,13 @@ def encoder_macs(arch: str, prune: Optional[PruneSpec] = None) -> float:
         n = 1 + patches + fused
         total += 4 * n * D * D + 2 * n * n * D
         if prune is not None and prune.active and i in prune.layers and prune.kept(patches) < patches:
-            if prune.mode == "merge":
+            if prune.mode in MERGING_MODES:
                 total += (patches // 2) * ((patches + 1) // 2) * CLIP_HEAD_DIM
-            patches, fused = prune.kept(patches), prune.extra_tokens
+            if prune.mode == "evit":  # an earlier fused token competes with the patches and may be kept
+                kept = prune.kept(patches + fused)
+                patches, fused = kept, prune.extra_tokens
+            else:
+                patches, fused = prune.kept(patches), prune.extra_tokens
         total += 8 * (1 + patches + fused) * D * D
     return total
 

@@ -208,3 +208,18 @@ def test_cpu_peak_memory_probe_runs_a_fresh_process_per_model(tmp_path):
     assert rows["paper"]["peak_mb"] >= rows["zsclip"]["peak_mb"]  # a head, its optimiser and a backward pass
     if os.path.exists("/proc/self/clear_refs"):  # Linux: counted from the built CLIP, not its build transient
         assert all(r["peak_from_built_clip"] for r in rows.values())
+
+
+def test_encoder_macs_of_the_authors_modes():
+    """tome counts its matching like merge; evit's fused token competes with the patches of later blocks."""
+    from spotlighter.backbone import PruneSpec
+    from spotlighter.bench import encoder_macs
+
+    merge = PruneSpec(layers=(0, 3, 6), keep=0.7, mode="merge")
+    tome = PruneSpec(layers=(0, 3, 6), keep=0.7, mode="tome")
+    drop = PruneSpec(layers=(0, 3, 6), keep=0.7, mode="drop")
+    evit = PruneSpec(layers=(0, 3, 6), keep=0.7, mode="evit")
+    full = encoder_macs("ViT-B/16")
+    assert encoder_macs("ViT-B/16", tome) < full and encoder_macs("ViT-B/16", evit) < full
+    assert encoder_macs("ViT-B/16", tome) == pytest.approx(encoder_macs("ViT-B/16", merge), rel=0.02)
+    assert encoder_macs("ViT-B/16", evit) >= encoder_macs("ViT-B/16", drop)  # the fused token may be kept

@@ -173,9 +173,10 @@ class PromptTrainer(TrainerX):
         prune = PruneSpec.from_cfg(cfg.MODEL.PRUNE)
         self.clip = FrozenCLIP(clip_model, prune)
         if prune.active:
-            logger.info("Token reduction (%s): blocks %s keep %.3g of the patch tokens (fuse %s, in training %s): "
-                        "%d of %d patches reach the last block", prune.mode, list(prune.layers), prune.keep,
-                        prune.fuse, prune.in_training, prune.remaining(self.clip.num_patches), self.clip.num_patches)
+            amount = f"merge {prune.r} tokens" if prune.r else f"keep {prune.keep:.3g} of the patch tokens"
+            logger.info("Token reduction (%s): blocks %s %s (fuse %s, in training %s): %d of %d patches reach the "
+                        "last block", prune.mode, list(prune.layers), amount, prune.fuse, prune.in_training,
+                        prune.remaining(self.clip.num_patches), self.clip.num_patches)
         size = list(cfg.INPUT.SIZE)
         if size != [self.clip.input_resolution] * 2:
             raise ConfigError(f"INPUT.SIZE = {tuple(size)} does not match the CLIP input resolution "
