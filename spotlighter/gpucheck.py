@@ -86,6 +86,14 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
             return models.Spotlighter(clip, CLASSNAMES, head, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
         return build
 
+    def promptkd(clip):  # the teacher: an (untrained) IVLP on the same CLIP, frozen
+        from . import kd
+
+        teacher = models.IVLP(clip, CLASSNAMES, **ivlp)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return kd.PromptKD(clip, teacher.eval(), n_vision=4, vision_depth=maple_depth)
+
     def spot_pruned(clip):  # the shipped token reduction (tiny: its first block only, as it has 2)
         spec = PruneSpec.recommended("paper")
         return spot("paper")(FrozenCLIP(clip.model, dataclasses.replace(spec, layers=(0,)) if small else spec))
@@ -97,6 +105,7 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         "MaPLe": lambda clip: models.MaPLe(clip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", depth=maple_depth),
         "IVLP": lambda clip: models.IVLP(clip, CLASSNAMES, **ivlp),
         "PromptSRC": lambda clip: models.PromptSRC(clip, CLASSNAMES, **ivlp),
+        "PromptKD": promptkd,
         "Spotlighter-paper": spot("paper"),
         "Spotlighter-release": spot("release"),
         "Spotlighter-paper-prune": spot_pruned,
