@@ -161,3 +161,24 @@ def test_plot_axis_zoomed_to_the_data_and_deltas_to_zero_shot():
     lo, hi = value_limits(deltas, deltas=True)
     assert lo < -2.0 and hi > 2.5 and lo < 0 < hi
     assert _delta_series(series, "MaPLe") is None  # no reference: plain accuracies
+
+
+def test_nothing_found_says_what_to_type(root, tmp_path, capsys):
+    """Runs in the demo's output folder (OUTPUT/demo) or from another xd source: the error says the command."""
+    demo = tmp_path / "output" / "demo"
+    for seed in (1, 2):
+        write_log(seed_dir_path(demo, "base2new", "CoOp", "c", "minibench", "base", 16, seed),
+                  train_log(600, 1000, style="coop", trainer="CoOp", dataset="minibench"))
+        write_log(seed_dir_path(demo, "xd", "CoOp", "c", "minibench_glyphs", "target", 16, seed, source="minibench"),
+                  eval_log(300, 1000, style="coop", trainer="CoOp", dataset="minibench_glyphs"))
+    empty = tmp_path / "empty"  # an output root whose runs are all in its demo/ folder
+    empty.mkdir()
+    (empty / "demo").symlink_to(demo)
+    assert cli.main(["base2new", "--root", str(empty)]) == cli.EXIT_NOTHING_FOUND
+    err = capsys.readouterr().err
+    assert f"hint: scripts/demo.sh writes to {empty / 'demo'}: python -m spotlighter.results base2new --root " \
+           f"{empty / 'demo'}" in err
+    assert cli.main(["xd", "--root", str(demo)]) == cli.EXIT_NOTHING_FOUND
+    assert "hint: runs from source minibench are there: add --source minibench" in capsys.readouterr().err
+    assert cli.main(["xd", "--root", str(empty)]) == cli.EXIT_NOTHING_FOUND
+    assert f"--root {empty / 'demo'} --source minibench" in capsys.readouterr().err

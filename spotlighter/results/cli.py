@@ -94,6 +94,34 @@ def infer_source(protocol: str, datasets: Sequence[str] | None) -> str:
     return XD_SOURCE
 
 
+#: Where scripts/demo.sh writes by default, relative to the output root users pass (``output``).
+DEMO_SUBDIR = "demo"
+
+
+def nothing_found_hints(args: argparse.Namespace, source: str) -> list[str]:
+    """What to type when nothing matched: the demo's own output folder, or another xd/dg source."""
+    def found(root: Path, src: str) -> bool:
+        return bool(collect(root, args.protocol, trainers=args.trainers, configs=args.configs,
+                            datasets=args.datasets, shots=args.shots, seeds=args.seeds, source=src))
+
+    root, hints = Path(args.root), []
+    if args.protocol != "base2new" and not args.source:
+        table = DG_TARGETS_BY_SOURCE if args.protocol == "dg" else XD_TARGETS_BY_SOURCE
+        hints += [f"hint: runs from source {other} are there: add --source {other}"
+                  for other in table if other != source and found(root, other)]
+    demo = root / DEMO_SUBDIR
+    if demo.is_dir():
+        sources = [source] if args.protocol == "base2new" or args.source else \
+            list(DG_TARGETS_BY_SOURCE if args.protocol == "dg" else XD_TARGETS_BY_SOURCE)
+        for src in sources:
+            if found(demo, src):
+                extra = f" --source {src}" if args.protocol != "base2new" and src != source else ""
+                hints.append(f"hint: scripts/demo.sh writes to {demo}: python -m spotlighter.results "
+                             f"{args.protocol} --root {demo}{extra}")
+                break
+    return hints
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spotlighter-results``; returns the exit code."""
     parser = build_parser()
@@ -115,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       datasets=args.datasets, shots=args.shots, seeds=args.seeds, source=source)
     if not results:
         patterns = "\n  ".join(search_patterns(args.root, args.protocol, source))
-        return _fail(f"no {args.protocol} runs under {Path(args.root)} matching the filters; searched:\n  {patterns}",
-                     EXIT_NOTHING_FOUND)
+        hints = "".join(f"\n{h}" for h in nothing_found_hints(args, source))
+        return _fail(f"no {args.protocol} runs under {Path(args.root)} matching the filters; searched:\n  {patterns}"
+                     f"{hints}", EXIT_NOTHING_FOUND)
     _warn_unmatched(args.trainers, {r.trainer for r in results})
     published = None if args.no_published else load_protocol_published(args.protocol)
     try:
