@@ -12,4 +12,15 @@
 # (python -m spotlighter.run demo --help). Per-job logs: <job folder>/run-<time>.log.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-exec "${RUNNER_PYTHON:-$(command -v python || command -v python3)}" -m spotlighter.run demo "$@"
+PY="${RUNNER_PYTHON:-$(command -v python || command -v python3)}"
+# The runner itself needs the project's dependencies: install them before it starts (torch first).
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "error: PyTorch is not installed for $PY. Install it first (pip install torch torchvision; README:" \
+         "Quick start), then run bash scripts/demo.sh again." >&2
+    exit 2
+fi
+if ! "$PY" -c "import filelock, yacs, clip, tabulate" 2>/dev/null; then
+    echo "[demo] installing this project and its dependencies ($PY -m pip install -e $REPO)"
+    "$PY" -m pip install -q -e "$REPO" || { echo "error: pip install -e $REPO failed (see above)" >&2; exit 2; }
+fi
+exec "$PY" -m spotlighter.run demo "$@"

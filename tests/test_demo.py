@@ -5,6 +5,7 @@ prior and from measured means, the table commands, and whole demo runs through t
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -263,3 +264,14 @@ def test_dry_run_prints_runnable_commands(denv):
     cmds = [l for l in r.stdout.splitlines() if " train.py " in l and not l.startswith("#")]
     assert len(cmds) == 4 + 4 + 3 + 3
     assert sum("--load-epoch 2" in c for c in cmds) == 6  # CoOp's xd and dg evaluations, epoch from its config
+
+
+def test_demo_script_without_torch_says_what_comes_first(tmp_path):
+    """A fresh machine: the script stops before the runner imports anything, naming what to install."""
+    py = tmp_path / "python_without_torch"
+    py.write_text("#!/bin/sh\nexit 1\n")
+    py.chmod(0o755)
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, RUNNER_PYTHON=str(py)), timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith(f"error: PyTorch is not installed for {py}. Install it first")
