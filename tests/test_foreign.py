@@ -159,7 +159,7 @@ def test_our_own_checkpoints_read_through_the_same_door(tmp_path):
 
 
 def test_spotlighter_has_no_original_converter():
-    with pytest.raises(CheckpointError, match="only CoOp, CoCoOp, MaPLe, IVLP, PromptSRC checkpoints"):
+    with pytest.raises(CheckpointError, match="only CoOp, CoCoOp, MaPLe, IVLP, PromptSRC, PromptKD checkpoints"):
         foreign.convert({"state_dict": {}, "epoch": 1}, "Spotlighter", "x.pth")
 
 
