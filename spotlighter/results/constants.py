@@ -79,3 +79,12 @@ EXIT_OK = 0
 EXIT_NOTHING_FOUND = 1
 EXIT_PLOT_UNAVAILABLE = 2
 EXIT_UNWRITABLE = 2  # --csv / --plot to a path that cannot be written
+
+# Paired comparison of two methods (compare.py): confidence level, interval methods, bootstrap settings.
+CONFIDENCE = 0.95
+INTERVAL_T = "t"  # paired Student t interval over the (dataset, seed) pairs
+INTERVAL_BOOTSTRAP = "bootstrap"  # percentile bootstrap over the pairs
+INTERVAL_METHODS = (INTERVAL_T, INTERVAL_BOOTSTRAP)
+DEFAULT_INTERVAL = INTERVAL_T
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
