@@ -24,7 +24,7 @@ from spotlighter.results.compare import (
     t_interval,
     t_quantile,
 )
-from spotlighter.results.constants import DG_TARGETS_BY_SOURCE, XD_SOURCE
+from spotlighter.results.constants import DG_TARGETS_BY_SOURCE, XD_SOURCE, XD_TARGETS_BY_SOURCE
 from spotlighter.results.layout import seed_dir_path
 from spotlighter.results.synthetic import eval_log, train_log, write_log
 
@@ -334,3 +334,19 @@ def test_render_summary_only_for_several_and_baseline_alone_is_an_error(clear_wi
     write_b2n(alone, "CoOp", B_CFG, {("d1", 1): (700, 600)})
     with pytest.raises(CompareError, match=f"only B CoOp/{B_CFG} has base2new runs under"):
         compare_all(alone, "base2new", "coop")
+
+
+def test_transfer_from_another_source_is_found_by_its_targets(tmp_path, capsys):
+    source = "minibench"
+    target = XD_TARGETS_BY_SOURCE[source][0]
+    root = tmp_path / "out"
+    write_transfer(root, "xd", "CoOp", "cfg", {(target, s): 500 + s for s in (1, 2, 3)}, source=source)
+    write_transfer(root, "xd", "MaPLe", "cfg", {(target, s): 530 + 2 * s for s in (1, 2, 3)}, source=source)
+    with pytest.raises(CompareError, match="no xd runs under"):
+        compare(root, "xd", "maple", "coop")  # looked for ImageNet's folders
+    c = compare(root, "xd", "maple", "coop", source=source)
+    assert [p.diff[0] for p in c.pairs] == pytest.approx([3.1, 3.2, 3.3]) and c.main.decision == A_WINS
+    code, out, err = run_cli(["compare", "xd", "--root", str(root), "--datasets", target, "--a", "maple",
+                              "--b", "coop"], capsys)
+    assert code == 0, err
+    assert f"Cross-dataset transfer (16 shots, source {source})" in out and "| Accuracy | 3 | +3.20 |" in out
