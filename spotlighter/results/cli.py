@@ -1,4 +1,5 @@
-"""``python -m spotlighter.results {base2new,xd,dg} --root OUTPUT ...``: seed-averaged tables."""
+"""``python -m spotlighter.results {base2new,xd,dg} --root OUTPUT ...``: seed-averaged tables;
+``python -m spotlighter.results compare {base2new,xd,dg} --root OUTPUT --a A --b B``: paired comparison."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ from pathlib import Path
 from typing import Sequence
 
 from .constants import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
     DEFAULT_FORMAT,
+    DEFAULT_INTERVAL,
     DG_TARGETS_BY_SOURCE,
     EXIT_NOTHING_FOUND,
     EXIT_OK,
     EXIT_PLOT_UNAVAILABLE,
     EXIT_UNWRITABLE,
     FORMATS,
+    INTERVAL_METHODS,
     PROTOCOL_TITLES,
     PROTOCOLS,
     XD_SOURCE,
@@ -30,6 +36,7 @@ from .tables import Table, build_tables, to_csv, to_markdown
 logger = logging.getLogger(__name__)
 PROG = "spotlighter-results"
 EXIT_USAGE = 2  # argparse's own code for a bad command line
+COMPARE_COMMAND = "compare"
 
 
 def _names(text: str) -> list[str]:
@@ -44,7 +51,9 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__,
+        epilog=f"Paired comparison of two methods with a confidence interval: {PROG} {COMPARE_COMMAND} -h")
     parser.add_argument("protocol", choices=PROTOCOLS, help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_TITLES.items()))
     parser.add_argument("--root", default="output", help="output root of the runs (default: output)")
     parser.add_argument("--trainers", type=_names, help="e.g. spotlighter,coop,maple,zsclip (case-insensitive)")
@@ -94,6 +103,7 @@ def infer_source(protocol: str, datasets: Sequence[str] | None) -> str:
     return XD_SOURCE
 
 
+<<<<<<< HEAD
 #: Where scripts/demo.sh writes by default, relative to the output root users pass (``output``).
 DEMO_SUBDIR = "demo"
 
@@ -120,16 +130,94 @@ def nothing_found_hints(args: argparse.Namespace, source: str) -> list[str]:
                              f"{args.protocol} --root {demo}{extra}")
                 break
     return hints
+=======
+def _level(verbose: int) -> int:
+    return (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, e.g. 0.95, got {text!r}") from exc
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, e.g. 0.95, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} {COMPARE_COMMAND}",
+        description="Method A against method B over the (dataset, seed) pairs both have (xd/dg: (target, seed)): "
+                    "the mean difference A − B of Base, New and HM (HM per pair from its own Base and New; xd/dg: "
+                    "the target accuracy) with a confidence interval; 'A > B' or 'B > A' only when the interval "
+                    "excludes 0, else 'no decision'. Pairs missing on one side are listed.")
+    parser.add_argument("protocol", choices=PROTOCOLS, help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_TITLES.items()))
+    parser.add_argument("--root", default="output", help="output root of the runs (default: output)")
+    parser.add_argument("--b", required=True, metavar="TRAINER[:CONFIG]",
+                        help="method B, the baseline, e.g. coop or coop:vit_b16_ep50 (the config is needed only "
+                             "when the trainer has runs of several)")
+    parser.add_argument("--a", type=_names, metavar="TRAINER[:CONFIG][,...]",
+                        help="method A, e.g. spotlighter:vit_b16_ep20_paper; several, comma-separated, are each "
+                             "compared with B (default: every other method found)")
+    parser.add_argument("--datasets", type=_names, help="datasets (base2new) or targets (xd, dg) to pair on")
+    parser.add_argument("--source", help="xd/dg: the dataset the models were trained on (default: the source whose "
+                                         f"targets --datasets names, else {XD_SOURCE}), e.g. minibench")
+    parser.add_argument("--shots", type=int, help="shot count (needed when A and B share several)")
+    parser.add_argument("--seeds", type=_ints, help="seeds to pair on, e.g. 1,2,3 (default: every one found)")
+    parser.add_argument("--interval", choices=INTERVAL_METHODS, default=DEFAULT_INTERVAL,
+                        help="t: paired Student t interval over the pairs (default); bootstrap: percentile "
+                             "bootstrap over the pairs (seeded, deterministic)")
+    parser.add_argument("--confidence", type=_confidence, default=CONFIDENCE,
+                        help=f"confidence level of the interval (default {CONFIDENCE})")
+    parser.add_argument("--resamples", type=_positive, default=BOOTSTRAP_RESAMPLES,
+                        help=f"bootstrap: resamples (default {BOOTSTRAP_RESAMPLES})")
+    parser.add_argument("--bootstrap-seed", type=int, default=BOOTSTRAP_SEED,
+                        help=f"bootstrap: random seed (default {BOOTSTRAP_SEED})")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: progress, -vv: every log read")
+    return parser
+
+
+def compare_main(argv: Sequence[str]) -> int:
+    """``spotlighter-results compare ...``; returns the exit code."""
+    from .compare import CompareError, NothingFound, compare_all, render as render_comparisons
+
+    args = build_compare_parser().parse_args(argv)
+    logging.basicConfig(level=_level(args.verbose), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    source = args.source or infer_source(args.protocol, args.datasets)
+    try:
+        comparisons = compare_all(args.root, args.protocol, args.b, args.a, datasets=args.datasets,
+                                  shots=args.shots, seeds=args.seeds, source=source, interval=args.interval,
+                                  confidence=args.confidence, resamples=args.resamples, seed=args.bootstrap_seed)
+    except NothingFound as exc:
+        return _fail(str(exc), EXIT_NOTHING_FOUND)
+    except CompareError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    sys.stdout.write(render_comparisons(comparisons))
+    return EXIT_OK
+>>>>>>> stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spotlighter-results``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == COMPARE_COMMAND:
+        return compare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.std and args.format != "latex":
         parser.error("--std applies to --format latex (markdown cells always show mean ± std)")
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=_level(args.verbose), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.plot:
         from .plot import PlotUnavailable, figure_class
 

@@ -94,3 +94,12 @@ def is_transductive(name: str) -> bool:
     """A registered transductive trainer, or a published method built on one (e.g. "PromptKD w/ Spotlighter")."""
     return any(name == t or name.startswith(t + " ") for t in TRANSDUCTIVE_TRAINERS)
 
+
+# Paired comparison of two methods (compare.py): confidence level, interval methods, bootstrap settings.
+CONFIDENCE = 0.95
+INTERVAL_T = "t"  # paired Student t interval over the (dataset, seed) pairs
+INTERVAL_BOOTSTRAP = "bootstrap"  # percentile bootstrap over the pairs
+INTERVAL_METHODS = (INTERVAL_T, INTERVAL_BOOTSTRAP)
+DEFAULT_INTERVAL = INTERVAL_T
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
