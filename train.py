@@ -234,7 +234,10 @@ def run_locked(args, cfg, lock) -> None:
         trainer.test()
         return
     if not args.no_train:
-        trainer.train()
+        from spotlighter import preempt
+
+        with preempt.handling():  # training only: an evaluation has nothing to save and stops at once
+            trainer.train()
 
 
 #: What ``--restart`` leaves in place: the lock this process holds.
@@ -307,8 +310,7 @@ def main(argv=None) -> int:
 
     errors = known_errors()
     try:
-        with preempt.handling():
-            run(args)
+        run(args)
     except preempt.Stopped as exc:
         report_error(str(exc), prefix="stopped")
         return preempt.EXIT_RESUMABLE

@@ -43,7 +43,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .. import machine, registry
+from .. import machine, preempt, registry
 from ..results.stats import harmonic_mean, summarize
 from .jobs import (InputError, Job, Outcome, Settings, build_graph, config_max_epoch,
                    eval_root, inspect, model_args, move_aside, newest_log, quote, run_one, source_dir,
@@ -349,16 +349,21 @@ def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[st
            headline: Optional[str] = None) -> int:
     failed = [o.message for o in outcomes.values() if o.status == "failed"] + extra_failures
     refused = [o.message for o in outcomes.values() if o.status == "refused"]
+    changed = [o.message for o in outcomes.values() if o.status == "changed"]
+    stopped = [o.message for o in outcomes.values() if o.status == "stopped"]
     running = [o.message for o in outcomes.values() if o.status == "running"]
     blocked = [o.message for o in outcomes.values() if o.status == "blocked"]
     nrun = sum(1 for o in outcomes.values() if o.ran)
     nskip = sum(1 for o in outcomes.values() if o.status == "skipped")
     print(flush=True)
-    more = "".join(f", {len(x)} {w}" for x, w in ((refused, "refused"), (running, "running elsewhere"),
-                                                  (blocked, "not run")) if x)
+    more = "".join(f", {len(x)} {w}" for x, w in ((refused + changed, "refused"), (stopped, "stopped"),
+                                                  (running, "running elsewhere"), (blocked, "not run")) if x)
     runner.say(f"{headline or f'done: {nrun} job(s) run'}, {nskip} skipped as finished, {len(failed)} failed{more}")
     for title, items in (("FAILED jobs:", failed),
                          ("REFUSED jobs (finished with other trailing options):", refused),
+                         ("REFUSED resumes (an interrupted run with other trailing options):", changed),
+                         ("STOPPED by a signal (a resumable checkpoint is written; re-run the same command to "
+                          "resume):", stopped),
                          ("RUNNING elsewhere (not started twice; re-run when they have finished):", running),
                          ("NOT RUN (a job they depend on did not finish):", blocked)):
         if items:
@@ -366,7 +371,7 @@ def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[st
             for m in items:
                 print(f"  {m}", file=sys.stderr)
     sys.stderr.flush()
-    return EXIT_FAILED if failed or refused or running or blocked else EXIT_OK
+    return EXIT_FAILED if failed or refused or changed or stopped or running or blocked else EXIT_OK
 
 
 def launcher_of(env: Dict[str, str]) -> str:
@@ -462,6 +467,12 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
         from .slurm import queued_trainings
         queued = queued_trainings(s, [source_dir(s, seed) for seed in s.seeds])
     jobs, failures = runner.check_trained(jobs, queued) if s.protocol == "dg" else (jobs, [])
+    if s.dry_run and launcher == "slurm":  # what would be submitted: a script of sbatch commands
+        from .slurm import submit
+        known = force_aside(jobs, lambda _job: s, runner.say) if s.force else {}
+        moved = [j.dir for j in jobs if s.force and os.path.exists(j.dir) and j.dir not in known]
+        submit(runner, jobs, env, failures, known, queued=queued, moved=moved)
+        return EXIT_OK
     if s.dry_run:
         runner.dry_run(jobs)
         runner.table(jobs)
@@ -493,9 +504,13 @@ def run_job_spec(path: str) -> int:
     os.chdir(s.repo)
     runner = Runner(s)
     runner.prefix = "[job]"
-    out = run_one(job, s, runner.say, echo=True)
+    out = run_one(job, s, runner.say, echo=True, forward_signals=True)
     if out.message:
         print(f"{out.status}: {out.message}", file=sys.stderr)
+    if out.status == "stopped":
+        from .slurm import requeue_self
+        requeue_self(out, runner.say)
+        return preempt.EXIT_RESUMABLE
     return EXIT_OK if out.status in ("done", "skipped") else EXIT_FAILED
 
 
