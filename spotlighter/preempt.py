@@ -17,6 +17,7 @@ Plain Python (no torch, no Dassl): the runner imports it too.
 from __future__ import annotations
 
 import signal
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -60,6 +61,9 @@ def handling() -> Iterator[None]:
     to every process of a SLURM job does not kill them before the checkpoint is written."""
     global _received
     _received = None
+    if threading.current_thread() is not threading.main_thread():  # Python handles signals there only
+        yield
+        return
     previous = {s: signal.signal(s, _handler) for s in STOP_SIGNALS}
     try:
         yield

@@ -13,7 +13,7 @@ import pytest
 
 from spotlighter import preempt
 from spotlighter.run import jobs as jobs_mod
-from spotlighter.run.jobs import OPTIONS_FILE, TRAIN, Job, Settings, inspect, run_one
+from spotlighter.run.jobs import EVAL, OPTIONS_FILE, TRAIN, Job, Settings, inspect, run_one
 from spotlighter.run.slurm import requeue_self
 
 FAKE = r'''#!{python}
@@ -35,6 +35,11 @@ if mode == "stop":
     open(os.path.join(out, "prompt_learner", "model.pth.tar-1-step3"), "w").close()
     print("stopped: by SIGUSR1 after batch 3/12 of epoch 1", file=sys.stderr)
     sys.exit(75)
+if mode == "eval":  # an evaluation: a USR1 would kill it (default action); it must never get one
+    open(os.path.join(out, "ready"), "w").close()
+    time.sleep(1.5)
+    open(os.path.join(out, "result.json"), "w").write("{{}}")
+    sys.exit(0)
 if mode == "refuse":
     print("error: ... holds a run with other settings", file=sys.stderr)
     sys.exit(2)
@@ -118,6 +123,22 @@ def test_stop_signals_reach_the_job(fake, monkeypatch):
     assert out.status == "stopped" and out.stop_signal == signal.SIGUSR1
     assert "stopped by SIGUSR1 with a resumable checkpoint" in out.message
     assert signal.getsignal(signal.SIGUSR1) == before  # restored
+
+
+def test_an_evaluation_runs_on_after_the_time_limit_warning(fake, monkeypatch):
+    settings, job, _ = fake
+    job.kind = EVAL
+    monkeypatch.setenv("FAKE_MODE", "eval")
+    ready = os.path.join(job.dir, "ready")
+
+    def signal_runner():
+        while not os.path.exists(ready):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=signal_runner, daemon=True).start()
+    out = run_one(job, settings([]), lambda msg: None, echo=False, forward_signals=True)
+    assert out.status == "done", out.message
 
 
 @pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])

@@ -17,7 +17,8 @@ Environment (all optional except DATA):
   DATASETS   xd/dg targets (default: the source's targets in spotlighter/registry.py; empty: xd only trains)
   SOURCE     xd/dg source dataset (default imagenet)
   FORCE=1    re-run finished jobs; old folders move to $OUTPUT/backup/<time>/<same path>
-  DRY_RUN=1  print every command (a runnable script) instead of running it
+  DRY_RUN=1  print every command (a runnable script) instead of running it; LAUNCHER=slurm: the
+             sbatch commands with their dependencies
   LAUNCHER   local (default) | slurm
   JOBS=N     local: run N jobs at a time (default 1, or one per GPUS entry); with N > 1 and no
              OMP_NUM_THREADS / MKL_NUM_THREADS set, each job gets cores // N threads
@@ -26,10 +27,12 @@ Environment (all optional except DATA):
              runner's interpreter, jobs are forked from a server that imported torch and Dassl once
              (spotlighter/run/fast.py)
   SLURM_PARTITION SLURM_ACCOUNT SLURM_TIME SLURM_GPUS_PER_JOB SLURM_CPUS_PER_JOB SLURM_MEM_PER_JOB
-  SLURM_EXTRA SLURM_CONFIG   slurm: sbatch options (see spotlighter/run/slurm.py)
+  SLURM_EXTRA SLURM_SIGNAL_MARGIN SLURM_REQUEUE SLURM_CONFIG   slurm: sbatch options (see
+             spotlighter/run/slurm.py; a job is warned 300 s before its time limit, checkpoints and requeues)
 Relative DATA and OUTPUT are relative to the directory the command is called from.
 Exit status: 0 every job finished (or was skipped as finished; slurm: everything submitted),
-1 some job failed, was refused (finished with other options) or runs elsewhere, 2 bad input.
+1 some job failed, was refused (finished or interrupted with other options), was stopped by a
+signal (re-run to resume) or runs elsewhere, 2 bad input; a SLURM job stopped with a checkpoint: 75.
 """
 
 from __future__ import annotations

@@ -326,11 +326,14 @@ class Outcome:
 
 
 @contextmanager
-def forwarding(proc: subprocess.Popen, received: List[int]):
+def forwarding(proc: subprocess.Popen, received: List[int], trains: bool = True):
     """While the job runs: pass :data:`spotlighter.preempt.STOP_SIGNALS` this runner gets on to the
-    job's process (``train.py`` checkpoints and exits 75), and note them in ``received``."""
+    job's process (``train.py`` checkpoints and exits 75), and note them in ``received``. An
+    evaluation (``trains`` False) has nothing to save: the time-limit warning does not stop it."""
     def forward(signum, _frame):
         received.append(signum)
+        if signum == preempt.REQUEUE_SIGNAL and not trains:
+            return
         try:
             proc.send_signal(signum)
         except OSError:  # already gone
@@ -412,7 +415,7 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
     try:
         with open(runlog, "ab") as log:
             proc = (start or popen)(cmd, {**os.environ, **(env or {})})
-            with forwarding(proc, received) if forward_signals else nullcontext():
+            with forwarding(proc, received, job.kind == TRAIN) if forward_signals else nullcontext():
                 out = sys.stdout.buffer if echo else None
                 for chunk in iter(lambda: proc.stdout.read1(65536), b""):
                     log.write(chunk)
