@@ -285,6 +285,7 @@ class PromptTrainer(TrainerX):
         for self.batch_idx, batch in enumerate(batches, start=first):
             data_time.update(time.time() - end)
             loss_summary = self.forward_backward(batch)
+            self._updated = True
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
 
@@ -388,12 +389,19 @@ class PromptTrainer(TrainerX):
         return f"epoch {self.epoch + 1}, batch {self.batch_idx + 1} (step {step})"
 
     def non_finite_parameters(self) -> list:
-        return [n for n, p in self.model.named_parameters()
-                if p.requires_grad and not bool(torch.isfinite(p).all())]
+        """Names of the trainable parameters holding a NaN or an infinity (one device sync if none)."""
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            return []
+        return [n for n, p in params if not bool(torch.isfinite(p).all())]
 
-    def divergence_cause(self, images) -> str:
+    def divergence_advice(self) -> str:
+        """:meth:`divergence_cause` without the batch (for trainers with their own training step)."""
+        return self.divergence_cause(None) + " " + self.AFTER_DIVERGENCE
+
+    def divergence_cause(self, images=None) -> str:
         """What a non-finite loss can come from, given what is known at that step."""
-        if not bool(torch.isfinite(images).all()):
+        if images is not None and not bool(torch.isfinite(images).all()):
             return ("The input batch itself holds NaN or infinite values: check the images and "
                     "INPUT.PIXEL_MEAN / INPUT.PIXEL_STD (a zero std divides by zero).")
         bad = self.non_finite_parameters()
@@ -478,7 +486,8 @@ class PromptTrainer(TrainerX):
             }
             if step is not None:
                 payload.update(step=int(step), epoch_rng=self._epoch_rng, meters=meters_state(self._meters))
-            bad = ckpt.non_finite(payload["state_dict"])
+            bad = ckpt.non_finite({**payload["state_dict"], **{f"class_state.{k}": v for k, v in
+                                                                (payload["class_state"] or {}).items()}})
             if bad:  # never write a checkpoint a resume would continue a diverged run from
                 raise TrainingDiverged(f"The trained state holds non-finite values ({', '.join(bad[:3])}) at the end "
                                        f"of epoch {done}; no checkpoint was written. " + self.AFTER_DIVERGENCE)
@@ -564,7 +573,8 @@ class PromptTrainer(TrainerX):
             if "settings" not in data:
                 logger.warning("%s records no run settings (written by an older version): cannot check that "
                                "this command continues the same run", path)
-            bad = ckpt.non_finite(data["state_dict"])
+            bad = ckpt.non_finite({**data["state_dict"], **{f"class_state.{k}": v for k, v in
+                                                            (data.get("class_state") or {}).items()}})
             if bad:
                 raise ckpt.CheckpointError(
                     f"{path} holds non-finite values ({', '.join(bad[:3])}): the run diverged before it was "
