@@ -11,6 +11,7 @@ resumable checkpoint. Exit status: 0 done, 2 bad input or a refused run (one ``e
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -234,10 +235,7 @@ def run_locked(args, cfg, lock) -> None:
         trainer.test()
         return
     if not args.no_train:
-        from spotlighter import preempt
-
-        with preempt.handling():  # training only: an evaluation has nothing to save and stops at once
-            trainer.train()
+        trainer.train()
 
 
 #: What ``--restart`` leaves in place: the lock this process holds.
@@ -304,13 +302,16 @@ def main(argv=None) -> int:
         print(f"error: Dassl is installed but cannot be imported: {exc}. Its import-time "
               "dependencies: pip install gdown tensorboard scikit-learn wilds", file=sys.stderr)
         return 2
+    from spotlighter import preempt
     from spotlighter.fileio import OutputWriteError
 
-    from spotlighter import preempt
-
     errors = known_errors()
+    # training only (from the start, so an early signal never kills it): an evaluation has nothing
+    # to save and stops at once
+    stops = preempt.handling() if not (args.eval_only or args.no_train) else contextlib.nullcontext()
     try:
-        run(args)
+        with stops:
+            run(args)
     except preempt.Stopped as exc:
         report_error(str(exc), prefix="stopped")
         return preempt.EXIT_RESUMABLE

@@ -8,6 +8,9 @@ bit-identical to an uninterrupted run.
 * ``SIGUSR1``: what ``sbatch --signal=B:USR1@<margin>`` sends ``margin`` seconds before the time
   limit. The SLURM job (``python -m spotlighter.run job``) forwards it to ``train.py`` and, when
   ``train.py`` exits with :data:`EXIT_RESUMABLE`, requeues itself (``scontrol requeue``).
+  A SIGUSR1 that arrives before the process has trained a step is ignored (with a warning): stopping
+  there would requeue a job that makes no progress (SLURM can repeat the warning right after it
+  restarts a requeued job).
 * ``SIGTERM``: preemption, ``scancel`` or the time limit itself. The checkpoint is written the same way;
   whether the job comes back is SLURM's decision (a preempted job submitted with ``--requeue`` does).
 
@@ -46,6 +49,12 @@ def signal_name(signum: int) -> str:
 def requested() -> Optional[int]:
     """The first stop signal received since :func:`handling` began (None if none)."""
     return _received
+
+
+def clear() -> None:
+    """Forget the stop signal received (one that is ignored)."""
+    global _received
+    _received = None
 
 
 def _handler(signum, _frame) -> None:

@@ -778,3 +778,28 @@ def test_stop_signal_checkpoints_and_the_resume_is_bit_identical(workers, signal
         assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == [], f
     ra, rb = read_result(ref), read_result(out)
     assert (ra["correct"], ra["macro_f1"], ra["epoch"]) == (rb["correct"], rb["macro_f1"], rb["epoch"])
+
+
+def test_time_limit_warning_before_the_first_step_is_ignored(data_root, tiny_clip_path, tmp_path, capsys,
+                                                             monkeypatch):
+    """SIGUSR1 before this process trained a step (SLURM can repeat the warning right after it restarts
+    a requeued job): stopping would requeue a job that makes no progress, so training goes on."""
+    import signal
+
+    from trainers.base import PromptTrainer
+
+    before_train = PromptTrainer.before_train
+
+    def signalled(self):
+        before_train(self)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(PromptTrainer, "before_train", signalled)
+    out = tmp_path / "early"
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, out, trainer="CoOp",
+                                          extra=["OPTIM.MAX_EPOCH", "1"]), capsys)
+    assert code == 0, err
+    log = open(out / "log.txt").read()
+    assert ("SIGUSR1 before this process trained a step: ignored (a job requeued on it would make no progress); "
+            "training goes on") in log
+    assert read_result(out)["epoch"] == 1

@@ -328,6 +328,11 @@ class PromptTrainer(TrainerX):
         """Write what a resume continues from (``step``: batches of the current epoch done; ``done``:
         between epochs, the epochs done) and raise :class:`spotlighter.preempt.Stopped`."""
         name = preempt.signal_name(preempt.requested())
+        if step is None and done <= self.start_epoch and preempt.requested() == preempt.REQUEUE_SIGNAL:
+            logger.warning("%s before this process trained a step: ignored (a job requeued on it would make no "
+                           "progress); training goes on", name)
+            preempt.clear()
+            return
         if step is not None:
             self.save_model(self.epoch, self.output_dir, intermediate=True, step=step)
             where = f"after batch {step}/{self.num_batches} of epoch {self.epoch + 1}"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -500,6 +501,9 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
 def run_job_spec(path: str) -> int:
     """One job from a spec file (a SLURM job's command): same decisions as a local run."""
     from .jobs import Job as _Job
+    # the time-limit warning may come at any moment: never the default action (terminate) in this
+    # runner, nor in train.py before it installs its handler (an ignored signal stays ignored across exec)
+    signal.signal(preempt.REQUEUE_SIGNAL, signal.SIG_IGN)
     with open(path) as f:
         spec = json.load(f)
     s = Settings(**spec["settings"])
