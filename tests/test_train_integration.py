@@ -270,7 +270,7 @@ def test_overflowing_update_is_caught_before_any_checkpoint_holds_it(data_root, 
     assert code == 2
     assert ("error: The optimizer step at epoch 2, batch 2 (step 26) made 1 trainable tensor(s) non-finite "
             "(prompt_learner.ctx) although the loss was finite (") in err
-    assert "the update overflowed. Lower OPTIM.LR (now 0.002). The checkpoints written before hold finite" in err
+    assert "the update overflowed. Lower OPTIM.LR (now 0.002). Checkpoints written before this step hold finite" in err
     (kept,) = (out / "prompt_learner").glob("model.pth.tar-*")
     assert kept.name == "model.pth.tar-1" and ckpt.non_finite(torch.load(kept, weights_only=True)["state_dict"]) == []
 

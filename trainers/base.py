@@ -385,7 +385,7 @@ class PromptTrainer(TrainerX):
         return summary
 
     #: The last sentence of every divergence message: what the checkpoints hold and what a re-run does.
-    AFTER_DIVERGENCE = ("The checkpoints written before hold finite values only, and a resume is deterministic: "
+    AFTER_DIVERGENCE = ("Checkpoints written before this step hold finite values only, and a resume is deterministic: "
                         "the same settings diverge again at the same step. Change the setting in another "
                         "--output-dir, or start over in this one with --restart (scripts/*.sh: FORCE=1).")
 
