@@ -2,9 +2,16 @@
 
 cfg pipeline: Dassl defaults -> extend_cfg (this project's keys) -> Spotlighter preset -> dataset
 yaml -> trainer yaml -> command-line flags -> trailing ``KEY VALUE`` pairs -> freeze.
+
+Re-running a command into an output folder that holds checkpoints resumes that run; a resume with
+other settings (any cfg key that changes the computation) is refused with the differences listed;
+``--restart`` starts over instead. SIGTERM / SIGUSR1 stop training after the current step with a
+resumable checkpoint. Exit status: 0 done, 2 bad input or a refused run (one ``error:`` line),
+75 stopped by a signal with a checkpoint to resume from.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -33,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--root", type=str, default="", help="path to the datasets ($DATA)")
     p.add_argument("--output-dir", type=str, default="", help="output directory")
     p.add_argument("--resume", type=str, default="", help="checkpoint directory to resume from")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: move what an earlier run left in --output-dir (checkpoints, logs, "
+                        "result.json) to <output-dir>/restarted/<time>/ and train from scratch")
     p.add_argument("--seed", type=int, default=-1, help="only positive value enables a fixed seed")
     p.add_argument("--source-domains", type=str, nargs="+", help="source domains for DA/DG")
     p.add_argument("--target-domains", type=str, nargs="+", help="target domains for DA/DG")
@@ -171,6 +181,10 @@ def run(args) -> None:
 
     cfg = setup_cfg(args)
     check_registered(cfg)
+    if cfg.RESUME and not os.path.isdir(cfg.RESUME):
+        raise UsageError(f"--resume {cfg.RESUME}: no such folder (give the output folder of the run to resume).")
+    if args.restart and cfg.RESUME:
+        raise UsageError("--restart starts over in --output-dir and --resume continues another run: give one of them.")
     # One process per output folder, for its whole life: taken before Dassl opens log.txt or a
     # checkpoint is read, released (by the kernel, however the process ends) when it exits.
     lock = lock_output_dir(cfg.OUTPUT_DIR)
@@ -198,10 +212,13 @@ def run_locked(args, cfg, lock) -> None:
     from dassl.engine import build_trainer
     from dassl.utils import set_random_seed, setup_logger
 
+    moved = move_earlier_run(cfg.OUTPUT_DIR) if args.restart else None
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)
     configure_logging()
+    if moved:
+        logger.info("--restart: moved the earlier run's files (%s) to %s", ", ".join(moved[1]), moved[0])
     if lock.taken_over is not None:
         logger.warning("Took over the lock of %s left by a process that is no longer running (%s)",
                        cfg.OUTPUT_DIR, lock.taken_over.describe())
@@ -221,6 +238,30 @@ def run_locked(args, cfg, lock) -> None:
         trainer.train()
 
 
+#: What ``--restart`` leaves in place: the lock this process holds.
+KEPT_ON_RESTART = (".lock", ".lock.json")
+
+
+def move_earlier_run(directory: str):
+    """``--restart``: move everything an earlier run left in ``directory`` to
+    ``<directory>/restarted/<time>/``; returns (that folder, the names moved), or None if none."""
+    import shutil
+    import time
+
+    from trainers.base import RESTARTED_DIR
+
+    names = sorted(n for n in os.listdir(directory) if n not in KEPT_ON_RESTART and n != RESTARTED_DIR)
+    if not names:
+        return None
+    dst = os.path.join(directory, RESTARTED_DIR, time.strftime("%Y-%m-%d-%H-%M-%S"))
+    if os.path.exists(dst):
+        dst = f"{dst}-{os.getpid()}"
+    os.makedirs(dst)
+    for name in names:
+        shutil.move(os.path.join(directory, name), os.path.join(dst, name))
+    return dst, names
+
+
 def known_errors():
     from spotlighter.backbone import BackboneError
     from spotlighter.checkpoint import CheckpointError
@@ -234,14 +275,14 @@ def known_errors():
             OutputLocked, OutputWriteError)
 
 
-def report_error(message: str) -> None:
+def report_error(message: str, prefix: str = "error") -> None:
     """One line on stderr; also into log.txt when Dassl's logger tees stdout there (written to the
     file only: the terminal shows it once)."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"{prefix}: {message}", file=sys.stderr)
     log_file = getattr(sys.stdout, "file", None)
     if log_file is not None and sys.stdout is not sys.__stdout__:
         try:
-            log_file.write(f"error: {message}\n")
+            log_file.write(f"{prefix}: {message}\n")
             log_file.flush()
         except (OSError, ValueError):  # a full disk or a closed log: stderr has it
             pass
@@ -261,11 +302,19 @@ def main(argv=None) -> int:
         print(f"error: Dassl is installed but cannot be imported: {exc}. Its import-time "
               "dependencies: pip install gdown tensorboard scikit-learn wilds", file=sys.stderr)
         return 2
+    from spotlighter import preempt
     from spotlighter.fileio import OutputWriteError
 
     errors = known_errors()
+    # training only (from the start, so an early signal never kills it): an evaluation has nothing
+    # to save and stops at once
+    stops = preempt.handling() if not (args.eval_only or args.no_train) else contextlib.nullcontext()
     try:
-        run(args)
+        with stops:
+            run(args)
+    except preempt.Stopped as exc:
+        report_error(str(exc), prefix="stopped")
+        return preempt.EXIT_RESUMABLE
     except errors as exc:
         message = str(exc).strip()
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep our message

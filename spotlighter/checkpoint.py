@@ -9,6 +9,10 @@ object, never the frozen CLIP):
 * ``class_state``: class-keyed state (Spotlighter's prototypes: ``classnames`` + ``prototypes``),
   mapped by class name on load.
 * ``optimizer``, ``scheduler``: state dicts, for resuming; ``epoch``; ``val_result``.
+* ``settings``: :func:`run_settings` of the run that wrote it; a resume with other settings is
+  refused (:func:`settings_diff`), so a resumed run is the run it continues.
+* ``step`` (step-granular checkpoints of a stopped run only): batches of epoch ``epoch + 1`` done,
+  with ``epoch_rng`` (the random states when that epoch began) and ``meters`` (its running averages).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -61,9 +65,22 @@ def _nearly_full(path: str, margin: int = 1 << 20) -> bool:
 UNREADABLE_FIX = "Delete it and retrain that job, or evaluate another checkpoint (--model-dir, --load-epoch N)."
 
 
+class SettingsChanged(CheckpointError):
+    """The checkpoint was written by a run with other :func:`run_settings` (``diff``: key -> (saved,
+    now)); the resuming trainer words the advice."""
+
+    def __init__(self, path: str, diff: Dict[str, Tuple[Any, Any]], epoch: Any):
+        self.path, self.diff, self.epoch = path, diff, epoch
+        super().__init__(f"{path} was written by a run with other settings: " + "; ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
 def load(path: str, *, trainer: str, preset: Optional[str] = None,
-         signature: Optional[Dict[str, Any]] = None, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Read and check a checkpoint written by :func:`save` for ``trainer`` (and ``preset``)."""
+         signature: Optional[Dict[str, Any]] = None, map_location: Any = "cpu",
+         settings: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Read and check a checkpoint written by :func:`save` for ``trainer`` (and ``preset``);
+    ``settings`` (a resume): the :func:`run_settings` it must have been written with, checked first
+    (:class:`SettingsChanged` lists every difference)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"No checkpoint at {path}.")
     try:
@@ -77,6 +94,10 @@ def load(path: str, *, trainer: str, preset: Optional[str] = None,
             f"{path} is {what}. {UNREADABLE_FIX}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint of this project.")
+    if settings is not None and isinstance(ckpt.get("settings"), dict):
+        diff = settings_diff(ckpt["settings"], settings)
+        if diff:
+            raise SettingsChanged(path, diff, ckpt.get("epoch"))
     if ckpt.get("trainer") != trainer:
         raise CheckpointError(
             f"{path} was written by trainer {ckpt.get('trainer')!r}; this run uses {trainer!r}.")
@@ -91,6 +112,56 @@ def load(path: str, *, trainer: str, preset: Optional[str] = None,
             lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
             raise CheckpointError(f"{path} does not match this config ({lines}).")
     return ckpt
+
+
+#: cfg keys that do not change what a run computes (where it reads and writes, how often it prints,
+#: which extra checkpoints it keeps, what it prints about the test): a resume may change them.
+#: Every other key does (seed, data, shots, subsample, model, optimiser, schedule, input, loaders,
+#: test protocol, the trainer's own node), and a resume with another value is refused.
+UNCHECKED_KEYS = frozenset({
+    "OUTPUT_DIR", "RESUME", "VERBOSE", "DATASET.ROOT", "TRAIN.PRINT_FREQ", "TRAIN.CHECKPOINT_FREQ",
+    "TRAIN.RESUMABLE_EVERY_EPOCH", "TEST.PER_CLASS_RESULT", "TEST.COMPUTE_CMAT",
+})
+#: Of ``TRAINER``, only these keys and the running trainer's own node (``TRAINER.<CFG_NODE>``) count:
+#: the other trainers' nodes are not read by this run.
+TRAINER_KEYS = ("TRAINER.NAME", "TRAINER.CONFIG_NAME")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(node: Any, prefix: str, out: Dict[str, Any]) -> None:
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _flatten(value, name + ".", out)
+        else:
+            out[name] = _plain(value)
+
+
+def run_settings(cfg: Any, trainer_node: str) -> Dict[str, Any]:
+    """``{dotted key: value}`` of every cfg key that defines the run (not :data:`UNCHECKED_KEYS`;
+    of ``TRAINER``: :data:`TRAINER_KEYS` and ``TRAINER.<trainer_node>``)."""
+    flat: Dict[str, Any] = {}
+    _flatten(cfg, "", flat)
+    node = f"TRAINER.{trainer_node}." if trainer_node else None
+    return {k: v for k, v in sorted(flat.items()) if k not in UNCHECKED_KEYS and (
+        not k.startswith("TRAINER.") or k in TRAINER_KEYS or (node is not None and k.startswith(node)))}
+
+
+def settings_diff(saved: Dict[str, Any], now: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (saved, now)}`` for the keys both know whose values differ (a key only one side has
+    was added or removed by another version of this code; it is not a difference of the run)."""
+    return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now)) if saved[k] != now[k]}
+
+
+def non_finite(tensors: Dict[str, torch.Tensor]) -> list:
+    """Names of the floating-point tensors of ``tensors`` that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def trainable_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:

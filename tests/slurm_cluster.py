@@ -27,6 +27,9 @@ from typing import Dict, List
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 #: Seconds to wait for the node to register with the controller.
 START_TIMEOUT_S = 30.0
+#: Job credential lifetime (SLURM's default 120 s), which is also how long a requeued job waits
+#: before it may start again: short, so the preemption tests see the requeued job run.
+CRED_EXPIRE_S = 10
 
 
 class ClusterUnavailable(RuntimeError):
@@ -74,7 +77,7 @@ SlurmdPort={_free_port()}
 SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 StateSaveLocation={workdir}/state
 SlurmdSpoolDir={workdir}/spool/slurmd-%n

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from conftest import requires_dassl
 from spotlighter import checkpoint as ckpt
 from spotlighter.checkpoint import FORMAT, CheckpointError, load, save, trainable_state
 from spotlighter.config import apply_preset, extend_cfg
@@ -315,3 +316,48 @@ def test_real_size_checkpoint_is_small_and_clip_free(tmp_path, preset):
     assert protos == (n_cls * 4 * 512 if preset == "paper" else 0)
     # the file is essentially its float32 scalars: no hidden extra weights
     assert size < 4 * (saved_scalars + momentum + protos) + 1 * MB
+
+
+# ------------------------------------------------------------------ the settings that define a run
+def _dassl_cfg():
+    from dassl.config import get_cfg_default
+
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    return cfg
+
+
+@requires_dassl
+def test_run_settings_hold_the_keys_that_change_the_computation():
+    cfg = _dassl_cfg()
+    s = ckpt.run_settings(cfg, "COOP")
+    for key in ("SEED", "DATASET.NUM_SHOTS", "DATASET.SUBSAMPLE_CLASSES", "DATASET.NAME", "OPTIM.LR",
+                "OPTIM.MAX_EPOCH", "MODEL.BACKBONE.NAME", "MODEL.PRUNE.KEEP", "INPUT.SIZE",
+                "DATALOADER.TRAIN_X.BATCH_SIZE", "TRAINER.NAME", "TRAINER.COOP.N_CTX", "TEST.FINAL_MODEL"):
+        assert key in s, key
+    for key in ckpt.UNCHECKED_KEYS:  # where it writes, how often it prints or keeps extra checkpoints
+        assert key not in s, key
+    assert not any(k.startswith(("TRAINER.MAPLE.", "TRAINER.SPOTLIGHTER.")) for k in s)  # other trainers' nodes
+    assert s["INPUT.SIZE"] == [224, 224] and s["MODEL.PRUNE.LAYERS"] == []  # tuples as lists, plain values
+    assert ckpt.settings_diff(s, s) == {}
+    cfg.OPTIM.LR, cfg.SEED, cfg.OUTPUT_DIR, cfg.TRAIN.PRINT_FREQ = 0.5, 7, "elsewhere", 99
+    assert ckpt.settings_diff(s, ckpt.run_settings(cfg, "COOP")) == {"OPTIM.LR": (s["OPTIM.LR"], 0.5),
+                                                                      "SEED": (s["SEED"], 7)}
+    # a key that only one side knows (another version of the code) is no difference of the run
+    assert ckpt.settings_diff({**s, "GONE": 1}, {**s, "NEW": 2}) == {}
+
+
+def test_load_with_other_settings_names_every_difference(tmp_path):
+    path = str(tmp_path / "m.pth.tar")
+    save(path, payload(settings={"SEED": 1, "OPTIM.LR": 0.002, "INPUT.SIZE": [224, 224]}))
+    assert load(path, trainer="Spotlighter", settings={"SEED": 1, "OPTIM.LR": 0.002, "INPUT.SIZE": [224, 224]})
+    with pytest.raises(ckpt.SettingsChanged) as exc:
+        load(path, trainer="CoOp", settings={"SEED": 2, "OPTIM.LR": 0.002, "INPUT.SIZE": [32, 32]})
+    assert exc.value.diff == {"INPUT.SIZE": ([224, 224], [32, 32]), "SEED": (1, 2)}  # before the trainer check
+    assert str(exc.value) == f"{path} was written by a run with other settings: INPUT.SIZE: [224, 224] -> [32, 32]; SEED: 1 -> 2"
+
+
+def test_non_finite_names_the_tensors():
+    state = {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("inf")]).half(),
+             "n": torch.tensor([3])}
+    assert ckpt.non_finite(state) == ["b", "c"]

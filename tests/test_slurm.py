@@ -205,3 +205,59 @@ def test_protocol_on_a_real_cluster_with_dependencies_table_and_status(env, slur
             sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ids, "-o", "JobName,State"], env=slurm.env,
                                    capture_output=True, text=True).stdout
         assert "spl-train-eurosat-s2|FAILED" in sacct and "spl-eval-eurosat-s2|CANCELLED" in sacct, sacct
+
+
+def test_preemption_options_defaults_and_overrides(env, fake_slurm, tmp_path):  # noqa: F811
+    extra, calls = fake_slurm
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, LAUNCHER="slurm", **extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    train, evaluation, table = calls()
+    for argv in (train, evaluation):  # the time-limit warning, requeue, and logs a requeued job appends to
+        assert opt(argv, "--signal") == ["B:USR1@300"] and "--requeue" in argv
+        assert opt(argv, "--open-mode") == ["append"]
+    assert not opt(table, "--signal") and "--requeue" not in table
+
+    cfg = tmp_path / "slurm.cfg"
+    cfg.write_text("signal_margin = 600\nrequeue = no\n")
+    r = env.run("base2new.sh", "coop", "eurosat", 16, SEEDS="1", PYTHON=env.stub, LAUNCHER="slurm",
+                SLURM_CONFIG=str(cfg), SLURM_SIGNAL_MARGIN="120", **extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    train = calls()[3]
+    assert opt(train, "--signal") == ["B:USR1@120"] and "--no-requeue" in train and "--requeue" not in train
+    r = env.run("base2new.sh", "coop", "caltech101", 16, SEEDS="1", PYTHON=env.stub, LAUNCHER="slurm",
+                SLURM_SIGNAL_MARGIN="0", SLURM_REQUEUE="0", **extra)
+    assert r.returncode == 0 and not opt(calls()[-3], "--signal") and "--no-requeue" in calls()[-3]
+
+    for var, value, message in (("SLURM_SIGNAL_MARGIN", "5min", "SLURM_SIGNAL_MARGIN must be a number of seconds "
+                                                                  "(e.g. 300; 0 for no signal), got '5min'"),
+                                ("SLURM_REQUEUE", "maybe", "SLURM_REQUEUE must be yes or no, got 'maybe'")):
+        n = len(calls())
+        r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, LAUNCHER="slurm", FORCE=1,
+                    **{var: value}, **extra)
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {message}" and len(calls()) == n
+
+
+def test_slurm_dry_run_prints_the_submission_as_a_runnable_script(env, fake_slurm):  # noqa: F811
+    extra, calls = fake_slurm
+    r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm", DRY_RUN=1,
+                **extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not calls() and not env.calls() and not os.path.exists(os.path.join(env.out, "slurm"))
+    lines = r.stdout.splitlines()
+    subs = [line for line in lines if "=$(sbatch " in line]
+    assert [s.split("=", 1)[0] for s in subs] == ["J000", "J001", "J002", "J003", "TABLE"]
+    assert '"--dependency=afterok:$J000" --kill-on-invalid-dep=yes' in subs[1]
+    assert '"--dependency=afterok:$J002"' in subs[3] and "--dependency" not in subs[2]
+    assert '"--dependency=afterany:$J000:$J001:$J002:$J003"' in subs[4]
+    assert "--signal=B:USR1@300 --requeue" in subs[0] and "--signal" not in subs[4]
+
+    # the script runs as it stands: it writes the job files and submits with the ids sbatch returned
+    script = "\n".join(line for line in lines if not line.startswith("cd "))
+    run = subprocess.run(["bash", "-e"], input=script, env={**os.environ, **extra}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    submitted = calls()
+    assert len(submitted) == 5 and opt(submitted[1], "--dependency") == ["afterok:1000"]
+    assert opt(submitted[4], "--dependency") == ["afterany:1000:1001:1002:1003"]
+    spec = json.load(open(submitted[0][-1][:-3] + ".json"))
+    assert spec["job"]["dir"].endswith("train_base/dtd/shots_16/CoOp/vit_b16_ep20_ctx4/seed1")
+    assert spec["settings"]["dry_run"] is False

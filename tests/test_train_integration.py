@@ -5,6 +5,7 @@ Runs only when Dassl is importable (CI has no git access to install it).
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -154,9 +155,13 @@ def test_eval_is_deterministic_and_uses_the_trained_prototypes(spot_base, data_r
 
 def test_resume_continues_from_last_checkpoint(data_root, tiny_clip_path, tmp_path):
     out = tmp_path / "resume"
-    run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["OPTIM.MAX_EPOCH", "1"])
+    killed = run_train(data_root, tiny_clip_path, out, trainer="CoOp", check=False,
+                       env={"SPOTLIGHTER_TEST_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -9
     first = torch.load(out / "prompt_learner" / "model.pth.tar-1", weights_only=True)
-    proc = run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["OPTIM.MAX_EPOCH", "2"])
+    assert first["settings"]["OPTIM.MAX_EPOCH"] == 2 and first["settings"]["SEED"] == 1
+    assert first["settings"]["DATASET.NUM_SHOTS"] == 4 and "OUTPUT_DIR" not in first["settings"]
+    proc = run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["TRAIN.PRINT_FREQ", "3"])
     assert "Resumed from" in proc.stdout and "(epoch 1)" in proc.stdout
     assert "epoch [1/2]" not in proc.stdout and "epoch [2/2]" in proc.stdout
     second = torch.load(out / "prompt_learner" / "model.pth.tar-2", weights_only=True)
@@ -165,7 +170,7 @@ def test_resume_continues_from_last_checkpoint(data_root, tiny_clip_path, tmp_pa
 
     # killed during the final test: the resume starts at the last epoch, runs no epoch, tests it
     os.remove(out / "result.json")
-    proc = run_train(data_root, tiny_clip_path, out, trainer="CoOp", extra=["OPTIM.MAX_EPOCH", "2"])
+    proc = run_train(data_root, tiny_clip_path, out, trainer="CoOp")
     assert "(epoch 2)" in proc.stdout and "epoch [" not in proc.stdout
     assert read_result(out)["epoch"] == 2
 
@@ -224,8 +229,66 @@ def test_nan_loss_stops_with_precision_and_step(data_root, tiny_clip_path, tmp_p
                                           extra=["DATASET.SUBSAMPLE_CLASSES", "base"]), capsys)
     assert code == 2
     assert "at epoch 1, batch 1 (step 1) with precision fp32" in err
-    assert "already in full precision (fp32)" in err and "lower OPTIM.LR (now 0.002)" in err
-    assert "PREC" not in err  # no advice to leave a half precision the run does not use
+    # no update has happened: the learning rate cannot be the cause, and no half precision is in use
+    assert "This is the first step, before any update, so OPTIM.LR is not the cause" in err
+    assert "The run is in full precision (fp32): check the CLIP weights (MODEL.BACKBONE.NAME / PATH)" in err
+    assert "lower OPTIM.LR" not in err and "PREC" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_nan_after_updates_blames_the_updates(data_root, tiny_clip_path, tmp_path, capsys, monkeypatch):
+    from spotlighter import models
+
+    forward, calls = models.CoOp.forward, []
+
+    def nan_at_call_5(self, images, labels=None):
+        logits, losses = forward(self, images, labels)
+        calls.append(1)
+        return logits, ({"ce": losses["ce"] * float("nan")} if len(calls) == 5 and self.training else losses)
+
+    monkeypatch.setattr(models.CoOp, "forward", nan_at_call_5)
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "nan", trainer="CoOp"), capsys)
+    assert code == 2 and "The loss is nan at epoch 1, batch 5 (step 5) with precision fp32" in err
+    assert "the updates so far drove the model there: lower OPTIM.LR (now 0.002)" in err
+    assert "the same settings diverge again at the same step" in err and "--restart" in err
+
+
+def test_overflowing_update_is_caught_before_any_checkpoint_holds_it(data_root, tiny_clip_path, tmp_path, capsys,
+                                                                     monkeypatch):
+    """An optimizer step that makes a parameter infinite (epoch 2, batch 2) stops the run at once:
+    the epoch-1 checkpoint stays finite, and a checkpoint that holds NaN (written by hand here) is
+    never resumed from."""
+    from spotlighter import checkpoint as ckpt
+
+    step, calls = torch.optim.SGD.step, []
+
+    def overflow_at_call_26(self, *a, **k):
+        out = step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 26:  # 24 batches per epoch (all 24 classes x 4 shots)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", overflow_at_call_26)
+    out = tmp_path / "inf"
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, out, trainer="CoOp"), capsys)
+    assert code == 2
+    assert ("error: The optimizer step at epoch 2, batch 2 (step 26) made 1 trainable tensor(s) non-finite "
+            "(prompt_learner.ctx) although the loss was finite (") in err
+    assert "the update overflowed. Lower OPTIM.LR (now 0.002). Checkpoints written before this step hold finite" in err
+    (kept,) = (out / "prompt_learner").glob("model.pth.tar-*")
+    assert kept.name == "model.pth.tar-1" and ckpt.non_finite(torch.load(kept, weights_only=True)["state_dict"]) == []
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    data = torch.load(kept, weights_only=True)
+    data["state_dict"]["prompt_learner.ctx"][0, 0] = float("nan")
+    torch.save(data, kept)
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, out, trainer="CoOp"), capsys)
+    assert code == 2 and err.strip() == (
+        f"error: {kept} holds non-finite values (prompt_learner.ctx): the run diverged before it was written, "
+        "and resuming would continue from there. Start over with --restart (scripts/*.sh: FORCE=1), or give "
+        "another --output-dir.")
 
 
 def test_checkpoint_of_another_preset_or_trainer_is_refused(spot_base, data_root, tiny_clip_path, tmp_path):
@@ -691,3 +754,149 @@ def test_promptkd_distils_from_a_promptsrc_teacher_and_evaluates_new_classes(dat
               model_dir=student)
     rec = read_result(new)
     assert rec["trainer"] == "PromptKD" and rec["subset"] == "new" and rec["total"] == 36 and rec["epoch"] == 1
+
+
+# ------------------------------------------------------------------ resumes of the same run (issue 26)
+def _interrupted(data_root, clip_path, out, trainer="CoOp"):
+    """A run of ``trainer`` killed after its first epoch (a checkpoint, no result)."""
+    killed = run_train(data_root, clip_path, out, trainer=trainer, check=False,
+                       env={"SPOTLIGHTER_TEST_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    return out / "prompt_learner" / "model.pth.tar-1"
+
+
+def test_resume_with_other_settings_is_refused_and_restart_starts_over(data_root, tiny_clip_path, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "job"
+    kept = _interrupted(data_root, tiny_clip_path, out)
+    before = kept.read_bytes()
+    argv = train_argv(data_root, tiny_clip_path, out, trainer="CoOp",
+                      extra=["OPTIM.LR", "0.01", "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "3",
+                             "TRAIN.PRINT_FREQ", "7", "DATASET.SUBSAMPLE_CLASSES", "base"])
+    argv[argv.index("--seed") + 1] = "2"
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"error: {out} holds a run (checkpoint {kept}, 1 epoch(s) done) with other settings than this command; "
+        "resuming it would mix two runs. Differences (checkpoint -> now):",
+        "  DATASET.NUM_SHOTS: 4 -> 2",
+        "  OPTIM.LR: 0.002 -> 0.01",
+        "  OPTIM.MAX_EPOCH: 2 -> 3",
+        "  SEED: 1 -> 2",  # TRAIN.PRINT_FREQ changes no computation: not a difference
+        "Either give this run another --output-dir (scripts/*.sh: another OUTPUT), or start over in this one "
+        "with --restart (scripts/*.sh: FORCE=1), which moves the earlier run's files to "
+        f"{out}/restarted/<time>/ (scripts/*.sh: to $OUTPUT/backup/)."]
+    assert kept.read_bytes() == before and not (out / "result.json").exists()
+
+    code, err = run_in_process(["--restart"] + argv, capsys)
+    assert code == 0, err
+    (moved,) = (out / "restarted").iterdir()
+    assert (moved / "prompt_learner" / "model.pth.tar-1").read_bytes() == before
+    assert (moved / "log.txt").is_file() and sorted(os.listdir(out / "prompt_learner")) == ["checkpoint",
+                                                                                            "model.pth.tar-3"]
+    log = open(out / "log.txt").read()
+    # the killed run's log and the refused attempt's log.txt-<time> (which ends with the error above)
+    assert re.search(r"--restart: moved the earlier run's files \(log\.txt, log\.txt-[0-9-]+, prompt_learner, "
+                     r"tensorboard\) to " + re.escape(str(moved)), log)
+    assert "No checkpoint found" in log and "Resumed from" not in log
+    rec = read_result(out)
+    assert (rec["seed"], rec["shots"], rec["epoch"]) == (2, 2, 3)  # what ran
+
+
+def test_resume_of_a_missing_or_empty_folder_is_an_error(data_root, tiny_clip_path, tmp_path, capsys):
+    argv = train_argv(data_root, tiny_clip_path, tmp_path / "o", trainer="CoOp")
+    code, err = run_in_process(["--resume", str(tmp_path / "nope")] + argv, capsys)
+    assert code == 2 and err.strip() == (f"error: --resume {tmp_path / 'nope'}: no such folder (give the output "
+                                         "folder of the run to resume).")
+    (tmp_path / "empty").mkdir()
+    code, err = run_in_process(["--resume", str(tmp_path / "empty")] + argv, capsys)
+    assert code == 2 and err.strip() == (f"error: --resume {tmp_path / 'empty'}: no checkpoint to resume from "
+                                         f"(expected {tmp_path / 'empty'}/prompt_learner/checkpoint, written by a "
+                                         "training of this trainer).")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root, tiny_clip_path):
+    """Reference runs of the signal tests, by DATALOADER.NUM_WORKERS."""
+    refs = {}
+
+    def get(workers):
+        if workers not in refs:
+            out = tmp_path_factory.mktemp("ref") / f"w{workers}"
+            run_train(data_root, tiny_clip_path, out, extra=SIGNAL_RUN + ["DATALOADER.NUM_WORKERS", workers])
+            refs[workers] = out
+        return refs[workers]
+    return get
+
+
+SIGNAL_RUN = ["OPTIM.MAX_EPOCH", "3", "TEST.FINAL_MODEL", "best_val"]
+
+
+@pytest.mark.parametrize("workers, signal_at, extra, expect", [
+    ("0", "17:SIGUSR1", [], "after batch 5/12 of epoch 2"),  # mid-epoch: a step checkpoint
+    ("2", "8:SIGTERM", [], "after batch 8/12 of epoch 1"),  # worker processes: their batches are remade
+    # the epoch's last step: the stop comes after its val test, and writes the epoch's checkpoint itself
+    ("0", "24:SIGUSR1", ["TRAIN.RESUMABLE_EVERY_EPOCH", "False"], "after epoch 2"),
+])
+def test_stop_signal_checkpoints_and_the_resume_is_bit_identical(workers, signal_at, extra, expect, uninterrupted,
+                                                                 data_root, tiny_clip_path, tmp_path):
+    """SIGUSR1/SIGTERM: the step finishes, a resumable checkpoint is written, exit status 75; the
+    re-run resumes and equals an uninterrupted run in every saved tensor, every later log line
+    (running averages included) and its result."""
+    ref = uninterrupted(workers)
+    out = tmp_path / "stopped"
+    run = SIGNAL_RUN + ["DATALOADER.NUM_WORKERS", workers] + extra
+    stopped = run_train(data_root, tiny_clip_path, out, extra=run, check=False,
+                        env={"SPOTLIGHTER_TEST_SIGNAL_AFTER_STEP": signal_at})
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    step = int(signal_at.split(":")[0])
+    name = f"model.pth.tar-{(step - 1) // 12 + 1}-step{(step - 1) % 12 + 1}" if step % 12 else f"model.pth.tar-{step // 12}"
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"stopped: by {signal_at.split(':')[1]} {expect}; the checkpoint to resume from is named by "
+        f"{out}/spotlighter/checkpoint. Re-run the same command to resume (scripts/*.sh skip finished jobs and "
+        "resume this one).")
+    assert (out / "spotlighter" / "checkpoint").read_text().strip() == name
+    assert not (out / "result.json").exists()
+    def after_stop(lines):  # (epoch, batch) past the stop
+        return [l for l in lines if tuple(map(int, re.findall(r"\[(\d+)/", l)[:2])) > (step // 12 + 1, step % 12)]
+
+    assert epoch_lines(stopped.stdout, 1) and after_stop(epoch_lines(stopped.stdout, 1)) == []  # stopped there
+
+    resumed = run_train(data_root, tiny_clip_path, out, extra=run)
+    assert f"Resumed from {out}/spotlighter/{name}" in resumed.stdout
+    assert sorted(os.listdir(out / "spotlighter")) == ["checkpoint", "model-best.pth.tar", "model.pth.tar-3"]
+    ref_log = open(ref / "log.txt").read()
+    first = step // 12 + 1
+    assert epoch_lines(resumed.stdout, first) == after_stop(epoch_lines(ref_log, first))
+    assert len(after_stop(epoch_lines(ref_log, first))) >= 2
+    for f in ("model.pth.tar-3", "model-best.pth.tar"):
+        a = dict(flat_tensors(torch.load(ref / "spotlighter" / f, weights_only=True)))
+        b = dict(flat_tensors(torch.load(out / "spotlighter" / f, weights_only=True)))
+        assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == [], f
+    ra, rb = read_result(ref), read_result(out)
+    assert (ra["correct"], ra["macro_f1"], ra["epoch"]) == (rb["correct"], rb["macro_f1"], rb["epoch"])
+
+
+def test_time_limit_warning_before_the_first_step_is_ignored(data_root, tiny_clip_path, tmp_path, capsys,
+                                                             monkeypatch):
+    """SIGUSR1 before this process trained a step (SLURM can repeat the warning right after it restarts
+    a requeued job): stopping would requeue a job that makes no progress, so training goes on."""
+    import signal
+
+    from trainers.base import PromptTrainer
+
+    before_train = PromptTrainer.before_train
+
+    def signalled(self):
+        before_train(self)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(PromptTrainer, "before_train", signalled)
+    out = tmp_path / "early"
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, out, trainer="CoOp",
+                                          extra=["OPTIM.MAX_EPOCH", "1"]), capsys)
+    assert code == 0, err
+    log = open(out / "log.txt").read()
+    assert ("SIGUSR1 before this process trained a step: ignored (a job requeued on it would make no progress); "
+            "training goes on") in log
+    assert read_result(out)["epoch"] == 1

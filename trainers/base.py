@@ -9,6 +9,7 @@ state, and the JSON result record of every test evaluation.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import random
@@ -25,10 +26,11 @@ from dassl.data.data_manager import DatasetWrapper
 from dassl.engine import TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
+from dassl.utils import AverageMeter, MetricMeter
 
 from datasets.layout import DatasetError
 from spotlighter import checkpoint as ckpt
-from spotlighter import foreign
+from spotlighter import foreign, preempt
 from spotlighter.backbone import FrozenCLIP, PruneSpec, load_clip
 from spotlighter.config import ConfigError, check_precision, check_prune_cfg
 from spotlighter.fileio import atomic_path
@@ -43,6 +45,14 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32}
 #: Test hook: SIGKILL this process right after the checkpoint of this (1-based) epoch is written,
 #: as a crash or a cluster's preemption would (tests/test_train_integration.py resumes from it).
 KILL_AFTER_EPOCH_ENV = "SPOTLIGHTER_TEST_KILL_AFTER_EPOCH"
+#: Test hook: "<step>:<SIGNAL>" sends this process SIGNAL right after that (1-based, counted over the
+#: whole run) training step, as a cluster's stop signal would.
+SIGNAL_AFTER_STEP_ENV = "SPOTLIGHTER_TEST_SIGNAL_AFTER_STEP"
+#: Test hook: sleep this many seconds after every training step (a slow run for signal tests).
+STEP_SLEEP_ENV = "SPOTLIGHTER_TEST_STEP_SLEEP"
+#: Where ``train.py --restart`` moves an earlier run's files (inside the output folder, so nothing
+#: that lists seed folders or their logs sees them).
+RESTARTED_DIR = "restarted"
 
 
 def rng_state() -> dict:
@@ -97,6 +107,36 @@ def checkpoint_name(epoch: int) -> str:
     return f"model.pth.tar-{epoch}"
 
 
+def step_checkpoint_name(epoch: int, step: int) -> str:
+    """A stopped run's checkpoint: ``step`` batches of (1-based) ``epoch`` done."""
+    return f"model.pth.tar-{epoch}-step{step}"
+
+
+def skip_batches(iterator, n: int) -> None:
+    """Advance a fresh DataLoader iterator by ``n`` batches as the uninterrupted epoch did. A
+    single-process iterator draws only the indices (the images' random transforms would use the
+    main process's random states, which the caller restores afterwards); with worker processes the
+    batches are made and dropped (each worker's random states advance with every batch it makes)."""
+    if getattr(iterator, "_num_workers", None) == 0 and hasattr(iterator, "_next_index"):
+        for _ in range(n):
+            iterator._next_index()
+        iterator._num_yielded += n
+    else:
+        for _ in range(n):
+            next(iterator)
+
+
+def meters_state(meters: MetricMeter) -> Dict[str, list]:
+    return {k: [float(m.val), float(m.sum), int(m.count)] for k, m in meters.meters.items()}
+
+
+def restore_meters(meters: MetricMeter, state: Dict[str, list]) -> None:
+    for k, (val, total, count) in state.items():
+        m = meters.meters[k] = AverageMeter()
+        m.val, m.sum, m.count = val, total, count
+        m.avg = total / count if count else 0.0
+
+
 def _last_numbered(folder: str) -> Optional[str]:
     """The highest-epoch ``model.pth.tar-N`` in ``folder`` (None if there is none)."""
     if not os.path.isdir(folder):
@@ -118,6 +158,8 @@ class PromptTrainer(TrainerX):
     def __init__(self, cfg):
         self._start_time = time.time()
         self.loaded_epoch: Optional[int] = None
+        self._resume_in_epoch: Optional[dict] = None  # a step checkpoint's position, for run_epoch
+        self._updated = False  # an optimizer step was taken (in this process or before a resume)
         super().__init__(cfg)
         self._last_results: Dict[str, float] = {}
         evaluate = self.evaluator.evaluate
@@ -219,6 +261,97 @@ class PromptTrainer(TrainerX):
             raise ConfigError(f"{self.cfg.TRAINER.NAME} has no trainable parameters: run it with --eval-only.")
         super().train()
 
+    def run_epoch(self):
+        """Dassl's TrainerX loop (same operations in the same order, same log lines), plus: the
+        random states at the start of the epoch are kept (a step checkpoint records them), a run
+        resumed from a step checkpoint continues after its last batch, and a stop signal
+        (:mod:`spotlighter.preempt`) ends the epoch after the current step with a step checkpoint."""
+        self.set_model_mode("train")
+        losses = MetricMeter()
+        batch_time = AverageMeter()
+        data_time = AverageMeter()
+        self.num_batches = len(self.train_loader_x)
+        resume, self._resume_in_epoch = self._resume_in_epoch, None
+        if resume is not None:
+            set_rng_state(resume["epoch_rng"])
+        self._epoch_rng, self._meters = rng_state(), losses
+        batches = iter(self.train_loader_x)  # the sampler's order and the workers' seeds: from epoch_rng
+        first = 0
+        if resume is not None:
+            first = resume["step"]
+            skip_batches(batches, first)
+            restore_meters(losses, resume["meters"])
+            set_rng_state(resume["rng"])  # where the stopped run was after its last step
+        signal_after = os.environ.get(SIGNAL_AFTER_STEP_ENV, "")
+        sleep_s = float(os.environ.get(STEP_SLEEP_ENV) or 0)
+
+        end = time.time()
+        for self.batch_idx, batch in enumerate(batches, start=first):
+            data_time.update(time.time() - end)
+            loss_summary = self.forward_backward(batch)
+            self._updated = True
+            batch_time.update(time.time() - end)
+            losses.update(loss_summary)
+
+            meet_freq = (self.batch_idx + 1) % self.cfg.TRAIN.PRINT_FREQ == 0
+            only_few_batches = self.num_batches < self.cfg.TRAIN.PRINT_FREQ
+            if meet_freq or only_few_batches:
+                nb_remain = self.num_batches - self.batch_idx - 1
+                nb_remain += (self.max_epoch - self.epoch - 1) * self.num_batches
+                eta = str(datetime.timedelta(seconds=int(batch_time.avg * nb_remain)))
+                print(" ".join([f"epoch [{self.epoch + 1}/{self.max_epoch}]",
+                                f"batch [{self.batch_idx + 1}/{self.num_batches}]",
+                                f"time {batch_time.val:.3f} ({batch_time.avg:.3f})",
+                                f"data {data_time.val:.3f} ({data_time.avg:.3f})",
+                                f"{losses}", f"lr {self.get_current_lr():.4e}", f"eta {eta}"]))
+
+            n_iter = self.epoch * self.num_batches + self.batch_idx
+            for name, meter in losses.meters.items():
+                self.write_scalar("train/" + name, meter.avg, n_iter)
+            self.write_scalar("train/lr", self.get_current_lr(), n_iter)
+
+            if sleep_s:
+                time.sleep(sleep_s)
+            if signal_after and signal_after.split(":")[0] == str(n_iter + 1):
+                logger.info("%s=%s: signalling this process (test hook)", SIGNAL_AFTER_STEP_ENV, signal_after)
+                os.kill(os.getpid(), getattr(signal, signal_after.split(":")[1]))
+            if preempt.requested() is not None and self.batch_idx + 1 < self.num_batches:
+                self.stop(step=self.batch_idx + 1)  # the epoch's last step: after_epoch saves it as usual
+            end = time.time()
+
+    def before_epoch(self):
+        if preempt.requested() is not None:  # arrived during the last step or the val test of an epoch
+            self.stop(done=self.epoch)
+
+    def after_train(self):
+        if preempt.requested() is not None:  # the last epoch's checkpoint is written: test after the resume
+            self.stop(done=self.max_epoch)
+        super().after_train()
+
+    def stop(self, step: Optional[int] = None, done: Optional[int] = None) -> None:
+        """Write what a resume continues from (``step``: batches of the current epoch done; ``done``:
+        between epochs, the epochs done) and raise :class:`spotlighter.preempt.Stopped`."""
+        name = preempt.signal_name(preempt.requested())
+        if step is None and done <= self.start_epoch and preempt.requested() == preempt.REQUEUE_SIGNAL:
+            logger.warning("%s before this process trained a step: ignored (a job requeued on it would make no "
+                           "progress); training goes on", name)
+            preempt.clear()
+            return
+        if step is not None:
+            self.save_model(self.epoch, self.output_dir, intermediate=True, step=step)
+            where = f"after batch {step}/{self.num_batches} of epoch {self.epoch + 1}"
+        elif done > self.start_epoch:
+            pointed = [self._pointed(os.path.join(self.output_dir, n)) for n in self.get_model_names()]
+            if any(p is None or os.path.basename(p) != checkpoint_name(done) for p in pointed):
+                self.save_model(done - 1, self.output_dir, intermediate=not self.is_kept_epoch(done))
+            where = f"after epoch {done}"
+        else:
+            where = "before this process trained a step"
+        raise preempt.Stopped(
+            f"by {name} {where}; the checkpoint to resume from is named by "
+            f"{os.path.join(self.output_dir, self.get_model_names()[0], LAST_POINTER)}. Re-run the same command "
+            "to resume (scripts/*.sh skip finished jobs and resume this one).")
+
     def parse_batch_train(self, batch):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
@@ -228,11 +361,10 @@ class PromptTrainer(TrainerX):
             logits, losses = self.model(images, labels)
             loss = sum(losses.values())
         if not torch.isfinite(loss):
-            step = self.epoch * self.num_batches + self.batch_idx + 1
             raise TrainingDiverged(
-                f"The loss is {loss.item()} at epoch {self.epoch + 1}, batch {self.batch_idx + 1} (step {step}) "
-                f"with precision {self.precision} ({'; '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}). "
-                + self.divergence_advice())
+                f"The loss is {loss.item()} at {self._where()} with precision {self.precision} "
+                f"({'; '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}). "
+                + self.divergence_cause(images) + " " + self.AFTER_DIVERGENCE)
         self.optim.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -241,20 +373,65 @@ class PromptTrainer(TrainerX):
         else:
             loss.backward()
             self.optim.step()
+        self._updated = True
+        bad = self.non_finite_parameters()
+        if bad:  # caught here, so no checkpoint ever holds them
+            raise TrainingDiverged(
+                f"The optimizer step at {self._where()} made {len(bad)} trainable tensor(s) non-finite "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) although the loss was finite "
+                f"({loss.item():.4g}): the update overflowed. Lower OPTIM.LR (now {self.cfg.OPTIM.LR:g})"
+                + (f" or leave half precision (TRAINER.{self.CFG_NODE}.PREC fp32)" if self.precision == "fp16" else "")
+                + ". " + self.AFTER_DIVERGENCE)
         summary = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
         summary["acc"] = compute_accuracy(logits.detach(), labels)[0].item()
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
 
+    #: The last sentence of every divergence message: what the checkpoints hold and what a re-run does.
+    AFTER_DIVERGENCE = ("Checkpoints written before this step hold finite values only, and a resume is deterministic: "
+                        "the same settings diverge again at the same step. Change the setting in another "
+                        "--output-dir, or start over in this one with --restart (scripts/*.sh: FORCE=1).")
+
+    def _where(self) -> str:
+        step = self.epoch * self.num_batches + self.batch_idx + 1
+        return f"epoch {self.epoch + 1}, batch {self.batch_idx + 1} (step {step})"
+
+    def non_finite_parameters(self) -> list:
+        """Names of the trainable parameters holding a NaN or an infinity (one device sync if none)."""
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            return []
+        return [n for n, p in params if not bool(torch.isfinite(p).all())]
+
     def divergence_advice(self) -> str:
-        lr = f"lower OPTIM.LR (now {self.cfg.OPTIM.LR:g})"
+        """:meth:`divergence_cause` without the batch (for trainers with their own training step)."""
+        return self.divergence_cause(None) + " " + self.AFTER_DIVERGENCE
+
+    def divergence_cause(self, images=None) -> str:
+        """What a non-finite loss can come from, given what is known at that step."""
+        if images is not None and not bool(torch.isfinite(images).all()):
+            return ("The input batch itself holds NaN or infinite values: check the images and "
+                    "INPUT.PIXEL_MEAN / INPUT.PIXEL_STD (a zero std divides by zero).")
+        bad = self.non_finite_parameters()
+        if bad:
+            return (f"The trainable parameters hold non-finite values ({', '.join(bad[:3])}) before this "
+                    "step: the checkpoint this run resumed from is damaged.")
+        precision = ""
         if self.precision == "fp16":
-            return f"Half precision overflows easily: rerun with TRAINER.{self.CFG_NODE}.PREC fp32 (or amp), or {lr}."
-        if self.precision == "amp":
-            return f"Mixed precision can overflow: rerun with TRAINER.{self.CFG_NODE}.PREC fp32, or {lr}."
-        return (f"The run is already in full precision (fp32), so this is not a rounding problem: {lr}, "
-                "or check the images and the config values of this run.")
+            precision = f"Half precision overflows easily: rerun with TRAINER.{self.CFG_NODE}.PREC fp32 (or amp)"
+        elif self.precision == "amp":
+            precision = f"Mixed precision can overflow: rerun with TRAINER.{self.CFG_NODE}.PREC fp32"
+        if not self._updated:  # the model as built (or as loaded), before any update
+            return ("This is the first step, before any update, so OPTIM.LR is not the cause: the model as "
+                    "built already gives a non-finite loss on this batch. "
+                    + (precision + ", or check" if precision else "The run is in full precision (fp32): check")
+                    + " the CLIP weights (MODEL.BACKBONE.NAME / PATH) and the method's config values.")
+        lr = f"lower OPTIM.LR (now {self.cfg.OPTIM.LR:g})"
+        if precision:
+            return f"{precision}, or {lr}."
+        return (f"The run is already in full precision (fp32), so this is not a rounding problem: the updates "
+                f"so far drove the model there: {lr}, or check the config values of this run.")
 
     def model_inference(self, images):
         with self.autocast():
@@ -296,25 +473,42 @@ class PromptTrainer(TrainerX):
         freq = self.cfg.TRAIN.CHECKPOINT_FREQ
         return epoch == self.max_epoch or (freq > 0 and epoch % freq == 0)
 
-    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name="", intermediate=False):
+    def run_settings(self) -> dict:
+        """The cfg values that define this run (recorded in every checkpoint, checked on resume)."""
+        return ckpt.run_settings(self.cfg, self.CFG_NODE)
+
+    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name="", intermediate=False,
+                   step=None):
         """A periodic/last checkpoint (``model.pth.tar-<epoch>``, named by the ``checkpoint`` file,
-        what a resume continues from), the best-val one (``model_name``), or the resumable
-        ``intermediate`` one of an epoch, which replaces the previous intermediate one."""
+        what a resume continues from), the best-val one (``model_name``), the resumable
+        ``intermediate`` one of an epoch, which replaces the previous intermediate one, or (``step``:
+        batches of the 0-based ``epoch`` done) the step checkpoint of a stopped run, resumable too."""
         for name in self.get_model_names():
             folder = os.path.join(directory, name)
-            fname = model_name or checkpoint_name(epoch + 1)
+            if step is not None:
+                fname, done = step_checkpoint_name(epoch + 1, step), epoch
+            else:
+                fname, done = model_name or checkpoint_name(epoch + 1), epoch + 1
             optim, sched = self._optims[name], self._scheds[name]
             payload = {
                 "trainer": self.cfg.TRAINER.NAME, "preset": self.preset, "signature": self.signature(),
+                "settings": self.run_settings(),
                 "state_dict": ckpt.trainable_state(self._models[name]), "class_state": self.class_state(),
                 "optimizer": optim.state_dict() if optim is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None,
-                "epoch": epoch + 1, "val_result": None if val_result is None else float(val_result),
+                "epoch": done, "val_result": None if val_result is None else float(val_result),
                 # what the next epoch depends on besides the model: a resume is bit-identical
                 "rng": rng_state(), "best_result": float(self.best_result), "intermediate": bool(intermediate),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "trainer_state": self.trainer_state(),
             }
+            if step is not None:
+                payload.update(step=int(step), epoch_rng=self._epoch_rng, meters=meters_state(self._meters))
+            bad = ckpt.non_finite({**payload["state_dict"], **{f"class_state.{k}": v for k, v in
+                                                                (payload["class_state"] or {}).items()}})
+            if bad:  # never write a checkpoint a resume would continue a diverged run from
+                raise TrainingDiverged(f"The trained state holds non-finite values ({', '.join(bad[:3])}) at the end "
+                                       f"of epoch {done}; no checkpoint was written. " + self.AFTER_DIVERGENCE)
             path = os.path.join(folder, fname)
             ckpt.save(path, payload)
             if not model_name:  # periodic/last checkpoints are what a resume continues from
@@ -359,17 +553,51 @@ class PromptTrainer(TrainerX):
             except (ValueError, KeyError, TypeError) as exc:
                 raise ckpt.CheckpointError(f"{path}: {exc}.") from None
 
+    def settings_changed(self, exc: ckpt.SettingsChanged, directory: str) -> ckpt.CheckpointError:
+        """The error of a resume whose settings differ from the checkpoint's: every difference, and
+        the two ways on."""
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in exc.diff.items())
+        if self.cfg.RESUME:
+            ways = (f"Resume with the settings it was trained with, or train from scratch without --resume "
+                    f"in another --output-dir.")
+        else:
+            ways = (f"Either give this run another --output-dir (scripts/*.sh: another OUTPUT), or start over "
+                    f"in this one with --restart (scripts/*.sh: FORCE=1), which moves the earlier run's files "
+                    f"to {os.path.join(directory, RESTARTED_DIR)}/<time>/ (scripts/*.sh: to $OUTPUT/backup/).")
+        return ckpt.CheckpointError(
+            f"{directory} holds a run (checkpoint {exc.path}, {exc.epoch} epoch(s) done) with other settings "
+            f"than this command; resuming it would mix two runs. Differences (checkpoint -> now):\n{lines}\n{ways}")
+
     def resume_model_if_exist(self, directory):
         names = self.get_model_names()
         pointers = [os.path.join(directory, n, LAST_POINTER) for n in names]
         if not all(os.path.isfile(p) for p in pointers):
+            if self.cfg.RESUME:  # asked for explicitly: never "from scratch" in silence
+                raise ckpt.CheckpointError(
+                    f"--resume {directory}: no checkpoint to resume from (expected "
+                    f"{' and '.join(os.path.join(directory, n, LAST_POINTER) for n in names)}, written by "
+                    "a training of this trainer).")
             logger.info("No checkpoint found in %s, training from scratch", directory)
             return 0
         start, rng = 0, None
         for name, pointer in zip(names, pointers):
             with open(pointer) as f:
                 path = os.path.join(directory, name, f.read().strip())
-            data = self._read(path)
+            try:
+                data = ckpt.load(path, trainer=self.cfg.TRAINER.NAME, preset=self.preset,
+                                 signature=self.signature(), map_location=self.device, settings=self.run_settings())
+            except ckpt.SettingsChanged as exc:
+                raise self.settings_changed(exc, directory) from None
+            if "settings" not in data:
+                logger.warning("%s records no run settings (written by an older version): cannot check that "
+                               "this command continues the same run", path)
+            bad = ckpt.non_finite({**data["state_dict"], **{f"class_state.{k}": v for k, v in
+                                                            (data.get("class_state") or {}).items()}})
+            if bad:
+                raise ckpt.CheckpointError(
+                    f"{path} holds non-finite values ({', '.join(bad[:3])}): the run diverged before it was "
+                    "written, and resuming would continue from there. Start over with --restart "
+                    "(scripts/*.sh: FORCE=1), or give another --output-dir.")
             self._restore(name, data, path)
             if self._optims[name] is not None and data.get("optimizer"):
                 self._optims[name].load_state_dict(data["optimizer"])
@@ -383,8 +611,17 @@ class PromptTrainer(TrainerX):
                 self.load_trainer_state(data["trainer_state"])
             start = int(data["epoch"])
             rng = data.get("rng")
-            logger.info("Resumed from %s (epoch %d)", path, start)
-        if rng is not None:  # last: nothing may draw a random number between here and the next epoch
+            if data.get("step") is not None:
+                self._resume_in_epoch = {"step": int(data["step"]), "epoch_rng": data["epoch_rng"],
+                                         "rng": rng, "meters": data.get("meters") or {}}
+                logger.info("Resumed from %s (epoch %d, then %d batch(es) of epoch %d)", path, start,
+                            int(data["step"]), start + 1)
+            else:
+                logger.info("Resumed from %s (epoch %d)", path, start)
+        self._updated = start > 0 or self._resume_in_epoch is not None
+        if self._resume_in_epoch is not None:
+            pass  # run_epoch restores the random states of the interrupted epoch
+        elif rng is not None:  # last: nothing may draw a random number between here and the next epoch
             set_rng_state(rng)
         else:
             logger.warning("The checkpoint holds no random states (written by an older version): the "

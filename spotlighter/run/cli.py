@@ -22,7 +22,8 @@ Environment (all optional except DATA):
   DATASETS   xd/dg targets (default: the source's targets in spotlighter/registry.py; empty: xd only trains)
   SOURCE     xd/dg source dataset (default imagenet)
   FORCE=1    re-run finished jobs; old folders move to $OUTPUT/backup/<time>/<same path>
-  DRY_RUN=1  print every command (a runnable script) instead of running it
+  DRY_RUN=1  print every command (a runnable script) instead of running it; LAUNCHER=slurm: the
+             sbatch commands with their dependencies
   LAUNCHER   local (default) | slurm
   JOBS=N     local: run N jobs at a time (default 1, or one per GPUS entry); with N > 1 and no
              OMP_NUM_THREADS / MKL_NUM_THREADS set, each job gets cores // N threads
@@ -31,10 +32,12 @@ Environment (all optional except DATA):
              runner's interpreter, jobs are forked from a server that imported torch and Dassl once
              (spotlighter/run/fast.py)
   SLURM_PARTITION SLURM_ACCOUNT SLURM_TIME SLURM_GPUS_PER_JOB SLURM_CPUS_PER_JOB SLURM_MEM_PER_JOB
-  SLURM_EXTRA SLURM_CONFIG   slurm: sbatch options (see spotlighter/run/slurm.py)
+  SLURM_EXTRA SLURM_SIGNAL_MARGIN SLURM_REQUEUE SLURM_CONFIG   slurm: sbatch options (see
+             spotlighter/run/slurm.py; a job is warned 300 s before its time limit, checkpoints and requeues)
 Relative DATA and OUTPUT are relative to the directory the command is called from.
 Exit status: 0 every job finished (or was skipped as finished; slurm: everything submitted),
-1 some job failed, was refused (finished with other options) or runs elsewhere, 2 bad input.
+1 some job failed, was refused (finished or interrupted with other options), was stopped by a
+signal (re-run to resume) or runs elsewhere, 2 bad input; a SLURM job stopped with a checkpoint: 75.
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .. import machine, registry
+from .. import machine, preempt, registry
 from ..results.stats import harmonic_mean, summarize
 from .jobs import (InputError, Job, Outcome, Settings, build_graph, config_max_epoch,
                    eval_root, inspect, model_args, move_aside, newest_log, quote, run_one, source_dir,
@@ -368,16 +372,21 @@ def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[st
            headline: Optional[str] = None) -> int:
     failed = [o.message for o in outcomes.values() if o.status == "failed"] + extra_failures
     refused = [o.message for o in outcomes.values() if o.status == "refused"]
+    changed = [o.message for o in outcomes.values() if o.status == "changed"]
+    stopped = [o.message for o in outcomes.values() if o.status == "stopped"]
     running = [o.message for o in outcomes.values() if o.status == "running"]
     blocked = [o.message for o in outcomes.values() if o.status == "blocked"]
     nrun = sum(1 for o in outcomes.values() if o.ran)
     nskip = sum(1 for o in outcomes.values() if o.status == "skipped")
     print(flush=True)
-    more = "".join(f", {len(x)} {w}" for x, w in ((refused, "refused"), (running, "running elsewhere"),
-                                                  (blocked, "not run")) if x)
+    more = "".join(f", {len(x)} {w}" for x, w in ((refused + changed, "refused"), (stopped, "stopped"),
+                                                  (running, "running elsewhere"), (blocked, "not run")) if x)
     runner.say(f"{headline or f'done: {nrun} job(s) run'}, {nskip} skipped as finished, {len(failed)} failed{more}")
     for title, items in (("FAILED jobs:", failed),
                          ("REFUSED jobs (finished with other trailing options):", refused),
+                         ("REFUSED resumes (an interrupted run with other trailing options):", changed),
+                         ("STOPPED by a signal (a resumable checkpoint is written; re-run the same command to "
+                          "resume):", stopped),
                          ("RUNNING elsewhere (not started twice; re-run when they have finished):", running),
                          ("NOT RUN (a job they depend on did not finish):", blocked)):
         if items:
@@ -385,7 +394,7 @@ def report(runner: Runner, outcomes: Dict[str, Outcome], extra_failures: List[st
             for m in items:
                 print(f"  {m}", file=sys.stderr)
     sys.stderr.flush()
-    return EXIT_FAILED if failed or refused or running or blocked else EXIT_OK
+    return EXIT_FAILED if failed or refused or changed or stopped or running or blocked else EXIT_OK
 
 
 def launcher_of(env: Dict[str, str]) -> str:
@@ -481,6 +490,12 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
         from .slurm import queued_trainings
         queued = queued_trainings(s, [source_dir(s, seed) for seed in s.seeds])
     jobs, failures = runner.check_trained(jobs, queued) if s.protocol == "dg" else (jobs, [])
+    if s.dry_run and launcher == "slurm":  # what would be submitted: a script of sbatch commands
+        from .slurm import submit
+        known = force_aside(jobs, lambda _job: s, runner.say) if s.force else {}
+        moved = [j.dir for j in jobs if s.force and os.path.exists(j.dir) and j.dir not in known]
+        submit(runner, jobs, env, failures, known, queued=queued, moved=moved)
+        return EXIT_OK
     if s.dry_run:
         runner.dry_run(jobs)
         runner.table(jobs)
@@ -505,6 +520,9 @@ def run_protocol(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: s
 def run_job_spec(path: str) -> int:
     """One job from a spec file (a SLURM job's command): same decisions as a local run."""
     from .jobs import Job as _Job
+    # the time-limit warning may come at any moment: never the default action (terminate) in this
+    # runner, nor in train.py before it installs its handler (an ignored signal stays ignored across exec)
+    signal.signal(preempt.REQUEUE_SIGNAL, signal.SIG_IGN)
     with open(path) as f:
         spec = json.load(f)
     s = Settings(**spec["settings"])
@@ -512,9 +530,13 @@ def run_job_spec(path: str) -> int:
     os.chdir(s.repo)
     runner = Runner(s)
     runner.prefix = "[job]"
-    out = run_one(job, s, runner.say, echo=True)
+    out = run_one(job, s, runner.say, echo=True, forward_signals=True)
     if out.message:
         print(f"{out.status}: {out.message}", file=sys.stderr)
+    if out.status == "stopped":
+        from .slurm import requeue_self
+        requeue_self(out, runner.say)
+        return preempt.EXIT_RESUMABLE
     return EXIT_OK if out.status in ("done", "skipped") else EXIT_FAILED
 
 

@@ -6,7 +6,11 @@ folder each time (so a re-run continues where the last one stopped, whoever ran 
 * finished (``result.json``, and for training ``Finish training`` in its log) with the same trailing
   options -> skipped; with other options -> refused (``FORCE=1`` re-runs it);
 * an evaluation older than the checkpoint it evaluates -> stale: moved aside and redone;
-* training with checkpoints but unfinished -> resumed (``train.py`` resumes from its output folder);
+* training with checkpoints but unfinished -> resumed (``train.py`` resumes from its output folder,
+  and refuses if the settings in its checkpoint differ); with other trailing options than the
+  interrupted run recorded -> changed: refused (``FORCE=1`` starts it over);
+* stopped by a signal (``train.py`` exit status 75, a resumable checkpoint written) -> stopped; the
+  SLURM job requeues itself after SIGUSR1 (spotlighter/preempt.py);
 * locked by a live process (``train.py`` holds ``spotlighter.runlock.OutputLock`` on its folder)
   -> running elsewhere: never started twice.
 
@@ -20,13 +24,15 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .. import registry
+from .. import preempt, registry
 from ..results.constants import (BASE2NEW_DIR, BASE2NEW_ROLE_DIRS, FINISH_SIGNAL, LOG_FILE, RESULT_FILE,
                                  ROLE_ALL, ROLE_BASE, ROLE_NEW, SEED_DIR_PREFIX, SHOTS_DIR_PREFIX, TRAIN_ALL_DIR,
                                  XD_CONFIG_SUFFIX, transfer_dirs)
@@ -292,7 +298,7 @@ def recorded_options(d: str) -> Optional[str]:
 
 @dataclass
 class State:
-    name: str  # absent | finished | mismatch | stale | running | resume | rerun
+    name: str  # absent | finished | mismatch | changed | stale | running | resume | rerun
     note: str = ""
 
 
@@ -315,6 +321,12 @@ def inspect(job: Job, s: Settings) -> State:
                 return State("stale", f"{ckpt} is newer than {d}/{RESULT_FILE} (the model was retrained)")
         return State("finished")
     if job.kind == TRAIN and has_checkpoint(d):
+        opts = recorded_options(d)
+        if opts is not None and opts != s.options_text:
+            return State("changed", f"{d} holds an interrupted training with other trailing options ({opts}) than "
+                                    f"now ({s.options_text}): resuming it would mix two runs; FORCE=1 starts it "
+                                    f"over (the old folder is moved to {s.output}/{BACKUP_DIR}/), or use another "
+                                    "OUTPUT")
         return State("resume", f"{d} has checkpoints but no finished run; re-running into it resumes training")
     return State("rerun", f"{d} exists but holds no finished result")
 
@@ -348,10 +360,33 @@ def quote(argv: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
-    status: str  # done | skipped | failed | refused | running
+    status: str  # done | skipped | failed | refused | changed | stopped | running
     message: str = ""
     seconds: float = 0.0
     ran: bool = False
+    stop_signal: Optional[int] = None  # stopped: the signal train.py stopped on
+
+
+@contextmanager
+def forwarding(proc: subprocess.Popen, received: List[int], trains: bool = True):
+    """While the job runs: pass :data:`spotlighter.preempt.STOP_SIGNALS` this runner gets on to the
+    job's process (``train.py`` checkpoints and exits 75), and note them in ``received``. An
+    evaluation (``trains`` False) has nothing to save: the time-limit warning does not stop it."""
+    def forward(signum, _frame):
+        received.append(signum)
+        if signum == preempt.REQUEUE_SIGNAL and not trains:
+            return
+        try:
+            proc.send_signal(signum)
+        except OSError:  # already gone
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in preempt.STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def command(job: Job, s: Settings, load: Sequence[str]) -> List[str]:
@@ -368,19 +403,31 @@ def popen(cmd: Sequence[str], env: Dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
+def write_options(job: Job, s: Settings) -> None:
+    with open(os.path.join(job.dir, OPTIONS_FILE), "w") as f:
+        f.write(s.options_text + "\n")
+
+
 def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True,
-            env: Optional[Dict[str, str]] = None, start: Optional[Callable] = None) -> Outcome:
+            env: Optional[Dict[str, str]] = None, start: Optional[Callable] = None,
+            forward_signals: bool = False) -> Outcome:
     """Decide from the folder what the job needs, and run it (``echo``: its output on our stdout).
 
     ``start(cmd, env)`` starts the job's process (default: :func:`popen`; the local launcher's
     pre-imported forkserver, spotlighter.run.fast, has the same interface); its ``stdout`` carries
-    the job's stdout and stderr.
+    the job's stdout and stderr. ``forward_signals`` (main thread only; the SLURM job): stop signals
+    this process gets are passed on to the job's process.
+
+    ``run-options.txt`` says what the folder's run ran with: written before a fresh run, and after a
+    resumed one has finished (a resume ``train.py`` refuses leaves the old run's record alone).
     """
     st = inspect(job, s)
     if st.name == "running":
         return Outcome("running", st.note)
     if st.name == "mismatch":
         return Outcome("refused", f"{job.name}: {st.note}")
+    if st.name == "changed":
+        return Outcome("changed", f"{job.name}: {st.note}")
     if st.name == "finished":
         say(f"skip (finished): {job.dir}")
         return Outcome("skipped")
@@ -396,8 +443,8 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
         elif st.name in ("resume", "rerun"):
             say(f"{'resume' if st.name == 'resume' else 're-run'}: {st.note}")
         os.makedirs(job.dir, exist_ok=True)
-        with open(os.path.join(job.dir, OPTIONS_FILE), "w") as f:
-            f.write(s.options_text + "\n")
+        if st.name != "resume":
+            write_options(job, s)
         runlog = os.path.join(job.dir, RUN_LOG.format(ts=s.ts))
         cmd = command(job, s, load)
         write_line(runlog, quote(cmd))
@@ -406,17 +453,19 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
     say(f"run ({job.kind}): {job.dir}")
     t0 = time.monotonic()
     proc = None
+    received: List[int] = []
     try:
         with open(runlog, "ab") as log:
             proc = (start or popen)(cmd, {**os.environ, **(env or {})})
-            out = sys.stdout.buffer if echo else None
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-                log.write(chunk)
-                log.flush()
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-            rc = proc.wait()
+            with forwarding(proc, received, job.kind == TRAIN) if forward_signals else nullcontext():
+                out = sys.stdout.buffer if echo else None
+                for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                    log.write(chunk)
+                    log.flush()
+                    if out is not None:
+                        out.write(chunk)
+                        out.flush()
+                rc = proc.wait()
         dt = time.monotonic() - t0
         write_line(runlog, f"{ELAPSED_PREFIX}{dt:.1f} s, exit status {rc}")
     except FileNotFoundError as exc:
@@ -426,6 +475,11 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
             proc.kill()
             proc.wait()
         return Outcome("failed", f"{job.name}: cannot write {runlog}: {exc.strerror or exc}", ran=True)
+    if rc == preempt.EXIT_RESUMABLE and job.kind == TRAIN:
+        sig = received[0] if received else None
+        by = f"by {preempt.signal_name(sig)} " if sig is not None else ""
+        return Outcome("stopped", f"{job.name}: stopped {by}with a resumable checkpoint; re-running resumes it "
+                                  f"(see {runlog})", dt, ran=True, stop_signal=sig)
     if rc != 0:
         holder = lock_holder(job.dir)
         if holder is not None:  # another process took the folder between our check and train.py's lock
@@ -438,6 +492,11 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
         want = RESULT_FILE if job.kind == EVAL else f"'{FINISH_SIGNAL}' in {LOG_FILE} and {RESULT_FILE}"
         return Outcome("failed", f"{job.name}: train.py exited 0 but the folder lacks {want}; see {runlog}",
                        dt, ran=True)
+    if st.name == "resume":
+        try:
+            write_options(job, s)
+        except OSError as exc:
+            return Outcome("failed", f"{job.name}: cannot write {OPTIONS_FILE}: {exc.strerror or exc}", dt, ran=True)
     return Outcome("done", seconds=dt, ran=True)
 
 

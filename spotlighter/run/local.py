@@ -21,6 +21,8 @@ from .jobs import Job, Outcome, Settings, run_one
 
 OK = ("done", "skipped")
 BLOCKED_VERB = {"failed": "failed", "refused": "was finished with other trailing options",
+                "changed": "holds an interrupted run with other trailing options",
+                "stopped": "was stopped by a signal (re-run to resume it)",
                 "running": "is running elsewhere", "blocked": "was not run"}
 
 

@@ -17,7 +17,18 @@ comments) and/or the environment, the environment winning:
   gpus_per_job   SLURM_GPUS_PER_JOB   --gres=gpu:N      (training and evaluation jobs, not the table)
   cpus_per_job   SLURM_CPUS_PER_JOB   --cpus-per-task
   mem_per_job    SLURM_MEM_PER_JOB    --mem
+  signal_margin  SLURM_SIGNAL_MARGIN  --signal=B:USR1@N (default 300 s; 0: none)
+  requeue        SLURM_REQUEUE        --requeue (default yes) | --no-requeue (no)
   extra          SLURM_EXTRA          any other options, e.g. "--qos=normal --constraint=a100"
+
+Preemption and time limits: ``signal_margin`` seconds before its time limit SLURM sends the job
+SIGUSR1; the job passes it on to ``train.py``, which finishes its current step, writes a resumable
+checkpoint and exits 75, and the job requeues itself (``scontrol requeue``): it starts again, resumes
+from that checkpoint, and its evaluation and the table (which depend on it) wait for it. A job
+preempted by SLURM (SIGTERM) checkpoints the same way and is requeued by SLURM (``--requeue``). The
+jobs' logs are opened with ``--open-mode=append``, so a requeued job's log keeps its first part.
+``LAUNCHER=slurm DRY_RUN=1`` prints the submission as a script (the spec and batch files as
+here-documents, the sbatch commands with their dependencies) and submits nothing.
 
 Submitted jobs are recorded in ``$OUTPUT/slurm/jobs.jsonl`` (folder -> job id), their batch scripts
 and SLURM logs in ``$OUTPUT/slurm/<time>/``. A job still queued or running from an earlier submission
@@ -28,13 +39,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from .jobs import EVAL, TRAIN, InputError, Job, Outcome, Settings, elapsed_of, inspect, quote
+from .. import preempt
+from .jobs import EVAL, TRAIN, InputError, Job, Outcome, Settings, State, elapsed_of, inspect, quote
 from .local import fmt_seconds
 
 OPTIONS = {  # key -> (environment variable, sbatch option format)
@@ -44,10 +57,18 @@ OPTIONS = {  # key -> (environment variable, sbatch option format)
     "gpus_per_job": ("SLURM_GPUS_PER_JOB", "--gres=gpu:{}"),
     "cpus_per_job": ("SLURM_CPUS_PER_JOB", "--cpus-per-task={}"),
     "mem_per_job": ("SLURM_MEM_PER_JOB", "--mem={}"),
+    "signal_margin": ("SLURM_SIGNAL_MARGIN", "--signal=B:" + preempt.REQUEUE_SIGNAL.name[3:] + "@{}"),
+    "requeue": ("SLURM_REQUEUE", "{}"),
     "extra": ("SLURM_EXTRA", None),
 }
-#: Options the table job does not get (it needs no GPU).
-COMPUTE_ONLY = ("gpus_per_job",)
+#: Defaults of the options above (the others have none): the stop signal comes 5 minutes before the
+#: time limit (a training step and a checkpoint take seconds), and a stopped job is requeued.
+DEFAULTS = {"signal_margin": "300", "requeue": "yes"}
+#: Options the table job does not get (it needs no GPU, trains nothing).
+COMPUTE_ONLY = ("gpus_per_job", "signal_margin", "requeue")
+#: Options every training/evaluation job gets: a requeued job appends to its log.
+COMPUTE_ALWAYS = ("--open-mode=append",)
+YES, NO = ("yes", "1", "true", "on"), ("no", "0", "false", "off")
 LEDGER = "jobs.jsonl"
 SLURM_DIR = "slurm"
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
@@ -75,15 +96,34 @@ def read_config(path: str) -> Dict[str, str]:
     return cfg
 
 
+def _checked(key: str, value: str, env_name: str) -> str:
+    """The sbatch value of ``signal_margin`` / ``requeue`` ("" for none)."""
+    if key == "signal_margin":
+        if not value.isdigit():
+            raise InputError(f"{env_name} must be a number of seconds (e.g. 300; 0 for no signal), got '{value}'")
+        return "" if int(value) == 0 else value
+    if key == "requeue":
+        if value.lower() not in YES + NO:
+            raise InputError(f"{env_name} must be yes or no, got '{value}'")
+        return "--requeue" if value.lower() in YES else "--no-requeue"
+    return value
+
+
 def sbatch_options(env: Dict[str, str]) -> tuple:
     """(options of training/evaluation jobs, options of the table job)."""
-    cfg = read_config(env["SLURM_CONFIG"]) if env.get("SLURM_CONFIG") else {}
+    cfg = dict(DEFAULTS)
+    source = {k: f"SLURM_CONFIG {k}" for k in cfg}
+    if env.get("SLURM_CONFIG"):
+        read = read_config(env["SLURM_CONFIG"])
+        cfg.update(read)
+        source.update({k: f"{env['SLURM_CONFIG']}: {k}" for k in read})
     for key, (var, _fmt) in OPTIONS.items():
         if env.get(var):
-            cfg[key] = env[var]
-    compute: List[str] = []
+            cfg[key], source[key] = env[var], var
+    compute: List[str] = list(COMPUTE_ALWAYS)
     table: List[str] = []
     for key, value in cfg.items():
+        value = _checked(key, value, source.get(key, key))
         if not value:
             continue
         fmt = OPTIONS[key][1]
@@ -171,12 +211,67 @@ def queued_trainings(s: Settings, dirs: Sequence[str]) -> Dict[str, str]:
     return {d: jid for d, jid in entries.items() if live.get(jid) in ACTIVE}
 
 
+def requeue_self(out: Outcome, say) -> None:
+    """After ``train.py`` stopped with a resumable checkpoint (a SLURM job's ``spotlighter.run job``):
+    requeue this SLURM job when the stop signal was the time-limit warning (``--signal``)."""
+    sig = preempt.signal_name(out.stop_signal) if out.stop_signal is not None else "a signal"
+    jid = os.environ.get("SLURM_JOB_ID")
+    if out.stop_signal != preempt.REQUEUE_SIGNAL:
+        say(f"not requeued: stopped by {sig} (preemption, scancel or the time limit: a job submitted with "
+            "--requeue is requeued by SLURM when it is preempted); re-submitting resumes it")
+        return
+    if not jid:
+        say("not under SLURM (no SLURM_JOB_ID): re-run the same command to resume")
+        return
+    say(f"requeueing SLURM job {jid} (scontrol requeue): it resumes from the checkpoint when it runs again")
+    sys.stdout.flush()
+    r = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"error: scontrol requeue {jid} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}; submit "
+              "the same command again to resume", file=sys.stderr)
+
+
+class _Plan:
+    """Writes the job files and runs sbatch, or (DRY_RUN) prints both as a shell script."""
+
+    def __init__(self, dry: bool):
+        self.dry = dry
+
+    def mkdir(self, path: str) -> None:
+        if self.dry:
+            print(quote(["mkdir", "-p", path]))
+        else:
+            os.makedirs(path, exist_ok=True)
+
+    def write(self, path: str, text: str) -> None:
+        if self.dry:
+            end = "SPOTLIGHTER_EOF"
+            print(f"cat > {shlex.quote(path)} <<'{end}'\n{text}{'' if text.endswith(chr(10)) else chr(10)}{end}")
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+
+    def sbatch(self, cmd: List[str], var: str):
+        """(job id or "$var" in a dry run, error line or None)."""
+        if self.dry:  # the ids of earlier jobs are shell variables: "$J000" expands, the rest is quoted
+            argv = " ".join(f'"{a}"' if re.fullmatch(r"--dependency=\w+(:\$\w+)+", a) else shlex.quote(a) for a in cmd)
+            print(f"{var}=$({argv}) && {var}=${{{var}%%;*}} || exit 1")
+            return f"${var}", None
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            return None, (r.stderr.strip().splitlines() or ["?"])[-1]
+        return r.stdout.strip().split(";")[0], None
+
+
 def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
-           outcomes: Optional[Dict[str, Outcome]] = None, queued: Optional[Dict[str, str]] = None) -> int:
+           outcomes: Optional[Dict[str, Outcome]] = None, queued: Optional[Dict[str, str]] = None,
+           moved: Sequence[str] = ()) -> int:
     """Submit ``jobs``; ``queued``: model folders trained by SLURM jobs submitted earlier (dg after
-    xd), whose evaluations depend on those jobs."""
+    xd), whose evaluations depend on those jobs. With DRY_RUN print the submission instead
+    (``moved``: folders FORCE=1 moves aside first, taken as absent)."""
     s: Settings = runner.s
-    if shutil.which("sbatch") is None:
+    plan = _Plan(s.dry_run)
+    if shutil.which("sbatch") is None and not s.dry_run:
         raise InputError("LAUNCHER=slurm needs sbatch on PATH (run on a SLURM login node), or use LAUNCHER=local")
     compute_opts, table_opts = sbatch_options(env)
     outcomes = dict(outcomes or {})
@@ -184,8 +279,8 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
     live = squeue_states([e["id"] for e in ledger.values()])
     subdir = os.path.join(_out_abs(s), SLURM_DIR, s.ts)
     try:
-        os.makedirs(subdir, exist_ok=True)
-        ledger_file = open(os.path.join(_out_abs(s), SLURM_DIR, LEDGER), "a")
+        plan.mkdir(subdir)
+        ledger_file = open(os.devnull if s.dry_run else os.path.join(_out_abs(s), SLURM_DIR, LEDGER), "a")
     except OSError as exc:
         print(f"error: cannot write {subdir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -204,13 +299,15 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
             dep_ids = [ids[d] for d in job.deps if d in ids]
             if queued and job.model_dir in queued:
                 dep_ids.append(queued[job.model_dir])
-            st = inspect(job, s)
+            st = State("absent") if job.dir in moved else inspect(job, s)
             if st.name == "running":
                 outcomes[job.dir] = Outcome("running", st.note)
                 runner.say(st.note)
                 continue
-            if st.name == "mismatch":
-                outcomes[job.dir] = Outcome("refused", f"{job.name}: {st.note}")
+            if st.name in ("mismatch", "changed"):
+                outcomes[job.dir] = Outcome("refused" if st.name == "mismatch" else "changed", f"{job.name}: {st.note}")
+                if s.dry_run:
+                    runner.say(f"refused: {job.name}: {st.note}")
                 continue
             if st.name == "finished" and not dep_ids:
                 outcomes[job.dir] = Outcome("skipped")
@@ -223,49 +320,51 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
                 runner.say(f"already {live[prev['id']].lower()} as SLURM job {prev['id']}: {job.dir}")
                 continue
             stem = os.path.join(subdir, f"{n:03d}-{job.kind}-{job.dataset}-seed{job.seed}")
-            with open(stem + ".json", "w") as f:
-                json.dump({"settings": s.__dict__, "job": job.__dict__}, f, indent=1)
-            with open(stem + ".sh", "w") as f:
-                f.write(_batch_script(s, stem + ".json", job.name))
+            if s.dry_run:
+                print(f"\n# {job.name}")
+            plan.write(stem + ".json", json.dumps({"settings": {**s.__dict__, "dry_run": False},
+                                                   "job": job.__dict__}, indent=None if s.dry_run else 1) + "\n")
+            plan.write(stem + ".sh", _batch_script(s, stem + ".json", job.name))
             cmd = ["sbatch", "--parsable", f"--job-name=spl-{job.kind}-{job.dataset}-s{job.seed}",
                    f"--output={stem}-%j.out", f"--chdir={s.repo}", *compute_opts]
             if dep_ids:  # and cancelled when its training fails, so the table job (afterany) still runs
                 cmd += [f"--dependency=afterok:{':'.join(dep_ids)}", "--kill-on-invalid-dep=yes"]
             cmd.append(stem + ".sh")
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                outcomes[job.dir] = Outcome("failed", f"{job.name}: sbatch failed: "
-                                                      f"{(r.stderr.strip().splitlines() or ['?'])[-1]} ({quote(cmd)})")
+            jid, err = plan.sbatch(cmd, f"J{n:03d}")
+            if err is not None:
+                outcomes[job.dir] = Outcome("failed", f"{job.name}: sbatch failed: {err} ({quote(cmd)})")
                 continue
-            jid = r.stdout.strip().split(";")[0]
             ids[job.dir] = jid
             submitted += 1
             outcomes[job.dir] = Outcome("submitted")
             ledger_file.write(json.dumps({"dir": job.dir, "id": jid, "kind": job.kind, "ts": s.ts,
                                           "log": f"{stem}-{jid}.out"}) + "\n")
             ledger_file.flush()
-            runner.say(f"submitted {job.name} as SLURM job {jid}"
-                       + (f" (after {', '.join(dep_ids)})" if dep_ids else ""))
+            if not s.dry_run:
+                runner.say(f"submitted {job.name} as SLURM job {jid}"
+                           + (f" (after {', '.join(dep_ids)})" if dep_ids else ""))
     table_note = ""
     if ids:
         table_cmd = quote([*s.python, "-m", "spotlighter.results", *runner.table_args()])
         script = os.path.join(subdir, "table.sh")
-        with open(script, "w") as f:
-            f.write("\n".join(["#!/bin/bash", "# spotlighter.run: the end-of-protocol table",
-                               f"cd {shlex.quote(s.repo)}",
-                               f"export PYTHONPATH={shlex.quote(s.repo)}${{PYTHONPATH:+:$PYTHONPATH}}",
-                               table_cmd, ""]))
+        if s.dry_run:
+            print("\n# the end-of-protocol table, after every job above")
+        plan.write(script, "\n".join(["#!/bin/bash", "# spotlighter.run: the end-of-protocol table",
+                                      f"cd {shlex.quote(s.repo)}",
+                                      f"export PYTHONPATH={shlex.quote(s.repo)}${{PYTHONPATH:+:$PYTHONPATH}}",
+                                      table_cmd, ""]))
         cmd = ["sbatch", "--parsable", "--job-name=spl-table", f"--output={subdir}/table-%j.out",
                f"--chdir={s.repo}", *table_opts, f"--dependency=afterany:{':'.join(ids.values())}", script]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode == 0:
-            jid = r.stdout.strip().split(";")[0]
+        jid, err = plan.sbatch(cmd, "TABLE")
+        if err is None and not s.dry_run:
             table_note = f"{subdir}/table-{jid}.out"
             runner.say(f"submitted the table as SLURM job {jid} -> {table_note}")
-        else:
-            failures.append(f"table: sbatch failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        elif err is not None:
+            failures.append(f"table: sbatch failed: {err}")
     else:
         runner.table(jobs)
+    if s.dry_run:
+        return 0
     from .cli import report
     reused = sum(1 for o in outcomes.values() if o.status == "submitted") - submitted
     code = report(runner, {d: o for d, o in outcomes.items() if o.status != "submitted"}, failures,
