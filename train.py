@@ -79,10 +79,17 @@ def reset_cfg(cfg, args) -> None:
 
 
 def _merge_file(cfg, path: str, what: str) -> None:
+    import yaml
+
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path!r} does not exist.")
     try:
         cfg.merge_from_file(path)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{what} {path} is not valid YAML{line}: {problem}.") from None
     except KeyError as exc:
         raise UsageError(f"{path}: {exc.args[0]}. Only keys declared by Dassl or by "
                          "spotlighter/config.py (extend_cfg) may appear in a config file.") from exc
@@ -169,7 +176,10 @@ def run(args) -> None:
     import datasets  # noqa: F401  registers the datasets
     import trainers  # noqa: F401  registers the trainers
 
+    from spotlighter.config import check_dassl_cfg
+
     cfg = setup_cfg(args)
+    check_dassl_cfg(cfg)  # a bad value is one line now, not a traceback after the data is loaded
     check_registered(cfg)
     # One process per output folder, for its whole life: taken before Dassl opens log.txt or a
     # checkpoint is read, released (by the kernel, however the process ends) when it exits.

@@ -196,12 +196,28 @@ def test_zero_shot_eval_only(data_root, tiny_clip_path, tmp_path):
     (["TRAINER.SPOTLIGHTER.TOP_K", "five"], "TRAINER.SPOTLIGHTER.TOP_K"),
     (["TRAINER.SPOTLIGHTER.NO_SUCH_KEY", "1"], "TRAINER.SPOTLIGHTER.NO_SUCH_KEY"),
     (["TRAINER.SPOTLIGHTER.PREC", "fp8"], "TRAINER.SPOTLIGHTER.PREC = 'fp8' is invalid"),
+    (["OPTIM.MAX_EPOCH", "-3"], "error: OPTIM.MAX_EPOCH = -3 is invalid: expected an integer >= 1."),
+    (["OPTIM.NAME", "sgdd"], "error: OPTIM.NAME = 'sgdd' is invalid: expected one of"),
+    (["SEED", "4294967296"], "error: SEED (--seed) = 4294967296 is invalid"),
+    (["TRAINER.SPOTLIGHTER.IRM.HEADS", "7"], "error: TRAINER.SPOTLIGHTER.IRM.HEADS = 7 is invalid: expected a "
+                                             "divisor of the CLIP's embedding width"),
 ])
 def test_bad_config_is_a_clear_error(extra, message, data_root, tiny_clip_path, tmp_path, capsys):
     code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "bad", extra=extra), capsys)
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+def test_yaml_syntax_error_names_file_and_line(data_root, tiny_clip_path, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("OPTIM:\n  LR: [0.002\n  MAX_EPOCH: 2\n")
+    argv = train_argv(data_root, tiny_clip_path, tmp_path / "out", trainer="CoOp")
+    argv[argv.index("--config-file") + 1] = str(bad)
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: --config-file {bad} is not valid YAML (line 3, column")
+    assert not (tmp_path / "out").exists()  # refused before the output folder is touched
 
 
 def test_unknown_trainer(data_root, tiny_clip_path, tmp_path, capsys):
