@@ -240,6 +240,25 @@ def load_datum_pickle(path: str, keys: Sequence[str], dataset_dir: str, doc: str
     return localize_items(groups, dataset_dir, path, doc=doc, confine=confine)
 
 
+def check_unique_classnames(groups, dataset: str, source: str) -> None:
+    """Raise a DatasetError when two labels of the Datum lists ``groups`` share a class name (the
+    prompts, and Spotlighter's class memory, are keyed by class name: such classes get one prompt
+    and each other's prototypes). ``source``: the file the names come from."""
+    labels_of = {}
+    for items in groups:
+        for it in items:
+            labels_of.setdefault(it.classname, set()).add(it.label)
+    dups = sorted((name, sorted(labs)) for name, labs in labels_of.items() if len(labs) > 1)
+    if dups:
+        listed = "; ".join(f"'{name}' is the name of labels {', '.join(map(str, labs))}" for name, labs in dups[:5])
+        more = f"; and {len(dups) - 5} more" if len(dups) > 5 else ""
+        raise DatasetError(
+            f"{dataset}: {len(dups)} class name(s) are shared by different classes in {source}: {listed}{more}. "
+            "Each class needs its own name (the prompts and Spotlighter's class memory are keyed by class "
+            "name): rename them"
+        )
+
+
 def count_by_class(items):
     counts = {}
     names = {}
@@ -298,6 +317,9 @@ class CoOpDataset(DatasetBase):
             subsample_classes([], subsample=subsample)
 
         train, val, test = self.read_data()
+        check_unique_classnames((train, val, test), self.layout.name,
+                                getattr(self, "names_source", None) or getattr(self, "split_path", None)
+                                or self.dataset_dir)
         num_shots = int(cfg.DATASET.NUM_SHOTS)
         if num_shots >= 1:
             train, val = self.fewshot(train, val, num_shots, cfg.SEED)
@@ -384,6 +406,7 @@ class ImageNetFolderDataset(CoOpDataset):
             train, test = data["train"], data["test"]
         else:
             text_file = require_file(os.path.join(self.dataset_dir, "classnames.txt"), self.layout)
+            self.names_source = text_file
             classnames = read_classnames(text_file)
             train = self.read_folders(classnames, "train")
             test = self.read_folders(classnames, "val")
@@ -428,11 +451,13 @@ class ImageNetVariantDataset(DatasetBase):
         self.dataset_dir = require_dir(self.layout.path(self.root), self.layout, "dataset folder")
         self.image_dir = require_dir(os.path.join(self.dataset_dir, self.layout.image_dir),
                                      self.layout, "image folder")
-        classnames = read_classnames(self.classnames_file())
+        names_file = self.classnames_file()
+        classnames = read_classnames(names_file)
         data = self.read_data(classnames)
         if not data:
             raise DatasetError(f"{self.layout.name}: no images found under {self.image_dir} "
                                f"(see {self.layout.doc})")
+        check_unique_classnames((data,), self.layout.name, names_file)
         super().__init__(train_x=data, test=data)
 
     def classnames_file(self):

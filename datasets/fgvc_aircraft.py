@@ -19,6 +19,11 @@ class FGVCAircraft(CoOpDataset):
         variants = require_file(os.path.join(self.dataset_dir, "variants.txt"), self.layout)
         with open(variants, "r") as f:
             classnames = [line.strip() for line in f.readlines()]
+        self.names_source = variants
+        dups = sorted({c for c in classnames if classnames.count(c) > 1})
+        if dups:
+            raise DatasetError(f"{self.layout.name}: {variants} lists the variant(s) {dups} more than once; each "
+                               f"line must be a different variant (see {self.layout.doc})")
         cname2lab = {c: i for i, c in enumerate(classnames)}
         return tuple(self.read_list(cname2lab, f"images_variant_{s}.txt") for s in ("train", "val", "test"))
 

@@ -567,3 +567,29 @@ def test_fgvc_line_outside_the_dataset_folder_is_refused(tmp_path):
     with pytest.raises(DatasetError) as e:
         build(tmp_path, "FGVCAircraft")
     assert str(e.value).startswith(f"{listing}: line 1 is '../../x': '..' leads outside the dataset folder {ddir}")
+
+
+def test_two_classes_with_one_name_are_refused(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    split_path = os.path.join(ddir, "split_zhou_DescribableTextures.json")
+    with open(split_path) as f:
+        split = json.load(f)
+    for key in split:  # class 3 is renamed to class 1's name
+        split[key] = [[r, lab, "class_1" if lab == 3 else name] for r, lab, name in split[key]]
+    with open(split_path, "w") as f:
+        json.dump(split, f)
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, "DescribableTextures")
+    assert str(e.value).startswith(f"DescribableTextures: 1 class name(s) are shared by different classes in "
+                                   f"{split_path}: 'class_1' is the name of labels 1, 3. Each class needs its own name")
+
+
+def test_imagenet_classnames_with_a_repeated_name_are_refused(tmp_path):
+    ddir = imagenet_tree(tmp_path)
+    names = os.path.join(ddir, "classnames.txt")
+    lines = open(names).read().splitlines()
+    lines[2] = lines[2].split(" ", 1)[0] + " " + lines[0].split(" ", 1)[1]
+    open(names, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, "ImageNet")
+    assert f"shared by different classes in {names}: " in str(e.value) and "labels 0, 2" in str(e.value)
