@@ -26,6 +26,7 @@ import importlib.util
 import os
 import random
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +85,8 @@ class _Datum:  # stands in for dassl's Datum when reading few-shot caches withou
 
 
 def decode_problem(path):
-    """Why ``path`` cannot be decoded as training would (PIL, converted to RGB), or None."""
+    """Why ``path`` cannot be decoded as training would (PIL, converted to RGB), or None. An image over
+    PIL's decompression-bomb limit is a problem (training refuses it), not only a warning."""
     from PIL import Image
 
     try:
@@ -97,8 +99,10 @@ def decode_problem(path):
 
 def decode_images(paths, what, jobs):
     """[(path, why)] of ``paths`` that do not decode; parallel, with a progress bar on a terminal."""
+    from PIL import Image
     from tqdm import tqdm
 
+    warnings.simplefilter("error", Image.DecompressionBombWarning)  # see decode_problem (threads share it)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(tqdm(pool.map(decode_problem, paths), total=len(paths), desc=f"decoding {what}",
                             unit="img", file=sys.stderr, disable=None, leave=False))

@@ -264,3 +264,25 @@ def test_few_shot_cache_outside_the_dataset_folder_is_a_problem(tmp_path):
                 [os.path.join(ddir, "images", "class_0", "train_0.jpg"), bad])
     code, out, _ = check("--root", tmp_path, "dtd")
     assert code == 1 and f"item 1 of 'train' is {bad!r}: '..' leads outside the dataset folder {ddir}" in out
+
+
+def decompression_bomb(path, pixels):
+    """A tiny PNG file that decodes to ``pixels`` pixels (1-bit, all black)."""
+    from PIL import Image
+
+    width = 20000
+    Image.new("1", (width, pixels // width)).save(path, format="PNG")
+    return path
+
+
+def test_decompression_bomb_is_a_problem(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    bomb = decompression_bomb(os.path.join(ddir, "images", "class_0", "test_0.jpg"), 200_000_000)
+    assert os.path.getsize(bomb) < 100_000
+    code, out, err = check("--root", tmp_path, "--full", "dtd")
+    assert code == 1 and "Traceback" not in err
+    assert f"{bomb} (cannot be decoded: DecompressionBombError: Image size (200000000 pixels) exceeds limit" in out
+    # below twice the limit PIL only warns, and would decode it: a problem all the same
+    decompression_bomb(bomb, 100_000_000)
+    code, out, err = check("--root", tmp_path, "--full", "dtd")
+    assert code == 1 and f"{bomb} (cannot be decoded: DecompressionBombWarning: Image size (100000000" in out

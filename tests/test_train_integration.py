@@ -314,6 +314,25 @@ def test_unreadable_image_is_named(tmp_path, tiny_clip_path, capsys):
     assert code == 2 and f"cannot read image {bad} (UnidentifiedImageError" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("pixels, kind", [(200_000_000, "DecompressionBombError"),
+                                          (100_000_000, "DecompressionBombWarning")])
+def test_decompression_bomb_is_named(pixels, kind, tmp_path, tiny_clip_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    folder = make_tiny_minibench(str(root))
+    split = json.load(open(os.path.join(folder, "split_zhou_MiniBench.json")))
+    bomb = os.path.join(folder, "images", split["test"][0][0])
+    Image.new("1", (20000, pixels // 20000)).save(bomb, format="PNG")  # a few kB that decode to `pixels`
+    argv = ["--eval-only"] + train_argv(str(root), tiny_clip_path, tmp_path / "o", trainer="ZeroshotCLIP",
+                                        extra=["DATALOADER.NUM_WORKERS", "1"])
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]  # (stderr also has tqdm's bar)
+    assert line.startswith(f"error: image {bomb} is refused: Image size ({pixels} pixels) exceeds limit of ")
+    assert "PIL.Image.MAX_IMAGE_PIXELS = 89,478,485" in err and "remove it from the split file" in err
+
+
 # ----------------------------------------------------------------------------- original-repo checkpoints
 ORIGINAL_LAYOUTS = [  # (trainer, write Dassl's 'checkpoint' pointer, --load-epoch)
     ("CoOp", True, None),

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -82,11 +83,22 @@ class TrainingDiverged(FloatingPointError):
 
 
 class CheckedDatasetWrapper(DatasetWrapper):
-    """Dassl's wrapper, but an image that cannot be read is a DatasetError naming the file."""
+    """Dassl's wrapper, but an image that cannot be read is a DatasetError naming the file; so is
+    one over PIL's decompression-bomb limit (which PIL only warns about below twice the limit)."""
 
     def __getitem__(self, idx):
+        from PIL import Image
+
         try:
-            return super().__getitem__(idx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return super().__getitem__(idx)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            path = self.data_source[idx].impath
+            raise DatasetError(f"image {path} is refused: {exc} (PIL.Image.MAX_IMAGE_PIXELS = "
+                               f"{Image.MAX_IMAGE_PIXELS:,}). It is a broken or crafted file, or far larger than "
+                               "training needs: replace it with a good copy (see DATASETS.md) or remove it "
+                               "from the split file.") from None
         except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             path = self.data_source[idx].impath
             raise DatasetError(f"cannot read image {path} ({type(exc).__name__}: {exc}). Replace it with a "
