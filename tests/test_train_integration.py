@@ -201,6 +201,8 @@ def test_zero_shot_eval_only(data_root, tiny_clip_path, tmp_path):
     (["SEED", "4294967296"], "error: SEED (--seed) = 4294967296 is invalid"),
     (["TRAINER.SPOTLIGHTER.IRM.HEADS", "7"], "error: TRAINER.SPOTLIGHTER.IRM.HEADS = 7 is invalid: expected a "
                                              "divisor of the CLIP's embedding width"),
+    (["TRAINER.SPOTLIGHTER.CTX_INIT", " ".join(["photo"] * 80)],
+     "error: TRAINER.SPOTLIGHTER.CTX_INIT = 'photo photo"),
 ])
 def test_bad_config_is_a_clear_error(extra, message, data_root, tiny_clip_path, tmp_path, capsys):
     code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "bad", extra=extra), capsys)

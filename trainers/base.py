@@ -34,6 +34,7 @@ from spotlighter.backbone import FrozenCLIP, PruneSpec, load_clip
 from spotlighter.config import ConfigError, check_precision, check_prune_cfg
 from spotlighter.fileio import atomic_path
 from spotlighter.models import count_trainable
+from spotlighter.prompt import PromptTooLong
 from spotlighter.schedule import build_schedule
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,10 @@ class PromptTrainer(TrainerX):
                               f"{self.clip.input_resolution}; set INPUT.SIZE ({self.clip.input_resolution}, "
                               f"{self.clip.input_resolution}).")
         classnames = self.dm.dataset.classnames
-        self.model = self.build_custom_model(self.clip, classnames).to(self.device)
+        try:
+            self.model = self.build_custom_model(self.clip, classnames).to(self.device)
+        except PromptTooLong as exc:  # name this trainer's CTX_INIT key
+            raise exc.for_node(f"TRAINER.{self.CFG_NODE}") from None
         n_trainable = count_trainable(self.model)
         logger.info("Trainable scalars: %s (frozen CLIP excluded); precision %s on %s",
                     f"{n_trainable:,}", self.precision, self.device)
