@@ -122,9 +122,17 @@ def describe_unreadable(path: str, exc: BaseException) -> str:
     text = str(exc)
     if size == 0:
         return "empty (0 bytes): it was never written completely"
-    if "Weights only load failed" in text and "Unsupported global" in text:
-        return ("a pickle of Python objects, not plain tensors: it was not loaded, because "
-                "unpickling objects can run code")
+    if "Weights only load failed" in text:
+        import re
+
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:  # torch names the refused global in words that vary between its versions
+            return (f"a pickle of Python objects, not plain tensors: it names the global {found.group(1)}, which a "
+                    "weights-only file may not (it was not loaded, because unpickling objects can run code)")
+        if zipfile.is_zipfile(path):
+            reason = next((ln.strip() for ln in text.splitlines()[1:] if ln.strip()), "")
+            return (f"a pickle that the weights-only reader refuses ({reason.rstrip('.')}): it was not loaded, "
+                    "because unpickling objects can run code")
     zip_like = head == b"PK\x03\x04"
     if (zip_like and (not zipfile.is_zipfile(path) or not isinstance(exc, ImportError))) \
             or (head[:1] == b"\x80" and isinstance(exc, (EOFError, OSError, ValueError, IndexError))):

@@ -59,3 +59,29 @@ def test_temps_of_killed_writers_are_removed_by_the_next_write(tmp_path):
         open(tmp, "wb").write(b"done")
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (path, live, remote, other_file))
     assert path.read_bytes() == b"done"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+class _PlainObject:
+    pass
+
+
+@pytest.mark.parametrize("obj, name", [(_RunsCode(), "posix.system"), (_PlainObject(), "test_fileio._PlainObject")])
+def test_checkpoint_naming_a_refused_global_says_so(tmp_path, obj, name):
+    """Not "truncated or corrupt": the file is whole, it names a global a weights-only file may not."""
+    import torch
+
+    from spotlighter.checkpoint import CheckpointError, load
+
+    path = str(tmp_path / "model.pth.tar-1")
+    torch.save({"format": "x", "model": obj}, path)
+    with pytest.raises(CheckpointError) as err:
+        load(path, trainer="CoOp")
+    assert str(err.value).startswith(
+        f"{path} is a pickle of Python objects, not plain tensors: it names the global {name}, which a "
+        "weights-only file may not (it was not loaded, because unpickling objects can run code)")
+    assert "truncated" not in str(err.value) and "weights_only" not in str(err.value)
