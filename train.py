@@ -151,11 +151,22 @@ def check_registered(cfg) -> None:
 
 
 class _CurrentStdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is at the time (Dassl's log.txt tee), never a stale stream."""
+    """Writes to whatever sys.stdout is at the time (Dassl's log.txt tee), never a stale stream.
+
+    A full disk or a read-only log is raised (main prints it as one line and stops) instead of
+    logging's "--- Logging error ---" traceback for every message that follows."""
 
     def emit(self, record):
         self.stream = sys.stdout
         super().emit(record)
+
+    def handleError(self, record):
+        from spotlighter.fileio import OutputWriteError
+
+        exc = sys.exc_info()[1]
+        if OutputWriteError.is_write_error(exc):
+            raise exc
+        super().handleError(record)
 
 
 def configure_logging() -> None:

@@ -701,3 +701,26 @@ def test_promptsrc_teacher_file_named_model_best_loads(data_root, tiny_clip_path
     assert code == 2 and "Traceback" not in err
     assert "prompt_learner.visual_prompts.0: checkpoint [4, 64] vs config None" in err
     assert "TRAINER.PROMPTSRC.N_CTX_TEXT / N_CTX_VISION / PROMPT_DEPTH_TEXT / PROMPT_DEPTH_VISION" in err
+
+
+def test_full_disk_while_logging_is_one_line(data_root, tiny_clip_path, tmp_path, capsys, monkeypatch):
+    """log.txt cannot take a logged message: the run stops with one line, not a logging traceback
+    for every message that follows."""
+    import errno
+
+    from dassl.utils import logger as dassl_logger
+
+    original = dassl_logger.Logger.write
+
+    def write(self, msg):
+        if self.file is not None and "Reading split from" in msg:  # the first message logged by `logging`
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.fpath if hasattr(self, "fpath") else
+                          str(tmp_path / "full" / "log.txt"))
+        return original(self, msg)
+
+    monkeypatch.setattr(dassl_logger.Logger, "write", write)
+    out = tmp_path / "full"
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, out, trainer="CoOp"), capsys)
+    assert code == 2 and "Logging error" not in err and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: cannot write {out}/log.txt (No space left on device): free space "
+                                        "on that file system (or raise the quota), or give another --output-dir."]
