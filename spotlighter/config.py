@@ -28,6 +28,12 @@ FINAL_MODELS = ("last_step", "best_val")
 TEST_SPLITS = ("val", "test")
 COUNT_ITER = ("train_x", "train_u", "smaller_one")
 MAX_SEED = 2**32 - 1  # numpy's seed range (Dassl's set_random_seed seeds numpy)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # dassl.data.transforms.INTERPOLATION_MODES
+TRANSFORMS = ("random_flip", "random_resized_crop", "normalize", "instance_norm", "random_crop",
+              "random_translation", "center_crop", "cutout", "imagenet_policy", "cifar10_policy", "svhn_policy",
+              "randaugment", "randaugment_fixmatch", "randaugment2", "gaussian_noise", "colorjitter",
+              "randomgrayscale", "gaussian_blur")  # dassl.data.transforms.transforms.AVAI_CHOICES
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")  # spotlighter.prompt.CLASS_TOKEN_POSITIONS
 
 
 class ConfigError(ValueError):
@@ -288,6 +294,30 @@ def check_dassl_cfg(cfg: CN) -> None:
 
     _expect(_is_int(cfg.SEED) and cfg.SEED <= MAX_SEED, "SEED (--seed)", cfg.SEED,
             f"an integer in [0, {MAX_SEED}], or negative for no fixed seed")
+
+    _one_of("INPUT.INTERPOLATION", cfg.INPUT.INTERPOLATION, INTERPOLATIONS)
+    unknown = [t for t in cfg.INPUT.TRANSFORMS if t not in TRANSFORMS]
+    _expect(not unknown, "INPUT.TRANSFORMS", list(cfg.INPUT.TRANSFORMS), f"names from {list(TRANSFORMS)}")
+    check_prompt_nodes(cfg.TRAINER)
+
+
+def check_prompt_nodes(trainer: CN) -> None:
+    """The context keys of the prompt trainers' nodes (those present in ``trainer``)."""
+    for name in ("COOP", "COCOOP", "MAPLE", "SPOTLIGHTER"):
+        if name not in trainer:
+            continue
+        node, p = trainer[name], f"TRAINER.{name}."
+        if not node.CTX_INIT:
+            _expect(_is_int(node.N_CTX) and node.N_CTX >= 1, p + "N_CTX", node.N_CTX,
+                    "an integer >= 1 (learnable context tokens) when CTX_INIT is empty")
+        if "CLASS_TOKEN_POSITION" in node:
+            _one_of(p + "CLASS_TOKEN_POSITION", node.CLASS_TOKEN_POSITION, CLASS_TOKEN_POSITIONS)
+    if "COCOOP" in trainer:
+        r = trainer.COCOOP.META_NET_REDUCTION
+        _expect(_is_int(r) and r >= 1, "TRAINER.COCOOP.META_NET_REDUCTION", r, "an integer >= 1")
+    if "MAPLE" in trainer:
+        d = trainer.MAPLE.PROMPT_DEPTH
+        _expect(_is_int(d) and d >= 1, "TRAINER.MAPLE.PROMPT_DEPTH", d, "an integer >= 1 (1 = the input only)")
 
 
 def check_prune_cfg(node: CN) -> None:

@@ -298,6 +298,15 @@ def test_dassl_defaults_and_shipped_configs_pass_check_dassl_cfg():
     ("DATASET.SUBSAMPLE_CLASSES", "half", "DATASET.SUBSAMPLE_CLASSES = 'half' is invalid"),
     ("DATASET.ALLOW_OUTSIDE_PATHS", "yes", "DATASET.ALLOW_OUTSIDE_PATHS = 'yes' is invalid: expected True or "
                                            "False."),
+    ("INPUT.INTERPOLATION", "cubic", "INPUT.INTERPOLATION = 'cubic' is invalid: expected one of ['bilinear', "
+                                     "'bicubic', 'nearest']."),
+    ("INPUT.TRANSFORMS", ["random_flip", "flipme"], "INPUT.TRANSFORMS = ['random_flip', 'flipme'] is invalid: "
+                                                    "expected names from ['random_flip', "),
+    ("TRAINER.COOP.N_CTX", 0, "TRAINER.COOP.N_CTX = 0 is invalid: expected an integer >= 1 (learnable context "
+                              "tokens) when CTX_INIT is empty."),
+    ("TRAINER.COOP.CLASS_TOKEN_POSITION", "top", "TRAINER.COOP.CLASS_TOKEN_POSITION = 'top' is invalid"),
+    ("TRAINER.COCOOP.META_NET_REDUCTION", 0, "TRAINER.COCOOP.META_NET_REDUCTION = 0 is invalid"),
+    ("TRAINER.MAPLE.PROMPT_DEPTH", 0, "TRAINER.MAPLE.PROMPT_DEPTH = 0 is invalid"),
 ])
 def test_check_dassl_cfg_names_key_value_and_expectation(key, value, expected):
     from spotlighter.config import check_dassl_cfg
