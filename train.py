@@ -189,6 +189,9 @@ def run(args) -> None:
 
     from spotlighter.config import check_dassl_cfg
 
+    if args.resume and not os.path.isdir(args.resume):  # Dassl would start from scratch without a word
+        raise UsageError(f"--resume {args.resume}: no such folder. Give the output folder of the run to resume "
+                         "(a run started again with the same --output-dir resumes by itself).")
     cfg = setup_cfg(args)
     check_dassl_cfg(cfg)  # a bad value is one line now, not a traceback after the data is loaded
     check_registered(cfg)

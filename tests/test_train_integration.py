@@ -222,6 +222,16 @@ def test_yaml_syntax_error_names_file_and_line(data_root, tiny_clip_path, tmp_pa
     assert not (tmp_path / "out").exists()  # refused before the output folder is touched
 
 
+def test_resume_of_a_missing_folder_is_refused(data_root, tiny_clip_path, tmp_path, capsys):
+    argv = train_argv(data_root, tiny_clip_path, tmp_path / "out", trainer="CoOp") + []
+    argv[:0] = ["--resume", str(tmp_path / "no-such-run")]
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and err.strip() == (f"error: --resume {tmp_path}/no-such-run: no such folder. Give the output "
+                                         "folder of the run to resume (a run started again with the same "
+                                         "--output-dir resumes by itself).")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_trainer(data_root, tiny_clip_path, tmp_path, capsys):
     argv = ["--root", data_root, "--trainer", "SpotLight", "--dataset-config-file",
             os.path.join(ROOT, "configs/datasets/minibench.yaml"), "--output-dir", str(tmp_path / "x")]
