@@ -205,3 +205,20 @@ def test_protocol_on_a_real_cluster_with_dependencies_table_and_status(env, slur
             sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ids, "-o", "JobName,State"], env=slurm.env,
                                    capture_output=True, text=True).stdout
         assert "spl-train-eurosat-s2|FAILED" in sacct and "spl-eval-eurosat-s2|CANCELLED" in sacct, sacct
+
+
+def test_a_state_accounting_has_not_caught_up_with_is_asked_of_the_controller(tmp_path, monkeypatch):
+    """Right after a job ends, sacct can still say RUNNING (slurmdbd is updated asynchronously): the
+    controller's final state wins; sacct's stale one is kept only for jobs the controller forgot."""
+    from spotlighter.run import slurm as slurm_mod
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sacct").write_text("#!/bin/sh\nprintf '1001|RUNNING\\n1002|COMPLETED\\n1003|PENDING\\n'\n")
+    (bindir / "scontrol").write_text("#!/bin/sh\n[ \"$4\" = 1001 ] && echo 'JobId=1001 JobState=FAILED Reason=x'\n"
+                                     "exit 0\n")
+    for tool in ("sacct", "scontrol"):
+        (bindir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    assert slurm_mod.finished_states(["1001", "1002", "1003"]) == {"1001": "FAILED", "1002": "COMPLETED",
+                                                                   "1003": "PENDING"}

@@ -496,6 +496,11 @@ def test_two_runs_on_one_output_folder(data_root, tiny_clip_path, tmp_path):
             assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
             time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)  # holds the lock for as long as the second one needs
+        stopped_by = time.time() + 30  # the signal is asynchronous: wait until the kernel says it is stopped
+        while os.path.exists(f"/proc/{first.pid}/stat") and \
+                open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.time() < stopped_by
+            time.sleep(0.01)
         holder = lock_holder(str(out))
         assert holder.pid == first.pid and holder.host == socket.gethostname()
         before = sorted(os.listdir(out))
