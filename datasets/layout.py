@@ -224,26 +224,33 @@ class Confinement:
         self.folders = [os.path.normpath(os.path.abspath(f)) for f in folders if f]
         self.real = [os.path.realpath(f) for f in self.folders]
         self.follow_files = follow_files
-        self._real_dirs: Dict[str, str] = {}
+        self._prefixes = tuple(f.rstrip(os.sep) + os.sep for f in self.folders)
+        self._real_dirs: Dict[str, Tuple[str, bool]] = {}  # folder -> (resolved, inside)
 
     @property
     def where(self) -> str:
         return self.folders[0]
 
     def problem(self, path: str) -> Optional[str]:
-        """None when ``path`` is inside, else why not (in words)."""
-        norm = os.path.normpath(path)
-        if not any(_inside(norm, f) for f in self.folders):
-            how = "an absolute path" if not any(part == ".." for part in path.split(os.sep)) else "'..' leads"
-            return f"{how} outside the dataset folder {self.where}"
-        folder, name = os.path.split(norm)
-        real_dir = self._real_dirs.get(folder)
-        if real_dir is None:
-            real_dir = self._real_dirs[folder] = os.path.realpath(folder)
-        real = os.path.join(real_dir, name)
+        """None when ``path`` is inside, else why not (in words). About 1 µs per path in the
+        common case (a plain path under a folder already seen; plus an ``lstat`` with follow_files)."""
+        norm = path
+        if "/." in path or "//" in path or not path.startswith(self._prefixes):  # may need normalising
+            norm = os.path.normpath(path)
+            if not any(_inside(norm, f) for f in self.folders):
+                how = "an absolute path" if not any(part == ".." for part in path.split(os.sep)) else "'..' leads"
+                return f"{how} outside the dataset folder {self.where}"
+        folder, _, name = norm.rpartition(os.sep)
+        known = self._real_dirs.get(folder)
+        if known is None:
+            real_dir = os.path.realpath(folder)
+            known = self._real_dirs[folder] = (real_dir, any(_inside(real_dir, f) for f in self.real))
+        real_dir, inside = known
+        real = None if inside else os.path.join(real_dir, name)
         if self.follow_files and os.path.islink(norm):
             real = os.path.realpath(norm)
-        if not any(_inside(real, f) for f in self.real):
+            inside = any(_inside(real, f) for f in self.real)
+        if not inside:
             return f"a symlink leads to {real}, outside the dataset folder {self.where}"
         return None
 
