@@ -89,10 +89,17 @@ def reset_cfg(cfg, args) -> None:
 
 
 def _merge_file(cfg, path: str, what: str) -> None:
+    import yaml
+
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path!r} does not exist.")
     try:
         cfg.merge_from_file(path)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{what} {path} is not valid YAML{line}: {problem}.") from None
     except KeyError as exc:
         raise UsageError(f"{path}: {exc.args[0]}. Only keys declared by Dassl or by "
                          "spotlighter/config.py (extend_cfg) may appear in a config file.") from exc
@@ -154,11 +161,22 @@ def check_registered(cfg) -> None:
 
 
 class _CurrentStdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is at the time (Dassl's log.txt tee), never a stale stream."""
+    """Writes to whatever sys.stdout is at the time (Dassl's log.txt tee), never a stale stream.
+
+    A full disk or a read-only log is raised (main prints it as one line and stops) instead of
+    logging's "--- Logging error ---" traceback for every message that follows."""
 
     def emit(self, record):
         self.stream = sys.stdout
         super().emit(record)
+
+    def handleError(self, record):
+        from spotlighter.fileio import OutputWriteError
+
+        exc = sys.exc_info()[1]
+        if OutputWriteError.is_write_error(exc):
+            raise exc
+        super().handleError(record)
 
 
 def configure_logging() -> None:
@@ -179,7 +197,13 @@ def run(args) -> None:
     import datasets  # noqa: F401  registers the datasets
     import trainers  # noqa: F401  registers the trainers
 
+    from spotlighter.config import check_dassl_cfg
+
+    if args.resume and not os.path.isdir(args.resume):  # Dassl would start from scratch without a word
+        raise UsageError(f"--resume {args.resume}: no such folder. Give the output folder of the run to resume "
+                         "(a run started again with the same --output-dir resumes by itself).")
     cfg = setup_cfg(args)
+    check_dassl_cfg(cfg)  # a bad value is one line now, not a traceback after the data is loaded
     check_registered(cfg)
     if cfg.RESUME and not os.path.isdir(cfg.RESUME):
         raise UsageError(f"--resume {cfg.RESUME}: no such folder (give the output folder of the run to resume).")

@@ -33,7 +33,9 @@ from spotlighter.fileio import atomic_path
 logger = logging.getLogger(__name__)
 
 from .layout import (
+    ALLOW_OUTSIDE_KEY,
     DOC,
+    Confinement,
     VARIANT_IGNORED,
     DatasetError,
     Layout,
@@ -93,13 +95,17 @@ def items_from_entries(entries, path_prefix):
             for relpath, label, classname in entries]
 
 
-def read_split(filepath, path_prefix, doc=DOC, check=True, fix=None):
+def read_split(filepath, path_prefix, doc=DOC, check=True, fix=None, confine=None):
     """CoOp's ``OxfordPets.read_split`` with validation: returns (train, val, test) Datum lists.
-    ``fix``: the advice for a broken split or missing images (default: re-download/re-extract)."""
+    ``fix``: the advice for a broken split or missing images (default: re-download/re-extract).
+    ``confine``: a :class:`Confinement` every listed image must satisfy (None: no check)."""
     logger.info(f"Reading split from {filepath}")
     split = read_split_entries(filepath, doc=doc, fix=fix)
     out = []
     for key in ("train", "val", "test"):
+        if confine is not None:
+            confine.check(((f"entry {i} of key '{key}'", e[0], os.path.join(path_prefix, e[0]))
+                           for i, e in enumerate(split[key])), f"split file {filepath}")
         if check:
             check_images([os.path.join(path_prefix, e[0]) for e in split[key]],
                          f"{key} split of {filepath}", doc=doc, fix=fix and f"The images do not match the list: {fix}")
@@ -148,17 +154,31 @@ def _remap_prefix(impath: str, dataset_dir: str) -> Optional[str]:
     return None
 
 
-def localize_items(groups: dict, dataset_dir: str, source: str, doc: str = DOC) -> dict:
+def localize_items(groups: dict, dataset_dir: str, source: str, doc: str = DOC,
+                   confine: Optional[Confinement] = None) -> dict:
     """Make the Datum lists of a pickled cache (``{"train": [...], ...}``) point into
     ``dataset_dir``. A cache written on another machine (or under another ``$DATA``) holds absolute
     paths outside it: if the same files exist under the current dataset folder the paths are
-    remapped (with a warning), otherwise a DatasetError says which file to delete."""
+    remapped (with a warning), otherwise a DatasetError says which file to delete. ``confine``: a
+    :class:`Confinement` every (remapped) path must satisfy; None: paths outside are allowed
+    (``DATASET.ALLOW_OUTSIDE_PATHS``) when they can be neither remapped nor found."""
+    out = _localize(groups, dataset_dir, source, confine is None)
+    if confine is not None:
+        for key, items in out.items():
+            confine.check(((f"item {i} of '{key}'", it.impath, it.impath) for i, it in enumerate(items)),
+                          source)
+    return out
+
+
+def _localize(groups: dict, dataset_dir: str, source: str, allow_outside: bool) -> dict:
     prefix = dataset_dir.rstrip(os.sep) + os.sep
     foreign = [it.impath for items in groups.values() for it in items if not it.impath.startswith(prefix)]
     if not foreign:
         return groups
     old = _remap_prefix(foreign[0], dataset_dir)
     if old is None or any(not p.startswith(old + "/") for p in foreign):
+        if allow_outside and all(os.path.isfile(p) for p in foreign):
+            return groups  # DATASET.ALLOW_OUTSIDE_PATHS: the listed images are used where they are
         raise DatasetError(
             f"{source} lists images outside the current dataset folder {dataset_dir} "
             f"(e.g. {foreign[0]}); it was probably copied from another machine or made with another "
@@ -189,10 +209,11 @@ def localize_items(groups: dict, dataset_dir: str, source: str, doc: str = DOC) 
 
 
 def load_datum_pickle(path: str, keys: Sequence[str], dataset_dir: str, doc: str = DOC,
-                      regenerate: str = "it is re-created") -> dict:
+                      regenerate: str = "it is re-created", confine: Optional[Confinement] = None) -> dict:
     """Load a pickled ``{key: [Datum, ...]}`` file (few-shot cache, ImageNet's preprocessed.pkl)
     with the restricted unpickler (a crafted file cannot run code), check its keys and items, and
-    make its paths point into ``dataset_dir``. ``regenerate`` says what deleting the file does."""
+    make its paths point into ``dataset_dir`` (and satisfy ``confine``, unless None). ``regenerate``
+    says what deleting the file does."""
     fix = f"delete it ({regenerate})"
     try:
         data = datum_pickle.load(path, Datum)
@@ -216,7 +237,26 @@ def load_datum_pickle(path: str, keys: Sequence[str], dataset_dir: str, doc: str
         if problem:
             raise DatasetError(f"{path}: '{key}' is not a list of Dassl Datum objects ({problem}); {fix}")
         groups[key] = items
-    return localize_items(groups, dataset_dir, path, doc=doc)
+    return localize_items(groups, dataset_dir, path, doc=doc, confine=confine)
+
+
+def check_unique_classnames(groups, dataset: str, source: str) -> None:
+    """Raise a DatasetError when two labels of the Datum lists ``groups`` share a class name (the
+    prompts, and Spotlighter's class memory, are keyed by class name: such classes get one prompt
+    and each other's prototypes). ``source``: the file the names come from."""
+    labels_of = {}
+    for items in groups:
+        for it in items:
+            labels_of.setdefault(it.classname, set()).add(it.label)
+    dups = sorted((name, sorted(labs)) for name, labs in labels_of.items() if len(labs) > 1)
+    if dups:
+        listed = "; ".join(f"'{name}' is the name of labels {', '.join(map(str, labs))}" for name, labs in dups[:5])
+        more = f"; and {len(dups) - 5} more" if len(dups) > 5 else ""
+        raise DatasetError(
+            f"{dataset}: {len(dups)} class name(s) are shared by different classes in {source}: {listed}{more}. "
+            "Each class needs its own name (the prompts and Spotlighter's class memory are keyed by class "
+            "name): rename them"
+        )
 
 
 def count_by_class(items):
@@ -270,11 +310,16 @@ class CoOpDataset(DatasetBase):
             if self.layout.image_dir else self.dataset_dir
         self.split_fewshot_dir = os.path.join(self.dataset_dir, "split_fewshot")
 
+        # DATASET.ALLOW_OUTSIDE_PATHS (spotlighter/config.py): image paths may lead out of dataset_dir
+        self.allow_outside = bool(cfg.DATASET.get("ALLOW_OUTSIDE_PATHS", False))
         subsample = cfg.DATASET.SUBSAMPLE_CLASSES if "SUBSAMPLE_CLASSES" in cfg.DATASET else "all"
         if subsample not in SUBSAMPLE_CHOICES:  # fail before any work
             subsample_classes([], subsample=subsample)
 
         train, val, test = self.read_data()
+        check_unique_classnames((train, val, test), self.layout.name,
+                                getattr(self, "names_source", None) or getattr(self, "split_path", None)
+                                or self.dataset_dir)
         num_shots = int(cfg.DATASET.NUM_SHOTS)
         if num_shots >= 1:
             train, val = self.fewshot(train, val, num_shots, cfg.SEED)
@@ -282,6 +327,12 @@ class CoOpDataset(DatasetBase):
         super().__init__(train_x=train, val=val, test=test)
 
     # -- layout ------------------------------------------------------------------------------
+    def confinement(self, follow_files: bool = True) -> Optional[Confinement]:
+        """What keeps the listed images inside the dataset folder (None: DATASET.ALLOW_OUTSIDE_PATHS)."""
+        if self.allow_outside:
+            return None
+        return Confinement(self.dataset_dir, self.image_dir, follow_files=follow_files)
+
     def locate(self, dataset_dir):
         """The dataset folder; error naming the expected path and the DATASETS.md section."""
         return require_dir(dataset_dir, self.layout, "dataset folder")
@@ -299,7 +350,7 @@ class CoOpDataset(DatasetBase):
         if os.path.exists(path):
             logger.info(f"Loading preprocessed few-shot data from {path}")
             data = load_datum_pickle(path, self.fewshot_keys, self.dataset_dir, doc=self.layout.doc,
-                                     regenerate=FEWSHOT_REGENERATE)
+                                     regenerate=FEWSHOT_REGENERATE, confine=self.confinement())
             check_images([it.impath for key in self.fewshot_keys for it in data[key]],
                          f"{self.layout.name} few-shot cache {path}", doc=self.layout.doc,
                          fix=f"restore the images, or delete {path} so that it is re-created")
@@ -336,7 +387,7 @@ class SplitJsonDataset(CoOpDataset):
                 f"{self.layout.split_file} as described in {self.layout.doc}"
             )
         require_dir(self.image_dir, self.layout, "image folder")
-        return read_split(split_path, self.image_dir, doc=self.layout.doc)
+        return read_split(split_path, self.image_dir, doc=self.layout.doc, confine=self.confinement())
 
 
 class ImageNetFolderDataset(CoOpDataset):
@@ -348,11 +399,14 @@ class ImageNetFolderDataset(CoOpDataset):
     def read_data(self):
         self.preprocessed = os.path.join(self.dataset_dir, "preprocessed.pkl")
         if os.path.exists(self.preprocessed):
+            # 1.3M images: the folders are resolved, not each file
             data = load_datum_pickle(self.preprocessed, ("train", "test"), self.dataset_dir,
-                                     doc=self.layout.doc, regenerate=PREPROCESSED_REGENERATE)
+                                     doc=self.layout.doc, regenerate=PREPROCESSED_REGENERATE,
+                                     confine=self.confinement(follow_files=False))
             train, test = data["train"], data["test"]
         else:
             text_file = require_file(os.path.join(self.dataset_dir, "classnames.txt"), self.layout)
+            self.names_source = text_file
             classnames = read_classnames(text_file)
             train = self.read_folders(classnames, "train")
             test = self.read_folders(classnames, "val")
@@ -397,11 +451,13 @@ class ImageNetVariantDataset(DatasetBase):
         self.dataset_dir = require_dir(self.layout.path(self.root), self.layout, "dataset folder")
         self.image_dir = require_dir(os.path.join(self.dataset_dir, self.layout.image_dir),
                                      self.layout, "image folder")
-        classnames = read_classnames(self.classnames_file())
+        names_file = self.classnames_file()
+        classnames = read_classnames(names_file)
         data = self.read_data(classnames)
         if not data:
             raise DatasetError(f"{self.layout.name}: no images found under {self.image_dir} "
                                f"(see {self.layout.doc})")
+        check_unique_classnames((data,), self.layout.name, names_file)
         super().__init__(train_x=data, test=data)
 
     def classnames_file(self):

@@ -19,12 +19,18 @@ class FGVCAircraft(CoOpDataset):
         variants = require_file(os.path.join(self.dataset_dir, "variants.txt"), self.layout)
         with open(variants, "r") as f:
             classnames = [line.strip() for line in f.readlines()]
+        self.names_source = variants
+        dups = sorted({c for c in classnames if classnames.count(c) > 1})
+        if dups:
+            raise DatasetError(f"{self.layout.name}: {variants} lists the variant(s) {dups} more than once; each "
+                               f"line must be a different variant (see {self.layout.doc})")
         cname2lab = {c: i for i, c in enumerate(classnames)}
         return tuple(self.read_list(cname2lab, f"images_variant_{s}.txt") for s in ("train", "val", "test"))
 
     def read_list(self, cname2lab, split_file):
         filepath = require_file(os.path.join(self.dataset_dir, split_file), self.layout)
         entries = []
+        confine = self.confinement()
         with open(filepath, "r") as f:
             for n, line in enumerate(f.readlines(), 1):
                 parts = line.strip().split(" ")
@@ -36,7 +42,9 @@ class FGVCAircraft(CoOpDataset):
                         f"{self.layout.name}: line {n} of {filepath} names variant '{classname}', "
                         f"which is not in variants.txt (see {self.layout.doc})"
                     )
-                entries.append((os.path.join(self.image_dir, parts[0] + ".jpg"), cname2lab[classname],
-                                classname))
+                impath = os.path.join(self.image_dir, parts[0] + ".jpg")
+                if confine is not None:
+                    confine.check([(f"line {n}", parts[0], impath)], filepath)
+                entries.append((impath, cname2lab[classname], classname))
         check_images([e[0] for e in entries], f"{self.layout.name} {split_file}", doc=self.layout.doc)
         return [make_datum(*e) for e in entries]

@@ -39,7 +39,7 @@ class GeneratedDataset(SplitJsonDataset):
         self.split_path = os.path.join(self.dataset_dir, self.layout.split_file)
         require_dir(self.image_dir, self.layout, "image folder")
         return read_split(self.split_path, self.image_dir, doc=self.layout.doc,
-                          fix=regenerate_hint(self.layout, self.root))
+                          fix=regenerate_hint(self.layout, self.root), confine=self.confinement())
 
 
 @DATASET_REGISTRY.register()

@@ -12,7 +12,9 @@ For each dataset it checks the folder, the split file (valid JSON with train/val
 classnames.txt and images/train|val, FGVCAircraft's variants.txt and images_variant_*.txt), that
 every listed image exists, and that the few-shot caches in split_fewshot/ (and ImageNet's
 preprocessed.pkl) hold only Dassl Datum objects (read without running code) pointing into this
-$DATA. It decodes, in parallel, every image of the few-shot caches and a random sample of each
+$DATA. Every listed image must lie inside its dataset folder (no absolute paths elsewhere, no '..'
+or symlink leading out), as training requires unless DATASET.ALLOW_OUTSIDE_PATHS is True
+(--allow-outside-paths here). It decodes, in parallel, every image of the few-shot caches and a random sample of each
 split (--sample per split; --full: every image), as training would.
 Exit status: 0 when every checked dataset is usable, 1 otherwise, 2 on bad arguments.
 Needs neither Dassl nor torch.
@@ -24,6 +26,7 @@ import importlib.util
 import os
 import random
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +85,8 @@ class _Datum:  # stands in for dassl's Datum when reading few-shot caches withou
 
 
 def decode_problem(path):
-    """Why ``path`` cannot be decoded as training would (PIL, converted to RGB), or None."""
+    """Why ``path`` cannot be decoded as training would (PIL, converted to RGB), or None. An image over
+    PIL's decompression-bomb limit is a problem (training refuses it), not only a warning."""
     from PIL import Image
 
     try:
@@ -95,8 +99,10 @@ def decode_problem(path):
 
 def decode_images(paths, what, jobs):
     """[(path, why)] of ``paths`` that do not decode; parallel, with a progress bar on a terminal."""
+    from PIL import Image
     from tqdm import tqdm
 
+    warnings.simplefilter("error", Image.DecompressionBombWarning)  # see decode_problem (threads share it)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(tqdm(pool.map(decode_problem, paths), total=len(paths), desc=f"decoding {what}",
                             unit="img", file=sys.stderr, disable=None, leave=False))
@@ -113,7 +119,18 @@ def describe_missing(bad, what, fix):
     return f"{len(bad)} image(s) listed in {what} are missing or unreadable, e.g. {ex}. {fix}"
 
 
-def check_split(lay, ddir, quick, images):
+def outside_problems(confine, items, source):
+    """[one line] when an ``(entry, written, path)`` of ``items`` leaves the dataset folder, else []."""
+    if confine is None:
+        return []
+    try:
+        confine.check(items, source)
+    except L.DatasetError as e:
+        return [str(e)]
+    return []
+
+
+def check_split(lay, ddir, quick, images, confine=None):
     problems, info = [], ""
     split_path = os.path.join(ddir, lay.split_file)
     idir = os.path.join(ddir, lay.image_dir) if lay.image_dir else ddir
@@ -128,6 +145,11 @@ def check_split(lay, ddir, quick, images):
     classes = {e[1] for e in split["train"]}
     info = (f"{len(classes)} classes, train/val/test {len(split['train'])}/{len(split['val'])}/"
             f"{len(split['test'])}")
+    for key in ("train", "val", "test"):
+        outside = outside_problems(confine, ((f"entry {i} of key '{key}'", e[0], os.path.join(idir, e[0]))
+                                             for i, e in enumerate(split[key])), f"split file {split_path}")
+        if outside:
+            return problems + outside, info
     if not quick and not problems:
         for key in ("train", "val", "test"):
             paths = [os.path.join(idir, e[0]) for e in split[key]]
@@ -138,7 +160,7 @@ def check_split(lay, ddir, quick, images):
     return problems, info
 
 
-def check_imagenet(lay, ddir, quick, images):
+def check_imagenet(lay, ddir, quick, images, confine=None):
     problems = []
     cfile = os.path.join(ddir, "classnames.txt")
     classnames = L.read_classnames(cfile) if os.path.isfile(cfile) else None
@@ -165,13 +187,13 @@ def check_imagenet(lay, ddir, quick, images):
                         f"{counts.get('val', 0)}")
     pre = os.path.join(ddir, "preprocessed.pkl")
     if os.path.isfile(pre):
-        problems += check_pickle(pre, ddir, ("train", "test"), quick=True, fix=PREPROCESSED_FIX)
+        problems += check_pickle(pre, ddir, ("train", "test"), quick=True, fix=PREPROCESSED_FIX, confine=confine)
     info = f"{counts.get('train', 0)} classes" + ("" if counts.get("train") in (None, 1000) or not counts
                                                     else " (the benchmark uses all 1000)")
     return problems, info
 
 
-def check_fgvc(lay, ddir, quick, images):
+def check_fgvc(lay, ddir, quick, images, confine=None):
     problems = []
     vfile = os.path.join(ddir, "variants.txt")
     if not os.path.isfile(vfile):
@@ -197,6 +219,11 @@ def check_fgvc(lay, ddir, quick, images):
                 if " ".join(parts[1:]) not in known:
                     problems.append(f"line {n} of {path} names a variant not in variants.txt")
                     break
+                outside = outside_problems(confine, [(f"line {n}", parts[0], os.path.join(idir, parts[0] + L.FGVC_EXT))],
+                                           path)
+                if outside:
+                    problems += outside
+                    break
                 paths.append(os.path.join(idir, parts[0] + L.FGVC_EXT))
         sizes.append(len(paths))
         if not quick and os.path.isdir(idir):
@@ -207,7 +234,7 @@ def check_fgvc(lay, ddir, quick, images):
     return problems, f"{len(variants)} classes, train/val/test {'/'.join(map(str, sizes))}"
 
 
-def check_variant(lay, ddir, quick, images):
+def check_variant(lay, ddir, quick, images, confine=None):
     problems = []
     idir = os.path.join(ddir, lay.image_dir)
     cfile = os.path.join(ddir, "classnames.txt")
@@ -250,7 +277,7 @@ def folder_images(split_dir, folders):
     return out
 
 
-def check_pickle(path, ddir, keys, quick, images=None, fix=FEWSHOT_FIX):
+def check_pickle(path, ddir, keys, quick, images=None, fix=FEWSHOT_FIX, confine=None):
     """Few-shot cache / preprocessed.pkl: only Datum objects (read without running code), the
     expected keys, paths inside this dataset folder. Adds its images to ``images`` to decode."""
     try:
@@ -272,6 +299,12 @@ def check_pickle(path, ddir, keys, quick, images=None, fix=FEWSHOT_FIX):
     prefix = ddir.rstrip(os.sep) + os.sep
     impaths = [it.impath for k in keys for it in data[k]]
     foreign = [p for p in impaths if not p.startswith(prefix)]
+    if confine is None and foreign and not missing_images(foreign[:50]):
+        foreign = []  # --allow-outside-paths: the listed images are used where they are
+    outside = outside_problems(confine, ((f"item {i} of '{k}'", it.impath, it.impath) for k in keys
+                                         for i, it in enumerate(data[k]) if it.impath.startswith(prefix)), path)
+    if outside:
+        return outside
     if foreign:
         name = os.path.basename(ddir.rstrip(os.sep))
         local = [prefix + p.split(f"/{name}/", 1)[1] for p in foreign if f"/{name}/" in p]
@@ -294,20 +327,21 @@ CHECKS = {"split": check_split, "generated": check_split, "imagenet": check_imag
           "fgvc": check_fgvc, "imagenet_variant": check_variant}
 
 
-def check_dataset(root, key, quick=False, full=False, sample=DEFAULT_SAMPLE, jobs=None):
-    """Return (ok, lines) for one dataset."""
+def check_dataset(root, key, quick=False, full=False, sample=DEFAULT_SAMPLE, jobs=None, allow_outside=False):
+    """Return (ok, lines) for one dataset. ``allow_outside``: images may lie outside its folder."""
     lay = L.LAYOUTS[key]
     ddir = lay.path(root)
+    confine = None if allow_outside else L.Confinement(ddir, os.path.join(ddir, lay.image_dir), follow_files=not quick)
     if not os.path.isdir(ddir):
         if lay.kind == "generated":
             return True, [f"SKIP    {key}: {ddir} does not exist yet; it is generated on first use"]
         return False, [f"MISSING {key}: folder {ddir} does not exist; see {lay.doc}"]
     splits, fewshot = {}, {}
-    problems, info = CHECKS[lay.kind](lay, ddir, quick, splits)
+    problems, info = CHECKS[lay.kind](lay, ddir, quick, splits, confine)
     keys = ("train",) if lay.kind == "imagenet" else ("train", "val")
     if lay.kind in ("split", "generated", "fgvc", "imagenet"):
         for pkl in sorted(glob.glob(os.path.join(ddir, "split_fewshot", "*.pkl"))):
-            problems += check_pickle(pkl, ddir, keys, quick, fewshot)
+            problems += check_pickle(pkl, ddir, keys, quick, fewshot, confine=confine)
     if not quick:
         problems += decode_check(key, splits, fewshot, full, sample, jobs)
     notes = [p for p in problems if p.startswith("note: ")]
@@ -353,6 +387,8 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="decode every image, not only a sample")
     p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
                    help=f"random images decoded per split (default {DEFAULT_SAMPLE}), besides the few-shot caches")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="accept images outside their dataset folder (as DATASET.ALLOW_OUTSIDE_PATHS True does)")
     p.add_argument("--jobs", type=int, default=0, metavar="N", help="decoding threads (default: CPUs, at most 8)")
     p.add_argument("--protocol", choices=list(R.PROTOCOLS),
                    help="check the datasets this protocol uses (spotlighter/registry.py) instead of a list")
@@ -387,7 +423,7 @@ def main(argv=None):
     bad = []
     for key in keys:
         ok, lines = check_dataset(root, key, quick=args.quick, full=args.full, sample=max(args.sample, 0),
-                                  jobs=args.jobs or None)
+                                  jobs=args.jobs or None, allow_outside=args.allow_outside_paths)
         print("\n".join(lines))
         if not ok:
             bad.append(key)

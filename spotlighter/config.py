@@ -21,6 +21,22 @@ LOCAL_LOGITS = ("cosine", "dot")  # TRAINER.SPOTLIGHTER.LOSS.LOCAL_LOGITS
 PRUNE_MODES = ("drop", "merge", "evit", "tome")
 MERGING_MODES = ("merge", "tome")  # the modes that merge tokens (sizes, proportional attention)
 MERGE_MIN_KEEP = 0.5  # merging pairs each merged token with one kept token: at most half can go per block
+# The values Dassl (and spotlighter/schedule.py) accept for its keys; anything else fails deep inside
+# the run with a traceback, so check_dassl_cfg refuses it first.
+OPTIMIZERS = ("adam", "amsgrad", "sgd", "rmsprop", "radam", "adamw")  # dassl.optim.optimizer.AVAI_OPTIMS
+LR_SCHEDULERS = ("cosine", "single_step", "multi_step", "constant")  # spotlighter.schedule.SCHEDULERS
+WARMUP_TYPES = ("constant", "linear")
+SAMPLERS = ("RandomSampler", "SequentialSampler", "RandomDomainSampler", "SeqDomainSampler", "RandomClassSampler")
+FINAL_MODELS = ("last_step", "best_val")
+TEST_SPLITS = ("val", "test")
+COUNT_ITER = ("train_x", "train_u", "smaller_one")
+MAX_SEED = 2**32 - 1  # numpy's seed range (Dassl's set_random_seed seeds numpy)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # dassl.data.transforms.INTERPOLATION_MODES
+TRANSFORMS = ("random_flip", "random_resized_crop", "normalize", "instance_norm", "random_crop",
+              "random_translation", "center_crop", "cutout", "imagenet_policy", "cifar10_policy", "svhn_policy",
+              "randaugment", "randaugment_fixmatch", "randaugment2", "gaussian_noise", "colorjitter",
+              "randomgrayscale", "gaussian_blur")  # dassl.data.transforms.transforms.AVAI_CHOICES
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")  # spotlighter.prompt.CLASS_TOKEN_POSITIONS
 
 
 class ConfigError(ValueError):
@@ -52,6 +68,9 @@ def _ivlp_node(n_ctx: int) -> CN:
 def extend_cfg(cfg: CN) -> None:
     """Add this project's keys to a Dassl config (or any yacs node with the same top-level nodes)."""
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new
+    # Image paths of split files and few-shot caches must lie inside the dataset folder (after
+    # resolving symlinks; a symlinked dataset or image folder is fine). True: allow paths outside it.
+    cfg.DATASET.ALLOW_OUTSIDE_PATHS = False
     cfg.MODEL.BACKBONE.PATH = ""  # local CLIP weight file; overrides NAME's download/cache lookup
     # Token dropping in the frozen image encoder, the same for every trainer that supports it
     # (ZeroshotCLIP, CoOp, CoCoOp, Spotlighter; not MaPLe). See docs/efficiency.md.
@@ -237,6 +256,97 @@ def check_precision(key: str, value: str) -> None:
     _one_of(key, value, PRECISIONS)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_dassl_cfg(cfg: CN) -> None:
+    """Validate the Dassl keys a run reads (optimiser, schedule, data loading, seed, test), so that a
+    bad value is one :class:`ConfigError` line before any data or model is loaded."""
+    o = cfg.OPTIM
+    _one_of("OPTIM.NAME", o.NAME, OPTIMIZERS)
+    _expect(_is_number(o.LR) and o.LR > 0, "OPTIM.LR", o.LR, "a finite number > 0")
+    _expect(_is_int(o.MAX_EPOCH) and o.MAX_EPOCH >= 1, "OPTIM.MAX_EPOCH", o.MAX_EPOCH, "an integer >= 1")
+    _expect(_is_number(o.WEIGHT_DECAY) and o.WEIGHT_DECAY >= 0, "OPTIM.WEIGHT_DECAY", o.WEIGHT_DECAY,
+            "a finite number >= 0")
+    _expect(_is_number(o.MOMENTUM) and 0 <= o.MOMENTUM < 1, "OPTIM.MOMENTUM", o.MOMENTUM, "a number in [0, 1)")
+    _one_of("OPTIM.LR_SCHEDULER", o.LR_SCHEDULER, LR_SCHEDULERS)
+    _expect(_is_number(o.GAMMA) and o.GAMMA > 0, "OPTIM.GAMMA", o.GAMMA, "a finite number > 0")
+    steps = list(o.STEPSIZE) if isinstance(o.STEPSIZE, (list, tuple)) else [o.STEPSIZE]
+    if o.LR_SCHEDULER == "multi_step":
+        _expect(bool(steps) and all(_is_int(v) and v >= 1 for v in steps), "OPTIM.STEPSIZE", o.STEPSIZE,
+                "epochs >= 1 with OPTIM.LR_SCHEDULER multi_step")
+    elif o.LR_SCHEDULER == "single_step":
+        _expect(bool(steps) and _is_int(steps[-1]), "OPTIM.STEPSIZE", o.STEPSIZE,
+                "an epoch count with OPTIM.LR_SCHEDULER single_step (<= 0: OPTIM.MAX_EPOCH)")
+    _expect(_is_int(o.WARMUP_EPOCH), "OPTIM.WARMUP_EPOCH", o.WARMUP_EPOCH, "an integer (<= 0: no warm-up)")
+    _expect(o.WARMUP_EPOCH <= o.MAX_EPOCH, "OPTIM.WARMUP_EPOCH", o.WARMUP_EPOCH,
+            f"at most OPTIM.MAX_EPOCH = {o.MAX_EPOCH} (the warm-up epochs are part of the training epochs)")
+    if o.WARMUP_EPOCH > 0:
+        _one_of("OPTIM.WARMUP_TYPE", o.WARMUP_TYPE, WARMUP_TYPES)
+        for name in ("WARMUP_CONS_LR", "WARMUP_MIN_LR"):
+            _expect(_is_number(o[name]) and o[name] > 0, "OPTIM." + name, o[name], "a finite number > 0")
+
+    d = cfg.DATALOADER
+    for loader in ("TRAIN_X", "TEST"):
+        node = d[loader]
+        _expect(_is_int(node.BATCH_SIZE) and node.BATCH_SIZE >= 1, f"DATALOADER.{loader}.BATCH_SIZE",
+                node.BATCH_SIZE, "an integer >= 1")
+        _one_of(f"DATALOADER.{loader}.SAMPLER", node.SAMPLER, SAMPLERS)
+    _expect(_is_int(d.NUM_WORKERS) and d.NUM_WORKERS >= 0, "DATALOADER.NUM_WORKERS", d.NUM_WORKERS,
+            "an integer >= 0 (0 = load in the main process)")
+
+    t = cfg.TRAIN
+    _expect(_is_int(t.PRINT_FREQ) and t.PRINT_FREQ >= 1, "TRAIN.PRINT_FREQ", t.PRINT_FREQ,
+            "an integer >= 1 (log every that many batches)")
+    _expect(_is_int(t.CHECKPOINT_FREQ) and t.CHECKPOINT_FREQ >= 0, "TRAIN.CHECKPOINT_FREQ", t.CHECKPOINT_FREQ,
+            "an integer >= 0 (0 = only the final and the resumable checkpoints)")
+    _one_of("TRAIN.COUNT_ITER", t.COUNT_ITER, COUNT_ITER)
+
+    _one_of("TEST.FINAL_MODEL", cfg.TEST.FINAL_MODEL, FINAL_MODELS)
+    _one_of("TEST.SPLIT", cfg.TEST.SPLIT, TEST_SPLITS)
+
+    ds = cfg.DATASET
+    _expect(_is_int(ds.NUM_SHOTS) and (ds.NUM_SHOTS >= 1 or ds.NUM_SHOTS == -1), "DATASET.NUM_SHOTS",
+            ds.NUM_SHOTS, "an integer >= 1 (images per class), or -1 for every image")
+    if "SUBSAMPLE_CLASSES" in ds:
+        _one_of("DATASET.SUBSAMPLE_CLASSES", ds.SUBSAMPLE_CLASSES, ("all", "base", "new"))
+    if "ALLOW_OUTSIDE_PATHS" in ds:
+        _expect(isinstance(ds.ALLOW_OUTSIDE_PATHS, bool), "DATASET.ALLOW_OUTSIDE_PATHS",
+                ds.ALLOW_OUTSIDE_PATHS, "True or False")
+
+    _expect(_is_int(cfg.SEED) and cfg.SEED <= MAX_SEED, "SEED (--seed)", cfg.SEED,
+            f"an integer in [0, {MAX_SEED}], or negative for no fixed seed")
+
+    _one_of("INPUT.INTERPOLATION", cfg.INPUT.INTERPOLATION, INTERPOLATIONS)
+    unknown = [t for t in cfg.INPUT.TRANSFORMS if t not in TRANSFORMS]
+    _expect(not unknown, "INPUT.TRANSFORMS", list(cfg.INPUT.TRANSFORMS), f"names from {list(TRANSFORMS)}")
+    check_prompt_nodes(cfg.TRAINER)
+
+
+def check_prompt_nodes(trainer: CN) -> None:
+    """The context keys of the prompt trainers' nodes (those present in ``trainer``)."""
+    for name in ("COOP", "COCOOP", "MAPLE", "SPOTLIGHTER"):
+        if name not in trainer:
+            continue
+        node, p = trainer[name], f"TRAINER.{name}."
+        if not node.CTX_INIT:
+            _expect(_is_int(node.N_CTX) and node.N_CTX >= 1, p + "N_CTX", node.N_CTX,
+                    "an integer >= 1 (learnable context tokens) when CTX_INIT is empty")
+        if "CLASS_TOKEN_POSITION" in node:
+            _one_of(p + "CLASS_TOKEN_POSITION", node.CLASS_TOKEN_POSITION, CLASS_TOKEN_POSITIONS)
+    if "COCOOP" in trainer:
+        r = trainer.COCOOP.META_NET_REDUCTION
+        _expect(_is_int(r) and r >= 1, "TRAINER.COCOOP.META_NET_REDUCTION", r, "an integer >= 1")
+    if "MAPLE" in trainer:
+        d = trainer.MAPLE.PROMPT_DEPTH
+        _expect(_is_int(d) and d >= 1, "TRAINER.MAPLE.PROMPT_DEPTH", d, "an integer >= 1 (1 = the input only)")
+
+
 def check_prune_cfg(node: CN) -> None:
     """Validate ``cfg.MODEL.PRUNE`` (block indices are checked against the CLIP when it is built)."""
     p = "MODEL.PRUNE."
@@ -263,8 +373,9 @@ def check_prune_cfg(node: CN) -> None:
                 "(each block merges at most half of its tokens)")
 
 
-def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:
-    """Validate ``cfg.TRAINER.SPOTLIGHTER``; ``num_patches`` (when known) bounds TOP_K."""
+def check_spotlighter_cfg(node: CN, num_patches: int | None = None, width: int | None = None) -> None:
+    """Validate ``cfg.TRAINER.SPOTLIGHTER``; ``num_patches`` (when known) bounds TOP_K, ``width``
+    (the CLIP's embedding width, when known) must be a multiple of IRM.HEADS."""
     p = "TRAINER.SPOTLIGHTER."
     _one_of(p + "PRESET", node.PRESET, PRESETS)
     check_precision(p + "PREC", node.PREC)
@@ -295,6 +406,9 @@ def check_spotlighter_cfg(node: CN, num_patches: int | None = None) -> None:
     _one_of(p + "IRM.KIND", node.IRM.KIND, ("tokens", "global"))
     _expect(isinstance(node.IRM.HEADS, int) and node.IRM.HEADS >= 1, p + "IRM.HEADS",
             node.IRM.HEADS, "an integer >= 1")
+    if width is not None:
+        _expect(width % node.IRM.HEADS == 0, p + "IRM.HEADS", node.IRM.HEADS,
+                f"a divisor of the CLIP's embedding width {width} (each head gets width / HEADS channels)")
     _expect(0.0 <= node.IRM.DROPOUT < 1.0, p + "IRM.DROPOUT", node.IRM.DROPOUT, "a number in [0, 1)")
     for name in ("BETA_TRAIN", "BETA_TEST"):
         v = node.FUSION[name]

@@ -139,6 +139,9 @@ class ClassMemory(nn.Module):
         super().__init__()
         if class_text.shape[0] != len(classnames):
             raise ValueError("one text embedding per class name is needed")
+        shared = sorted({n for n in classnames if list(classnames).count(n) > 1})
+        if shared:  # prototypes are saved and loaded by name: they would go to the wrong class
+            raise ValueError(f"the class memory needs distinct class names; {shared} name several classes")
         protos = F.normalize(class_text.float(), dim=-1).unsqueeze(1).repeat(1, per_class, 1)
         self.register_buffer("prototypes", protos, persistent=False)  # (C, m, d)
         self.classnames = list(classnames)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .backbone import FrozenCLIP
 from .config import ConfigError
 from .method import HeadConfig, SpotlighterHead
-from .prompt import CoCoOpPromptLearner, IVLPPromptLearner, MaPLePromptLearner, PromptLearner, TextEncoder
+from .prompt import (CoCoOpPromptLearner, IVLPPromptLearner, MaPLePromptLearner, PromptLearner, TextEncoder,
+                     check_class_prompts)
 from .templates import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES
 
 Output = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
@@ -26,6 +27,7 @@ Output = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 def zero_shot_text(clip: FrozenCLIP, classnames: Sequence[str], template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
     """Unit-norm frozen-CLIP text features of ``template.format(name)`` (C, d), float32."""
     texts = [template.format(n.replace("_", " ")) for n in classnames]
+    check_class_prompts(clip, classnames, texts, f"use a shorter prompt template than {template!r}")
     return F.normalize(clip.encode_text(texts).float(), dim=-1)
 
 
@@ -199,6 +201,8 @@ def ensemble_text(clip: FrozenCLIP, classnames: Sequence[str], templates: Sequen
     As PromptSRC computes them: each template's features un-normalised, the mean over templates, in
     float32 from the CLIP's weights (an fp16 CLIP is encoded by a float32 copy of its text tower)."""
     names = [n.replace("_", " ") for n in classnames]
+    for t in templates:
+        check_class_prompts(clip, classnames, [t.replace("{}", n) for n in names], f"use a shorter prompt template than {t!r}")
     encoder = clip if clip.dtype == torch.float32 else FrozenCLIP(_float_text_copy(clip.model))
     # (the float32 copy is dropped on return)
     per_template = [encoder.encode_text([t.replace("{}", n) for n in names], batch_size).float().unsqueeze(1)

@@ -14,14 +14,51 @@ import torch
 import torch.nn as nn
 
 from .backbone import FrozenCLIP
+from .config import ConfigError
 
 logger = logging.getLogger(__name__)
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+#: Where a prompt learner's context words come from, until the trainer names its config node.
+CTX_KEY = "TRAINER.<trainer>.CTX_INIT"
 
 
 def _clean(names: Sequence[str]) -> List[str]:
     return [n.replace("_", " ") for n in names]
+
+
+class PromptTooLong(ConfigError):
+    """A prompt has more tokens than the text encoder's context (CLIP would cut it off silently).
+    ``str()`` names the context key as ``CTX_KEY``; :meth:`for_node` names the trainer's node."""
+
+    def for_node(self, node: str) -> "PromptTooLong":
+        return PromptTooLong(str(self).replace(CTX_KEY, f"{node}.CTX_INIT"))
+
+
+def token_count(text: str) -> int:
+    """Tokens of ``text`` as CLIP's tokenizer makes them, start and end tokens included."""
+    from clip import clip as clip_api
+
+    return len(clip_api._tokenizer.encode(text)) + 2
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_class_prompts(clip: FrozenCLIP, classnames: Sequence[str], texts: Sequence[str], context: str) -> None:
+    """Raise :class:`PromptTooLong` naming the first class whose prompt ``texts[i]`` does not fit in
+    the context (CLIP's tokenize would truncate it: with a long context every class could get the
+    same prompt). ``context``: what else is in the prompt (the key to shorten)."""
+    limit = clip.context_length
+    for name, text in zip(classnames, texts):
+        n = token_count(text)
+        if n > limit:
+            raise PromptTooLong(
+                f"the prompt of class {_short(name)!r} has {n} tokens ({_short(text)!r}), more than the text "
+                f"encoder's context of {limit}: CLIP would cut it off. Shorten the class name (in the "
+                f"dataset's class names) or {context}."
+            )
 
 
 def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str, n_cls: int = 0,
@@ -30,6 +67,11 @@ def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str, n_cls: int = 0,
     width = clip.text_width
     if ctx_init:
         words = ctx_init.replace("_", " ").strip()
+        n_words = token_count(words)
+        if n_words + 1 > clip.context_length:  # no room left for a class name
+            raise PromptTooLong(f"{CTX_KEY} = {_short(words)!r} has {n_words} tokens, which leaves no room for "
+                                f"the class name in the text encoder's context of {clip.context_length} tokens: "
+                                "use fewer words.")
         n_ctx = len(words.split(" "))
         tokens = clip.tokenize([words]).to(clip.model.positional_embedding.device)
         with torch.no_grad():
@@ -50,7 +92,9 @@ class ClassPrompts(nn.Module):
         super().__init__()
         names = _clean(classnames)
         device = clip.model.positional_embedding.device
-        tokenized = clip.tokenize([f"{prefix_text} {n}." for n in names]).to(device)
+        texts = [f"{prefix_text} {n}." for n in names]
+        check_class_prompts(clip, classnames, texts, f"use fewer context tokens ({n_ctx} now: {CTX_KEY} or N_CTX)")
+        tokenized = clip.tokenize(texts).to(device)
         with torch.no_grad():
             emb = clip.token_embedding(tokenized)
         self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # SOS

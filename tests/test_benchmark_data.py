@@ -221,3 +221,32 @@ def test_ensure_regenerates_another_generator_version_and_names_the_cause(tmp_pa
     with caplog.at_level("WARNING", logger=data.logger.name):
         data.ensure(d, seed=0, **SMALL)
     assert "(no meta.json)" in caplog.text
+
+
+def test_a_second_process_waits_for_the_generation_and_reuses_it(tmp_path):
+    """Two jobs on a fresh $DATA: the second waits for the first's generation (a file lock), then
+    finds it complete; it neither regenerates nor deletes the first one's images."""
+    import subprocess
+    import sys
+
+    from filelock import FileLock
+
+    d = str(tmp_path / "mb")
+    os.makedirs(d)
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
+            "from spotlighter.benchmark import data; "
+            f"data.ensure({d!r}, seed=0, **{SMALL!r}); print('ensured', flush=True)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with FileLock(os.path.join(d, data.LOCK_FILENAME)):  # "the first job", generating
+        second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+        waiting = second.stderr.readline()
+        assert "Another process is generating MiniBench at" in waiting and "waiting for it" in waiting
+        meta = data.generate(d, seed=0, **SMALL)
+        image = os.path.join(d, "images", "red_circle", "train_0000.png")
+        before = os.stat(image).st_mtime_ns
+        assert second.poll() is None  # still waiting while the lock is held
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0 and out.strip() == "ensured", err
+    assert "already present" in err and "regenerating" not in err
+    assert os.stat(image).st_mtime_ns == before and data.read_meta(d) == meta

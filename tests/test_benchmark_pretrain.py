@@ -287,3 +287,22 @@ def test_calibrate_follows_the_demos_coop_config(tmp_path):
         proxy_settings(str(bad))
     with pytest.raises(ValueError, match="cannot read it"):
         proxy_settings(str(tmp_path / "none.yaml"))
+
+
+def test_cli_root_that_is_a_file_or_unwritable_is_one_line(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "data.tar"
+    afile.write_text("x")
+    for cmd in ("prepare", "zeroshot", "calibrate", "export-reference"):
+        assert cli.main([cmd, "--root", str(afile)]) == 2
+        assert capsys.readouterr().err == (f"error: --root {afile} is a file, not a folder: give the data folder "
+                                           "($DATA) that holds (or will hold) minibench/\n")
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "d" / "minibench" / "images"))
+
+    monkeypatch.setattr(data, "generate", full)
+    assert cli.main(["prepare", "--root", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: cannot write {tmp_path}/d/minibench/images (No space left on device): give a "
+                        "--root on a writable file system with free space\n") and "Traceback" not in err

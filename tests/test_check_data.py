@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -230,3 +231,58 @@ def test_protocol_checks_the_registry_datasets(tmp_path):
     assert code == 2 and "'dtd' is not a cross-dataset source; known sources: imagenet, minibench" in err
     code, _, err = check("--root", tmp_path, "--protocol", "dg", "dtd")
     assert code == 2 and "either --protocol or DATASET" in err
+
+
+def test_images_outside_the_dataset_folder_are_problems(tmp_path):
+    data = tmp_path / "data"
+    ddir = split_tree(data, "dtd")
+    secret = str(tmp_path / "elsewhere" / "secret.jpg")
+    os.makedirs(os.path.dirname(secret))
+    shutil.copy(os.path.join(ddir, "images", "class_0", "train_0.jpg"), secret)
+    split_path = os.path.join(ddir, "split_zhou_DescribableTextures.json")
+    split = json.load(open(split_path))
+    split["test"][1][0] = secret
+    json.dump(split, open(split_path, "w"))
+    code, out, _ = check("--root", data, "dtd")
+    assert code == 1 and "PROBLEM dtd" in out
+    assert (f"split file {split_path}: entry 1 of key 'test' is {secret!r}: an absolute path outside the "
+            f"dataset folder {ddir}. Image paths must stay inside the dataset folder") in out
+    code, out, _ = check("--root", data, "--allow-outside-paths", "dtd")
+    assert code == 0 and "OK      dtd" in out, out
+
+    split["test"][1][0] = "class_0/linked.jpg"
+    json.dump(split, open(split_path, "w"))
+    os.symlink(secret, os.path.join(ddir, "images", "class_0", "linked.jpg"))
+    code, out, _ = check("--root", data, "dtd")
+    assert code == 1 and f"a symlink leads to {secret}, outside the dataset folder {ddir}" in out
+
+
+def test_few_shot_cache_outside_the_dataset_folder_is_a_problem(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    bad = os.path.join(ddir, "images", "..", "..", "..", "etc", "passwd")
+    write_cache(os.path.join(ddir, "split_fewshot", "shot_1-seed_1.pkl"),
+                [os.path.join(ddir, "images", "class_0", "train_0.jpg"), bad])
+    code, out, _ = check("--root", tmp_path, "dtd")
+    assert code == 1 and f"item 1 of 'train' is {bad!r}: '..' leads outside the dataset folder {ddir}" in out
+
+
+def decompression_bomb(path, pixels):
+    """A tiny PNG file that decodes to ``pixels`` pixels (1-bit, all black)."""
+    from PIL import Image
+
+    width = 20000
+    Image.new("1", (width, pixels // width)).save(path, format="PNG")
+    return path
+
+
+def test_decompression_bomb_is_a_problem(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    bomb = decompression_bomb(os.path.join(ddir, "images", "class_0", "test_0.jpg"), 200_000_000)
+    assert os.path.getsize(bomb) < 100_000
+    code, out, err = check("--root", tmp_path, "--full", "dtd")
+    assert code == 1 and "Traceback" not in err
+    assert f"{bomb} (cannot be decoded: DecompressionBombError: Image size (200000000 pixels) exceeds limit" in out
+    # below twice the limit PIL only warns, and would decode it: a problem all the same
+    decompression_bomb(bomb, 100_000_000)
+    code, out, err = check("--root", tmp_path, "--full", "dtd")
+    assert code == 1 and f"{bomb} (cannot be decoded: DecompressionBombWarning: Image size (100000000" in out

@@ -241,3 +241,110 @@ def test_every_minibench_trainer_config_has_the_benchmarks_one_input_block():
     assert first["TRANSFORMS"] == ["random_flip", "normalize"]
     assert "RRCROP_SCALE" not in first
     assert {k: v for k, v in blocks.items() if v != first} == {}
+
+
+def dassl_cfg():
+    pytest.importorskip("dassl")
+    from dassl.config import get_cfg_default
+
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    return cfg
+
+
+def test_dassl_defaults_and_shipped_configs_pass_check_dassl_cfg():
+    from spotlighter.config import check_dassl_cfg
+
+    check_dassl_cfg(dassl_cfg())
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)):
+        cfg = dassl_cfg()
+        cfg.merge_from_file(path)
+        check_dassl_cfg(cfg)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("OPTIM.MAX_EPOCH", -3, "OPTIM.MAX_EPOCH = -3 is invalid: expected an integer >= 1."),
+    ("OPTIM.MAX_EPOCH", 0, "OPTIM.MAX_EPOCH = 0 is invalid: expected an integer >= 1."),
+    ("OPTIM.LR", -0.5, "OPTIM.LR = -0.5 is invalid: expected a finite number > 0."),
+    ("OPTIM.LR", float("nan"), "OPTIM.LR = nan is invalid: expected a finite number > 0."),
+    ("DATALOADER.TRAIN_X.BATCH_SIZE", 0, "DATALOADER.TRAIN_X.BATCH_SIZE = 0 is invalid: expected an integer >= 1."),
+    ("DATALOADER.TEST.BATCH_SIZE", -1, "DATALOADER.TEST.BATCH_SIZE = -1 is invalid: expected an integer >= 1."),
+    ("TRAIN.PRINT_FREQ", 0, "TRAIN.PRINT_FREQ = 0 is invalid: expected an integer >= 1 (log every that many "
+                            "batches)."),
+    ("OPTIM.NAME", "sgdd", "OPTIM.NAME = 'sgdd' is invalid: expected one of ['adam', 'amsgrad', 'sgd', "
+                           "'rmsprop', 'radam', 'adamw']."),
+    ("SEED", 4294967296, "SEED (--seed) = 4294967296 is invalid: expected an integer in [0, 4294967295], or "
+                         "negative for no fixed seed."),
+    ("DATASET.NUM_SHOTS", -3, "DATASET.NUM_SHOTS = -3 is invalid: expected an integer >= 1 (images per class), "
+                              "or -1 for every image."),
+    ("DATASET.NUM_SHOTS", 0, "DATASET.NUM_SHOTS = 0 is invalid"),
+    ("OPTIM.WARMUP_EPOCH", 11, "OPTIM.WARMUP_EPOCH = 11 is invalid: expected at most OPTIM.MAX_EPOCH = 10 (the "
+                               "warm-up epochs are part of the training epochs)."),
+    ("TEST.FINAL_MODEL", "bogus", "TEST.FINAL_MODEL = 'bogus' is invalid: expected one of ['last_step', "
+                                  "'best_val']."),
+    ("OPTIM.LR_SCHEDULER", "bogus", "OPTIM.LR_SCHEDULER = 'bogus' is invalid: expected one of ['cosine', "
+                                    "'single_step', 'multi_step', 'constant']."),
+    ("DATALOADER.NUM_WORKERS", -1, "DATALOADER.NUM_WORKERS = -1 is invalid: expected an integer >= 0 (0 = load "
+                                   "in the main process)."),
+    ("OPTIM.WEIGHT_DECAY", -1.0, "OPTIM.WEIGHT_DECAY = -1.0 is invalid"),
+    ("OPTIM.MOMENTUM", 1.5, "OPTIM.MOMENTUM = 1.5 is invalid"),
+    ("OPTIM.GAMMA", 0.0, "OPTIM.GAMMA = 0.0 is invalid"),
+    ("OPTIM.WARMUP_TYPE", "cubic", "OPTIM.WARMUP_TYPE = 'cubic' is invalid"),
+    ("OPTIM.WARMUP_CONS_LR", -1e-5, "OPTIM.WARMUP_CONS_LR = -1e-05 is invalid"),
+    ("DATALOADER.TRAIN_X.SAMPLER", "Randomly", "DATALOADER.TRAIN_X.SAMPLER = 'Randomly' is invalid"),
+    ("TRAIN.CHECKPOINT_FREQ", -1, "TRAIN.CHECKPOINT_FREQ = -1 is invalid"),
+    ("TRAIN.COUNT_ITER", "all", "TRAIN.COUNT_ITER = 'all' is invalid"),
+    ("TEST.SPLIT", "train", "TEST.SPLIT = 'train' is invalid"),
+    ("DATASET.SUBSAMPLE_CLASSES", "half", "DATASET.SUBSAMPLE_CLASSES = 'half' is invalid"),
+    ("DATASET.ALLOW_OUTSIDE_PATHS", "yes", "DATASET.ALLOW_OUTSIDE_PATHS = 'yes' is invalid: expected True or "
+                                           "False."),
+    ("INPUT.INTERPOLATION", "cubic", "INPUT.INTERPOLATION = 'cubic' is invalid: expected one of ['bilinear', "
+                                     "'bicubic', 'nearest']."),
+    ("INPUT.TRANSFORMS", ["random_flip", "flipme"], "INPUT.TRANSFORMS = ['random_flip', 'flipme'] is invalid: "
+                                                    "expected names from ['random_flip', "),
+    ("TRAINER.COOP.N_CTX", 0, "TRAINER.COOP.N_CTX = 0 is invalid: expected an integer >= 1 (learnable context "
+                              "tokens) when CTX_INIT is empty."),
+    ("TRAINER.COOP.CLASS_TOKEN_POSITION", "top", "TRAINER.COOP.CLASS_TOKEN_POSITION = 'top' is invalid"),
+    ("TRAINER.COCOOP.META_NET_REDUCTION", 0, "TRAINER.COCOOP.META_NET_REDUCTION = 0 is invalid"),
+    ("TRAINER.MAPLE.PROMPT_DEPTH", 0, "TRAINER.MAPLE.PROMPT_DEPTH = 0 is invalid"),
+])
+def test_check_dassl_cfg_names_key_value_and_expectation(key, value, expected):
+    from spotlighter.config import check_dassl_cfg
+
+    cfg = dassl_cfg()
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    if key == "OPTIM.WARMUP_EPOCH":
+        cfg.OPTIM.MAX_EPOCH = 10
+    if key in ("OPTIM.WARMUP_TYPE", "OPTIM.WARMUP_CONS_LR"):
+        cfg.OPTIM.WARMUP_EPOCH = 1
+    with pytest.raises(ConfigError) as info:
+        check_dassl_cfg(cfg)
+    assert str(info.value).startswith(expected)
+
+
+def test_check_dassl_cfg_accepts_the_edges():
+    from spotlighter.config import check_dassl_cfg
+
+    cfg = dassl_cfg()
+    cfg.OPTIM.MAX_EPOCH, cfg.OPTIM.WARMUP_EPOCH = 1, 1  # all warm-up: allowed (short test configs)
+    cfg.DATASET.NUM_SHOTS, cfg.SEED = -1, 4294967295
+    cfg.DATALOADER.NUM_WORKERS = 0
+    check_dassl_cfg(cfg)
+    cfg.SEED = -7  # negative: no fixed seed
+    check_dassl_cfg(cfg)
+
+
+def test_irm_heads_must_divide_the_width():
+    s = spot()
+    s.IRM.HEADS = 7
+    check_spotlighter_cfg(s)  # width unknown: not checked yet
+    with pytest.raises(ConfigError) as info:
+        check_spotlighter_cfg(s, width=512)
+    assert str(info.value) == ("TRAINER.SPOTLIGHTER.IRM.HEADS = 7 is invalid: expected a divisor of the CLIP's "
+                               "embedding width 512 (each head gets width / HEADS channels).")
+    s.IRM.HEADS = 8
+    check_spotlighter_cfg(s, width=512)

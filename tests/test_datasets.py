@@ -477,3 +477,119 @@ def test_minibench_targets_with_the_real_generator(tmp_path, name, key):
     msg = str(e.value)
     assert "regenerate it: delete the folder" in msg and folder in msg and "spotlighter.benchmark prepare" in msg
     assert "re-download" not in msg
+
+
+# ---- image paths stay inside the dataset folder (DATASET.ALLOW_OUTSIDE_PATHS) ----------------------
+def _rewrite_split(ddir, name, key, index, relpath):
+    path = os.path.join(ddir, f"split_zhou_{name}.json")
+    with open(path) as f:
+        split = json.load(f)
+    split[key][index][0] = relpath
+    with open(path, "w") as f:
+        json.dump(split, f)
+    return path
+
+
+def _outside_image(tmp_path):
+    return make_image(str(tmp_path / "elsewhere" / "secret.jpg"))
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_split_entry_outside_the_dataset_folder_is_refused(tmp_path, how):
+    data = tmp_path / "data"
+    ddir = split_tree(data, "dtd")
+    secret = _outside_image(tmp_path)
+    if how == "absolute":
+        rel = secret
+    elif how == "dotdot":
+        rel = "../../../elsewhere/secret.jpg"
+    else:
+        rel = "class_0/linked.jpg"
+        os.symlink(secret, os.path.join(ddir, "images", rel))
+    split = _rewrite_split(ddir, "DescribableTextures", "val", 2, rel)
+    with pytest.raises(DatasetError) as e:
+        build(data, "DescribableTextures")
+    msg = str(e.value)
+    assert msg.startswith(f"split file {split}: entry 2 of key 'val' is {rel!r}: ")
+    assert f"outside the dataset folder {ddir}" in msg and "DATASET.ALLOW_OUTSIDE_PATHS True" in msg
+    if how == "symlink":
+        assert f"a symlink leads to {secret}" in msg
+    cfg = make_cfg(data, "DescribableTextures")
+    cfg.DATASET.ALLOW_OUTSIDE_PATHS = True  # the documented way to allow it
+    ds = DATASET_REGISTRY.get("DescribableTextures")(cfg)
+    assert os.path.realpath(ds.val[2].impath) == secret
+
+
+def test_symlinked_dataset_and_image_folders_are_inside(tmp_path):
+    """A dataset folder, or its image folder, that is itself a symlink (e.g. to a larger disk) is fine."""
+    disk = tmp_path / "disk"
+    split_tree(disk, "dtd")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(disk / "dtd", data / "dtd")
+    assert len(build(data, "DescribableTextures").test) == 10
+    other = tmp_path / "other"
+    ddir = split_tree(other, "eurosat")
+    os.rename(os.path.join(ddir, "2750"), tmp_path / "eurosat-images")
+    os.symlink(tmp_path / "eurosat-images", os.path.join(ddir, "2750"))
+    assert len(build(other, "EuroSAT").test) == 10
+
+
+@pytest.mark.parametrize("how", ["dotdot", "symlink"])
+def test_few_shot_cache_item_outside_the_dataset_folder_is_refused(tmp_path, how):
+    data = tmp_path / "data"
+    ddir = split_tree(data, "oxford_pets")
+    build(data, "OxfordPets", shots=2, seed=1)
+    cache = os.path.join(ddir, "split_fewshot", "shot_2-seed_1.pkl")
+    secret = _outside_image(tmp_path)
+    with open(cache, "rb") as f:
+        cached = pickle.load(f)
+    if how == "dotdot":  # starts with the dataset folder, then climbs out
+        bad = os.path.join(ddir, "images", "..", "..", "..", "elsewhere", "secret.jpg")
+    else:
+        bad = os.path.join(ddir, "images", "class_0", "linked.jpg")
+        os.symlink(secret, bad)
+    cached["train"][1]._impath = bad
+    with open(cache, "wb") as f:
+        pickle.dump(cached, f)
+    with pytest.raises(DatasetError) as e:
+        build(data, "OxfordPets", shots=2, seed=1)
+    msg = str(e.value)
+    assert msg.startswith(f"{cache}: item 1 of 'train' is {bad!r}: ") and "DATASET.ALLOW_OUTSIDE_PATHS" in msg
+
+
+def test_fgvc_line_outside_the_dataset_folder_is_refused(tmp_path):
+    ddir = fgvc_tree(tmp_path)
+    listing = os.path.join(ddir, "images_variant_test.txt")
+    lines = open(listing).read().splitlines()
+    lines[0] = "../../x " + lines[0].split(" ", 1)[1]
+    open(listing, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, "FGVCAircraft")
+    assert str(e.value).startswith(f"{listing}: line 1 is '../../x': '..' leads outside the dataset folder {ddir}")
+
+
+def test_two_classes_with_one_name_are_refused(tmp_path):
+    ddir = split_tree(tmp_path, "dtd")
+    split_path = os.path.join(ddir, "split_zhou_DescribableTextures.json")
+    with open(split_path) as f:
+        split = json.load(f)
+    for key in split:  # class 3 is renamed to class 1's name
+        split[key] = [[r, lab, "class_1" if lab == 3 else name] for r, lab, name in split[key]]
+    with open(split_path, "w") as f:
+        json.dump(split, f)
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, "DescribableTextures")
+    assert str(e.value).startswith(f"DescribableTextures: 1 class name(s) are shared by different classes in "
+                                   f"{split_path}: 'class_1' is the name of labels 1, 3. Each class needs its own name")
+
+
+def test_imagenet_classnames_with_a_repeated_name_are_refused(tmp_path):
+    ddir = imagenet_tree(tmp_path)
+    names = os.path.join(ddir, "classnames.txt")
+    lines = open(names).read().splitlines()
+    lines[2] = lines[2].split(" ", 1)[0] + " " + lines[0].split(" ", 1)[1]
+    open(names, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as e:
+        build(tmp_path, "ImageNet")
+    assert f"shared by different classes in {names}: " in str(e.value) and "labels 0, 2" in str(e.value)

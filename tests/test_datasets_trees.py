@@ -157,3 +157,23 @@ def test_registry_reads_folders_and_sections_from_layout():
             assert name in layout.LAYOUTS, name
     assert registry.dataset("dtd").roles == (("base2new", "base+new"), ("xd", "target"))
     assert ("xd", "source") in registry.dataset("imagenet").roles and ("dg", "source") in registry.dataset("imagenet").roles
+
+def test_confinement_of_paths_to_the_dataset_folder(tmp_path):
+    ddir = tmp_path / "data" / "dtd"
+    (ddir / "images" / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.jpg").write_text("x")
+    os.symlink(tmp_path / "elsewhere", ddir / "images" / "linked_class")  # a class folder leading out
+    os.symlink(tmp_path / "elsewhere" / "x.jpg", ddir / "images" / "a" / "linked.jpg")
+    c = layout.Confinement(str(ddir), str(ddir / "images"))
+    assert c.problem(str(ddir / "images" / "a" / "1.jpg")) is None
+    assert c.problem(str(ddir) + "/images//a/./1.jpg") is None  # written oddly, still inside
+    assert c.problem(str(ddir / "images" / ".." / "split.json")) is None  # '..' that stays inside
+    assert c.problem("/etc/passwd") == f"an absolute path outside the dataset folder {ddir}"
+    assert c.problem(str(ddir / "images" / ".." / ".." / "x.jpg")) == f"'..' leads outside the dataset folder {ddir}"
+    for link in (ddir / "images" / "linked_class" / "x.jpg", ddir / "images" / "a" / "linked.jpg"):
+        assert c.problem(str(link)) == (f"a symlink leads to {tmp_path / 'elsewhere' / 'x.jpg'}, outside the "
+                                        f"dataset folder {ddir}")
+    # a dataset folder that is itself a symlink (to a larger disk) is fine
+    os.symlink(ddir, tmp_path / "dtd-link")
+    assert layout.Confinement(str(tmp_path / "dtd-link")).problem(str(tmp_path / "dtd-link" / "images" / "a" / "1.jpg")) is None

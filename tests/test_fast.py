@@ -197,9 +197,10 @@ def test_ctrl_c_stops_the_runner_and_its_forked_jobs(forked_env):
                             start_new_session=True)
     started = e.tmp / "started"  # written by the job's train.py once it runs (then it sleeps 60 s)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not started.exists():
+    # the file exists from its open(): wait for the pid in it, not only for the file
+    while time.monotonic() < deadline and not (started.exists() and started.read_text().strip().isdigit()):
         time.sleep(0.2)
-    assert started.exists(), "the job did not start"
+    assert started.exists() and started.read_text().strip().isdigit(), "the job did not start"
     job_pid = int(started.read_text())
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
     out, err = proc.communicate(timeout=60)

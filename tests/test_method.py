@@ -748,3 +748,12 @@ def test_head_class_side_cached_at_eval_and_invalidated(preset):
     with torch.no_grad():
         text.mul_(2.0)  # in place
     check(n + 1)
+
+
+def test_class_memory_refuses_repeated_class_names():
+    import torch
+
+    from spotlighter.method import ClassMemory
+
+    with pytest.raises(ValueError, match=r"distinct class names; \['cat'\] name several classes"):
+        ClassMemory(torch.randn(3, 8), ["cat", "dog", "cat"], per_class=2, momentum=0.8, temperature=0.1)

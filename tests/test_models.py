@@ -304,3 +304,45 @@ def test_coop_text_features_are_encoded_once_at_inference_until_the_prompt_chang
         assert len(calls) == 3
     model.text_features()  # with gradients: always encoded, never cached
     assert len(calls) == 4
+
+
+LONG_NAME = " ".join(["very"] * 80) + " long name"  # 82 tokens on its own
+
+
+@pytest.mark.parametrize("kind", ["zsclip", "coop", "cocoop", "maple", "spot-paper"])
+def test_class_name_longer_than_the_context_is_named(kind, frozen_clip):
+    from spotlighter.prompt import PromptTooLong, token_count
+
+    names = ["cat", LONG_NAME]
+    with pytest.raises(PromptTooLong) as info:
+        {"zsclip": lambda: ZeroShotCLIP(frozen_clip, names), "coop": lambda: CoOp(frozen_clip, names),
+         "cocoop": lambda: CoCoOp(frozen_clip, names), "maple": lambda: MaPLe(frozen_clip, names, depth=2),
+         "spot-paper": lambda: Spotlighter(frozen_clip, names, head_cfg("paper", 8))}[kind]()
+    msg = str(info.value)
+    text = "a photo of a " + LONG_NAME
+    assert msg.startswith(f"the prompt of class '{LONG_NAME[:57]}...' has {token_count(text.strip() + '.')} "
+                          "tokens (")
+    assert "more than the text encoder's context of 77: CLIP would cut it off. Shorten the class name" in msg
+
+
+def test_a_prompt_that_just_fits_is_accepted(frozen_clip):
+    from spotlighter.prompt import token_count
+
+    name = " ".join(["very"] * (77 - token_count("a photo of a .")))
+    assert token_count(f"a photo of a {name}.") == 77
+    model = CoOp(frozen_clip, ["cat", name], n_ctx=4, ctx_init="a photo of a")
+    assert model.prompt_learner.tokenized_prompts.shape == (2, 77)
+    with pytest.raises(Exception, match="has 78 tokens"):
+        CoOp(frozen_clip, ["cat", name + " x"], n_ctx=4, ctx_init="a photo of a")
+
+
+def test_ctx_init_longer_than_the_context_names_the_key(frozen_clip):
+    from spotlighter.prompt import PromptTooLong
+
+    words = " ".join(["photo"] * 80)
+    with pytest.raises(PromptTooLong) as info:
+        CoOp(frozen_clip, NAMES, ctx_init=words)
+    assert str(info.value.for_node("TRAINER.COOP")) == (
+        f"TRAINER.COOP.CTX_INIT = '{words[:57]}...' has 82 "
+        "tokens, which leaves no room for the class name in the text encoder's context of 77 tokens: use fewer "
+        "words.")

@@ -735,3 +735,25 @@ def test_promptkd_base2new_is_transductive_with_the_teacher_trained_once(env):
     assert r.returncode == 2 and "CoOp distils from no teacher (only promptkd do)" in r.stderr
     r = env.run("base2new.sh", "promptkd", "dtd", 16, DRY_RUN="1", TEACHER="/x")
     assert r.returncode == 2 and "to use an existing teacher pass TRAINER.PROMPTKD.TEACHER PATH" in r.stderr
+
+
+def test_control_characters_in_paths_or_options_are_refused(env, tmp_path):
+    """A newline in OUTPUT would start a command of its own in a DRY_RUN script."""
+    evil = str(tmp_path / "out\ntouch /tmp/injected-by-output")
+    r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN=1, SEEDS="1", OUTPUT=evil)
+    assert r.returncode == 2 and not env.calls() and r.stdout == ""
+    assert r.stderr.strip() == (f"error: OUTPUT = {evil!r} contains the control character '\\n': paths, names "
+                                "and options must be plain text")
+    r = env.run("base2new.sh", "coop", "dtd", 16, "OPTIM.LR", "0.1\r", DRY_RUN=1, SEEDS="1")
+    assert r.returncode == 2 and "argument 5 = '0.1\\r' contains the control character '\\r'" in r.stderr
+
+
+def test_dry_run_messages_stay_comments(capsys):
+    from spotlighter.run.cli import Runner
+    from spotlighter.run.jobs import Settings
+
+    s = Settings(protocol="base2new", trainer="CoOp", trains=True, cfg="c", cfg_file="c.yaml", shots=1, seeds=[1],
+                 data="/d", output="/o", python=["python"], extra=[], repo="/r", ts="t", dry_run=True)
+    Runner(s).say("first line\nrm -rf /tmp/x\r\nlast")
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["# first line", "# rm -rf /tmp/x", "# last"]

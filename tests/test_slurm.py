@@ -261,3 +261,20 @@ def test_slurm_dry_run_prints_the_submission_as_a_runnable_script(env, fake_slur
     spec = json.load(open(submitted[0][-1][:-3] + ".json"))
     assert spec["job"]["dir"].endswith("train_base/dtd/shots_16/CoOp/vit_b16_ep20_ctx4/seed1")
     assert spec["settings"]["dry_run"] is False
+
+
+def test_a_state_accounting_has_not_caught_up_with_is_asked_of_the_controller(tmp_path, monkeypatch):
+    """Right after a job ends, sacct can still say RUNNING (slurmdbd is updated asynchronously): the
+    controller's final state wins; sacct's stale one is kept only for jobs the controller forgot."""
+    from spotlighter.run import slurm as slurm_mod
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sacct").write_text("#!/bin/sh\nprintf '1001|RUNNING\\n1002|COMPLETED\\n1003|PENDING\\n'\n")
+    (bindir / "scontrol").write_text("#!/bin/sh\n[ \"$4\" = 1001 ] && echo 'JobId=1001 JobState=FAILED Reason=x'\n"
+                                     "exit 0\n")
+    for tool in ("sacct", "scontrol"):
+        (bindir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    assert slurm_mod.finished_states(["1001", "1002", "1003"]) == {"1001": "FAILED", "1002": "COMPLETED",
+                                                                   "1003": "PENDING"}

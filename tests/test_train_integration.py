@@ -202,12 +202,40 @@ def test_zero_shot_eval_only(data_root, tiny_clip_path, tmp_path):
     (["TRAINER.SPOTLIGHTER.TOP_K", "five"], "TRAINER.SPOTLIGHTER.TOP_K"),
     (["TRAINER.SPOTLIGHTER.NO_SUCH_KEY", "1"], "TRAINER.SPOTLIGHTER.NO_SUCH_KEY"),
     (["TRAINER.SPOTLIGHTER.PREC", "fp8"], "TRAINER.SPOTLIGHTER.PREC = 'fp8' is invalid"),
+    (["OPTIM.MAX_EPOCH", "-3"], "error: OPTIM.MAX_EPOCH = -3 is invalid: expected an integer >= 1."),
+    (["OPTIM.NAME", "sgdd"], "error: OPTIM.NAME = 'sgdd' is invalid: expected one of"),
+    (["SEED", "4294967296"], "error: SEED (--seed) = 4294967296 is invalid"),
+    (["TRAINER.SPOTLIGHTER.IRM.HEADS", "7"], "error: TRAINER.SPOTLIGHTER.IRM.HEADS = 7 is invalid: expected a "
+                                             "divisor of the CLIP's embedding width"),
+    (["TRAINER.SPOTLIGHTER.CTX_INIT", " ".join(["photo"] * 80)],
+     "error: TRAINER.SPOTLIGHTER.CTX_INIT = 'photo photo"),
 ])
 def test_bad_config_is_a_clear_error(extra, message, data_root, tiny_clip_path, tmp_path, capsys):
     code, err = run_in_process(train_argv(data_root, tiny_clip_path, tmp_path / "bad", extra=extra), capsys)
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+def test_yaml_syntax_error_names_file_and_line(data_root, tiny_clip_path, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("OPTIM:\n  LR: [0.002\n  MAX_EPOCH: 2\n")
+    argv = train_argv(data_root, tiny_clip_path, tmp_path / "out", trainer="CoOp")
+    argv[argv.index("--config-file") + 1] = str(bad)
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: --config-file {bad} is not valid YAML (line 3, column")
+    assert not (tmp_path / "out").exists()  # refused before the output folder is touched
+
+
+def test_resume_of_a_missing_folder_is_refused(data_root, tiny_clip_path, tmp_path, capsys):
+    argv = train_argv(data_root, tiny_clip_path, tmp_path / "out", trainer="CoOp") + []
+    argv[:0] = ["--resume", str(tmp_path / "no-such-run")]
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and err.strip() == (f"error: --resume {tmp_path}/no-such-run: no such folder. Give the output "
+                                         "folder of the run to resume (a run started again with the same "
+                                         "--output-dir resumes by itself).")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_trainer(data_root, tiny_clip_path, tmp_path, capsys):
@@ -362,6 +390,25 @@ def test_unreadable_image_is_named(tmp_path, tiny_clip_path, capsys):
     assert code == 2 and f"cannot read image {bad} (UnidentifiedImageError" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("pixels, kind", [(200_000_000, "DecompressionBombError"),
+                                          (100_000_000, "DecompressionBombWarning")])
+def test_decompression_bomb_is_named(pixels, kind, tmp_path, tiny_clip_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    folder = make_tiny_minibench(str(root))
+    split = json.load(open(os.path.join(folder, "split_zhou_MiniBench.json")))
+    bomb = os.path.join(folder, "images", split["test"][0][0])
+    Image.new("1", (20000, pixels // 20000)).save(bomb, format="PNG")  # a few kB that decode to `pixels`
+    argv = ["--eval-only"] + train_argv(str(root), tiny_clip_path, tmp_path / "o", trainer="ZeroshotCLIP",
+                                        extra=["DATALOADER.NUM_WORKERS", "1"])
+    code, err = run_in_process(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]  # (stderr also has tqdm's bar)
+    assert line.startswith(f"error: image {bomb} is refused: Image size ({pixels} pixels) exceeds limit of ")
+    assert "PIL.Image.MAX_IMAGE_PIXELS = 89,478,485" in err and "remove it from the split file" in err
+
+
 # ----------------------------------------------------------------------------- original-repo checkpoints
 ORIGINAL_LAYOUTS = [  # (trainer, write Dassl's 'checkpoint' pointer, --load-epoch)
     ("CoOp", True, None),
@@ -513,6 +560,11 @@ def test_two_runs_on_one_output_folder(data_root, tiny_clip_path, tmp_path):
             assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
             time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)  # holds the lock for as long as the second one needs
+        stopped_by = time.time() + 30  # the signal is asynchronous: wait until the kernel says it is stopped
+        while os.path.exists(f"/proc/{first.pid}/stat") and \
+                open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.time() < stopped_by
+            time.sleep(0.01)
         holder = lock_holder(str(out))
         assert holder.pid == first.pid and holder.host == socket.gethostname()
         before = sorted(os.listdir(out))
@@ -900,3 +952,26 @@ def test_time_limit_warning_before_the_first_step_is_ignored(data_root, tiny_cli
     assert ("SIGUSR1 before this process trained a step: ignored (a job requeued on it would make no progress); "
             "training goes on") in log
     assert read_result(out)["epoch"] == 1
+
+
+def test_full_disk_while_logging_is_one_line(data_root, tiny_clip_path, tmp_path, capsys, monkeypatch):
+    """log.txt cannot take a logged message: the run stops with one line, not a logging traceback
+    for every message that follows."""
+    import errno
+
+    from dassl.utils import logger as dassl_logger
+
+    original = dassl_logger.Logger.write
+
+    def write(self, msg):
+        if self.file is not None and "Reading split from" in msg:  # the first message logged by `logging`
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.fpath if hasattr(self, "fpath") else
+                          str(tmp_path / "full" / "log.txt"))
+        return original(self, msg)
+
+    monkeypatch.setattr(dassl_logger.Logger, "write", write)
+    out = tmp_path / "full"
+    code, err = run_in_process(train_argv(data_root, tiny_clip_path, out, trainer="CoOp"), capsys)
+    assert code == 2 and "Logging error" not in err and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: cannot write {out}/log.txt (No space left on device): free space "
+                                        "on that file system (or raise the quota), or give another --output-dir."]

@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -35,6 +36,7 @@ from spotlighter.backbone import FrozenCLIP, PruneSpec, load_clip
 from spotlighter.config import ConfigError, check_precision, check_prune_cfg
 from spotlighter.fileio import atomic_path
 from spotlighter.models import count_trainable
+from spotlighter.prompt import PromptTooLong
 from spotlighter.schedule import build_schedule
 
 logger = logging.getLogger(__name__)
@@ -92,11 +94,22 @@ class TrainingDiverged(FloatingPointError):
 
 
 class CheckedDatasetWrapper(DatasetWrapper):
-    """Dassl's wrapper, but an image that cannot be read is a DatasetError naming the file."""
+    """Dassl's wrapper, but an image that cannot be read is a DatasetError naming the file; so is
+    one over PIL's decompression-bomb limit (which PIL only warns about below twice the limit)."""
 
     def __getitem__(self, idx):
+        from PIL import Image
+
         try:
-            return super().__getitem__(idx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return super().__getitem__(idx)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            path = self.data_source[idx].impath
+            raise DatasetError(f"image {path} is refused: {exc} (PIL.Image.MAX_IMAGE_PIXELS = "
+                               f"{Image.MAX_IMAGE_PIXELS:,}). It is a broken or crafted file, or far larger than "
+                               "training needs: replace it with a good copy (see DATASETS.md) or remove it "
+                               "from the split file.") from None
         except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             path = self.data_source[idx].impath
             raise DatasetError(f"cannot read image {path} ({type(exc).__name__}: {exc}). Replace it with a "
@@ -225,7 +238,10 @@ class PromptTrainer(TrainerX):
                               f"{self.clip.input_resolution}; set INPUT.SIZE ({self.clip.input_resolution}, "
                               f"{self.clip.input_resolution}).")
         classnames = self.dm.dataset.classnames
-        self.model = self.build_custom_model(self.clip, classnames).to(self.device)
+        try:
+            self.model = self.build_custom_model(self.clip, classnames).to(self.device)
+        except PromptTooLong as exc:  # name this trainer's CTX_INIT key
+            raise exc.for_node(f"TRAINER.{self.CFG_NODE}") from None
         n_trainable = count_trainable(self.model)
         n_tensors = sum(1 for p in self.model.parameters() if p.requires_grad)
         logger.info("Trainable scalars: %s in %d tensors (frozen CLIP excluded); precision %s on %s",

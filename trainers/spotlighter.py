@@ -29,7 +29,7 @@ class Spotlighter(PromptTrainer):
     def build_custom_model(self, clip, classnames):
         n = self.node
         patches = (clip.input_resolution // clip.model.visual.conv1.kernel_size[0]) ** 2
-        check_spotlighter_cfg(n, num_patches=patches)
+        check_spotlighter_cfg(n, num_patches=patches, width=clip.embed_dim)
         return models.Spotlighter(clip, classnames, HeadConfig.from_cfg(n), n_ctx=n.N_CTX,
                                   ctx_init=n.CTX_INIT, csc=n.CSC, class_token_position=n.CLASS_TOKEN_POSITION)
 

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 DATASET_SUBDIR = "minibench"
 CLIP_RELPATH = os.path.join("clip", MINIBENCH_CLIP_FILE)
+CLIP_LOCK = ".clip.lock"  # in the MiniBench folder, held while its CLIP is checked or built
 
 
 def dataset_dir(root: str, key: str = "minibench") -> str:
@@ -56,11 +57,15 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
         seconds[key] = round(time.time() - t0, 1)
         built[key] = before != metas[key]
         logger.info("%s: %s in %.1fs", key, "generated" if built[key] else "cached", seconds[key])
-    had_clip, had_file = pretrain.read_sidecar(cpath), _file_version(cpath)
+    from filelock import FileLock
+
     t0 = time.time()
     others = [dataset_dir(root, k) for k in keys if k != "minibench"]
-    side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others,
-                                use_reference=use_reference, **cparams)
+    # two prepares on one $DATA: the second waits for the first's CLIP, then finds it in place
+    with FileLock(os.path.join(dataset_dir(root), CLIP_LOCK)):
+        had_clip, had_file = pretrain.read_sidecar(cpath), _file_version(cpath)
+        side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others,
+                                    use_reference=use_reference, **cparams)
     t_clip = time.time() - t0
     ddir = dataset_dir(root)
     return {
@@ -150,6 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cp.add_argument("--ctx-init", default=None,
                     help="CoOp proxy context initialisation ('' = random, CoOp's own default with --n-ctx 16)")
     args = ap.parse_args(argv)
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+        print(f"error: --root {args.root} is a file, not a folder: give the data folder ($DATA) that holds (or "
+              "will hold) minibench/", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
     from ..backbone import BackboneError
 
@@ -176,6 +185,11 @@ def _run(args) -> int:
             )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a read-only or full $DATA, a file where a folder should be
+            where = f" {e.filename}" if e.filename else ""
+            print(f"error: cannot write{where} ({e.strerror or e}): give a --root on a writable file system "
+                  "with free space", file=sys.stderr)
             return 2
         if not any(s["built"].values()) and not s["built_clip"]:
             print("MiniBench already prepared; nothing to do.")

@@ -51,13 +51,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from ..fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
 SPLIT_FILENAME = "split_zhou_MiniBench.json"
 META_FILENAME = "meta.json"
+#: Held (an OS file lock inside the dataset folder) while a dataset is checked or generated: a
+#: second process waits, then finds it complete.
+LOCK_FILENAME = ".generate.lock"
 IMAGE_DIRNAME = "images"
 
 # Seed-stream domains (first-level keys after the user seed). Never reuse a value.
@@ -759,11 +765,9 @@ def _normalise_params(params: dict, key: str = "minibench") -> dict:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def generate(dataset_dir: str, key: str = "minibench", **params) -> dict:
@@ -856,6 +860,22 @@ def ensure(dataset_dir: str, key: str = "minibench", **params) -> dict:
     """
     spec = get_spec(key)
     p = _normalise_params(params, key)
+    os.makedirs(dataset_dir, exist_ok=True)
+    lock = FileLock(os.path.join(dataset_dir, LOCK_FILENAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("Another process is generating %s at %s; waiting for it", spec.name, dataset_dir)
+        lock.acquire()
+    except OSError:  # a read-only $DATA: nobody can be generating there; a complete dataset is only read
+        return _ensure_locked(dataset_dir, key, spec, p)
+    try:
+        return _ensure_locked(dataset_dir, key, spec, p)
+    finally:
+        lock.release()
+
+
+def _ensure_locked(dataset_dir: str, key: str, spec: "Spec", p: dict) -> dict:
     meta = read_meta(dataset_dir)
     split_path = os.path.join(dataset_dir, spec.split_filename)
     if meta is not None and meta.get("generator_version") != GENERATOR_VERSION:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import machine
+from ..fileio import atomic_path
 from . import data
 
 logger = logging.getLogger(__name__)
@@ -451,9 +452,8 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
         model = pretrain(p)
         train_s, cpu_s = time.time() - t0, time.process_time() - c0
         state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
         meta = {
             "pretrain_version": PRETRAIN_VERSION,
             "params": p,

@@ -85,9 +85,25 @@ def _flag(env: Dict[str, str], key: str) -> bool:
     return env.get(key, "0") not in ("", "0")
 
 
+#: The variables whose values end up in paths and commands (a control character there is refused).
+TEXT_KEYS = ("DATA", "OUTPUT", "PYTHON", "CFG", "SOURCE", "DATASETS", "SEEDS")
+
+
+def refuse_control_characters(args: Sequence[str], env: Dict[str, str]) -> None:
+    """InputError when an argument or a TEXT_KEYS variable holds a control character (a newline in
+    OUTPUT would, in a DRY_RUN script, start a command of its own)."""
+    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)] + [(k, env[k]) for k in TEXT_KEYS if k in env]
+    for name, value in named:
+        bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise InputError(f"{name} = {value!r} contains the control character {bad!r}: paths, names and "
+                             "options must be plain text")
+
+
 def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: str) -> Settings:
     """Check the arguments and environment (InputError with what to do) -> Settings."""
     registry.protocol(protocol)
+    refuse_control_characters(args, env)
     need = 3 if protocol == "base2new" else 2
     if len(args) < need:
         raise InputError(usage(protocol))
@@ -188,7 +204,11 @@ class Runner:
         self.prefix = f"[{s.protocol}]"
 
     def say(self, msg: str) -> None:
-        print(f"# {msg}" if self.s.dry_run else f"{self.prefix} {msg}", flush=True)
+        if self.s.dry_run:  # the printed script: every line of a message stays a comment
+            msg = "\n".join(f"# {line}" for line in (msg.splitlines() or [""]))
+            print(msg, flush=True)
+        else:
+            print(f"{self.prefix} {msg}", flush=True)
 
     def header(self) -> None:
         s = self.s

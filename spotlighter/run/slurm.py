@@ -168,11 +168,20 @@ def squeue_states(ids: Sequence[str], env: Optional[Dict[str, str]] = None) -> D
     return states
 
 
+#: The states a job ends in (sacct / scontrol names).
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                          "PREEMPTED", "BOOT_FAIL", "DEADLINE"})
+
+
 def finished_states(ids: Sequence[str]) -> Dict[str, str]:
-    """Final states from sacct (accounting), else from scontrol (jobs the controller still remembers)."""
+    """Final states from sacct (accounting), else from scontrol (jobs the controller still remembers).
+
+    The controller reports to accounting asynchronously: for a job that has just ended, sacct can
+    still say RUNNING or PENDING. Such a state is only kept when the controller no longer knows the job."""
     if not ids:
         return {}
     states: Dict[str, str] = {}
+    stale: Dict[str, str] = {}
     if shutil.which("sacct"):
         r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
                            capture_output=True, text=True)
@@ -180,7 +189,8 @@ def finished_states(ids: Sequence[str]) -> Dict[str, str]:
             for line in r.stdout.splitlines():
                 parts = line.split("|")
                 if len(parts) == 2:
-                    states[parts[0]] = parts[1].split()[0]
+                    state = parts[1].split()[0] if parts[1].split() else ""
+                    (states if state in FINAL_STATES else stale)[parts[0]] = state
     if shutil.which("scontrol"):
         for i in ids:
             if i in states:
@@ -189,6 +199,8 @@ def finished_states(ids: Sequence[str]) -> Dict[str, str]:
             for word in r.stdout.split():
                 if word.startswith("JobState="):
                     states[i] = word.split("=", 1)[1]
+    for i, state in stale.items():
+        states.setdefault(i, state)
     return states
 
 
