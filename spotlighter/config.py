@@ -345,6 +345,31 @@ def check_prompt_nodes(trainer: CN) -> None:
     if "MAPLE" in trainer:
         d = trainer.MAPLE.PROMPT_DEPTH
         _expect(_is_int(d) and d >= 1, "TRAINER.MAPLE.PROMPT_DEPTH", d, "an integer >= 1 (1 = the input only)")
+    for name in ("IVLP", "PROMPTSRC", "PROMPTKD"):  # IVLP's prompt design (depths are checked against the CLIP)
+        if name not in trainer:
+            continue
+        node, p = trainer[name], f"TRAINER.{name}."
+        keys = ("", "TEACHER_") if name == "PROMPTKD" else ("",)
+        for pre in keys:
+            for key in ("N_CTX_TEXT", "N_CTX_VISION"):
+                v = node[pre + key]
+                _expect(_is_int(v) and v >= 1, p + pre + key, v, "an integer >= 1 (prompt tokens)")
+            for key, low in (("PROMPT_DEPTH_TEXT", 1), ("PROMPT_DEPTH_VISION", 0)):
+                v = node[pre + key]
+                _expect(_is_int(v) and v >= low, p + pre + key, v, f"an integer >= {low}")
+    if "PROMPTSRC" in trainer:
+        node, p = trainer.PROMPTSRC, "TRAINER.PROMPTSRC."
+        for key in ("TEXT_LOSS_WEIGHT", "IMAGE_LOSS_WEIGHT"):
+            _expect(isinstance(node[key], (int, float)) and node[key] >= 0 and math.isfinite(node[key]), p + key,
+                    node[key], "a finite number >= 0")
+        _expect(isinstance(node.GPA_STD, (int, float)) and node.GPA_STD > 0, p + "GPA_STD", node.GPA_STD,
+                "a number > 0 (epochs)")
+    if "PROMPTKD" in trainer:
+        node, p = trainer.PROMPTKD, "TRAINER.PROMPTKD."
+        _expect(isinstance(node.KD_WEIGHT, (int, float)) and node.KD_WEIGHT > 0 and math.isfinite(node.KD_WEIGHT),
+                p + "KD_WEIGHT", node.KD_WEIGHT, "a finite number > 0")
+        _expect(isinstance(node.TEMPERATURE, (int, float)) and node.TEMPERATURE > 0, p + "TEMPERATURE",
+                node.TEMPERATURE, "a number > 0")
 
 
 def check_prune_cfg(node: CN) -> None:

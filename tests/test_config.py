@@ -307,6 +307,15 @@ def test_dassl_defaults_and_shipped_configs_pass_check_dassl_cfg():
     ("TRAINER.COOP.CLASS_TOKEN_POSITION", "top", "TRAINER.COOP.CLASS_TOKEN_POSITION = 'top' is invalid"),
     ("TRAINER.COCOOP.META_NET_REDUCTION", 0, "TRAINER.COCOOP.META_NET_REDUCTION = 0 is invalid"),
     ("TRAINER.MAPLE.PROMPT_DEPTH", 0, "TRAINER.MAPLE.PROMPT_DEPTH = 0 is invalid"),
+    ("TRAINER.IVLP.N_CTX_VISION", 0, "TRAINER.IVLP.N_CTX_VISION = 0 is invalid: expected an integer >= 1"),
+    ("TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", 0, "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT = 0 is invalid: expected an "
+                                               "integer >= 1."),
+    ("TRAINER.PROMPTSRC.GPA_STD", 0, "TRAINER.PROMPTSRC.GPA_STD = 0 is invalid: expected a number > 0"),
+    ("TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT", -25, "TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT = -25 is invalid"),
+    ("TRAINER.PROMPTKD.TEACHER_PROMPT_DEPTH_VISION", -1, "TRAINER.PROMPTKD.TEACHER_PROMPT_DEPTH_VISION = -1 is "
+                                                         "invalid: expected an integer >= 0."),
+    ("TRAINER.PROMPTKD.KD_WEIGHT", 0.0, "TRAINER.PROMPTKD.KD_WEIGHT = 0.0 is invalid: expected a finite number > 0"),
+    ("TRAINER.PROMPTKD.TEMPERATURE", -1.0, "TRAINER.PROMPTKD.TEMPERATURE = -1.0 is invalid"),
 ])
 def test_check_dassl_cfg_names_key_value_and_expectation(key, value, expected):
     from spotlighter.config import check_dassl_cfg
