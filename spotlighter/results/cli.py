@@ -103,7 +103,6 @@ def infer_source(protocol: str, datasets: Sequence[str] | None) -> str:
     return XD_SOURCE
 
 
-<<<<<<< HEAD
 #: Where scripts/demo.sh writes by default, relative to the output root users pass (``output``).
 DEMO_SUBDIR = "demo"
 
@@ -130,7 +129,8 @@ def nothing_found_hints(args: argparse.Namespace, source: str) -> list[str]:
                              f"{args.protocol} --root {demo}{extra}")
                 break
     return hints
-=======
+
+
 def _level(verbose: int) -> int:
     return (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
 
@@ -205,7 +205,6 @@ def compare_main(argv: Sequence[str]) -> int:
         return _fail(str(exc), EXIT_USAGE)
     sys.stdout.write(render_comparisons(comparisons))
     return EXIT_OK
->>>>>>> stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
