@@ -167,12 +167,11 @@ class IVLP(_CLIPHolder):
 
     def features(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm prompted image (B, d) and text (C, d) features, float32."""
-        prompts, deep_text, visual, deep_visual = self.prompt_learner()
-        t = self.clip.encode_text_embeddings(prompts, self.prompt_learner.tokenized_prompts, deep_text,
-                                             round_prompts=self.round_prompts)
+        _, _, visual, deep_visual = self.prompt_learner()
+        t = self.text_features()
         v = self.clip.encode_image(images, visual, deep_visual, pruned=self._pruned(),
                                    round_prompts=self.round_prompts)
-        return F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1)
+        return F.normalize(v.float(), dim=-1), t
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Output:
         v, t = self.features(images)
@@ -180,7 +179,18 @@ class IVLP(_CLIPHolder):
         return logits, self._ce(logits, labels)
 
     def text_features(self) -> torch.Tensor:
-        """Unit-norm prompted text features of the classes (C, d), float32."""
+        """Unit-norm prompted text features of the classes (C, d), float32. Without gradients they are
+        computed once and reused until a prompt changes (as :meth:`CoOp.text_features`): evaluation does
+        not re-encode every class prompt for every batch."""
+        if torch.is_grad_enabled():
+            return self._encode_text()
+        key = tuple((p.data_ptr(), p._version) for p in self.prompt_learner.parameters())
+        cached = getattr(self, "_text_cache", None)
+        if cached is None or cached[0] != key:
+            self._text_cache = (key, self._encode_text())
+        return self._text_cache[1]
+
+    def _encode_text(self) -> torch.Tensor:
         prompts, deep_text, _, _ = self.prompt_learner()
         t = self.clip.encode_text_embeddings(prompts, self.prompt_learner.tokenized_prompts, deep_text,
                                              round_prompts=self.round_prompts)

@@ -201,3 +201,16 @@ def test_gpa_sums_weighted_states_and_round_trips():
 def test_gpa_bad_settings_are_clear_errors(mean, std, message):
     with pytest.raises(ConfigError, match=message):
         GaussianPromptAggregation(mean, std, 20)
+
+
+def test_text_features_are_cached_at_evaluation_and_follow_a_step(frozen_clip):
+    model = ivlp(frozen_clip).eval()
+    with torch.no_grad():
+        first = model.text_features()
+        assert model.text_features() is first  # no re-encoding per batch
+        assert torch.equal(first, model._encode_text())
+    with torch.no_grad():
+        model.prompt_learner.text_prompts[0].add_(0.1)  # an optimizer step bumps the version
+        second = model.text_features()
+    assert second is not first and not torch.equal(second, first)
+    assert model.text_features().requires_grad  # with gradients: computed, never cached
