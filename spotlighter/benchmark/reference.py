@@ -31,6 +31,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..fileio import atomic_path
 from . import data, pretrain
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
@@ -107,9 +108,8 @@ def export(clip_path: str, directory: Optional[str] = None) -> dict:
         "sparse_values": emb[rows].clone(),
     }
     os.makedirs(os.path.dirname(weights_file(directory)), exist_ok=True)
-    tmp = weights_file(directory) + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, weights_file(directory))
+    with atomic_path(weights_file(directory)) as tmp:
+        torch.save(payload, tmp)
     meta = {
         "pretrain_version": side["pretrain_version"],
         "params": params,
@@ -167,9 +167,8 @@ def install(path: str, directory: Optional[str] = None) -> dict:
     state = reconstruct(directory)
     meta = read_meta(directory)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return {
         "origin": "reference",
         "reference": os.path.basename(weights_file(directory)),
