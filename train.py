@@ -199,14 +199,17 @@ def run(args) -> None:
 
     from spotlighter.config import check_dassl_cfg
 
-    if args.resume and not os.path.isdir(args.resume):  # Dassl would start from scratch without a word
-        raise UsageError(f"--resume {args.resume}: no such folder. Give the output folder of the run to resume "
-                         "(a run started again with the same --output-dir resumes by itself).")
+    def no_such_resume(path: str) -> UsageError:  # Dassl would start from scratch without a word
+        return UsageError(f"--resume {path}: no such folder. Give the output folder of the run to resume "
+                          "(a run started again with the same --output-dir resumes by itself).")
+
+    if args.resume and not os.path.isdir(args.resume):
+        raise no_such_resume(args.resume)
     cfg = setup_cfg(args)
     check_dassl_cfg(cfg)  # a bad value is one line now, not a traceback after the data is loaded
     check_registered(cfg)
-    if cfg.RESUME and not os.path.isdir(cfg.RESUME):
-        raise UsageError(f"--resume {cfg.RESUME}: no such folder (give the output folder of the run to resume).")
+    if cfg.RESUME and not os.path.isdir(cfg.RESUME):  # RESUME given as a trailing KEY VALUE
+        raise no_such_resume(cfg.RESUME)
     if args.restart and cfg.RESUME:
         raise UsageError("--restart starts over in --output-dir and --resume continues another run: give one of them.")
     # One process per output folder, for its whole life: taken before Dassl opens log.txt or a

@@ -858,8 +858,9 @@ def test_resume_with_other_settings_is_refused_and_restart_starts_over(data_root
 def test_resume_of_a_missing_or_empty_folder_is_an_error(data_root, tiny_clip_path, tmp_path, capsys):
     argv = train_argv(data_root, tiny_clip_path, tmp_path / "o", trainer="CoOp")
     code, err = run_in_process(["--resume", str(tmp_path / "nope")] + argv, capsys)
-    assert code == 2 and err.strip() == (f"error: --resume {tmp_path / 'nope'}: no such folder (give the output "
-                                         "folder of the run to resume).")
+    assert code == 2 and err.strip() == (f"error: --resume {tmp_path / 'nope'}: no such folder. Give the output "
+                                         "folder of the run to resume (a run started again with the same "
+                                         "--output-dir resumes by itself).")
     (tmp_path / "empty").mkdir()
     code, err = run_in_process(["--resume", str(tmp_path / "empty")] + argv, capsys)
     assert code == 2 and err.strip() == (f"error: --resume {tmp_path / 'empty'}: no checkpoint to resume from "
