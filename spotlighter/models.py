@@ -60,11 +60,8 @@ class ZeroShotCLIP(_CLIPHolder):
         return self.clip.logit_scale.exp().float() * v @ self.text.t(), {}
 
 
-class CoOp(_CLIPHolder):
-    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], **prompt_kwargs):
-        super().__init__(clip)
-        self.prompt_learner = PromptLearner(clip, classnames, **prompt_kwargs)
-        self.text_encoder = TextEncoder(clip)
+class _CachedText:
+    """Class text features from ``_encode_text`` (subclasses define it over ``self.prompt_learner``)."""
 
     def text_features(self) -> torch.Tensor:
         """Class text features (C, d). Without gradients they are computed once and reused until a
@@ -77,6 +74,16 @@ class CoOp(_CLIPHolder):
         if cached is None or cached[0] != key:
             self._text_cache = (key, self._encode_text())
         return self._text_cache[1]
+
+    def _encode_text(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CoOp(_CachedText, _CLIPHolder):
+    def __init__(self, clip: FrozenCLIP, classnames: Sequence[str], **prompt_kwargs):
+        super().__init__(clip)
+        self.prompt_learner = PromptLearner(clip, classnames, **prompt_kwargs)
+        self.text_encoder = TextEncoder(clip)
 
     def _encode_text(self) -> torch.Tensor:
         return self.text_encoder(self.prompt_learner(), self.prompt_learner.tokenized_prompts).float()
@@ -140,7 +147,7 @@ def check_prompt_depths(clip: FrozenCLIP, node_name: str, text_depth: int, visio
                           "blocks; 0 = no visual prompts).")
 
 
-class IVLP(_CLIPHolder):
+class IVLP(_CachedText, _CLIPHolder):
     """Independent vision-language prompting (Khattak et al.; the prompt design of PromptSRC).
 
     ``round_prompts``: round the prompts to fp16 where they enter the encoders, as the original code
@@ -178,19 +185,8 @@ class IVLP(_CLIPHolder):
         logits = self.clip.logit_scale.exp().float() * v @ t.t()
         return logits, self._ce(logits, labels)
 
-    def text_features(self) -> torch.Tensor:
-        """Unit-norm prompted text features of the classes (C, d), float32. Without gradients they are
-        computed once and reused until a prompt changes (as :meth:`CoOp.text_features`): evaluation does
-        not re-encode every class prompt for every batch."""
-        if torch.is_grad_enabled():
-            return self._encode_text()
-        key = tuple((p.data_ptr(), p._version) for p in self.prompt_learner.parameters())
-        cached = getattr(self, "_text_cache", None)
-        if cached is None or cached[0] != key:
-            self._text_cache = (key, self._encode_text())
-        return self._text_cache[1]
-
     def _encode_text(self) -> torch.Tensor:
+        """Unit-norm prompted text features of the classes (C, d), float32."""
         prompts, deep_text, _, _ = self.prompt_learner()
         t = self.clip.encode_text_embeddings(prompts, self.prompt_learner.tokenized_prompts, deep_text,
                                              round_prompts=self.round_prompts)
