@@ -235,15 +235,13 @@ def _read_state(path: str) -> dict:
     return state
 
 
-#: File name of MiniBench's CLIP (``DATA/minibench/clip/minibench_clip.pt``, see ``benchmark.cli``).
-MINIBENCH_CLIP_FILE = "minibench_clip.pt"
-
-
 def _minibench_claim(path: str):
     """The MiniBench identity module when ``path`` is (or claims to be) a MiniBench CLIP, else None.
-    The benchmark package is imported only for files that may be one: with a sidecar beside them
-    (``path.json``) or named like MiniBench's CLIP."""
-    if not (os.path.isfile(path + ".json") or os.path.basename(path) == MINIBENCH_CLIP_FILE):
+    Only files that may be one are checked: with a sidecar beside them (``path.json``) or named like
+    MiniBench's CLIP (:data:`spotlighter.benchmark.paths.CLIP_FILE`)."""
+    from .benchmark import paths
+
+    if not (os.path.isfile(paths.sidecar_path(path)) or os.path.basename(path) == paths.CLIP_FILE):
         return None
     from .benchmark import reference
 

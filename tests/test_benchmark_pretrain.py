@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from spotlighter import machine
-from spotlighter.benchmark import cli, data, pretrain
+from spotlighter.benchmark import cli, data, pretrain, recipe
 
 TINY = dict(
     embed_dim=64,
@@ -72,15 +72,15 @@ def test_ensure_clip_noop_and_mismatch(tiny):
     assert "steps" in str(e.value) and "Delete" in str(e.value)
     with open(path + ".json") as f:
         side = json.load(f)
-    assert side["params"]["steps"] == 2 and side["pretrain_version"] == pretrain.PRETRAIN_VERSION
+    assert side["params"]["steps"] == 2 and side["pretrain_version"] == recipe.PRETRAIN_VERSION
     # which CPU kind and torch made these weights (another CPU's kernels give other weights)
     assert side["cpu"] == machine.cpu_name() and side["torch"] == torch.__version__
 
 
 def test_contrastive_loss_decreases():
-    p = pretrain._normalise(dict(TINY, batch_size=32))
+    p = recipe.normalise_params(dict(TINY, batch_size=32))
     torch.manual_seed(0)
-    model = pretrain.build_clip(p)
+    model = recipe.build_clip(p)
     bank = pretrain._CaptionBank(p["context_length"])
     batch = pretrain.sample_batch(0, 32, p, bank)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -95,7 +95,7 @@ def test_contrastive_loss_decreases():
 
 
 def test_pretraining_stream_is_deterministic_and_disjoint():
-    p = pretrain._normalise(TINY)
+    p = recipe.normalise_params(TINY)
     bank = pretrain._CaptionBank(77)
     x1, l1, c1, d1 = pretrain.sample_batch(3, 64, p, bank)
     x2, l2, c2, d2 = pretrain.sample_batch(3, 64, p, bank)
@@ -112,7 +112,7 @@ def test_pretraining_stream_is_deterministic_and_disjoint():
 def test_benchmark_like_scenes_are_rendered_as_the_benchmark():
     """Scene-domain images are the benchmark's renders (SCENE_RENDER), photo-domain ones the clean
     pretraining renders: same seed stream, re-rendered by hand."""
-    p = pretrain._normalise(TINY)
+    p = recipe.normalise_params(TINY)
     bank = pretrain._CaptionBank(77)
     x, labels, caps, doms = pretrain.sample_batch(2, 24, p, bank)
     rng = data.image_rng(p["seed"], data.DOMAIN_PRETRAIN, 2)
@@ -145,7 +145,7 @@ class _FixedFeatures(torch.nn.Module):
         return self.txt_by_id(tokens)
 
 
-@pytest.mark.parametrize("mode", pretrain.CROSS_DOMAIN_CAPTIONS)
+@pytest.mark.parametrize("mode", recipe.CROSS_DOMAIN_CAPTIONS)
 def test_contrastive_loss_cross_domain_hand_computed(mode):
     """Two scene images of class 0 (domains photo, scene), captioned "a photo of a red circle." and
     "a red circle among clutter."; the loss by hand for each treatment of the cross-domain pairs."""
@@ -178,10 +178,10 @@ def test_contrastive_loss_cross_domain_hand_computed(mode):
 
 def test_recipe_parameters_are_checked():
     with pytest.raises(ValueError, match="cross_domain_captions = 'maybe'"):
-        pretrain._normalise({"cross_domain_captions": "maybe"})
+        recipe.normalise_params({"cross_domain_captions": "maybe"})
     with pytest.raises(ValueError, match="benchmark_like_share = 1.5"):
-        pretrain._normalise({"benchmark_like_share": 1.5})
-    assert pretrain._normalise({"benchmark_like_share": None})["benchmark_like_share"] is None
+        recipe.normalise_params({"benchmark_like_share": 1.5})
+    assert recipe.normalise_params({"benchmark_like_share": None})["benchmark_like_share"] is None
 
 
 def test_cli_prepare_idempotent_and_zeroshot(tmp_path, capsys, monkeypatch):
@@ -216,13 +216,13 @@ def test_clip_cache_rebuilt_when_recipe_or_generator_version_changes(tmp_path, f
     side_path = path + ".json"
     side = json.load(open(side_path))
     if field == "pretrain_version":
-        side["pretrain_version"] = pretrain.PRETRAIN_VERSION - 1
+        side["pretrain_version"] = recipe.PRETRAIN_VERSION - 1
     else:
         side["params"]["generator_version"] = data.GENERATOR_VERSION - 1
     json.dump(side, open(side_path, "w"))
     torch.save({"stale": torch.zeros(1)}, path)
     meta = pretrain.ensure_clip(path, **TINY)  # no ValueError: a stale cache is rebuilt
-    assert meta["pretrain_version"] == pretrain.PRETRAIN_VERSION
+    assert meta["pretrain_version"] == recipe.PRETRAIN_VERSION
     assert meta["params"]["generator_version"] == data.GENERATOR_VERSION
     assert "visual.conv1.weight" in torch.load(path, weights_only=True)
 
@@ -238,7 +238,7 @@ def test_caption_bank_covers_every_vocabulary():
             if key != "scenes":  # other vocabularies: a caption fits exactly its own concept
                 assert all(name in t for t in texts)
                 assert bank.positive[:, bank.index[f"a photo of a {name}."]].sum() == 1
-    p = pretrain._normalise(TINY)
+    p = recipe.normalise_params(TINY)
     rng = np.random.default_rng(0)
     concepts = pretrain.sample_concepts(rng, 4000, p, bank)
     share = (concepts < data.NUM_CLASSES).mean()

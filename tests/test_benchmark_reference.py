@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, requires_dassl
-from spotlighter.benchmark import cli, data, pretrain, reference
+from spotlighter.benchmark import cli, data, paths, pretrain, recipe, reference
 
 TINY = dict(embed_dim=64, vision_width=64, vision_layers=1, transformer_width=64, transformer_layers=1,
             steps=2, batch_size=16, warmup_steps=1)
@@ -110,8 +110,8 @@ def test_shipped_reference_is_the_current_recipe_and_reconstructs():
     assert reference.matches({}) is not None, "the shipped reference CLIP is not of the current recipe"
     assert meta["params"]["generator_version"] == data.GENERATOR_VERSION
     state = reference.reconstruct()  # raises on a digest mismatch
-    assert state[reference.SPARSE_KEY].shape == (pretrain.DEFAULT_CLIP_PARAMS["vocab_size"],
-                                                 pretrain.DEFAULT_CLIP_PARAMS["embed_dim"])
+    assert state[reference.SPARSE_KEY].shape == (recipe.DEFAULT_CLIP_PARAMS["vocab_size"],
+                                                 recipe.DEFAULT_CLIP_PARAMS["embed_dim"])
     z = meta["zeroshot"]
     assert z["chance_base"] == pytest.approx(100 / data.NUM_BASE, abs=0.01)
     assert z["base"] >= 3 * z["chance_base"] and z["new"] >= 3 * z["chance_new"]
@@ -137,7 +137,7 @@ def test_cli_prepare_pretrain_flag_and_export(tmp_path, monkeypatch, capsys):
     assert cli.main(["export-reference", "--root", root]) == 0
     assert "trained token-embedding rows" in capsys.readouterr().out
     meta = json.load(open(reference.meta_file(str(tmp_path / "newref"))))
-    assert meta["digest"] == reference.file_digest(cli.clip_path(root))
+    assert meta["digest"] == reference.file_digest(paths.clip_path(root))
     assert cli.main(["export-reference", "--root", str(tmp_path / "empty")]) == 2
     assert "no complete MiniBench CLIP" in capsys.readouterr().err
 
@@ -149,25 +149,25 @@ def test_cli_prepare_pretrain_flag_and_export(tmp_path, monkeypatch, capsys):
 def installed(tmp_path_factory):
     """The shipped reference CLIP installed where prepare puts it; its weights' and sidecar's bytes."""
     root = str(tmp_path_factory.mktemp("data"))
-    path = cli.clip_path(root)
+    path = paths.clip_path(root)
     side = pretrain.ensure_clip(path)  # the default recipe is the reference's: installed, not pretrained
     assert side["origin"] == "reference"
-    with open(path, "rb") as w, open(pretrain.sidecar_path(path), "rb") as s:
+    with open(path, "rb") as w, open(paths.sidecar_path(path), "rb") as s:
         return w.read(), s.read()
 
 
 def install_copy(installed, root) -> str:
     """The installed reference CLIP copied to ``root`` (tests damage their copy)."""
-    path = cli.clip_path(str(root))
+    path = paths.clip_path(str(root))
     os.makedirs(os.path.dirname(path))
-    with open(path, "wb") as w, open(pretrain.sidecar_path(path), "wb") as s:
+    with open(path, "wb") as w, open(paths.sidecar_path(path), "wb") as s:
         w.write(installed[0])
         s.write(installed[1])
     return path
 
 
 def swap_weights(path):
-    torch.save(pretrain.build_clip({"seed": 7}).state_dict(), path)  # random weights of the same shapes
+    torch.save(recipe.build_clip({"seed": 7}).state_dict(), path)  # random weights of the same shapes
 
 
 def remove_block(path):
@@ -234,13 +234,13 @@ def test_swapped_or_damaged_minibench_clip_is_refused_and_prepare_restores_it(in
 def test_a_sidecar_cannot_vouch_for_swapped_weights(installed, tmp_path):
     path = install_copy(installed, tmp_path)
     swap_weights(path)
-    side = json.load(open(pretrain.sidecar_path(path)))
+    side = json.load(open(paths.sidecar_path(path)))
     side["digest"] = reference.file_digest(path)  # the sidecar rewritten for the swapped weights
-    json.dump(side, open(pretrain.sidecar_path(path), "w"))
+    json.dump(side, open(paths.sidecar_path(path), "w"))
     expect_refused(path, str(tmp_path))
     # said honestly (pretrained here), they load, and prepare does not call them the reference
     side["origin"] = "pretrained here"
-    json.dump(side, open(pretrain.sidecar_path(path), "w"))
+    json.dump(side, open(paths.sidecar_path(path), "w"))
     pretrain.load_clip(path)
     assert "differs from the shipped reference CLIP" in cli.describe_origin(side)
     # damaged after pretraining: checked against the digest recorded then
@@ -255,15 +255,15 @@ def test_minibench_clip_without_its_sidecar_is_refused(installed, tmp_path):
     from spotlighter.backbone import BackboneError
 
     path = install_copy(installed, tmp_path)
-    os.remove(pretrain.sidecar_path(path))
+    os.remove(paths.sidecar_path(path))
     with pytest.raises(BackboneError) as err:
         pretrain.load_clip(path)
     assert str(err.value).startswith(f"{path} is not the MiniBench CLIP it claims to be: no sidecar "
-                                     f"{pretrain.sidecar_path(path)} says which MiniBench CLIP it is")
+                                     f"{paths.sidecar_path(path)} says which MiniBench CLIP it is")
     # a sidecar that says it is the reference of another recipe
     side = json.loads(installed[1])
-    side["pretrain_version"] = pretrain.PRETRAIN_VERSION - 1
-    json.dump(side, open(pretrain.sidecar_path(path), "w"))
+    side["pretrain_version"] = recipe.PRETRAIN_VERSION - 1
+    json.dump(side, open(paths.sidecar_path(path), "w"))
     with pytest.raises(BackboneError, match="no shipped reference CLIP has its recipe"):
         pretrain.load_clip(path)
     # unreadable weights where a MiniBench CLIP should be: the same advice
@@ -284,7 +284,7 @@ def test_prepare_verifies_before_it_reports_the_reference(tmp_path, monkeypatch,
     root = str(tmp_path / "data")
     assert cli.main(["prepare", "--root", root]) == 0
     assert "CLIP:     the shipped reference CLIP" in capsys.readouterr().out
-    path = cli.clip_path(root)
+    path = paths.clip_path(root)
     swap_weights(path)
     assert cli.main(["zeroshot", "--root", root]) == 2
     assert capsys.readouterr().err.startswith(f"error: {path} is not the MiniBench CLIP it claims to be")

@@ -21,11 +21,7 @@ from .data import (  # noqa: F401
     render,
 )
 
-from .pretrain import (  # noqa: F401  (imports torch; clip is imported lazily)
-    DEFAULT_CLIP_PARAMS,
-    build_clip,
-    ensure_clip,
-    load_clip,
-    zeroshot_accuracy,
-)
-from .cli import CLIP_RELPATH, DATASET_SUBDIR, clip_path, dataset_dir, prepare  # noqa: F401,E402
+from .paths import CLIP_RELPATH, DATASET_SUBDIR, clip_path, dataset_dir  # noqa: F401
+from .recipe import DEFAULT_CLIP_PARAMS, build_clip  # noqa: F401
+from .pretrain import ensure_clip, load_clip, zeroshot_accuracy  # noqa: F401  (imports torch; clip lazily)
+from .cli import prepare  # noqa: F401,E402

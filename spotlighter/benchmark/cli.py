@@ -12,25 +12,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..backbone import MINIBENCH_CLIP_FILE
-from . import data, pretrain
+from . import data, pretrain, recipe, reference
+from .paths import CLIP_LOCK, clip_path, dataset_dir, read_sidecar
 
 logger = logging.getLogger(__name__)
-
-DATASET_SUBDIR = "minibench"
-CLIP_RELPATH = os.path.join("clip", MINIBENCH_CLIP_FILE)
-CLIP_LOCK = ".clip.lock"  # in the MiniBench folder, held while its CLIP is checked or built
-
-
-def dataset_dir(root: str, key: str = "minibench") -> str:
-    """Folder of generated dataset ``key`` under the data root (the folder name is the key)."""
-    data.get_spec(key)
-    return os.path.join(root, key)
-
-
-def clip_path(root: str) -> str:
-    return os.path.join(dataset_dir(root), CLIP_RELPATH)
-
 
 def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, clip_params: Optional[dict] = None,
             keys: Sequence[str] = tuple(data.SPECS), target_params: Optional[dict] = None,
@@ -63,7 +48,7 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
     others = [dataset_dir(root, k) for k in keys if k != "minibench"]
     # two prepares on one $DATA: the second waits for the first's CLIP, then finds it in place
     with FileLock(os.path.join(dataset_dir(root), CLIP_LOCK)):
-        had_clip, had_file = pretrain.read_sidecar(cpath), _file_version(cpath)
+        had_clip, had_file = read_sidecar(cpath), _file_version(cpath)
         side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others,
                                     use_reference=use_reference, **cparams)
     t_clip = time.time() - t0
@@ -95,8 +80,6 @@ def _file_version(path: str):
 
 def describe_origin(side: dict) -> str:
     """Where the CLIP came from, and whether its accuracies compare with the reference CLIP's."""
-    from . import reference
-
     digest = side.get("digest") or "unknown"
     if side.get("origin") == "reference":
         return (f"the shipped reference CLIP (pretrained on {side.get('cpu')}, {side.get('torch_threads')} threads, "
@@ -127,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pp.add_argument("--train-per-class", type=int, default=data.DEFAULT_PARAMS["train_per_class"])
     pp.add_argument("--val-per-class", type=int, default=data.DEFAULT_PARAMS["val_per_class"])
     pp.add_argument("--test-per-class", type=int, default=data.DEFAULT_PARAMS["test_per_class"])
-    pp.add_argument("--pretrain-steps", type=int, default=pretrain.DEFAULT_CLIP_PARAMS["steps"])
+    pp.add_argument("--pretrain-steps", type=int, default=recipe.DEFAULT_CLIP_PARAMS["steps"])
     pp.add_argument("--pretrain", action="store_true",
                     help="pretrain the CLIP here (minutes) instead of installing the shipped reference CLIP; "
                          "its weights, and every accuracy measured with them, then depend on this CPU kind")
@@ -207,8 +190,6 @@ def _run(args) -> int:
         return 0
 
     if args.cmd == "export-reference":
-        from . import reference
-
         try:
             meta = reference.export(clip_path(args.root))
         except ValueError as e:

@@ -10,7 +10,7 @@ vocabulary (MiniBench's 24 classes and the glyphs, textures and objects of its c
 targets: real CLIP has seen every concept; ``scene_share`` of the stream is MiniBench scenes) using
 the seed domain ``DOMAIN_PRETRAIN``, disjoint from the benchmarks' own images, with varied
 caption templates including MiniBench's attribute-only phrases ("a photo of something red."). The
-other vocabularies are rendered cleaner than their benchmarks (``DEFAULT_CLIP_PARAMS["render"]``);
+other vocabularies are rendered cleaner than their benchmarks (``recipe.DEFAULT_CLIP_PARAMS["render"]``);
 MiniBench's scenes come in two caption domains (``benchmark_like_share``, ``cross_domain_captions``):
 rendered like the benchmark with scene captions, or clean with photo captions, never mixed, so the
 zero-shot prompt "a photo of a {}." is from the other domain on the benchmark (DATASETS.md, "The
@@ -23,13 +23,12 @@ is initialised at ``log(1 / 0.07)`` and clamped at 100 as in CLIP.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,81 +36,18 @@ import torch.nn.functional as F
 
 from .. import machine
 from ..fileio import atomic_path
-from . import data
+from . import data, reference
+from .paths import read_sidecar, sidecar_path
+from .recipe import PRETRAIN_VERSION, build_clip, normalise_params
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = 3
-CROSS_DOMAIN_CAPTIONS = ("positive", "negative", "ignore")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ZEROSHOT_TEMPLATE = "a photo of a {}."
 
-DEFAULT_CLIP_PARAMS: Dict[str, object] = {
-    "seed": 0,
-    # architecture (all widths multiples of 64: build_model infers heads = width // 64)
-    "embed_dim": 128,
-    "image_resolution": 64,
-    "vision_patch_size": 8,
-    "vision_width": 128,
-    "vision_layers": 4,
-    "context_length": 77,
-    "vocab_size": 49408,
-    "transformer_width": 128,
-    "transformer_layers": 3,
-    # optimisation
-    "steps": 720,
-    "batch_size": 128,
-    "lr": 2e-3,
-    "weight_decay": 0.1,
-    "warmup_steps": 40,
-    "attribute_only_prob": 0.15,
-    # Share of MiniBench's own scenes in the stream (the other vocabularies share the rest evenly).
-    "scene_share": 0.5,
-    # Rendering parameters of the pretraining stream, per vocabulary: the benchmark's renderers,
-    # but "cleaner web photos" (bigger target, fewer distractors, less noise) than the cluttered
-    # benchmark. This domain gap mirrors real CLIP vs. downstream data: with identical
-    # distributions the zero-shot classifier is already the best linear classifier of the frozen
-    # features, leaving few-shot adaptation nothing to gain.
-    "render": {k: {**v.render_defaults, **v.pretrain_render} for k, v in data.VOCABULARIES.items()},
-    # Domain-tagged captions (recipe 3, calibrated on zero-shot CLIP and CoOp only, docs in
-    # DATASETS.md): this share of the MiniBench scenes is rendered like the benchmark itself
-    # (data.SCENE_RENDER) and captioned only with scene captions (data.SCENE_CAPTION_TEMPLATES, none
-    # says "photo"); the rest is rendered clean (render["scenes"]) and captioned only with photo
-    # captions. None: every scene clean, captions of both kinds (recipe 2).
-    "benchmark_like_share": 0.7,
-    # How a scene caption of one domain counts for a scene image of the other domain (same concept):
-    # "positive" (as recipe 2), "negative", or "ignore" (left out of the image's and the caption's
-    # softmax: pretraining never says whether a photo caption fits a cluttered scene).
-    "cross_domain_captions": "ignore",
-    # Recorded so that a new generator (other renders) invalidates the cached CLIP.
-    "generator_version": data.GENERATOR_VERSION,
-}
-
 
 # --------------------------------------------------------------------------- model
-
-
-def build_clip(params: Optional[dict] = None) -> "torch.nn.Module":
-    """A freshly initialised float32 ``clip.model.CLIP`` of the MiniBench size."""
-    from clip.model import CLIP
-
-    p = _normalise(params or {})
-    for key in ("vision_width", "transformer_width"):
-        if int(p[key]) % 64:
-            raise ValueError(f"{key} must be a multiple of 64 (clip.model.build_model uses width // 64 heads)")
-    return CLIP(
-        embed_dim=p["embed_dim"],
-        image_resolution=p["image_resolution"],
-        vision_layers=p["vision_layers"],
-        vision_width=p["vision_width"],
-        vision_patch_size=p["vision_patch_size"],
-        context_length=p["context_length"],
-        vocab_size=p["vocab_size"],
-        transformer_width=p["transformer_width"],
-        transformer_heads=p["transformer_width"] // 64,
-        transformer_layers=p["transformer_layers"],
-    ).float()
 
 
 def load_clip(path: str) -> "torch.nn.Module":
@@ -119,24 +55,6 @@ def load_clip(path: str) -> "torch.nn.Module":
     from ..backbone import load_clip as load_backbone
 
     return load_backbone("MiniBench-ViT", path=path)
-
-
-def _normalise(params: dict) -> dict:
-    p = data.merge_params(DEFAULT_CLIP_PARAMS, params, "pretraining")
-    given = params.get("render") or {}
-    unknown = set(given) - set(DEFAULT_CLIP_PARAMS["render"])
-    if unknown:
-        raise TypeError(f"unknown render vocabularies: {sorted(unknown)} (valid: {sorted(data.VOCABULARIES)})")
-    p["render"] = {k: data.merge_params(d, given.get(k) or {}, f"{k} render")
-                   for k, d in DEFAULT_CLIP_PARAMS["render"].items()}
-    share = p["benchmark_like_share"]
-    if share is not None and not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
-        raise ValueError(f"pretraining parameter benchmark_like_share = {share!r}: expected None or a number "
-                         "in [0, 1]")
-    if p["cross_domain_captions"] not in CROSS_DOMAIN_CAPTIONS:
-        raise ValueError(f"pretraining parameter cross_domain_captions = {p['cross_domain_captions']!r}: expected "
-                         f"one of {CROSS_DOMAIN_CAPTIONS}")
-    return p
 
 
 def to_tensor(images: Sequence, dtype=torch.float32) -> torch.Tensor:
@@ -284,7 +202,7 @@ def _param_groups(model, weight_decay: float):
 
 def pretrain(params: Optional[dict] = None, *, log_every: int = 10) -> "torch.nn.Module":
     """Train the small CLIP from scratch with a fixed seed; return it in eval mode (float32)."""
-    p = _normalise(params or {})
+    p = normalise_params(params or {})
     torch.manual_seed(p["seed"])
     model = build_clip(p)
     model.train()
@@ -392,18 +310,6 @@ def zeroshot_accuracy(model, dataset_dir: str, split: str = "test", template: st
 # --------------------------------------------------------------------------- caching
 
 
-def sidecar_path(path: str) -> str:
-    return path + ".json"
-
-
-def read_sidecar(path: str) -> Optional[dict]:
-    sp = sidecar_path(path)
-    if not (os.path.isfile(sp) and os.path.isfile(path)):
-        return None
-    with open(sp) as f:
-        return json.load(f)
-
-
 def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequence[str] = (),
                 use_reference: bool = True, **params) -> dict:
     """Install or pretrain the MiniBench CLIP at ``path`` unless it exists with the same params.
@@ -418,9 +324,7 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
     (:func:`.reference.check_clip`: the shipped reference's when its sidecar says it is the reference);
     otherwise it is built again, with a warning.
     """
-    from . import reference
-
-    p = _normalise(params)
+    p = normalise_params(params)
     meta = read_sidecar(path)
     if meta is not None and (meta.get("pretrain_version") != PRETRAIN_VERSION
                              or (meta.get("params") or {}).get("generator_version") != data.GENERATOR_VERSION):

@@ -32,7 +32,9 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from ..fileio import atomic_path
-from . import data, pretrain
+from . import data
+from .paths import data_root, read_sidecar, sidecar_path
+from .recipe import PRETRAIN_VERSION, build_clip, normalise_params
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 SPARSE_KEY = "token_embedding.weight"
@@ -40,7 +42,7 @@ SPARSE_KEY = "token_embedding.weight"
 
 def weights_file(directory: Optional[str] = None) -> str:
     """The reference weights in ``directory`` (default: the shipped :data:`REFERENCE_DIR`)."""
-    return os.path.join(directory or REFERENCE_DIR, f"minibench_clip_v{pretrain.PRETRAIN_VERSION}.pt")
+    return os.path.join(directory or REFERENCE_DIR, f"minibench_clip_v{PRETRAIN_VERSION}.pt")
 
 
 def meta_file(directory: Optional[str] = None) -> str:
@@ -65,7 +67,7 @@ def file_digest(path: str) -> str:
 
 def _initial_state(params: dict) -> Dict[str, torch.Tensor]:
     torch.manual_seed(params["seed"])
-    return pretrain.build_clip(params).state_dict()
+    return build_clip(params).state_dict()
 
 
 def read_meta(directory: Optional[str] = None) -> Optional[dict]:
@@ -80,23 +82,23 @@ def matches(params: dict, directory: Optional[str] = None) -> Optional[dict]:
     """The reference's metadata when it was pretrained with exactly ``params`` (normalised) under
     the current recipe and generator versions, else None."""
     meta = read_meta(directory)
-    if meta is None or meta.get("pretrain_version") != pretrain.PRETRAIN_VERSION:
+    if meta is None or meta.get("pretrain_version") != PRETRAIN_VERSION:
         return None
     ref = meta.get("params") or {}
     if ref.get("generator_version") != data.GENERATOR_VERSION:
         return None
-    return meta if json.dumps(ref, sort_keys=True) == json.dumps(pretrain._normalise(params), sort_keys=True) else None
+    return meta if json.dumps(ref, sort_keys=True) == json.dumps(normalise_params(params), sort_keys=True) else None
 
 
 def export(clip_path: str, directory: Optional[str] = None) -> dict:
     """Write the reference from a CLIP built by ``prepare`` (its sidecar gives the recipe)."""
-    side = pretrain.read_sidecar(clip_path)
+    side = read_sidecar(clip_path)
     if side is None:
-        raise ValueError(f"{clip_path}: no complete MiniBench CLIP there (weights and {pretrain.sidecar_path(clip_path)} "
+        raise ValueError(f"{clip_path}: no complete MiniBench CLIP there (weights and {sidecar_path(clip_path)} "
                          "are written by `python -m spotlighter.benchmark prepare`)")
-    if side.get("pretrain_version") != pretrain.PRETRAIN_VERSION:
+    if side.get("pretrain_version") != PRETRAIN_VERSION:
         raise ValueError(f"{clip_path}: pretrained with recipe {side.get('pretrain_version')}, "
-                         f"this code's recipe is {pretrain.PRETRAIN_VERSION}; run prepare again first")
+                         f"this code's recipe is {PRETRAIN_VERSION}; run prepare again first")
     params = side["params"]
     state = torch.load(clip_path, map_location="cpu", weights_only=True)
     init = _initial_state(params)
@@ -190,18 +192,9 @@ class ClipMismatch(ValueError):
         super().__init__(f"{path} is not the MiniBench CLIP it claims to be: {problem}. {advice(path)}")
 
 
-def _data_root(path: str) -> Optional[str]:
-    """``DATA`` when ``path`` is ``DATA/minibench/clip/minibench_clip.pt`` (where ``prepare`` puts it), else None."""
-    from .cli import CLIP_RELPATH, DATASET_SUBDIR
-
-    full = os.path.abspath(path)
-    tail = os.sep + os.path.join(DATASET_SUBDIR, CLIP_RELPATH)
-    return full[: -len(tail)] or os.sep if full.endswith(tail) else None
-
-
 def advice(path: str) -> str:
     """How to restore the MiniBench CLIP at ``path``."""
-    return (f"Restore it with `python -m spotlighter.benchmark prepare --root {_data_root(path) or 'DATA'}` "
+    return (f"Restore it with `python -m spotlighter.benchmark prepare --root {data_root(path) or 'DATA'}` "
             "(with the options it was prepared with): prepare checks the CLIP and installs the shipped "
             "reference CLIP again, or pretrains it again when its recipe is not the reference's.")
 
@@ -209,7 +202,7 @@ def advice(path: str) -> str:
 def _read_claim(path: str):
     """The sidecar beside ``path`` when it is a MiniBench CLIP's (has ``pretrain_version``), else None;
     raises ``OSError``/``ValueError`` when it cannot be read."""
-    with open(pretrain.sidecar_path(path)) as f:
+    with open(sidecar_path(path)) as f:
         side = json.load(f)
     return side if isinstance(side, dict) and "pretrain_version" in side else None
 
@@ -217,7 +210,7 @@ def _read_claim(path: str):
 def claims_minibench(path: str) -> bool:
     """Whether ``path`` is, or says it is, a MiniBench CLIP: it sits where ``prepare`` puts it, or a
     MiniBench sidecar is beside it."""
-    if _data_root(path) is not None:
+    if data_root(path) is not None:
         return True
     try:
         return _read_claim(path) is not None
@@ -228,22 +221,22 @@ def claims_minibench(path: str) -> bool:
 def expected_digest(path: str, side: dict) -> Tuple[str, str]:
     """The digest the CLIP at ``path`` must have, and where that digest comes from, in words."""
     if side.get("origin") == "reference":
-        ref = matches(side.get("params") or {}) if side.get("pretrain_version") == pretrain.PRETRAIN_VERSION else None
+        ref = matches(side.get("params") or {}) if side.get("pretrain_version") == PRETRAIN_VERSION else None
         if ref is None:
             raise ClipMismatch(path, f"its sidecar says it is the shipped reference CLIP, but no shipped reference "
                                      f"CLIP has its recipe (pretraining recipe {side.get('pretrain_version')}; this "
-                                     f"code ships recipe {pretrain.PRETRAIN_VERSION} in {meta_file()})")
+                                     f"code ships recipe {PRETRAIN_VERSION} in {meta_file()})")
         return ref["digest"], f"the shipped reference CLIP's ({meta_file()})"
     digest = side.get("digest")
     if not (isinstance(digest, str) and len(digest) == 64):
-        raise ClipMismatch(path, f"its sidecar {pretrain.sidecar_path(path)} records no digest")
-    return digest, f"the one recorded when it was pretrained ({pretrain.sidecar_path(path)})"
+        raise ClipMismatch(path, f"its sidecar {sidecar_path(path)} records no digest")
+    return digest, f"the one recorded when it was pretrained ({sidecar_path(path)})"
 
 
 def check_clip(path: str, state: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
     """Raise :class:`ClipMismatch` unless the MiniBench CLIP at ``path`` (its loaded ``state``, else
     read here) has the digest it must have (:func:`expected_digest`); return its sidecar."""
-    sidecar = pretrain.sidecar_path(path)
+    sidecar = sidecar_path(path)
     try:
         side = _read_claim(path)
     except FileNotFoundError:
