@@ -210,7 +210,7 @@ def test_whole_demo_one_graph_progress_tables_and_rerun(denv):
 
 
 def test_default_jobs_one_per_core_and_threads_shared(monkeypatch):
-    from spotlighter.run import cli
+    from spotlighter.run import protocol
 
     monkeypatch.setattr(machine, "cores", lambda: 4)
     assert demo.default_jobs({})["JOBS"] == "4"
@@ -218,16 +218,16 @@ def test_default_jobs_one_per_core_and_threads_shared(monkeypatch):
     monkeypatch.setattr(machine, "cores", lambda: 64)
     assert demo.default_jobs({})["JOBS"] == str(demo.MAX_DEFAULT_JOBS)
     monkeypatch.setattr(machine, "cores", lambda: 4)
-    monkeypatch.setattr(cli.os, "environ", {})
+    monkeypatch.setattr(protocol.os, "environ", {})
     said, env = [], {}
-    assert cli.share_cores(env, 3, said.append) == 1 and env["OMP_NUM_THREADS"] == "1"
-    assert cli.os.environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the fork server inherits it
+    assert protocol.share_cores(env, 3, said.append) == 1 and env["OMP_NUM_THREADS"] == "1"
+    assert protocol.os.environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the fork server inherits it
     env = {}
-    assert cli.share_cores(env, 2, said.append) == 2 and env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert protocol.share_cores(env, 2, said.append) == 2 and env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     assert said[-1] == "JOBS=2 on 4 cores: 2 thread(s) per job (OMP_NUM_THREADS=2; set it to choose)"
-    cli.os.environ.clear()
-    assert cli.share_cores({"OMP_NUM_THREADS": "3"}, 2, said.append) is None  # the user's choice stands
-    assert cli.share_cores({}, 1, said.append) is None and cli.os.environ == {}
+    protocol.os.environ.clear()
+    assert protocol.share_cores({"OMP_NUM_THREADS": "3"}, 2, said.append) is None  # the user's choice stands
+    assert protocol.share_cores({}, 1, said.append) is None and protocol.os.environ == {}
 
 
 def test_failed_job_exit_1_its_log_and_dg_not_run(denv):

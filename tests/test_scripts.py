@@ -749,11 +749,11 @@ def test_control_characters_in_paths_or_options_are_refused(env, tmp_path):
 
 
 def test_dry_run_messages_stay_comments(capsys):
-    from spotlighter.run.cli import Runner
+    from spotlighter.run.protocol import ProtocolRun
     from spotlighter.run.jobs import Settings
 
     s = Settings(protocol="base2new", trainer="CoOp", trains=True, cfg="c", cfg_file="c.yaml", shots=1, seeds=[1],
                  data="/d", output="/o", python=["python"], extra=[], repo="/r", ts="t", dry_run=True)
-    Runner(s).say("first line\nrm -rf /tmp/x\r\nlast")
+    ProtocolRun(s).say("first line\nrm -rf /tmp/x\r\nlast")
     out = capsys.readouterr().out
     assert out.splitlines() == ["# first line", "# rm -rf /tmp/x", "# last"]

@@ -201,7 +201,7 @@ def _run(args) -> int:
     ddir = dataset_dir(args.root)
     weights = args.weights or clip_path(args.root)
     if args.cmd == "calibrate":
-        from ..run.cli import REPO
+        from ..run.protocol import REPO
         from .calibrate import DEFAULT_COOP_CONFIG, coop_proxy, proxy_settings
 
         config = args.config or os.path.join(REPO, DEFAULT_COOP_CONFIG)

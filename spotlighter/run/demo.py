@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import machine, registry
-from .cli import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, REPO, Runner, accuracy_of, check_writable, force_aside,
-                  job_starter, launcher_of, report, settings_from, share_cores, slots_of)
+from .protocol import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, REPO, ProtocolRun, accuracy_of, check_writable,
+                       force_aside, job_starter, launcher_of, report, settings_from, share_cores, slots_of)
 from .jobs import RUN_LOG, InputError, Job, Outcome, Settings, build_graph, quote, source_dir
 from .local import fmt_seconds, run_local
 
@@ -141,7 +141,7 @@ def plan(protocols: Sequence[str], runs: Sequence[Tuple[str, str]], env: Dict[st
                     for job in jobs:
                         job.deps = list(dict.fromkeys(job.deps + [source_dir(s, job.seed)]))
                 else:
-                    jobs, failures = Runner(s).check_trained(jobs)
+                    jobs, failures = ProtocolRun(s).check_trained(jobs)
                     p.failures += failures
             p.settings.append(s)
             for job in jobs:
@@ -277,7 +277,7 @@ def run_demo(args: Sequence[str], env: Dict[str, str], cwd: str) -> int:
     s0 = p.settings[0]
     if dry:
         for s in p.settings:
-            runner = Runner(s)
+            runner = ProtocolRun(s)
             runner.header()
             runner.dry_run([j for j in p.jobs if p.settings_of[j.dir] is s])
         for _proto, cmd in table_commands(p, python, s0.output, s0.seeds, plot=True):

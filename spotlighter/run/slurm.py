@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Sequence
 from .. import preempt
 from .jobs import EVAL, TRAIN, InputError, Job, Outcome, Settings, State, elapsed_of, inspect, quote
 from .local import fmt_seconds
+from .protocol import report
 
 OPTIONS = {  # key -> (environment variable, sbatch option format)
     "partition": ("SLURM_PARTITION", "--partition={}"),
@@ -377,7 +378,6 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
         runner.table(jobs)
     if s.dry_run:
         return 0
-    from .cli import report
     reused = sum(1 for o in outcomes.values() if o.status == "submitted") - submitted
     code = report(runner, {d: o for d, o in outcomes.items() if o.status != "submitted"}, failures,
                   headline=f"submitted: {submitted} job(s)" + (f", {reused} already queued" if reused else ""))
