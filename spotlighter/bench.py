@@ -234,7 +234,7 @@ def timed(fn: Callable[[], None], device, batches: int = 1) -> float:
     return (time.perf_counter() - t0) / batches
 
 
-class Runner:
+class EntrySteps:
     """Eval and train closures for one entry (models built once, reused by every rep)."""
 
     def __init__(self, e: Entry, clips, args, device, autocast):
@@ -395,7 +395,7 @@ def probe(args) -> int:
     reset = reset_peak_rss()
     base = rss_mb() if reset else peak_rss_mb()
     e = entries([args._probe], args.prune)[0]
-    r = Runner(e, clips, args, device, autocast)
+    r = EntrySteps(e, clips, args, device, autocast)
     r.eval_step()
     if r.train_model is not None:
         r.train_step()
@@ -421,7 +421,8 @@ def cpu_memory(args, rows: List[Entry]) -> None:
         e.info["peak_from_built_clip"] = r.get("peak_from_built_clip", False)
 
 
-def summarize(values: Sequence[float]) -> dict:
+def median_range(values: Sequence[float]) -> dict:
+    """Median, min, max and count of repeated timings."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -441,34 +442,34 @@ def main(argv=None) -> int:
     t0 = time.time()
     clips = build_clips(args.arch, device, dtype)
     rows = entries(args.models, args.prune, args.noise_floor)
-    runners = {e.name: Runner(e, clips, args, device, autocast) for e in rows}
+    steps = {e.name: EntrySteps(e, clips, args, device, autocast) for e in rows}
     print(f"# {args.arch} random weights, {args.precision} on {device} ({hardware_name(device)}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads); eval batch {args.batch} at {args.classes} classes, train step "
           f"batch {args.train_batch} at {args.train_classes} classes; {args.reps} interleaved reps of "
           f"{args.batches} batch(es) each (set-up {time.time() - t0:.0f}s)", flush=True)
     for e in rows:  # warm-up (and the one-time text features)
-        runners[e.name].eval_step()
-        if runners[e.name].train_model is not None:
-            runners[e.name].train_step()
+        steps[e.name].eval_step()
+        if steps[e.name].train_model is not None:
+            steps[e.name].train_step()
     # Evaluation first, then training, each phase with its own interleaved reps: a training step
     # between two evaluations (CoCoOp's peaks at ~17 GB at ViT-B/16 on CPU) leaves the allocator's
     # memory cold, which slowed the evaluations timed after it by up to 40 %, unequally per model.
     for rep in range(args.reps):
         for e in rep_order(rows, rep):
-            if runners[e.name].do_eval:
-                e.eval_times.append(timed(runners[e.name].eval_step, device, args.batches))
+            if steps[e.name].do_eval:
+                e.eval_times.append(timed(steps[e.name].eval_step, device, args.batches))
     for rep in range(args.reps):
         for e in rep_order(rows, rep):
-            if runners[e.name].train_model is not None:
-                e.train_times.append(timed(runners[e.name].train_step, device, args.batches))
+            if steps[e.name].train_model is not None:
+                e.train_times.append(timed(steps[e.name].train_step, device, args.batches))
     if device.type == "cuda":
         for e in rows:
-            r = runners[e.name]
+            r = steps[e.name]
             e.info["peak_mb"] = cuda_peak(r.eval_step, device)
             if r.train_model is not None:
                 e.info["peak_train_mb"] = cuda_peak(r.train_step, device)
     elif not args.no_memory:
-        del runners
+        del steps
         cpu_memory(args, rows)
     report = make_report(args, rows)
     print_table(report)
@@ -493,13 +494,13 @@ def make_report(args, rows: List[Entry]) -> dict:
     for e in rows:
         row = {"model": e.name, **e.info}
         if e.eval_times:
-            row["eval_images_per_s"] = summarize([args.batch / t for t in e.eval_times])
+            row["eval_images_per_s"] = median_range([args.batch / t for t in e.eval_times])
         if base is not None and base.eval_times and e.eval_times:
-            row["eval_ratio_to_zsclip"] = summarize([b / t for b, t in zip(base.eval_times, e.eval_times)])
+            row["eval_ratio_to_zsclip"] = median_range([b / t for b, t in zip(base.eval_times, e.eval_times)])
         if e.train_times:
-            row["train_step_s"] = summarize(e.train_times)
+            row["train_step_s"] = median_range(e.train_times)
             if tbase is not None and tbase.train_times:
-                row["train_ratio_to_coop"] = summarize([b / t for b, t in zip(tbase.train_times, e.train_times)])
+                row["train_ratio_to_coop"] = median_range([b / t for b, t in zip(tbase.train_times, e.train_times)])
         out.append(row)
     return {"arch": args.arch, "device": args.device, "precision": args.precision, "batch": args.batch,
             "classes": args.classes, "train_batch": args.train_batch, "train_classes": args.train_classes,

@@ -141,8 +141,8 @@ def test_checkpoint_size_is_what_a_trainer_saves(tiny_arch):
 def test_every_evaluation_rep_runs_before_the_first_training_rep(tiny_arch, monkeypatch, capsys):
     """A training step's memory churn slows the evaluations after it, so the phases are separate."""
     calls = []
-    monkeypatch.setattr(bench.Runner, "eval_step", lambda self: calls.append("eval"))
-    monkeypatch.setattr(bench.Runner, "train_step", lambda self: calls.append("train"))
+    monkeypatch.setattr(bench.EntrySteps, "eval_step", lambda self: calls.append("eval"))
+    monkeypatch.setattr(bench.EntrySteps, "train_step", lambda self: calls.append("train"))
     assert bench.main(["--arch", "tiny", "--device", "cpu", "--classes", "4", "--batch", "2", "--train-batch", "2",
                        "--train-classes", "4", "--reps", "3", "--batches", "2", "--no-memory", "--threads", "1",
                        "--models", "zsclip", "coop", "paper"]) == 0
