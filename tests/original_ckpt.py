@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.optim import lr_scheduler
 
+from spotlighter.models import IVLP, CoCoOp, CoOp, MaPLe, PromptSRC
+
 EPOCHS = 5
 LR = 0.002
 
@@ -154,3 +156,54 @@ def ivlp_original_state(model, with_zs_encoder=False):
             state[f"text_encoder.transformer.resblocks.{int(k.rsplit('.', 1)[1]) + 1}.VPT_shallow"] = v
     state["logit_scale"] = clip["logit_scale"]
     return state
+
+
+# ------------------------------------------------------------------ our models as the originals save them
+#: Class names of the tiny models below.
+NAMES = ["ant", "bee", "cat"]
+
+
+def perturbed(model, seed=1):
+    """Give the trainable tensors non-initial, fp16-representable values (as a PREC fp16 run has)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g)).copy_(p.half().float())
+    return model
+
+
+def original_keys(source, model):
+    """Our trained tensors under the original repository's names and dtypes (PREC fp16)."""
+    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if source == "CoOp":
+        return coop_state(ours["prompt_learner.ctx"].half())
+    if source == "CoCoOp":
+        state = coop_state(ours["prompt_learner.ctx"].half())
+        for i, name in (("0", "linear1"), ("2", "linear2")):
+            for p in ("weight", "bias"):
+                state[f"meta_net.{name}.{p}"] = ours[f"prompt_learner.meta_net.{i}.{p}"].half()  # meta_net.half()
+        return state
+    if source in ("IVLP", "PromptSRC"):
+        return ivlp_original_state(model, with_zs_encoder=source == "PromptSRC")
+    state = OrderedDict((k, v) for k, v in ours.items())
+    state["prompt_learner.ctx"] = state["prompt_learner.ctx"].half()
+    state["prompt_learner.proj.weight"] = state["prompt_learner.proj.weight"].half()  # self.proj.half()
+    state["prompt_learner.proj.bias"] = state["prompt_learner.proj.bias"].half()
+    state["prompt_learner.token_prefix"] = torch.zeros(3, 1, 64, dtype=torch.float16)
+    clip = model.clip.model.state_dict()  # MaPLe saves the whole CustomCLIP, frozen CLIP included
+    state.update({f"image_encoder.{k[7:]}": v.half() for k, v in clip.items() if k.startswith("visual.")})
+    state["text_encoder.ln_final.weight"] = clip["ln_final.weight"]
+    state["logit_scale"] = clip["logit_scale"]
+    return state
+
+
+IVLP_TINY = dict(n_text=4, n_vision=4, ctx_init="a photo of a", text_depth=2, vision_depth=2)
+BUILD = {
+    "IVLP": (lambda clip: IVLP(clip, NAMES, **IVLP_TINY), "VLPromptLearner"),
+    "PromptSRC": (lambda clip: PromptSRC(clip, NAMES, **IVLP_TINY), "VLPromptLearner"),
+    "CoOp": (lambda clip: CoOp(clip, NAMES, n_ctx=4, ctx_init="a photo of a"), "prompt_learner"),
+    "CoCoOp": (lambda clip: CoCoOp(clip, NAMES, n_ctx=4, ctx_init="a photo of a"), "prompt_learner"),
+    "MaPLe": (lambda clip: MaPLe(clip, NAMES, n_ctx=2, ctx_init="a photo of a", depth=2),
+              "MultiModalPromptLearner"),
+}

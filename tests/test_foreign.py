@@ -2,20 +2,17 @@
 pickled code and converted to our models (see tests/original_ckpt.py for how the files are made)."""
 
 import os
-from collections import OrderedDict
 
 import pytest
 import torch
 
 from conftest import dassl_available
-from original_ckpt import coop_state, ivlp_original_state, save_original
+from original_ckpt import BUILD, coop_state, original_keys, perturbed, save_original
 from spotlighter import foreign
 from spotlighter.checkpoint import CheckpointError
-from spotlighter.models import IVLP, CoCoOp, CoOp, MaPLe, PromptSRC
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-NAMES = ["ant", "bee", "cat"]
 WRITERS = ["plain", pytest.param("dassl", marks=pytest.mark.skipif(
     not dassl_available(), reason="upstream Dassl.pytorch is not installed: its save_checkpoint cannot be used"))]
 
@@ -24,58 +21,12 @@ def _images(n=2):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
 
 
-def _perturbed(model, seed=1):
-    """Give the trainable tensors non-initial, fp16-representable values (as a PREC fp16 run has)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g)).copy_(p.half().float())
-    return model
-
-
-def _original_keys(source, model):
-    """Our trained tensors under the original repository's names and dtypes (PREC fp16)."""
-    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if source == "CoOp":
-        return coop_state(ours["prompt_learner.ctx"].half())
-    if source == "CoCoOp":
-        state = coop_state(ours["prompt_learner.ctx"].half())
-        for i, name in (("0", "linear1"), ("2", "linear2")):
-            for p in ("weight", "bias"):
-                state[f"meta_net.{name}.{p}"] = ours[f"prompt_learner.meta_net.{i}.{p}"].half()  # meta_net.half()
-        return state
-    if source in ("IVLP", "PromptSRC"):
-        return ivlp_original_state(model, with_zs_encoder=source == "PromptSRC")
-    state = OrderedDict((k, v) for k, v in ours.items())
-    state["prompt_learner.ctx"] = state["prompt_learner.ctx"].half()
-    state["prompt_learner.proj.weight"] = state["prompt_learner.proj.weight"].half()  # self.proj.half()
-    state["prompt_learner.proj.bias"] = state["prompt_learner.proj.bias"].half()
-    state["prompt_learner.token_prefix"] = torch.zeros(3, 1, 64, dtype=torch.float16)
-    clip = model.clip.model.state_dict()  # MaPLe saves the whole CustomCLIP, frozen CLIP included
-    state.update({f"image_encoder.{k[7:]}": v.half() for k, v in clip.items() if k.startswith("visual.")})
-    state["text_encoder.ln_final.weight"] = clip["ln_final.weight"]
-    state["logit_scale"] = clip["logit_scale"]
-    return state
-
-
-IVLP_TINY = dict(n_text=4, n_vision=4, ctx_init="a photo of a", text_depth=2, vision_depth=2)
-BUILD = {
-    "IVLP": (lambda clip: IVLP(clip, NAMES, **IVLP_TINY), "VLPromptLearner"),
-    "PromptSRC": (lambda clip: PromptSRC(clip, NAMES, **IVLP_TINY), "VLPromptLearner"),
-    "CoOp": (lambda clip: CoOp(clip, NAMES, n_ctx=4, ctx_init="a photo of a"), "prompt_learner"),
-    "CoCoOp": (lambda clip: CoCoOp(clip, NAMES, n_ctx=4, ctx_init="a photo of a"), "prompt_learner"),
-    "MaPLe": (lambda clip: MaPLe(clip, NAMES, n_ctx=2, ctx_init="a photo of a", depth=2),
-              "MultiModalPromptLearner"),
-}
-
-
 @pytest.mark.parametrize("writer", WRITERS)
 @pytest.mark.parametrize("source", ["CoOp", "CoCoOp", "MaPLe", "IVLP", "PromptSRC"])
 def test_original_checkpoint_loads_into_our_model(source, writer, frozen_clip, tmp_path):
     build, module = BUILD[source]
-    trained = _perturbed(build(frozen_clip))
-    path = save_original(tmp_path, module, _original_keys(source, trained), epoch=2,
+    trained = perturbed(build(frozen_clip))
+    path = save_original(tmp_path, module, original_keys(source, trained), epoch=2,
                          use_dassl=writer == "dassl")
     assert open(os.path.join(tmp_path, module, "checkpoint")).read().strip() == "model.pth.tar-2"
     with pytest.raises(Exception, match="weights_only|Unsupported global"):

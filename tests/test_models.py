@@ -3,56 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from yacs.config import CfgNode as CN
 
-from spotlighter.config import apply_preset, extend_cfg
-from spotlighter.method import HeadConfig
 from spotlighter.models import (CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP, count_trainable,
                                 zero_shot_text)
 
+from model_helpers import B, KINDS, NAMES, build, head_cfg, images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-NAMES = ["cat", "dog_house", "red car", "x"]
-B = 3
 FORBIDDEN = ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final",
              "text_projection", "logit_scale")
 CLASS_BUFFERS = ("token_prefix", "token_suffix", "tokenized_prompts")
-
-
-def images(batch=B, seed=0):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def head_cfg(preset, heads=8):
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
-    apply_preset(cfg, preset)
-    cfg.TRAINER.SPOTLIGHTER.IRM.HEADS = heads
-    return HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
-
-
-def build(kind, clip):
-    torch.manual_seed(0)
-    if kind == "zsclip":
-        return ZeroShotCLIP(clip, NAMES)
-    if kind == "coop":
-        return CoOp(clip, NAMES)
-    if kind == "cocoop":
-        return CoCoOp(clip, NAMES)
-    if kind == "maple":
-        return MaPLe(clip, NAMES, depth=2)
-    if kind == "spot-paper":
-        return Spotlighter(clip, NAMES, head_cfg("paper", 8))
-    if kind == "spot-release":
-        return Spotlighter(clip, NAMES, head_cfg("release", 1))
-    raise KeyError(kind)
-
-
-KINDS = ["zsclip", "coop", "cocoop", "maple", "spot-paper", "spot-release"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

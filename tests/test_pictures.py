@@ -11,7 +11,7 @@ from PIL import Image
 from spotlighter import pictures
 from spotlighter.backbone import FrozenCLIP, PruneSpec
 from spotlighter.models import Spotlighter
-from test_models import NAMES, head_cfg
+from model_helpers import NAMES, head_cfg
 from tiny_clip import build_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -423,17 +423,16 @@ ORIGINAL_LAYOUTS = [  # (trainer, write Dassl's 'checkpoint' pointer, --load-epo
 def test_eval_only_reads_original_repo_checkpoints(trainer, pointer, load_epoch, data_root, tiny_clip_path,
                                                   tmp_path, capsys):
     """--eval-only --model-dir on a folder the original repo wrote = the same weights in our format."""
-    from original_ckpt import save_original
-    from test_foreign import BUILD, _original_keys, _perturbed
+    from original_ckpt import BUILD, original_keys, perturbed, save_original
 
     from spotlighter import checkpoint as ckpt
     from spotlighter.backbone import FrozenCLIP, load_clip
 
     build, module = BUILD[trainer]
-    model = _perturbed(build(FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))))
-    save_original(tmp_path / "theirs", module, _original_keys(trainer, model), epoch=2, pointer=pointer)
+    model = perturbed(build(FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))))
+    save_original(tmp_path / "theirs", module, original_keys(trainer, model), epoch=2, pointer=pointer)
     if not pointer:  # an earlier epoch beside it, with other weights: the pointer-less folder picks epoch 2
-        save_original(tmp_path / "theirs", module, _original_keys(trainer, _perturbed(build(model.clip), seed=5)),
+        save_original(tmp_path / "theirs", module, original_keys(trainer, perturbed(build(model.clip), seed=5)),
                       epoch=1, pointer=False)
     state = ckpt.trainable_state(model)
     ckpt.save(str(tmp_path / "ours" / module / "model.pth.tar-2"),
