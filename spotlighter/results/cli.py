@@ -9,24 +9,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .constants import (
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
-    DEFAULT_FORMAT,
-    DEFAULT_INTERVAL,
-    DG_TARGETS_BY_SOURCE,
-    EXIT_NOTHING_FOUND,
-    EXIT_OK,
-    EXIT_PLOT_UNAVAILABLE,
-    EXIT_UNWRITABLE,
-    FORMATS,
-    INTERVAL_METHODS,
-    PROTOCOL_TITLES,
-    PROTOCOLS,
-    XD_SOURCE,
-    XD_TARGETS_BY_SOURCE,
-)
+from .constants import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, DEFAULT_FORMAT, DEFAULT_INTERVAL,
+                        DG_TARGETS_BY_SOURCE, EXIT_NOTHING_FOUND, EXIT_OK, EXIT_PLOT_UNAVAILABLE,
+                        EXIT_UNWRITABLE, FORMATS, INTERVAL_METHODS, PROTOCOLS, PROTOCOL_TITLES, XD_SOURCE,
+                        XD_TARGETS_BY_SOURCE)
 from .layout import search_patterns
 from .parse import canonical_trainer, collect
 from .latex import to_latex

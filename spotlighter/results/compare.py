@@ -20,25 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .constants import (
-    BASE2NEW_DATASETS,
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
-    DECIMALS,
-    DEFAULT_INTERVAL,
-    DG_TARGETS_BY_SOURCE,
-    INTERVAL_BOOTSTRAP,
-    INTERVAL_METHODS,
-    INTERVAL_T,
-    MISSING_MARK,
-    PROTOCOL_TITLES,
-    ROLE_BASE,
-    ROLE_NEW,
-    ROLE_TARGET,
-    XD_SOURCE,
-    XD_TARGETS_BY_SOURCE,
-)
+from ..output_tree import ROLE_BASE, ROLE_NEW, ROLE_TARGET
+from .constants import (BASE2NEW_DATASETS, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, DECIMALS,
+                        DEFAULT_INTERVAL, DG_TARGETS_BY_SOURCE, INTERVAL_BOOTSTRAP, INTERVAL_METHODS,
+                        INTERVAL_T, MISSING_MARK, PROTOCOL_TITLES, XD_SOURCE, XD_TARGETS_BY_SOURCE)
 from .layout import check_protocol, discover, search_patterns
 from .parse import Result, canonical_trainer, collect
 from .stats import harmonic_mean

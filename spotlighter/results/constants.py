@@ -1,4 +1,6 @@
-"""Names shared by the results tool: datasets, protocols, trainers, file names, log signals."""
+"""Names shared by the results tool: datasets, protocols, trainers, presentation, exit codes.
+
+The output tree (folder and file names, log signals) is in :mod:`spotlighter.output_tree`."""
 
 from __future__ import annotations
 
@@ -17,41 +19,6 @@ DG_TARGETS: tuple[str, ...] = registry.dg_targets(XD_SOURCE)
 XD_TARGETS_BY_SOURCE: dict[str, tuple[str, ...]] = dict(registry.XD_TARGETS)
 DG_TARGETS_BY_SOURCE: dict[str, tuple[str, ...]] = dict(registry.DG_TARGETS)
 
-
-def transfer_dirs(source: str) -> tuple[str, str]:
-    """Training and evaluation folders of cross-dataset / DG runs from ``source``: ``imagenet`` and
-    ``evaluation`` for ImageNet (CoOp's tree), ``<source>`` and ``evaluation_from_<source>`` otherwise."""
-    return source, XD_EVAL_DIR if source == XD_SOURCE else XD_EVAL_DIR_FROM.format(source=source)
-
-# Roles of a seed folder. ``subset`` is what a result.json written there must say.
-ROLE_BASE = "base"
-ROLE_NEW = "new"
-ROLE_ALL = "all"  # transductive base2new (PromptKD): the model distilled on all classes' unlabelled images
-ROLE_SOURCE = "source"
-ROLE_TARGET = "target"
-ROLE_SUBSET: dict[str, str] = {ROLE_BASE: "base", ROLE_NEW: "new", ROLE_SOURCE: "all", ROLE_TARGET: "all"}
-
-# Output tree (ecosystem.md, "Output tree users already have").
-BASE2NEW_DIR = "base2new"
-BASE2NEW_ROLE_DIRS: dict[str, str] = {ROLE_BASE: "train_base", ROLE_NEW: "test_new"}
-#: A transductive trainer's base-to-novel model (PromptKD) is trained here; its base and new
-#: evaluations are in BASE2NEW_ROLE_DIRS as usual.
-TRAIN_ALL_DIR = "train_all"
-XD_TRAIN_DIR = XD_SOURCE
-XD_EVAL_DIR = "evaluation"
-# Evaluations of a model trained on another source than ImageNet: never ImageNet's folders.
-XD_EVAL_DIR_FROM = "evaluation_from_{source}"
-SHOTS_DIR_PREFIX = "shots_"
-SEED_DIR_PREFIX = "seed"
-XD_CONFIG_SUFFIX = "shots"  # "<cfg>_<K>shots"
-
-# Files in a seed folder and the lines Dassl prints.
-RESULT_FILE = "result.json"
-LOG_FILE = "log.txt"
-LOG_TIMESTAMP_FORMAT = "%Y-%m-%d-%H-%M-%S"  # Dassl: log.txt-<time.strftime(...)>
-FINISH_SIGNAL = "Finish training"
-RESULT_SIGNAL = "=> result"
-EPOCH_PATTERN = r"epoch \[\d+/\d+\]"
 
 # Trainer names: CLI aliases (lower case) -> registered Dassl class name.
 TRAINER_ALIASES: dict[str, str] = registry.trainer_aliases()

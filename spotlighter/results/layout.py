@@ -1,4 +1,5 @@
-"""The output tree of CoOp-style codebases: where each protocol's seed folders live."""
+"""Where each protocol's seed folders are found under a results root (the tree and its paths:
+:mod:`spotlighter.output_tree`)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .constants import (
-    BASE2NEW_DIR,
-    BASE2NEW_ROLE_DIRS,
-    DG_TARGETS_BY_SOURCE,
-    PROTOCOLS,
-    ROLE_SOURCE,
-    ROLE_TARGET,
-    SEED_DIR_PREFIX,
-    SHOTS_DIR_PREFIX,
-    XD_CONFIG_SUFFIX,
-    XD_SOURCE,
-    transfer_dirs,
-)
+from ..output_tree import (BASE2NEW_DIR, BASE2NEW_ROLE_DIRS, ROLE_SOURCE, ROLE_TARGET, SEED_DIR_PREFIX,
+                           SHOTS_DIR_PREFIX, XD_CONFIG_SUFFIX, base2new_seed_dir, base2new_top, source_seed_dir,
+                           target_seed_dir, transfer_dirs)
+from .constants import DG_TARGETS_BY_SOURCE, PROTOCOLS, XD_SOURCE
 
 _SEED_RE = re.compile(rf"^{SEED_DIR_PREFIX}(\d+)$")
 _SHOTS_RE = re.compile(rf"^{SHOTS_DIR_PREFIX}(\d+)$")
@@ -57,15 +49,15 @@ def _seeds(config_dir: Path) -> Iterator[tuple[int, Path]]:
             yield int(match.group(1)), seed_dir
 
 
-def base2new_dir(root: Path) -> Path:
+def find_base2new_top(root: Path) -> Path:
     """``ROOT/base2new``; ROOT itself when it already is that folder."""
     if not (root / BASE2NEW_DIR).is_dir() and any((root / d).is_dir() for d in BASE2NEW_ROLE_DIRS.values()):
         return root
-    return root / BASE2NEW_DIR
+    return base2new_top(root)
 
 
 def _discover_base2new(root: Path) -> Iterator[SeedDir]:
-    top = base2new_dir(root)
+    top = find_base2new_top(root)
     for role, role_dir in BASE2NEW_ROLE_DIRS.items():
         for dataset_dir in _subdirs(top / role_dir):
             for shots_dir in _subdirs(dataset_dir):
@@ -121,15 +113,11 @@ def seed_dir_path(
 ) -> Path:
     """Where the seed folder of one run lives (whether or not it exists)."""
     root = Path(root)
-    seed_name = f"{SEED_DIR_PREFIX}{seed}"
     if protocol == "base2new":
-        role_dir = base2new_dir(root) / BASE2NEW_ROLE_DIRS[role]
-        return role_dir / dataset / f"{SHOTS_DIR_PREFIX}{shots}" / trainer / config / seed_name
-    config_name = f"{config}_{shots}{XD_CONFIG_SUFFIX}"
-    train_dir, eval_dir = transfer_dirs(source)
+        return base2new_seed_dir(find_base2new_top(root), role, dataset, shots, trainer, config, seed)
     if role == ROLE_SOURCE:
-        return root / train_dir / trainer / config_name / seed_name
-    return root / eval_dir / trainer / config_name / dataset / seed_name
+        return source_seed_dir(root, source, trainer, config, shots, seed)
+    return target_seed_dir(root, source, trainer, config, shots, dataset, seed)
 
 
 def search_patterns(root: str | Path, protocol: str, source: str = XD_SOURCE) -> list[str]:
@@ -137,7 +125,7 @@ def search_patterns(root: str | Path, protocol: str, source: str = XD_SOURCE) ->
     check_protocol(protocol)
     root = Path(root)
     if protocol == "base2new":
-        top = base2new_dir(root)
+        top = find_base2new_top(root)
         return [
             str(top / role_dir / "<dataset>" / f"{SHOTS_DIR_PREFIX}<K>" / "<Trainer>" / "<cfg>"
                 / f"{SEED_DIR_PREFIX}<S>")

@@ -10,19 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .constants import (
-    EPOCH_PATTERN,
-    FINISH_SIGNAL,
-    LOG_FILE,
-    LOG_TIMESTAMP_FORMAT,
-    RESULT_FILE,
-    RESULT_SIGNAL,
-    ROLE_SOURCE,
-    ROLE_SUBSET,
-    ROLE_TARGET,
-    TRAINER_ALIASES,
-    XD_SOURCE,
-)
+from ..output_tree import (EPOCH_PATTERN, FINISH_SIGNAL, LOG_FILE, LOG_TIMESTAMP_FORMAT, RESULT_FILE,
+                           RESULT_SIGNAL, ROLE_SOURCE, ROLE_SUBSET, ROLE_TARGET)
+from .constants import TRAINER_ALIASES, XD_SOURCE
 from .layout import SeedDir, discover
 from .record import read_record
 

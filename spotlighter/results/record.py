@@ -14,7 +14,7 @@ from typing import Any, Callable
 from spotlighter import __version__
 from spotlighter.fileio import atomic_path
 
-from .constants import RESULT_FILE
+from ..output_tree import RESULT_FILE
 
 SCHEMA = "spotlighter.result/1"
 SUBSETS = ("base", "new", "all")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .constants import FINISH_SIGNAL, LOG_FILE, RESULT_SIGNAL
+from ..output_tree import FINISH_SIGNAL, LOG_FILE, RESULT_SIGNAL
 
 # "coop": Dassl of 2021 (CoOp/CoCoOp): tab-separated iteration lines, two-decimal percentages, no validation.
 # "maple": current Dassl (MaPLe, PromptSRC): "epoch [e/E] batch [b/B]" lines, one decimal.

@@ -11,27 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .constants import (
-    TRANSDUCTIVE_MARK,
-    is_transductive,
-    BASE2NEW_DATASETS,
-    CSV_ESCAPE_PREFIX,
-    CSV_FORMULA_PREFIXES,
-    DECIMALS,
-    DG_TARGETS_BY_SOURCE,
-    MISSING_MARK,
-    PROTOCOL_TITLES,
-    PUBLISHED_METHOD_FOR_TRAINER,
-    ROLE_BASE,
-    ROLE_NEW,
-    ROLE_SOURCE,
-    ROLE_TARGET,
-    SEED_DIR_PREFIX,
-    TRAINER_ORDER,
-    TRANSFER_PUBLISHED_FILES,
-    XD_SOURCE,
-    XD_TARGETS_BY_SOURCE,
-)
+from ..output_tree import ROLE_BASE, ROLE_NEW, ROLE_SOURCE, ROLE_TARGET, SEED_DIR_PREFIX
+from .constants import (BASE2NEW_DATASETS, CSV_ESCAPE_PREFIX, CSV_FORMULA_PREFIXES, DECIMALS,
+                        DG_TARGETS_BY_SOURCE, MISSING_MARK, PROTOCOL_TITLES, PUBLISHED_METHOD_FOR_TRAINER,
+                        TRAINER_ORDER, TRANSDUCTIVE_MARK, TRANSFER_PUBLISHED_FILES, XD_SOURCE,
+                        XD_TARGETS_BY_SOURCE, is_transductive)
 from .layout import check_protocol, seed_dir_path
 from .parse import Result
 from .published import BaseNew, Published, TransferPublished

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import preempt, registry
-from ..results.constants import (BASE2NEW_DIR, BASE2NEW_ROLE_DIRS, FINISH_SIGNAL, LOG_FILE, RESULT_FILE,
-                                 ROLE_ALL, ROLE_BASE, ROLE_NEW, SEED_DIR_PREFIX, SHOTS_DIR_PREFIX, TRAIN_ALL_DIR,
-                                 XD_CONFIG_SUFFIX, transfer_dirs)
+from ..output_tree import (FINISH_SIGNAL, LOG_FILE, RESULT_FILE, ROLE_ALL, ROLE_BASE, ROLE_NEW, TEACHER_SEED,
+                           base2new_seed_dir, base2new_top, source_seed_dir, target_config_dir, target_seed_dir,
+                           teacher_seed_dir)
 from ..runlock import lock_holder
 
 #: The trailing KEY VALUE options a job ran with: a finished job is only skipped when they match.
@@ -47,8 +47,6 @@ BACKUP_DIR = "backup"
 RUN_LOG = "run-{ts}.log"
 ELAPSED_PREFIX = "# elapsed "  # last line of a run log: "# elapsed <seconds> s, exit status <rc>"
 TRAIN, EVAL = "train", "eval"
-TEACHERS_DIR = "teachers"  # OUTPUT/teachers/<dataset>/<Trainer>/<cfg>_<K>shots/seed1: teachers trained in a graph
-TEACHER_SEED = 1
 
 
 class InputError(ValueError):
@@ -115,29 +113,21 @@ def train_args(s: Settings, seed: int, dataset: str, out: str) -> List[str]:
             "--output-dir", out]
 
 
-def _join(*parts: str) -> str:
-    return "/".join(parts)
-
-
 def source_dir(s: Settings, seed: int) -> str:
-    return _join(s.output, s.source, s.trainer, f"{s.cfg}_{s.shots}{XD_CONFIG_SUFFIX}", f"{SEED_DIR_PREFIX}{seed}")
+    return source_seed_dir(s.output, s.source, s.trainer, s.cfg, s.shots, seed)
 
 
 def eval_root(s: Settings) -> str:
-    return _join(s.output, transfer_dirs(s.source)[1], s.trainer, f"{s.cfg}_{s.shots}{XD_CONFIG_SUFFIX}")
+    return target_config_dir(s.output, s.source, s.trainer, s.cfg, s.shots)
 
 
-def base2new_dir(s: Settings, role: str, seed: int) -> str:
-    role_dir = TRAIN_ALL_DIR if role == ROLE_ALL else BASE2NEW_ROLE_DIRS[role]
-    return _join(s.output, BASE2NEW_DIR, role_dir, s.dataset, f"{SHOTS_DIR_PREFIX}{s.shots}",
-                 s.trainer, s.cfg, f"{SEED_DIR_PREFIX}{seed}")
+def base2new_job_dir(s: Settings, role: str, seed: int) -> str:
+    return base2new_seed_dir(base2new_top(s.output), role, s.dataset, s.shots, s.trainer, s.cfg, seed)
 
 
 def teacher_dir(s: Settings, dataset: str) -> str:
     """One teacher per dataset (and shots), shared by every seed and student: trained with seed 1."""
-    trainer, cfg = registry.trainer(s.teacher[0]).name, s.teacher[1]
-    return _join(s.output, TEACHERS_DIR, dataset, trainer, f"{cfg}_{s.shots}{XD_CONFIG_SUFFIX}",
-                 f"{SEED_DIR_PREFIX}{TEACHER_SEED}")
+    return teacher_seed_dir(s.output, dataset, registry.trainer(s.teacher[0]).name, s.teacher[1], s.shots)
 
 
 def teacher_job(s: Settings, dataset: str, subset: str) -> Job:
@@ -168,17 +158,17 @@ def build_graph(s: Settings) -> List[Job]:
     first_what = "training on" if s.trains else "evaluation on"  # zero-shot CLIP trains nothing
     for seed in s.seeds:
         if s.protocol == "base2new" and s.transductive:
-            dist = base2new_dir(s, ROLE_ALL, seed)
+            dist = base2new_job_dir(s, ROLE_ALL, seed)
             jobs.append(Job(TRAIN, dist, train_args(s, seed, s.dataset, dist),
                             shots + ["DATASET.SUBSAMPLE_CLASSES", "all"] + teacher_opts + s.extra,
                             seed, s.dataset, "training on all classes (unlabelled)", deps=list(teacher_deps)))
             for role, subset in ((ROLE_BASE, "base"), (ROLE_NEW, "new")):
-                d = base2new_dir(s, role, seed)
+                d = base2new_job_dir(s, role, seed)
                 jobs.append(Job(EVAL, d, train_args(s, seed, s.dataset, d),
                                 ["--eval-only"] + shots + ["DATASET.SUBSAMPLE_CLASSES", subset] + teacher_opts + s.extra,
                                 seed, s.dataset, f"evaluation on {subset}", model_dir=dist, deps=[dist]))
         elif s.protocol == "base2new":
-            tr, te = base2new_dir(s, ROLE_BASE, seed), base2new_dir(s, ROLE_NEW, seed)
+            tr, te = base2new_job_dir(s, ROLE_BASE, seed), base2new_job_dir(s, ROLE_NEW, seed)
             jobs.append(Job(first_kind, tr, train_args(s, seed, s.dataset, tr),
                             first_tail + shots + ["DATASET.SUBSAMPLE_CLASSES", "base"] + s.extra,
                             seed, s.dataset, f"{first_what} base"))
@@ -194,7 +184,7 @@ def build_graph(s: Settings) -> List[Job]:
                                 f"{first_what} {s.source}", deps=list(teacher_deps)))
                 deps = [src]
             for t in s.targets:
-                d = _join(eval_root(s), t, f"{SEED_DIR_PREFIX}{seed}")
+                d = target_seed_dir(s.output, s.source, s.trainer, s.cfg, s.shots, t, seed)
                 jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + teacher_opts + s.extra, seed, t,
                                 f"evaluation on {t}", model_dir=model(src), deps=list(deps),
                                 needs_trained=s.protocol == "dg" and s.trains))

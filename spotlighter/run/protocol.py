@@ -14,9 +14,10 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from .. import machine, registry
+from ..output_tree import ROLE_BASE, ROLE_NEW
 from ..results.stats import harmonic_mean, summarize
-from .jobs import (InputError, Job, Outcome, Settings, config_max_epoch, eval_root, inspect, model_args,
-                   move_aside, newest_log, quote, source_dir, train_args, train_finished)
+from .jobs import (InputError, Job, Outcome, Settings, base2new_job_dir, config_max_epoch, eval_root, inspect,
+                   model_args, move_aside, newest_log, quote, source_dir, train_args, train_finished)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENV_KEYS = ("DATA", "SEEDS", "CFG", "OUTPUT", "PYTHON", "DATASETS", "SOURCE", "FORCE", "DRY_RUN", "LAUNCHER",
@@ -310,12 +311,10 @@ def plain_summary(s: Settings, jobs: List[Job]) -> str:
     """Per-seed accuracies and means (results.stats) when the results tool cannot run."""
     lines = []
     if s.protocol == "base2new":
-        from .jobs import base2new_dir
-        from ..results.constants import ROLE_BASE, ROLE_NEW
         lines.append(f"{'seed':<8} {'Base':>8} {'New':>8}")
         bs, ns = [], []
         for seed in s.seeds:
-            b, n = accuracy_of(base2new_dir(s, ROLE_BASE, seed)), accuracy_of(base2new_dir(s, ROLE_NEW, seed))
+            b, n = accuracy_of(base2new_job_dir(s, ROLE_BASE, seed)), accuracy_of(base2new_job_dir(s, ROLE_NEW, seed))
             bs.append(b)
             ns.append(n)
             lines.append(f"{'seed' + str(seed):<8} {_f(b):>8} {_f(n):>8}")
