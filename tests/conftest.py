@@ -53,3 +53,24 @@ def frozen_clip(tiny_clip_path):
     from spotlighter.backbone import FrozenCLIP, load_clip
 
     return FrozenCLIP(load_clip("ViT-B/16", path=tiny_clip_path))
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A throwaway repository with the protocol scripts and the stub interpreter (tests/script_repo.py)."""
+    from script_repo import make_env
+
+    return make_env(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A single-node SLURM cluster on localhost (tests/slurm_cluster.py); skipped with the reason where it cannot start."""
+    import slurm_cluster
+
+    try:
+        cluster = slurm_cluster.start(str(tmp_path_factory.mktemp("slurm")))
+    except slurm_cluster.ClusterUnavailable as exc:
+        pytest.skip(str(exc).splitlines()[0])
+    yield cluster
+    cluster.stop()

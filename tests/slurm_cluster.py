@@ -223,6 +223,18 @@ def _wait(ok, what: str, cluster: Cluster) -> None:
     raise ClusterUnavailable(f"SLURM did not start: {what}{' (exited: ' + ', '.join(map(str, dead)) + ')' if dead else ''}{logs}")
 
 
+def wait_idle(cluster: Cluster, timeout: float = 240) -> None:
+    """Wait until the cluster's queue is empty; AssertionError with the queue after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["squeue", "-h", "-o", "%i"], env=cluster.env, capture_output=True, text=True)
+        if r.returncode == 0 and not r.stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError("SLURM jobs did not finish in time:\n" + subprocess.run(
+        ["squeue"], env=cluster.env, capture_output=True, text=True).stdout)
+
+
 if __name__ == "__main__":
     c = start(sys.argv[1] if len(sys.argv) > 1 else "/tmp/slurm-cluster")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))

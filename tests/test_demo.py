@@ -14,7 +14,6 @@ from spotlighter import machine, registry
 from spotlighter.run import demo
 from spotlighter.run.jobs import EVAL, TRAIN, InputError, Job
 from spotlighter.run.local import Progress
-from test_scripts import env  # noqa: F401  (the throwaway-repository fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = "zsclip:minibench coop:minibench_ep10_ctx4"
@@ -150,7 +149,7 @@ def test_every_trainer_has_a_positive_prior_for_both_kinds():
 # whole demo runs through the stub interpreter
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture
-def denv(env):  # noqa: F811
+def denv(env):
     shutil.copy(os.path.join(ROOT, "scripts", "demo.sh"), os.path.join(env.repo, "scripts", "demo.sh"))
     for trainer, cfg in (("ZeroshotCLIP", "minibench"), ("CoOp", "minibench_ep10_ctx4"),
                          ("Spotlighter", "minibench_ep10_paper")):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from spotlighter.run import fast
-from test_scripts import STUB, env  # noqa: F401  (the throwaway-repository fixture)
+from script_repo import STUB
 
 SCRIPTS = {
     "ok.py": "import sys, os\nprint('out', sys.argv[1:])\nprint('err', file=sys.stderr)\n",
@@ -127,7 +127,7 @@ if os.environ.get("STUB_RACE") and os.environ["STUB_RACE"] in out:  # another pr
 
 
 @pytest.fixture
-def forked_env(env):  # noqa: F811
+def forked_env(env):
     """The throwaway repository with a train.py that imitates the trainer (the stub's logic)."""
     body = STUB.format(python=sys.executable).replace("argv = sys.argv[1:]", "argv = sys.argv[:]")
     body = body.replace("import json, os, sys\n", "import json, os, sys\nif os.environ.get('STUB_STARTED'):\n"

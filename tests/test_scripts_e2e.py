@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+import slurm_cluster
 from conftest import ROOT, requires_dassl
 from spotlighter import registry
-from test_slurm import slurm, wait_idle  # noqa: F401  (the single-node cluster fixture)
 from tiny_data import make_tiny_minibench
 
 pytestmark = requires_dassl
@@ -103,7 +103,7 @@ def test_base2new_on_a_real_slurm_cluster(env, tiny_clip_path, slurm):
     proc = script("base2new.sh", ["coop", "minibench", "4", *fast(tiny_clip_path)], {**env, **slurm.env},
                   SEEDS="1 2", CFG="minibench_ep10_ctx4", OUTPUT=out, LAUNCHER="slurm")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    wait_idle(slurm, timeout=900)
+    slurm_cluster.wait_idle(slurm, timeout=900)
     rel = "minibench/shots_4/CoOp/minibench_ep10_ctx4"
     for seed in (1, 2):
         assert result(f"{out}/base2new/test_new/{rel}/seed{seed}")["subset"] == "new"

@@ -1,7 +1,7 @@
 """LAUNCHER=slurm: submission (fake sbatch, always runs) and a real single-node SLURM cluster
 (Debian's slurm-wlm + munge on localhost, started here; skipped with the reason where it cannot be).
 
-The jobs run the stub interpreter of test_scripts.py, so the sbatch / dependency / table / status
+The jobs run the stub interpreter of tests/script_repo.py, so the sbatch / dependency / table / status
 path is exercised without Dassl; tests/test_scripts_e2e.py runs the real train.py on the cluster.
 """
 
@@ -16,7 +16,6 @@ import time
 import pytest
 
 import slurm_cluster
-from test_scripts import env  # noqa: F401  (the throwaway repository + stub fixture)
 
 FAKE_SBATCH = r'''#!{python}
 import json, os, sys
@@ -35,7 +34,7 @@ while [ $i -lt $n ]; do echo "$((1000 + i)) PENDING"; i=$((i + 1)); done
 
 
 @pytest.fixture
-def fake_slurm(env, tmp_path):  # noqa: F811
+def fake_slurm(env, tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "sbatch").write_text(FAKE_SBATCH.format(python=sys.executable))
@@ -55,7 +54,7 @@ def opt(argv, name):
     return [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
 
 
-def test_submission_dependencies_options_and_no_double_submission(env, fake_slurm, tmp_path):  # noqa: F811
+def test_submission_dependencies_options_and_no_double_submission(env, fake_slurm, tmp_path):
     extra, calls = fake_slurm
     cfg = tmp_path / "slurm.cfg"
     cfg.write_text("# our cluster\naccount = vision\ntime = 02:00:00\nextra = --qos=normal --constraint=a100\n")
@@ -98,7 +97,7 @@ def test_submission_dependencies_options_and_no_double_submission(env, fake_slur
     assert st.returncode == 1 and "0/4 done, 4 not started" in st.stdout
 
 
-def test_dg_submitted_while_xd_training_is_queued_waits_for_it(env, fake_slurm):  # noqa: F811
+def test_dg_submitted_while_xd_training_is_queued_waits_for_it(env, fake_slurm):
     extra, calls = fake_slurm
     r = env.run("xd.sh", "coop", 16, SEEDS="1 2", DATASETS="", PYTHON=env.stub, LAUNCHER="slurm", **extra)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -118,7 +117,7 @@ def test_dg_submitted_while_xd_training_is_queued_waits_for_it(env, fake_slurm):
     assert r.returncode == 1 and "no finished imagenet checkpoint" in r.stderr
 
 
-def test_bad_slurm_config_is_named(env, fake_slurm, tmp_path):  # noqa: F811
+def test_bad_slurm_config_is_named(env, fake_slurm, tmp_path):
     extra, calls = fake_slurm
     cfg = tmp_path / "slurm.cfg"
     cfg.write_text("partition = gpu\ngpus = 2\n")
@@ -133,40 +132,19 @@ def test_bad_slurm_config_is_named(env, fake_slurm, tmp_path):  # noqa: F811
 # ------------------------------------------------------------------------------------------------
 # a real cluster
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    try:
-        cluster = slurm_cluster.start(str(tmp_path_factory.mktemp("slurm")))
-    except slurm_cluster.ClusterUnavailable as exc:
-        pytest.skip(str(exc).splitlines()[0])
-    yield cluster
-    cluster.stop()
-
-
-def wait_idle(cluster, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = subprocess.run(["squeue", "-h", "-o", "%i"], env=cluster.env, capture_output=True, text=True)
-        if r.returncode == 0 and not r.stdout.strip():
-            return
-        time.sleep(1)
-    raise AssertionError("SLURM jobs did not finish in time:\n" + subprocess.run(
-        ["squeue"], env=cluster.env, capture_output=True, text=True).stdout)
-
-
-def status(env, cluster, *args, **extra):  # noqa: F811
+def status(env, cluster, *args, **extra):
     return subprocess.run([sys.executable, "-m", "spotlighter.run", "status", *args], cwd=env.repo,
                           env={**cluster.env, "PYTHONPATH": env.repo, "DATA": env.data, **extra},
                           capture_output=True, text=True)
 
 
-def test_protocol_on_a_real_cluster_with_dependencies_table_and_status(env, slurm):  # noqa: F811
+def test_protocol_on_a_real_cluster_with_dependencies_table_and_status(env, slurm):
     common = dict(SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm", STUB_RESULTS=1, STUB_SLEEP=1,
                   SLURM_CONF=slurm.env["SLURM_CONF"])
     r = env.run("base2new.sh", "coop", "dtd", 16, **common)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("submitted ") == 5
-    wait_idle(slurm)
+    slurm_cluster.wait_idle(slurm)
     calls = env.calls()
     assert len(calls) == 4
 
@@ -189,7 +167,7 @@ def test_protocol_on_a_real_cluster_with_dependencies_table_and_status(env, slur
     r = env.run("base2new.sh", "coop", "eurosat", 16, **common,
                 STUB_FAIL="train_base/eurosat/shots_16/CoOp/vit_b16_ep20_ctx4/seed2")
     assert r.returncode == 0, r.stderr
-    wait_idle(slurm)
+    slurm_cluster.wait_idle(slurm)
     st = status(env, slurm, "base2new", "coop", "eurosat", "16", SEEDS="1 2")
     assert st.returncode == 1
     failed = [l for l in st.stdout.splitlines() if l.startswith("failed")]
@@ -207,7 +185,7 @@ def test_protocol_on_a_real_cluster_with_dependencies_table_and_status(env, slur
         assert "spl-train-eurosat-s2|FAILED" in sacct and "spl-eval-eurosat-s2|CANCELLED" in sacct, sacct
 
 
-def test_preemption_options_defaults_and_overrides(env, fake_slurm, tmp_path):  # noqa: F811
+def test_preemption_options_defaults_and_overrides(env, fake_slurm, tmp_path):
     extra, calls = fake_slurm
     r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1", PYTHON=env.stub, LAUNCHER="slurm", **extra)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -237,7 +215,7 @@ def test_preemption_options_defaults_and_overrides(env, fake_slurm, tmp_path):  
         assert r.returncode == 2 and r.stderr.strip() == f"error: {message}" and len(calls()) == n
 
 
-def test_slurm_dry_run_prints_the_submission_as_a_runnable_script(env, fake_slurm):  # noqa: F811
+def test_slurm_dry_run_prints_the_submission_as_a_runnable_script(env, fake_slurm):
     extra, calls = fake_slurm
     r = env.run("base2new.sh", "coop", "dtd", 16, SEEDS="1 2", PYTHON=env.stub, LAUNCHER="slurm", DRY_RUN=1,
                 **extra)
