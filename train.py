@@ -295,7 +295,7 @@ def known_errors():
     from spotlighter.config import ConfigError
     from spotlighter.fileio import OutputWriteError
     from spotlighter.runlock import OutputLocked
-    from datasets.layout import DatasetError
+    from spotlighter.data_layout import DatasetError
     from trainers.base import TrainingDiverged
 
     return (UsageError, ConfigError, BackboneError, CheckpointError, TrainingDiverged, DatasetError,

@@ -1,11 +1,11 @@
 """Dassl datasets in the ``$DATA`` layout of CoOp's DATASETS.md (imported by ``train.py``).
 
 Importing this package registers every dataset with Dassl's ``DATASET_REGISTRY``. The shared logic
-lives in ``common.py`` (splits, few-shot caches, base/new subsampling) and ``layout.py`` (folder
-layout, :class:`DatasetError`; free of Dassl); each other module only declares a layout.
+lives in ``common.py`` (splits, few-shot caches, base/new subsampling) and ``spotlighter/data_layout.py``
+(folder layout, :class:`DatasetError`; free of Dassl); each other module only declares a layout.
 """
 
-from .layout import DatasetError, LAYOUTS  # noqa: F401  (no Dassl needed)
+from spotlighter.data_layout import DatasetError, LAYOUTS  # noqa: F401  (no Dassl needed)
 
 from . import (  # noqa: F401  (import registers the datasets)
     caltech101,

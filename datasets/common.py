@@ -32,7 +32,7 @@ from spotlighter.fileio import atomic_path
 # train.py routes the root logger to the stdout Dassl tees into log.txt: what users must see lands there
 logger = logging.getLogger(__name__)
 
-from .layout import (
+from spotlighter.data_layout import (
     ALLOW_OUTSIDE_KEY,
     DOC,
     Confinement,

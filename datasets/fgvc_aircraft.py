@@ -7,7 +7,7 @@ import os
 from dassl.data.datasets import DATASET_REGISTRY
 
 from .common import CoOpDataset, check_images, make_datum
-from .layout import DatasetError, require_dir, require_file
+from spotlighter.data_layout import DatasetError, require_dir, require_file
 
 
 @DATASET_REGISTRY.register()

@@ -3,7 +3,7 @@
 from dassl.data.datasets import DATASET_REGISTRY
 
 from .common import ImageNetFolderDataset
-from .layout import read_classnames
+from spotlighter.data_layout import read_classnames
 
 
 @DATASET_REGISTRY.register()

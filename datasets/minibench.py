@@ -9,7 +9,7 @@ import os
 from dassl.data.datasets import DATASET_REGISTRY
 
 from .common import SplitJsonDataset, read_split
-from .layout import DatasetError, regenerate_hint, require_dir
+from spotlighter.data_layout import DatasetError, regenerate_hint, require_dir
 
 logger = logging.getLogger(__name__)
 

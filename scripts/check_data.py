@@ -22,7 +22,6 @@ Needs neither Dassl nor torch.
 
 import argparse
 import glob
-import importlib.util
 import os
 import random
 import sys
@@ -33,29 +32,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # this checkout's spotlighter package (plain Python parts only)
     sys.path.insert(0, REPO)
 
+from spotlighter import data_layout as L  # noqa: E402
 from spotlighter import datum_pickle  # noqa: E402
+from spotlighter import registry as R  # noqa: E402
 
 
-def _load_layout():
-    spec = importlib.util.spec_from_file_location("_spotlighter_dataset_layout",
-                                                  os.path.join(REPO, "datasets", "layout.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _load_registry():
-    """spotlighter/registry.py (plain Python), by path like the layout: no install needed."""
-    spec = importlib.util.spec_from_file_location("_spotlighter_registry",
-                                                  os.path.join(REPO, "spotlighter", "registry.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-L = _load_layout()
-R = _load_registry()
 SHOW = 3
 #: Images decoded per split by default (plus every image of the few-shot caches).
 DEFAULT_SAMPLE = 32

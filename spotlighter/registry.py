@@ -3,17 +3,17 @@
 Everything that needs to know them reads it from here: the protocol runner (``spotlighter.run``)
 and the scripts on top of it, the results tool (``spotlighter.results.constants``), ``train.py``
 and ``scripts/check_data.py``. Where each dataset lives under ``$DATA`` and its DATASETS.md section
-stay in the per-dataset file-layout table ``datasets/layout.py`` (``LAYOUTS``), which this module
-reads by path (it needs neither Dassl nor torch; plain Python).
+stay in the per-dataset file-layout table :mod:`spotlighter.data_layout` (``LAYOUTS``), which this
+module reads (neither needs Dassl nor torch; plain Python).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
+
+from .data_layout import LAYOUTS
 
 # ------------------------------------------------------------------------------------------------
 # protocols
@@ -100,9 +100,7 @@ def dataset_names() -> Tuple[str, ...]:
     for table in (XD_TARGETS, DG_TARGETS):
         for source, targets in table.items():
             names += [source, *targets]
-    lay = _layouts()
-    if lay is not None:
-        names += list(lay.LAYOUTS)
+    names += list(LAYOUTS)
     return tuple(dict.fromkeys(names))
 
 
@@ -122,7 +120,7 @@ def dataset_roles(name: str) -> Tuple[Tuple[str, str], ...]:
 @dataclass(frozen=True)
 class Dataset:
     name: str  # config name: configs/datasets/<name>.yaml
-    folder: Optional[str]  # folder under $DATA (None: not in datasets/layout.py)
+    folder: Optional[str]  # folder under $DATA (None: not in data_layout.LAYOUTS)
     section: Optional[str]  # DATASETS.md section
     generated: bool  # made on first use (MiniBench), so never "missing" before a run
     roles: Tuple[Tuple[str, str], ...]
@@ -136,29 +134,11 @@ class Dataset:
         return f"DATASETS.md#{self.section or self.name}"
 
 
-_LAYOUT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets",
-                            "layout.py")
-_layout_module = None
-
-
-def _layouts():
-    """datasets/layout.py of the checkout, loaded by path (None when installed without it)."""
-    global _layout_module
-    if _layout_module is None and os.path.isfile(_LAYOUT_FILE):
-        spec = importlib.util.spec_from_file_location("_spotlighter_dataset_layout", _LAYOUT_FILE)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up
-        spec.loader.exec_module(sys.modules[spec.name])
-        _layout_module = sys.modules[spec.name]
-    return _layout_module
-
-
 def dataset(name: str) -> Dataset:
     known = dataset_names()
     if name not in known:
         raise RegistryError(f"unknown dataset {name!r}; known datasets: {' '.join(known)}")
-    mod = _layouts()
-    lay = mod.LAYOUTS.get(name) if mod is not None else None
+    lay = LAYOUTS.get(name)
     return Dataset(name=name, folder=lay.folder if lay else None, section=lay.section if lay else None,
                    generated=(lay.kind == "generated") if lay else name.startswith(MINIBENCH),
                    roles=dataset_roles(name))

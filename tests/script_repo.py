@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+from spotlighter import data_layout
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
@@ -16,11 +18,8 @@ CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "IVLP": "vit_b16_c2_ep20_batch4_4+4ctx", "PromptSRC": "vit_b16_c2_ep20_batch4_4+4ctx",
         "PromptKD": "vit_b16_c2_ep20_batch8_4+4ctx",
         "ZeroshotCLIP": "vit_b16"}
-FOLDERS = {"imagenet": "imagenet", "caltech101": "caltech-101", "oxford_pets": "oxford_pets",
-           "stanford_cars": "stanford_cars", "oxford_flowers": "oxford_flowers", "food101": "food-101",
-           "fgvc_aircraft": "fgvc_aircraft", "sun397": "sun397", "dtd": "dtd", "eurosat": "eurosat",
-           "ucf101": "ucf101", "imagenetv2": "imagenetv2", "imagenet_sketch": "imagenet-sketch",
-           "imagenet_a": "imagenet-adversarial", "imagenet_r": "imagenet-rendition"}
+#: The $DATA folder of every downloaded dataset (the generated ones are made on first use).
+FOLDERS = {key: lay.folder for key, lay in data_layout.LAYOUTS.items() if lay.kind != "generated"}
 XD = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
       "sun397", "dtd", "eurosat", "ucf101"]
 
@@ -103,11 +102,9 @@ def make_env(tmp_path):
     os.makedirs(repo / "scripts")
     for s in SCRIPTS:
         shutil.copy(os.path.join(ROOT, "scripts", s), repo / "scripts" / s)
-    # the runner and the registry it reads (datasets/layout.py: $DATA folders, DATASETS.md sections)
+    # the runner and the registry it reads (spotlighter/data_layout.py: $DATA folders, DATASETS.md sections)
     shutil.copytree(os.path.join(ROOT, "spotlighter"), repo / "spotlighter",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    os.makedirs(repo / "datasets")
-    shutil.copy(os.path.join(ROOT, "datasets", "layout.py"), repo / "datasets" / "layout.py")
     shutil.copytree(os.path.join(ROOT, "configs", "datasets"), repo / "configs" / "datasets")
     from spotlighter import registry
 

@@ -9,7 +9,7 @@ import sys
 import types
 from unittest import mock
 
-from test_datasets_trees import fgvc_tree, imagenet_tree, split_tree, variant_tree
+from dataset_trees import fgvc_tree, imagenet_tree, split_tree, variant_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "check_data.py")

@@ -18,7 +18,7 @@ from dassl.config import get_cfg_default  # noqa: E402
 from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase  # noqa: E402
 from dassl.utils import set_random_seed  # noqa: E402
 
-from test_datasets_trees import (  # noqa: E402
+from dataset_trees import (  # noqa: E402
     FGVC_VARIANTS, WNIDS, fgvc_tree, imagenet_tree, make_image, split_tree, variant_tree,
 )
 
@@ -31,11 +31,9 @@ if not str(getattr(sys.modules.get("datasets"), "__file__", ROOT)).startswith(RO
 import datasets  # noqa: E402
 from datasets import DatasetError  # noqa: E402
 from datasets.common import ALLOW_FEWER_SHOTS_ENV  # noqa: E402
+from spotlighter.data_layout import LAYOUTS  # noqa: E402
 
-ALL_NAMES = ["ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101",
-             "FGVCAircraft", "SUN397", "DescribableTextures", "EuroSAT", "UCF101", "ImageNetV2",
-             "ImageNetSketch", "ImageNetA", "ImageNetR", "MiniBench", "MiniBenchGlyphs", "MiniBenchTextures",
-             "MiniBenchObjects", "MiniBenchSketch", "MiniBenchNoise", "MiniBenchPalette"]
+ALL_NAMES = [lay.name for lay in LAYOUTS.values()]  # every dataset of the one table
 
 
 def make_cfg(data, name, shots=-1, seed=1, subsample="all"):

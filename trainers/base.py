@@ -29,7 +29,7 @@ from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 from dassl.utils import AverageMeter, MetricMeter
 
-from datasets.layout import DatasetError
+from spotlighter.data_layout import DatasetError
 from spotlighter import checkpoint as ckpt
 from spotlighter import foreign, preempt
 from spotlighter.backbone import FrozenCLIP, PruneSpec, load_clip

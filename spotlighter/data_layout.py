@@ -1,8 +1,9 @@
 """Where every dataset lives under ``$DATA``, and the file-level checks shared by everything.
 
-This module is deliberately **free of Dassl** (and of torch): ``scripts/check_data.py`` loads it by
-path to check a ``$DATA`` folder on a machine without Dassl, and the Dassl dataset classes of this
-folder (``datasets/common.py`` and one module per dataset) read their layout from it. The layout is
+The one table of datasets (``LAYOUTS``: key, registered name, folder, image folder, split file,
+DATASETS.md section). Free of Dassl and of torch: the registry (``spotlighter.registry``, hence the
+protocol runner and the results tool), ``scripts/check_data.py`` (on a machine without Dassl) and the
+Dassl dataset classes of ``datasets/`` (``common.py`` and one module per dataset) import it. The layout is
 the one of CoOp's DATASETS.md (same folder names, split files ``split_zhou_<Name>.json``), so a
 ``$DATA`` folder prepared for CoOp, CoCoOp, MaPLe, PromptSRC or KgCoOp works unchanged.
 
