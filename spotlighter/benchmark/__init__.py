@@ -23,5 +23,7 @@ from .data import (  # noqa: F401
 
 from .paths import CLIP_RELPATH, DATASET_SUBDIR, clip_path, dataset_dir  # noqa: F401
 from .recipe import DEFAULT_CLIP_PARAMS, build_clip  # noqa: F401
-from .pretrain import ensure_clip, load_clip, zeroshot_accuracy  # noqa: F401  (imports torch; clip lazily)
-from .cli import prepare  # noqa: F401,E402
+
+# Only the bottom of the package is imported here (no torch, nothing that loads a CLIP), so that
+# spotlighter.backbone can check a MiniBench CLIP through .paths and .reference without an import
+# circle. Preparing and pretraining: .cli.prepare, .pretrain.ensure_clip / load_clip / zeroshot_accuracy.
