@@ -616,10 +616,16 @@ def _prompt_tokens(prompt: torch.Tensor, batch: int, dtype: torch.dtype, round_f
 class FrozenCLIP(nn.Module):
     """Frozen CLIP with prompt-injection hooks. Holds no trainable parameter."""
 
-    def __init__(self, clip_model: nn.Module, prune: Optional[PruneSpec] = None):
+    def __init__(self, clip_model: nn.Module, prune: Optional[PruneSpec] = None,
+                 explicit_attention: bool = False):
+        """``explicit_attention``: compute every attention through ``nn.MultiheadAttention``'s
+        explicit-weights path (``need_weights=True``), as the released Spotlighter-on-PromptKD code's
+        CLIP does in every block of both towers. The fused path (the default, as OpenAI's CLIP) gives
+        the same values up to ~1e-7 per block; the explicit one reproduces that code bit for bit."""
         super().__init__()
         self.model = clip_model
         self.prune = prune or PruneSpec()
+        self.explicit_attention = explicit_attention
         for p in self.model.parameters():
             p.requires_grad_(False)
         if self.prune.active:
@@ -706,7 +712,7 @@ class FrozenCLIP(nn.Module):
                 else:
                     p = deep[i - 1].type(self.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
                 x = torch.cat([x[:prompt_start], p, x[prompt_start + n:]], dim=0)
-            x, _ = _run_block(block, x)
+            x, _ = _run_block(block, x, self.explicit_attention)
         x = x.permute(1, 0, 2)
         x = m.ln_final(x).type(self.dtype)
         eot = tokenized.argmax(dim=-1)
@@ -738,7 +744,7 @@ class FrozenCLIP(nn.Module):
         and the patches each token holds (B, N; None unless tokens were merged)."""
         if prune is None or not prune.active:
             for block in blocks:
-                x, _ = _run_block(block, x)
+                x, _ = _run_block(block, x, self.explicit_attention)
             return x, None, (), None
         layers = set(prune.layers)
         index = torch.arange(x.shape[0] - 1, device=x.device).expand(x.shape[1], -1)
@@ -789,6 +795,18 @@ class FrozenCLIP(nn.Module):
                                     "MODEL.PRUNE.LAYERS [] for this trainer.")
             x, _, _, _ = self._run_blocks(v.ln_pre(x).permute(1, 0, 2), v.transformer.resblocks, prune)
             return v.ln_post(x[0]) @ v.proj
+        blocks = list(v.transformer.resblocks)
+        x, _ = self._prompted_blocks(x, blocks, shallow_prompt, deep_prompts, round_prompts)
+        x = v.ln_post(x[0])
+        return x @ v.proj
+
+    def _prompted_blocks(self, x: torch.Tensor, blocks: Sequence[nn.Module],
+                         shallow_prompt: Optional[torch.Tensor], deep_prompts: Optional[Sequence[torch.Tensor]],
+                         round_prompts: bool, need_weights_last: bool = False):
+        """Embedded patches (B, N, D) -> (``blocks``' output (N [+ n prompts], B, D), the last block's
+        head-averaged attention weights or None), with the visual prompts of :meth:`encode_image`
+        appended after the patches."""
+        v = self.model.visual
         n_prompt = 0
         if shallow_prompt is not None:
             n_prompt = shallow_prompt.shape[0]
@@ -799,31 +817,49 @@ class FrozenCLIP(nn.Module):
             x = torch.cat([x, p], dim=1)
         x = v.ln_pre(x).permute(1, 0, 2)
         deep = list(deep_prompts or [])
-        for i, block in enumerate(v.transformer.resblocks):
+        for i, block in enumerate(blocks):
             if n_prompt and 1 <= i <= len(deep):
                 if round_prompts:
                     p = _prompt_tokens(deep[i - 1], x.shape[1], x.dtype, True, seq_first=True)
                 else:
                     p = deep[i - 1].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
                 x = torch.cat([x[:-n_prompt], p], dim=0)
-            x, _ = _run_block(block, x)
-        x = v.ln_post(x[0])
-        return x @ v.proj
+            last = i == len(blocks) - 1
+            x, weights = _run_block(block, x, self.explicit_attention or (last and need_weights_last))
+        return x, weights
 
     def encode_image_tokens(self, images: torch.Tensor, need_attn: bool = True,
-                            pruned: bool = True) -> ImageTokens:
+                            pruned: bool = True, shallow_prompt: Optional[torch.Tensor] = None,
+                            deep_prompts: Optional[Sequence[torch.Tensor]] = None,
+                            round_prompts: bool = False) -> ImageTokens:
         """Global feature, projected last-block tokens and last-block CLS->patch attention.
 
         With pruning, ``tokens`` holds CLS and the kept patches only (a fused token, if any, takes
-        part in the attention of later blocks but is not returned) and ``patch_index`` says which."""
+        part in the attention of later blocks but is not returned) and ``patch_index`` says which.
+        With visual prompts (as :meth:`encode_image`; no pruning), the prompt tokens take part in every
+        attention, the CLS row's softmax included, and are left out of ``tokens`` and ``cls_attn``."""
         v = self.model.visual
         if not self.is_vit:
             raise BackboneError("Token-level features need a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14).")
+        if shallow_prompt is not None:
+            if self._prune_for(pruned) is not None:
+                raise BackboneError("MODEL.PRUNE cannot be combined with visual prompts: set "
+                                    "MODEL.PRUNE.LAYERS [] for this trainer.")
+            x = self._embed_patches(images)
+            n = x.shape[1]
+            blocks = list(v.transformer.resblocks)
+            x, weights = self._prompted_blocks(x, blocks, shallow_prompt, deep_prompts, round_prompts,
+                                               need_weights_last=need_attn)
+            # ln_post and proj on every token (the prompts' included), then the prompts dropped: the
+            # released token branch's arithmetic
+            tokens = (v.ln_post(x.permute(1, 0, 2)) @ v.proj)[:, :n]
+            cls_attn = weights[:, 0, 1:n] if need_attn else None
+            return ImageTokens(global_feat=tokens[:, 0], tokens=tokens, cls_attn=cls_attn)
         x = v.ln_pre(self._embed_patches(images)).permute(1, 0, 2)
         blocks = list(v.transformer.resblocks)
         x, index, kept, size = self._run_blocks(x, blocks[:-1], self._prune_for(pruned))
         if size is None:
-            x, weights = _run_block(blocks[-1], x, need_weights=need_attn)
+            x, weights = _run_block(blocks[-1], x, need_weights=need_attn or self.explicit_attention)
             cls_row = weights[:, 0] if need_attn else None
         else:  # merged tokens: proportional attention in the last block too
             x, cls_row = _run_block_sized(blocks[-1], x, size)
