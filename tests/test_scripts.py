@@ -24,7 +24,7 @@ SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
         "IVLP": "vit_b16_c2_ep20_batch4_4+4ctx", "PromptSRC": "vit_b16_c2_ep20_batch4_4+4ctx",
-        "PromptKD": "vit_b16_c2_ep20_batch8_4+4ctx",
+        "PromptKD": "vit_b16_c2_ep20_batch8_4+4ctx", "SpotlighterKD": "vit_b16_ep30_batch64_release",
         "ZeroshotCLIP": "vit_b16"}
 FOLDERS = {"imagenet": "imagenet", "caltech101": "caltech-101", "oxford_pets": "oxford_pets",
            "stanford_cars": "stanford_cars", "oxford_flowers": "oxford_flowers", "food101": "food-101",
@@ -340,7 +340,7 @@ def test_dg_dry_run_and_missing_checkpoint(env):
 # bad input
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script,args,extra,expect", [
-    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple ivlp promptsrc promptkd zsclip"),
+    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple ivlp promptsrc promptkd spotlighterkd zsclip"),
     ("xd.sh", ["bar", 16], {}, "unknown trainer 'bar'"),
     ("base2new.sh", ["coop", "pets", 16], {}, "unknown dataset 'pets'. Valid datasets for base-to-novel: imagenet caltech101"),
     ("base2new.sh", ["coop", "imagenet_a", 16], {}, "unknown dataset 'imagenet_a'"),
@@ -732,9 +732,16 @@ def test_promptkd_base2new_is_transductive_with_the_teacher_trained_once(env):
     r = env.run("base2new.sh", "promptkd", "dtd", 16, SEEDS="1", DRY_RUN="1")
     assert r.returncode == 0 and len(commands(r.stdout)) == 3 and "teachers/" not in r.stdout
     r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN="1", TEACHER="train")
-    assert r.returncode == 2 and "CoOp distils from no teacher (only promptkd do)" in r.stderr
+    assert r.returncode == 2 and "CoOp distils from no teacher (only promptkd, spotlighterkd do)" in r.stderr
     r = env.run("base2new.sh", "promptkd", "dtd", 16, DRY_RUN="1", TEACHER="/x")
     assert r.returncode == 2 and "to use an existing teacher pass TRAINER.PROMPTKD.TEACHER PATH" in r.stderr
+    # Spotlighter on PromptKD: the same graph, the same teacher folder (one teacher per dataset)
+    r = env.run("base2new.sh", "spotlighterkd", "dtd", 16, SEEDS="1", DRY_RUN="1", TEACHER="train")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert len(cmds) == 4 and f"--output-dir {teacher}" in cmds[0]
+    student = "output/base2new/train_all/dtd/shots_16/SpotlighterKD/vit_b16_ep30_batch64_release/seed1"
+    assert f"--output-dir {student}" in cmds[1] and f"TRAINER.PROMPTKD.TEACHER {teacher}" in cmds[1]
 
 
 def test_control_characters_in_paths_or_options_are_refused(env, tmp_path):
