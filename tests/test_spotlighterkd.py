@@ -3,6 +3,8 @@ write and single-key IRM by hand, the token sets, every loss term, the parameter
 checkpoints, the CLIP's explicit-attention path and clear errors for bad settings."""
 
 import copy
+import hashlib
+import os
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from spotlighter import kd_spotlighter as ks
 from spotlighter.backbone import FrozenCLIP, ImageTokens, load_clip
 from spotlighter.config import ConfigError, KD_PRESETS, apply_preset, extend_cfg
+from spotlighter.machine import cpu_name
 from spotlighter.models import IVLP
 from tiny_clip import save_tiny_clip
 
@@ -272,3 +275,83 @@ def test_explicit_attention_changes_rounding_only_and_prompt_tokens_stay_out(cli
 def test_bad_head_settings_are_clear_errors(clips, changes, message):
     with pytest.raises(ConfigError, match=r"TRAINER\.SPOTLIGHTERKD\." + message):
         build(clips, **changes)
+
+
+# ------------------------------------------------------------------ the released code's own numbers
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tkmc_reference.pt")
+REF_STEPS = 3
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().float().numpy().tobytes()).hexdigest()[:16]
+
+
+def reference_run(tmp_path, preset: str, monkeypatch):
+    """Our model at the released code's widths (student 512, teacher 768: its projectors and memory are
+    hard-coded to them) on tiny fp16-representable CLIPs, trained REF_STEPS SGD steps, then evaluated.
+    Returns (model, teacher, per-step records, evaluation logits); the records hold every loss term, the
+    total, and digests of every gradient, the memory and every parameter after the step."""
+    def half_clip(path, seed, **kw):
+        from tiny_clip import build_tiny_clip
+
+        model = build_tiny_clip(seed, **kw)
+        torch.save({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+                   str(path))
+        return str(path)
+
+    student = half_clip(tmp_path / "s.pt", 3, embed_dim=512, vision_layers=3)
+    teacher = half_clip(tmp_path / "t.pt", 4, embed_dim=768, vision_width=128, transformer_width=128,
+                        vision_layers=3)
+    model = build((student, teacher), preset, vision_depth=3)
+    optim = torch.optim.SGD(list(model.parameters()), lr=0.002, momentum=0.9, weight_decay=5e-4)
+    steps = []
+    terms = []  # every KL and L1 the loss is made of, unweighted, in the order computed
+    for name in ("kl_div", "l1_loss"):
+        def spy(*args, _f=getattr(F, name), _n=name, **kw):
+            out = _f(*args, **kw)
+            terms.append((_n, out.item()))
+            return out
+        monkeypatch.setattr(ks.F, name, spy)
+    for e in range(REF_STEPS):
+        model.train()
+        torch.manual_seed(100 + e)
+        terms.clear()
+        _, losses = model(images(batch=4, seed=10 + e))
+        loss = sum(losses.values())
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        steps.append({"terms": list(terms), "loss": loss.item(),
+                      "grads": {k: digest(p.grad) for k, p in model.named_parameters() if p.grad is not None},
+                      "state": {k: digest(v) for k, v in model.state_dict().items()}})
+    monkeypatch.undo()
+    model.eval()
+    with torch.no_grad():
+        logits = model(images(batch=5, seed=20))[0]
+    return model, steps, logits
+
+
+@pytest.mark.parametrize("preset", ["release", "textrefiner"])
+def test_the_released_code_computes_the_same_numbers(tmp_path, preset, monkeypatch):
+    """tests/data/tkmc_reference.pt holds what the released tkmc code (``spotlighter.py``, and
+    ``textrefiner_old.py`` for TextRefiner) computed from this model's initial weights, in fp32: each loss
+    term, the total, digests of every gradient, memory write and post-step parameter for 3 SGD steps,
+    and the evaluation logits (TRM over the same classes). Bitwise equality holds for the torch build and
+    CPU kernels it was saved with; elsewhere the digests are skipped and the numbers compared to 1e-4."""
+    ref = torch.load(REFERENCE, weights_only=True)[preset]
+    model, steps, logits = reference_run(tmp_path, preset, monkeypatch)
+    same_kernels = (ref["torch"] == str(torch.__version__)
+                    and ref["cpu"] == torch.backends.cpu.get_cpu_capability() and ref["cpu_name"] == cpu_name())
+    assert len(steps) == len(ref["steps"]) == REF_STEPS
+    for e, (got, want) in enumerate(zip(steps, ref["steps"])):
+        assert [k for k, _ in got["terms"]] == [k for k, _ in want["terms"]]
+        for (kind, a), (_, b) in zip(got["terms"], want["terms"]):
+            assert a == b if same_kernels else a == pytest.approx(b, rel=1e-4, abs=1e-6), (e, kind, a, b)
+        assert got["loss"] == want["loss"] if same_kernels else got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        if same_kernels:
+            assert got["grads"] == want["grads"], e
+            assert got["state"] == want["state"], e
+    if same_kernels:
+        assert torch.equal(logits, ref["logits"])
+    else:
+        torch.testing.assert_close(logits, ref["logits"], rtol=1e-4, atol=1e-5)
