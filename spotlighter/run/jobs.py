@@ -49,6 +49,11 @@ ELAPSED_PREFIX = "# elapsed "  # last line of a run log: "# elapsed <seconds> s,
 TRAIN, EVAL = "train", "eval"
 TEACHERS_DIR = "teachers"  # OUTPUT/teachers/<dataset>/<Trainer>/<cfg>_<K>shots/seed1: teachers trained in a graph
 TEACHER_SEED = 1
+#: Cross-dataset with a transductive (distilling) trainer: each target's student, distilled on that
+#: target's unlabelled train split, in OUTPUT/<DISTILLED_DIR>/<target>/<Trainer>/<cfg>_<K>shots/seedN
+DISTILLED_DIR = "distilled"
+#: ... on the target's whole train split (the released PromptKD / tkmc cross-dataset protocol)
+DISTILLED_SHOTS = 0
 
 
 class InputError(ValueError):
@@ -78,7 +83,9 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     typed_trainer: str = ""
-    transductive: bool = False  # base2new: trained on all classes' unlabelled images (PromptKD)
+    #: a distilling trainer (PromptKD): base2new trains on all classes' unlabelled images, xd distils one
+    #: student per target on its unlabelled train split, dg distils on the source's train images
+    transductive: bool = False
     #: A teacher trained in this graph (TEACHER=train): (trainer CLI name, config, the student's cfg key)
     teacher: Optional[List[str]] = None
 
@@ -125,6 +132,11 @@ def source_dir(s: Settings, seed: int) -> str:
 
 def eval_root(s: Settings) -> str:
     return _join(s.output, transfer_dirs(s.source)[1], s.trainer, f"{s.cfg}_{s.shots}{XD_CONFIG_SUFFIX}")
+
+
+def distilled_dir(s: Settings, target: str, seed: int) -> str:
+    return _join(s.output, DISTILLED_DIR, target, s.trainer, f"{s.cfg}_{s.shots}{XD_CONFIG_SUFFIX}",
+                 f"{SEED_DIR_PREFIX}{seed}")
 
 
 def base2new_dir(s: Settings, role: str, seed: int) -> str:
@@ -185,10 +197,23 @@ def build_graph(s: Settings) -> List[Job]:
             jobs.append(Job(EVAL, te, train_args(s, seed, s.dataset, te),
                             ["--eval-only"] + shots + ["DATASET.SUBSAMPLE_CLASSES", "new"] + s.extra,
                             seed, s.dataset, "evaluation on new", model_dir=model(tr), deps=[tr]))
+        elif s.protocol == "xd" and s.transductive:
+            # as PromptKD: the (source) teacher's text for each target's classes, a student distilled
+            # on that target's unlabelled train images, evaluated on its test split
+            for t in s.targets:
+                dist = distilled_dir(s, t, seed)
+                jobs.append(Job(TRAIN, dist, train_args(s, seed, t, dist),
+                                ["DATASET.NUM_SHOTS", str(DISTILLED_SHOTS)] + teacher_opts + s.extra, seed, t,
+                                f"distilling on {t} (unlabelled)", deps=list(teacher_deps)))
+                d = _join(eval_root(s), t, f"{SEED_DIR_PREFIX}{seed}")
+                jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + teacher_opts + s.extra, seed, t,
+                                f"evaluation on {t}", model_dir=dist, deps=[dist]))
         else:
             src = source_dir(s, seed)
             deps: List[str] = []
-            if s.protocol == "xd":
+            # dg with a distilling trainer: its student learns from the source's unlabelled train images
+            # here (never from the targets' test images), then is evaluated on every target
+            if s.protocol == "xd" or (s.protocol == "dg" and s.transductive):
                 jobs.append(Job(first_kind, src, train_args(s, seed, s.source, src),
                                 first_tail + shots + teacher_opts + s.extra, seed, s.source,
                                 f"{first_what} {s.source}", deps=list(teacher_deps)))
@@ -197,7 +222,7 @@ def build_graph(s: Settings) -> List[Job]:
                 d = _join(eval_root(s), t, f"{SEED_DIR_PREFIX}{seed}")
                 jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + teacher_opts + s.extra, seed, t,
                                 f"evaluation on {t}", model_dir=model(src), deps=list(deps),
-                                needs_trained=s.protocol == "dg" and s.trains))
+                                needs_trained=s.protocol == "dg" and s.trains and not s.transductive))
     for job in jobs:
         job.trainer = job.trainer or s.trainer
     return jobs
