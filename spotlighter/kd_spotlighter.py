@@ -200,7 +200,7 @@ class SpotlighterKD(PromptKD):
                  temperature: float = 1.0):
         super().__init__(clip, teacher, n_vision=n_vision, vision_depth=vision_depth, round_prompts=round_prompts,
                          kd_weight=kd_weight, temperature=temperature)
-        check_head(head, clip.num_patches)
+        check_head(head, clip.prune.remaining(clip.num_patches) if clip.prune.active else clip.num_patches)
         self.head = head
         d = self.teacher_text.shape[1]
         self.mid_image_trans = FeatureProjector(clip.embed_dim, d)
@@ -349,7 +349,8 @@ def check_head(h: KDHeadConfig, num_patches: int) -> None:
     """The head's keys against each other and the CLIP (errors name the key and what was expected)."""
     p = "TRAINER.SPOTLIGHTERKD."
     if not 1 <= h.top_k <= num_patches:
-        raise ConfigError(f"{p}TOP_K = {h.top_k} is invalid: expected 1..{num_patches} (this CLIP's patches).")
+        raise ConfigError(f"{p}TOP_K = {h.top_k} is invalid: expected 1..{num_patches} (the patch tokens that reach "
+                          "the last block of this CLIP, after MODEL.PRUNE).")
     if h.level_sizes and (sum(h.level_sizes) != h.top_k or min(h.level_sizes) < 1):
         raise ConfigError(f"{p}LEVEL_SIZES = {list(h.level_sizes)} is invalid: expected positive sizes adding up "
                           f"to TOP_K = {h.top_k}, or [] (no levels, as TextRefiner).")

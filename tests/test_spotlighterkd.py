@@ -355,3 +355,38 @@ def test_the_released_code_computes_the_same_numbers(tmp_path, preset, monkeypat
         assert torch.equal(logits, ref["logits"])
     else:
         torch.testing.assert_close(logits, ref["logits"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["merge", "tome", "drop", "evit"])
+def test_token_reduction_works_in_front_of_the_students_prompts(clips, mode):
+    """MODEL.PRUNE on a prompted student: the patch tokens are reduced at the pruning block while the
+    visual prompts keep their places (the deep prompts still replace them), the token branch sees
+    CLS and the remaining patches (patch_index says which) and the prompts still learn."""
+    from spotlighter.backbone import PruneSpec
+
+    student_path, _ = clips
+    spec = PruneSpec((0,), 0.5, fuse=True, mode=mode)
+    clip = FrozenCLIP(load_clip("ViT-B/16", path=student_path), prune=spec)
+    prompt = (0.02 * torch.randn(4, 64)).requires_grad_()
+    deep = [(0.02 * torch.randn(4, 64)).requires_grad_()]
+    x = images()
+    tok = clip.encode_image_tokens(x, shallow_prompt=prompt, deep_prompts=deep)
+    left = spec.remaining(clip.num_patches)
+    assert left < 16 and tok.tokens.shape == (3, 1 + left, 64) and tok.cls_attn.shape == (3, left)
+    assert tok.patch_index.shape == (3, left) and len(tok.kept_index) == 1
+    for b in range(3):  # each remaining token names a distinct patch of the 4 x 4 grid
+        idx = tok.patch_index[b].tolist()
+        assert len(set(idx)) == left and all(0 <= i < 16 for i in idx)
+    torch.testing.assert_close(tok.global_feat, clip.encode_image(x, prompt, deep), rtol=1e-5, atol=1e-6)
+    unpruned = FrozenCLIP(clip.model).encode_image(x, prompt, deep)
+    assert not torch.allclose(unpruned, tok.global_feat)  # the reduction happened
+    (tok.tokens.sum() + tok.global_feat.sum()).backward()
+    assert prompt.grad.abs().sum() > 0 and deep[0].grad.abs().sum() > 0
+    # the whole model trains and evaluates on the reduced tokens
+    head = ks.KDHeadConfig.from_cfg(kd_node("release"))
+    model = ks.SpotlighterKD(clip, build(clips).teacher, NAMES, head, n_vision=4, vision_depth=2, kd_weight=LAMBDA)
+    model.train()
+    _, losses = model(x)
+    sum(losses.values()).backward()
+    model.eval()
+    assert model(x)[0].shape == (3, len(NAMES))
