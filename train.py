@@ -107,15 +107,16 @@ def _merge_file(cfg, path: str, what: str) -> None:
         raise UsageError(f"{path}: {exc}") from exc
 
 
-def build_cfg(args, preset: str = ""):
+def build_cfg(args, presets=None):
+    """The run's cfg; ``presets``: {node: preset} written underneath the files and options."""
     from dassl.config import get_cfg_default
 
     from spotlighter.config import apply_preset, extend_cfg
 
     cfg = get_cfg_default()
     extend_cfg(cfg)
-    if preset:
-        apply_preset(cfg, preset)
+    for node, preset in (presets or {}).items():
+        apply_preset(cfg, preset, node)
     if args.dataset_config_file:
         _merge_file(cfg, args.dataset_config_file, "--dataset-config-file")
     if args.config_file:
@@ -132,10 +133,13 @@ def build_cfg(args, preset: str = ""):
 
 
 def setup_cfg(args):
+    from spotlighter.config import PRESET_NODES
+
     cfg = build_cfg(args)
-    preset = cfg.TRAINER.SPOTLIGHTER.PRESET
-    if preset != "paper":  # rebuild with the preset underneath the files and options
-        cfg = build_cfg(args, preset)
+    presets = {node: cfg.TRAINER[node].PRESET for node, (_, default) in PRESET_NODES.items()
+               if cfg.TRAINER[node].PRESET != default}
+    if presets:  # rebuild with the presets underneath the files and options
+        cfg = build_cfg(args, presets)
     if not cfg.TRAINER.CONFIG_NAME:
         cfg.TRAINER.CONFIG_NAME = _stem(args.config_file)
     if not cfg.DATASET.CONFIG_NAME:

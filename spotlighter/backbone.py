@@ -614,10 +614,16 @@ def _prompt_tokens(prompt: torch.Tensor, batch: int, dtype: torch.dtype, round_f
 class FrozenCLIP(nn.Module):
     """Frozen CLIP with prompt-injection hooks. Holds no trainable parameter."""
 
-    def __init__(self, clip_model: nn.Module, prune: Optional[PruneSpec] = None):
+    def __init__(self, clip_model: nn.Module, prune: Optional[PruneSpec] = None,
+                 explicit_attention: bool = False):
+        """``explicit_attention``: compute every attention through ``nn.MultiheadAttention``'s
+        explicit-weights path (``need_weights=True``), as the released Spotlighter-on-PromptKD code's
+        CLIP does in every block of both towers. The fused path (the default, as OpenAI's CLIP) gives
+        the same values up to ~1e-7 per block; the explicit one reproduces that code bit for bit."""
         super().__init__()
         self.model = clip_model
         self.prune = prune or PruneSpec()
+        self.explicit_attention = explicit_attention
         for p in self.model.parameters():
             p.requires_grad_(False)
         if self.prune.active:
@@ -704,7 +710,7 @@ class FrozenCLIP(nn.Module):
                 else:
                     p = deep[i - 1].type(self.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
                 x = torch.cat([x[:prompt_start], p, x[prompt_start + n:]], dim=0)
-            x, _ = _run_block(block, x)
+            x, _ = _run_block(block, x, self.explicit_attention)
         x = x.permute(1, 0, 2)
         x = m.ln_final(x).type(self.dtype)
         eot = tokenized.argmax(dim=-1)
@@ -736,7 +742,7 @@ class FrozenCLIP(nn.Module):
         and the patches each token holds (B, N; None unless tokens were merged)."""
         if prune is None or not prune.active:
             for block in blocks:
-                x, _ = _run_block(block, x)
+                x, _ = _run_block(block, x, self.explicit_attention)
             return x, None, (), None
         layers = set(prune.layers)
         index = torch.arange(x.shape[0] - 1, device=x.device).expand(x.shape[1], -1)
@@ -781,12 +787,27 @@ class FrozenCLIP(nn.Module):
         v = self.model.visual
         x = self._embed_patches(images)
         prune = self._prune_for(pruned)
-        if prune is not None:
-            if shallow_prompt is not None:
-                raise BackboneError("MODEL.PRUNE cannot be combined with visual prompts (MaPLe): set "
-                                    "MODEL.PRUNE.LAYERS [] for this trainer.")
+        if prune is not None and shallow_prompt is None:
             x, _, _, _ = self._run_blocks(v.ln_pre(x).permute(1, 0, 2), v.transformer.resblocks, prune)
             return v.ln_post(x[0]) @ v.proj
+        blocks = list(v.transformer.resblocks)
+        x, _, _, _ = self._prompted_blocks(x, blocks, shallow_prompt, deep_prompts, round_prompts, prune=prune)
+        x = v.ln_post(x[0])
+        return x @ v.proj
+
+    def _prompted_blocks(self, x: torch.Tensor, blocks: Sequence[nn.Module],
+                         shallow_prompt: Optional[torch.Tensor], deep_prompts: Optional[Sequence[torch.Tensor]],
+                         round_prompts: bool, need_weights_last: bool = False,
+                         prune: Optional[PruneSpec] = None):
+        """Embedded patches (B, N, D) -> (``blocks``' output (N' [+ n prompts], B, D), the last block's
+        head-averaged attention weights (or CLS row, after merging) or None, the kept patches' original
+        indices (B, n) or None, the per-layer kept indices), with the visual prompts of
+        :meth:`encode_image` appended after the patches.
+
+        With an active ``prune`` the prompts take part in every attention (as keys holding one patch
+        each, with merging) but are never dropped or merged: tokens are reduced in front of them, and
+        the deep prompts still replace the last n tokens."""
+        v = self.model.visual
         n_prompt = 0
         if shallow_prompt is not None:
             n_prompt = shallow_prompt.shape[0]
@@ -797,31 +818,82 @@ class FrozenCLIP(nn.Module):
             x = torch.cat([x, p], dim=1)
         x = v.ln_pre(x).permute(1, 0, 2)
         deep = list(deep_prompts or [])
-        for i, block in enumerate(v.transformer.resblocks):
+        layers = set(prune.layers) if prune is not None else set()
+        index = size = None
+        if layers:
+            index = torch.arange(x.shape[0] - 1 - n_prompt, device=x.device).expand(x.shape[1], -1)
+        kept = []
+        weights = None
+        for i, block in enumerate(blocks):
             if n_prompt and 1 <= i <= len(deep):
                 if round_prompts:
                     p = _prompt_tokens(deep[i - 1], x.shape[1], x.dtype, True, seq_first=True)
                 else:
                     p = deep[i - 1].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
                 x = torch.cat([x[:-n_prompt], p], dim=0)
-            x, _ = _run_block(block, x)
-        x = v.ln_post(x[0])
-        return x @ v.proj
+            last = i == len(blocks) - 1
+            if i in layers and not last:
+                x, index, size = self._reduce_in_front_of_prompts(block, x, n_prompt, index, size, prune)
+                kept.append(index)
+            elif size is not None:
+                x, weights = _run_block_sized(block, x, size)
+            else:
+                x, weights = _run_block(block, x, self.explicit_attention or (last and need_weights_last))
+        return x, weights, index, tuple(kept)
+
+    @staticmethod
+    def _reduce_in_front_of_prompts(block: nn.Module, x: torch.Tensor, n_prompt: int, index: torch.Tensor,
+                                    size: Optional[torch.Tensor], prune: PruneSpec):
+        """One pruning block on [CLS, patches (, fused), prompts]: the attention over every token, the
+        reduction of the tokens before the prompts, the MLP. Returns x, index and size (merging)."""
+        body = slice(0, x.shape[0] - n_prompt)
+        if prune.mode in MERGING_MODES:
+            if size is None:
+                size = torch.ones(x.shape[1], x.shape[0], device=x.device, dtype=x.dtype)
+            out, _, keys = _attention_with_cls_row(block, x, size, need_keys=True)
+            y = x + out
+            merge = _merge_tokens if prune.mode == "merge" else _tome_tokens
+            reduced, index, body_size = merge(y[body], keys[:, body], index, size[:, body], prune)
+            size = torch.cat([body_size, size[:, body.stop:]], dim=1)
+        else:
+            out, cls_row = _attention_with_cls_row(block, x)
+            y = x + out
+            reduce = _drop_tokens if prune.mode == "drop" else _evit_tokens
+            reduced, index = reduce(y[body], cls_row[:, body], index, prune)
+        x = torch.cat([reduced, y[body.stop:]], dim=0)
+        return x + block.mlp(block.ln_2(x)), index, size
 
     def encode_image_tokens(self, images: torch.Tensor, need_attn: bool = True,
-                            pruned: bool = True) -> ImageTokens:
+                            pruned: bool = True, shallow_prompt: Optional[torch.Tensor] = None,
+                            deep_prompts: Optional[Sequence[torch.Tensor]] = None,
+                            round_prompts: bool = False) -> ImageTokens:
         """Global feature, projected last-block tokens and last-block CLS->patch attention.
 
         With pruning, ``tokens`` holds CLS and the kept patches only (a fused token, if any, takes
-        part in the attention of later blocks but is not returned) and ``patch_index`` says which."""
+        part in the attention of later blocks but is not returned) and ``patch_index`` says which.
+        With visual prompts (as :meth:`encode_image`; no pruning), the prompt tokens take part in every
+        attention, the CLS row's softmax included, and are left out of ``tokens`` and ``cls_attn``."""
         v = self.model.visual
         if not self.is_vit:
             raise BackboneError("Token-level features need a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14).")
+        if shallow_prompt is not None:
+            x = self._embed_patches(images)
+            blocks = list(v.transformer.resblocks)
+            x, weights, index, kept = self._prompted_blocks(x, blocks, shallow_prompt, deep_prompts, round_prompts,
+                                                            need_weights_last=need_attn, prune=self._prune_for(pruned))
+            # ln_post and proj on every token (the prompts' included), then the prompts (and a fused
+            # token, if any) dropped: the released token branch's arithmetic
+            n = x.shape[0] - shallow_prompt.shape[0] if index is None else 1 + index.shape[1]
+            tokens = (v.ln_post(x.permute(1, 0, 2)) @ v.proj)[:, :n]
+            cls_row = weights if weights is None or weights.dim() == 2 else weights[:, 0]
+            cls_attn = cls_row[:, 1:n] if need_attn else None
+            return ImageTokens(global_feat=tokens[:, 0], tokens=tokens, cls_attn=cls_attn, patch_index=index,
+                               kept_index=kept)
         x = v.ln_pre(self._embed_patches(images)).permute(1, 0, 2)
         blocks = list(v.transformer.resblocks)
         x, index, kept, size = self._run_blocks(x, blocks[:-1], self._prune_for(pruned))
         if size is None:
-            x, weights = _run_block(blocks[-1], x, need_weights=need_attn)
+            x, weights = _run_block(blocks[-1], x, need_weights=need_attn or self.explicit_attention)
             cls_row = weights[:, 0] if need_attn else None
         else:  # merged tokens: proportional attention in the last block too
             x, cls_row = _run_block_sized(blocks[-1], x, size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from yacs.config import CfgNode as CN
 
@@ -136,6 +136,45 @@ def extend_cfg(cfg: CN) -> None:
     kd.TEACHER_PROMPT_DEPTH_VISION = 9
     cfg.TRAINER.MODAL = "base2novel"  # accepted for PromptKD's scripts; the classes are the run's subset
 
+    # Spotlighter on PromptKD (trainer SpotlighterKD; its PromptKD keys are TRAINER.PROMPTKD's). The
+    # defaults are the ``release`` preset: the authors' released tkmc computation; KD_PRESETS lists the
+    # others. Loss weights are multiples of TRAINER.PROMPTKD.KD_WEIGHT (lambda).
+    k = cfg.TRAINER.SPOTLIGHTERKD = CN()
+    k.PRESET = "release"  # release | paper | textrefiner (see docs/method.md)
+    # every attention through nn.MultiheadAttention's explicit-weights path, as the released code's CLIP
+    # (bit-exact with it; the fused path differs by ~1e-7 per block)
+    k.EXPLICIT_ATTENTION = True
+    k.TOP_K = 5  # selected patches per image
+    k.LEVEL_SIZES = [2, 3]  # ranks of Level-1, Level-2 (adding up to TOP_K); [] = no levels (TextRefiner)
+    k.SCORE = CN()  # selection score = sum of weight * standardised term (attention alone: the raw CLS attention)
+    k.SCORE.SAMPLE_WEIGHT = 0.0  # sample-wise term, with the teacher's soft labels
+    k.SCORE.SEMANTIC_WEIGHT = 0.0  # semantic-wise term (needs MEMORY.KIND class)
+    k.SCORE.ATTN_WEIGHT = 1.0  # last block's CLS->patch attention
+    k.SCORE.EPS = 1e-6
+    k.MEMORY = CN()
+    k.MEMORY.KIND = "shared"  # shared (slots for all classes) | class (prototypes per class)
+    k.MEMORY.SLOTS = 25  # KIND shared
+    k.MEMORY.PROTOTYPES_PER_CLASS = 4  # KIND class
+    k.MEMORY.MOMENTUM = 0.8  # EMA keep-rate
+    k.MEMORY.READ_TEMPERATURE = 1.0  # softmax temperature of the reads (1 = none, as released)
+    k.MEMORY.WRITE = "all"  # all (every mapped token, as released) | selected
+    k.MEMORY.INIT_SEED = 0  # seed of the shared memory's random init
+    k.TRM = CN()
+    k.TRM.ALPHA = 0.2  # t' = t + ALPHA * W[t ; read(t)]
+    k.IRM = CN()
+    k.IRM.KIND = "single_key"  # single_key (as released) | tokens (over class prototypes) | none
+    k.IRM.HEADS = 8
+    k.IRM.DROPOUT = 0.1
+    k.FUSION = CN()
+    k.FUSION.BETA = 0.05  # f = (1 - BETA) * v + BETA * IRM(v), in training and at test
+    k.FUSION.NORMALIZE = False  # fuse normalize(IRM(v)) instead of the raw output
+    k.LOSS = CN()  # each a multiple of KD_WEIGHT
+    k.LOSS.SEM_WEIGHT = 0.01  # KL of the all-set tokens
+    k.LOSS.LEVEL_WEIGHT = 0.001  # KL of each level's tokens
+    k.LOSS.MEM_WEIGHT = 0.02  # L1(normalize(t'), t)
+    k.LOSS.IMG_WEIGHT = 0.01  # L1(normalize(IRM(v)), v)
+    k.LOSS.LEVEL_WEIGHTS = "fixed"  # fixed | dynamic (softmax of the sets' mean selection scores, per image)
+
     cfg.TRAINER.ZSCLIP = CN()
     cfg.TRAINER.ZSCLIP.PREC = "fp16"
     cfg.TRAINER.ZSCLIP.TEMPLATE = ""  # "" = the dataset's CoOp template; else e.g. "a photo of a {}."
@@ -227,15 +266,49 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def apply_preset(cfg: CN, preset: str) -> None:
-    """Write ``preset``'s values into ``cfg.TRAINER.SPOTLIGHTER`` (call before merging files)."""
-    if preset not in PRESETS:
+#: What each SpotlighterKD preset changes relative to its defaults (the ``release`` preset).
+KD_PRESETS: Dict[str, Dict[str, Any]] = {
+    "release": {},
+    "textrefiner": {  # PromptKD w/ TextRefiner: memory, TRM and the token set; no levels, IRM or fusion
+        "LEVEL_SIZES": [],
+        "IRM.KIND": "none",
+        "FUSION.BETA": 0.0,
+        "LOSS.LEVEL_WEIGHT": 0.0,
+        "LOSS.IMG_WEIGHT": 0.0,
+    },
+    "paper": {  # the paper's choices of the CoOp variant where they fit a label-free student
+        "EXPLICIT_ATTENTION": False,
+        "LEVEL_SIZES": [3, 2],
+        "SCORE.SAMPLE_WEIGHT": 1.0,
+        "SCORE.SEMANTIC_WEIGHT": 1.0,
+        "SCORE.ATTN_WEIGHT": 0.0,
+        "MEMORY.KIND": "class",
+        "MEMORY.WRITE": "selected",
+        "MEMORY.READ_TEMPERATURE": 0.1,
+        "IRM.KIND": "tokens",
+        "IRM.DROPOUT": 0.0,
+        "FUSION.BETA": 0.1,
+        "FUSION.NORMALIZE": True,
+        "LOSS.LEVEL_WEIGHTS": "dynamic",
+    },
+}
+#: Each preset-carrying node: its presets and the default one (the values extend_cfg writes).
+PRESET_NODES: Dict[str, Tuple[Dict[str, Dict[str, Any]], str]] = {
+    "SPOTLIGHTER": (PRESETS, "paper"),
+    "SPOTLIGHTERKD": (KD_PRESETS, "release"),
+}
+
+
+def apply_preset(cfg: CN, preset: str, node_name: str = "SPOTLIGHTER") -> None:
+    """Write ``preset``'s values into ``cfg.TRAINER.<node_name>`` (call before merging files)."""
+    table = PRESET_NODES[node_name][0]
+    if preset not in table:
         raise ConfigError(
-            f"TRAINER.SPOTLIGHTER.PRESET = {preset!r} is unknown; expected one of {sorted(PRESETS)}."
+            f"TRAINER.{node_name}.PRESET = {preset!r} is unknown; expected one of {sorted(table)}."
         )
-    node = cfg.TRAINER.SPOTLIGHTER
+    node = cfg.TRAINER[node_name]
     node.PRESET = preset
-    for dotted, value in PRESETS[preset].items():
+    for dotted, value in table[preset].items():
         *parents, leaf = dotted.split(".")
         target = node
         for part in parents:

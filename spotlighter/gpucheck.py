@@ -71,6 +71,20 @@ def _spotlighter_head_cfg(preset: str, heads: Optional[int]):
     return head, cfg.TRAINER.SPOTLIGHTER
 
 
+def _kd_head_cfg(preset: str):
+    from yacs.config import CfgNode as CN
+
+    from .config import apply_preset, extend_cfg
+    from .kd_spotlighter import KDHeadConfig
+
+    cfg = CN()
+    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
+    cfg.MODEL.BACKBONE = CN()
+    extend_cfg(cfg)
+    apply_preset(cfg, preset, "SPOTLIGHTERKD")
+    return KDHeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTERKD), cfg.TRAINER.SPOTLIGHTERKD
+
+
 def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
     """Trainer -> model, with the shipped vit_b16 configs' prompt settings."""
     from . import models
@@ -94,6 +108,19 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
             p.requires_grad_(False)
         return kd.PromptKD(clip, teacher.eval(), n_vision=4, vision_depth=maple_depth)
 
+    def spotlighterkd(preset):  # PromptKD's student and teacher as above, with the preset's head
+        def build(clip):
+            from . import kd_spotlighter
+
+            head, node = _kd_head_cfg(preset)
+            teacher = models.IVLP(clip, CLASSNAMES, **ivlp)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            clip.explicit_attention = bool(node.EXPLICIT_ATTENTION)
+            return kd_spotlighter.SpotlighterKD(clip, teacher.eval(), CLASSNAMES, head, n_vision=4,
+                                                vision_depth=maple_depth)
+        return build
+
     def spot_pruned(clip):  # the shipped token reduction (tiny: its first block only, as it has 2)
         spec = PruneSpec.recommended("paper")
         return spot("paper")(FrozenCLIP(clip.model, dataclasses.replace(spec, layers=(0,)) if small else spec))
@@ -109,6 +136,9 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         "Spotlighter-paper": spot("paper"),
         "Spotlighter-release": spot("release"),
         "Spotlighter-paper-prune": spot_pruned,
+        "SpotlighterKD-release": spotlighterkd("release"),
+        "SpotlighterKD-paper": spotlighterkd("paper"),
+        "SpotlighterKD-textrefiner": spotlighterkd("textrefiner"),
     }
 
 
@@ -212,7 +242,7 @@ def run(device: str = "cuda", size: str = "vit_b16", steps: int = 3, batch: int 
         except Exception as exc:  # report, keep going
             for name in names:
                 failures += 1
-                print(f"FAIL {name:20s} {precision:4s}  CLIP build: {type(exc).__name__}: {exc}", file=out)
+                print(f"FAIL {name:26s} {precision:4s}  CLIP build: {type(exc).__name__}: {exc}", file=out)
             continue
         for name in names:
             t0 = time.perf_counter()
@@ -224,7 +254,7 @@ def run(device: str = "cuda", size: str = "vit_b16", steps: int = 3, batch: int 
             except Exception as exc:
                 ok, details = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
             failures += not ok
-            print(f"{'PASS' if ok else 'FAIL'} {name:20s} {precision:4s}  {details}  "
+            print(f"{'PASS' if ok else 'FAIL'} {name:26s} {precision:4s}  {details}  "
                   f"[{time.perf_counter() - t0:.1f} s]", file=out)
         del clip
         if dev.type == "cuda":

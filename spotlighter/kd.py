@@ -120,10 +120,6 @@ class PromptKD(_CLIPHolder):
                  round_prompts: bool = True, kd_weight: float = 1.0, temperature: float = 1.0):
         super().__init__(clip)
         check_prompt_depths(clip, self.NODE, 1, vision_depth)
-        if clip.prune.active and vision_depth >= 1:
-            raise ConfigError(f"MODEL.PRUNE.LAYERS = {list(clip.prune.layers)}: PromptKD's visual prompts do not "
-                              "support token reduction; set MODEL.PRUNE.LAYERS [] (or "
-                              "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION 0).")
         if not temperature > 0:
             raise ConfigError(f"TRAINER.PROMPTKD.TEMPERATURE = {temperature!r} is invalid: expected a number > 0.")
         if teacher.clip.input_resolution != clip.input_resolution:

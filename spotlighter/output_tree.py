@@ -6,6 +6,7 @@ results tool (``spotlighter.results``) reads there, both through this module::
     ROOT/<source>/<Trainer>/<cfg>_<K>shots/seed<S>                          xd/dg: the trained model
     ROOT/<evaluation>/<Trainer>/<cfg>_<K>shots/<target>/seed<S>             xd/dg: its evaluations
     ROOT/teachers/<dataset>/<Trainer>/<cfg>_<K>shots/seed1                  a teacher trained in a graph
+    ROOT/distilled/<target>/<Trainer>/<cfg>_<K>shots/seed<S>                xd: a distilling trainer's student
 
 ``<evaluation>`` is ``evaluation`` for ImageNet (CoOp's tree) and ``evaluation_from_<source>`` for
 any other source. Paths are built from ``str`` roots with ``/`` (what the runner prints) and from
@@ -41,6 +42,7 @@ SEED_DIR_PREFIX = "seed"
 XD_CONFIG_SUFFIX = "shots"  # "<cfg>_<K>shots"
 TEACHERS_DIR = "teachers"  # ROOT/teachers/<dataset>/<Trainer>/<cfg>_<K>shots/seed1: teachers trained in a graph
 TEACHER_SEED = 1
+DISTILLED_DIR = "distilled"  # ROOT/distilled/<target>/...: cross-dataset students distilled on each target
 
 # Files in a seed folder and the lines Dassl prints.
 RESULT_FILE = "result.json"
@@ -105,3 +107,9 @@ def target_seed_dir(root: Root, source: str, trainer: str, config: str, shots: U
 def teacher_seed_dir(root: Root, dataset: str, trainer: str, config: str, shots: Union[int, str]) -> Root:
     """One teacher per dataset (and shots), shared by every seed and student: trained with TEACHER_SEED."""
     return _join(root, TEACHERS_DIR, dataset, trainer, config_dir_name(config, shots), seed_dir_name(TEACHER_SEED))
+
+
+def distilled_seed_dir(root: Root, target: str, trainer: str, config: str, shots: Union[int, str],
+                       seed: Union[int, str]) -> Root:
+    """Cross-dataset with a distilling trainer: the student distilled on ``target``'s unlabelled train split."""
+    return _join(root, DISTILLED_DIR, target, trainer, config_dir_name(config, shots), seed_dir_name(seed))

@@ -3,9 +3,10 @@
 Panels, left to right: the image, the sample-wise score a_n, the semantic-wise score b_n and the
 last block's CLS attention A (each map min-max scaled per image, dark = low). In every panel the
 Level-1 tokens are outlined in :data:`LEVEL1_COLOUR`, the Level-2 tokens in :data:`LEVEL2_COLOUR`,
-and the patches dropped by MODEL.PRUNE are greyed out (a lighter grey for each later pruning block);
-with ``MODE merge`` those are the patches merged into another token there (the token a merge keeps
-is shown at the position of the patch it was merged into).
+and the patches dropped by MODEL.PRUNE are grey (a lighter grey for each later pruning block; on the
+image only dimmed, so the object stays visible); with a merging mode those are the patches merged into
+another token there (the token a merge keeps is shown at the position of the patch it was merged
+into). A legend under the panels names the colours.
 Plain torch + PIL; the command line (model dir or config, images) is ``scripts/pictures.py``.
 """
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import FUSED_INDEX
+from .config import MERGING_MODES
 from .method import ClassMemory, sample_wise_score, semantic_wise_score
 
 LEVEL1_COLOUR = (255, 0, 255)  # magenta
@@ -29,6 +31,9 @@ MISSING_COLOUR = (255, 255, 255)  # a map that the model cannot compute (e.g. se
 BACKGROUND = (255, 255, 255)
 TITLES = ("image", "sample-wise", "semantic-wise", "CLS attention")
 TITLE_HEIGHT = 14
+LEGEND_HEIGHT = 14
+SWATCH = 10  # legend swatch side, pixels
+DIM = 0.6  # on the image, a reduced patch is this much its grey (the rest its own colours)
 GAP = 4
 OUTLINE = 2  # outline width in pixels, drawn inside the cell
 
@@ -43,6 +48,8 @@ class Spotlight:
     level2: List[int]
     dropped: List[List[int]] = field(default_factory=list)  # per pruning block, patches dropped there
     maps: Tuple[Optional[np.ndarray], ...] = ()  # sample, semantic, attention: (grid*grid,), NaN = dropped
+    blocks: List[int] = field(default_factory=list)  # the pruning blocks (0-based), for the legend
+    merged: bool = False  # the patches were merged into other tokens (ToMe modes), not dropped
 
 
 def _full_map(values: torch.Tensor, patch_index: Optional[torch.Tensor], num_patches: int) -> np.ndarray:
@@ -89,14 +96,26 @@ def spotlight(model, images: torch.Tensor) -> List[Spotlight]:
         sel = out.patch_idx[b].tolist()
         maps = (_full_map(sample[b], pidx, P), None if semantic is None else _full_map(semantic[b], pidx, P),
                 _full_map(attn[b], pidx, P))
-        result.append(Spotlight(grid, sel[:n1], sel[n1:], dropped, maps))
+        result.append(Spotlight(grid, sel[:n1], sel[n1:], dropped, maps, blocks=list(clip.prune.layers),
+                                merged=clip.prune.mode in MERGING_MODES))
     return result
 
 
 def picture_size(grid: int, cell: int) -> Tuple[int, int]:
     """(width, height) in pixels of :func:`render`'s picture."""
     panel = grid * cell
-    return len(TITLES) * panel + (len(TITLES) + 1) * GAP, TITLE_HEIGHT + panel + 2 * GAP
+    return len(TITLES) * panel + (len(TITLES) + 1) * GAP, TITLE_HEIGHT + panel + LEGEND_HEIGHT + 3 * GAP
+
+
+def legend(spot: Spotlight) -> List[Tuple[Tuple[int, int, int], str]]:
+    """(colour, text) of each legend entry of ``spot``'s picture."""
+    n1, n2 = len(spot.level1), len(spot.level2)
+    items = [(LEVEL1_COLOUR, f"Level-1 ({n1} tokens)"), (LEVEL2_COLOUR, f"Level-2 ({n2} tokens)")]
+    verb = "merged" if spot.merged else "dropped"
+    for level, patches in enumerate(spot.dropped):
+        block = spot.blocks[level] if level < len(spot.blocks) else level
+        items.append((DROPPED_GREYS[min(level, len(DROPPED_GREYS) - 1)], f"{verb} at block {block}"))
+    return items
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -131,10 +150,12 @@ def render(image: np.ndarray, spot: Spotlight, cell: int):
         y0 = GAP + TITLE_HEIGHT
         arr = arr.copy()
         for level, patches in enumerate(spot.dropped):
-            grey = DROPPED_GREYS[min(level, len(DROPPED_GREYS) - 1)]
+            grey = np.array(DROPPED_GREYS[min(level, len(DROPPED_GREYS) - 1)], dtype=np.float64)
             for p in patches:
                 r, c = divmod(p, g)
-                arr[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = grey
+                cells = arr[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+                # the image dimmed towards the grey; the maps have no value there: plain grey
+                cells[...] = (DIM * grey + (1 - DIM) * cells).round() if i == 0 else grey
         canvas.paste(Image.fromarray(arr), (x0, y0))
         draw.text((x0, 1), title, fill=(0, 0, 0))
         for colour, patches in ((LEVEL1_COLOUR, spot.level1), (LEVEL2_COLOUR, spot.level2)):
@@ -144,6 +165,15 @@ def render(image: np.ndarray, spot: Spotlight, cell: int):
                 r, c = divmod(p, g)
                 box = (x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell - 1, y0 + (r + 1) * cell - 1)
                 draw.rectangle(box, outline=colour, width=OUTLINE)
+    x, y = GAP, 2 * GAP + TITLE_HEIGHT + panel + (LEGEND_HEIGHT - SWATCH) // 2
+    for colour, text in legend(spot):
+        if colour in (LEVEL1_COLOUR, LEVEL2_COLOUR):
+            draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), outline=colour, width=OUTLINE)
+        else:
+            draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=colour)
+        x += SWATCH + GAP
+        draw.text((x, y - 1), text, fill=(0, 0, 0))
+        x += int(draw.textlength(text)) + 3 * GAP
     return canvas
 
 

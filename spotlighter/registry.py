@@ -216,6 +216,9 @@ TRAINERS: Dict[str, Trainer] = {
         Trainer("promptkd", "PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx", published_method="PromptKD",
                 cost=(6.0, 1.0), transductive=True,
                 teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER")),
+        Trainer("spotlighterkd", "SpotlighterKD", "vit_b16_ep30_batch64_release",
+                published_method="PromptKD w/ Spotlighter", cost=(7.0, 1.0), transductive=True,
+                teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER")),
         Trainer("zsclip", "ZeroshotCLIP", "vit_b16", trains=False, aliases=("zeroshotclip", "zeroshot"),
                 published_method="CLIP", cost=(0.75, 0.75), minibench_config="minibench"),
     )
@@ -224,7 +227,7 @@ TRAINERS: Dict[str, Trainer] = {
 OTHER_TRAINERS: Dict[str, str] = {"kgcoop": "KgCoOp"}
 #: Display order of trainers in tables (others follow alphabetically).
 TRAINER_ORDER: Tuple[str, ...] = ("ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "IVLP", "PromptSRC",
-                                  "Spotlighter", "PromptKD")
+                                  "Spotlighter", "PromptKD", "SpotlighterKD")
 
 
 def trainer_aliases() -> Dict[str, str]:

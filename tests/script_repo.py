@@ -16,7 +16,7 @@ SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
         "IVLP": "vit_b16_c2_ep20_batch4_4+4ctx", "PromptSRC": "vit_b16_c2_ep20_batch4_4+4ctx",
-        "PromptKD": "vit_b16_c2_ep20_batch8_4+4ctx",
+        "PromptKD": "vit_b16_c2_ep20_batch8_4+4ctx", "SpotlighterKD": "vit_b16_ep30_batch64_release",
         "ZeroshotCLIP": "vit_b16"}
 #: The $DATA folder of every downloaded dataset (the generated ones are made on first use).
 FOLDERS = {key: lay.folder for key, lay in data_layout.LAYOUTS.items() if lay.kind != "generated"}

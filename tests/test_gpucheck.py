@@ -15,7 +15,8 @@ from spotlighter import gpucheck
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "IVLP", "PromptSRC", "PromptKD", "Spotlighter-paper",
-            "Spotlighter-release", "Spotlighter-paper-prune"]
+            "Spotlighter-release", "Spotlighter-paper-prune", "SpotlighterKD-release", "SpotlighterKD-paper",
+            "SpotlighterKD-textrefiner"]
 
 
 def test_cpu_mode_trains_and_evaluates_every_trainer_in_every_precision():

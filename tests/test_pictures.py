@@ -52,7 +52,8 @@ def test_outlined_cells_are_exactly_the_selected_tokens(deep_clip, prune):
         pictures.render(view, spot, cell).save(png, format="PNG")
         pic = Image.open(io.BytesIO(png.getvalue()))
         assert pic.format == "PNG" and pic.size == pictures.picture_size(4, cell)
-        assert pic.size == (4 * 36 + 5 * pictures.GAP, pictures.TITLE_HEIGHT + 36 + 2 * pictures.GAP)
+        assert pic.size == (4 * 36 + 5 * pictures.GAP,
+                            pictures.TITLE_HEIGHT + 36 + pictures.LEGEND_HEIGHT + 3 * pictures.GAP)
         expect1, expect2 = out.patch_idx[b, :3].tolist(), out.patch_idx[b, 3:].tolist()
         assert spot.level1 == expect1 and spot.level2 == expect2
         for panel in range(4):
@@ -67,13 +68,25 @@ def test_outlined_cells_are_exactly_the_selected_tokens(deep_clip, prune):
             assert len(dropped_all) == 16 - prune.remaining(16) and not set(dropped_all) & set(expect1 + expect2)
             for m in spot.maps:  # maps are defined exactly on the patches that reached the last block
                 assert sorted(np.flatnonzero(np.isnan(m)).tolist()) == sorted(dropped_all)
-        for level, patches in enumerate(spot.dropped):  # greyed in every panel
+        photo = np.asarray(Image.fromarray(view).resize((36, 36), Image.BICUBIC)).astype(np.float64)
+        for level, patches in enumerate(spot.dropped):  # grey in the maps, dimmed towards grey on the image
+            grey = np.array(pictures.DROPPED_GREYS[level], dtype=np.float64)
             for p in patches:
                 r, c = divmod(p, 4)
                 for panel in range(4):
                     x0 = pictures.GAP + panel * (36 + pictures.GAP) + c * cell
                     y0 = pictures.GAP + pictures.TITLE_HEIGHT + r * cell
-                    assert (arr[y0 + 3:y0 + cell - 3, x0 + 3:x0 + cell - 3] == pictures.DROPPED_GREYS[level]).all()
+                    got = arr[y0 + 3:y0 + cell - 3, x0 + 3:x0 + cell - 3]
+                    if panel:
+                        assert (got == grey).all()
+                    else:
+                        own = photo[r * cell + 3:(r + 1) * cell - 3, c * cell + 3:(c + 1) * cell - 3]
+                        assert (got == (pictures.DIM * grey + (1 - pictures.DIM) * own).round()).all()
+        items = pictures.legend(spot)
+        assert items[:2] == [(pictures.LEVEL1_COLOUR, "Level-1 (3 tokens)"), (pictures.LEVEL2_COLOUR, "Level-2 (2 tokens)")]
+        if prune is not None:
+            verb = "merged" if prune.mode == "merge" else "dropped"
+            assert [t for _, t in items[2:]] == [f"{verb} at block {b}" for b in prune.layers]
 
 
 def test_maps_are_the_model_scores(deep_clip):

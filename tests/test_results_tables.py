@@ -246,5 +246,8 @@ def test_transductive_trainers_and_published_rows_are_marked():
     labels = method_labels([Method("PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx"), Method("PromptSRC", "a")])
     assert labels[Method("PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx")] == "PromptKD" + TRANSDUCTIVE_MARK
     assert labels[Method("PromptSRC", "a")] == "PromptSRC"
+    spot = Method("SpotlighterKD", "vit_b16_ep30_batch64_release")
+    assert method_labels([spot])[spot] == "SpotlighterKD" + TRANSDUCTIVE_MARK
+    assert method_labels([spot], mark_transductive=False)[spot] == "SpotlighterKD"  # DG: distilled on the source
     assert is_transductive("PromptKD w/ Spotlighter") and is_transductive("PromptKD w/ TextRefiner")
     assert not is_transductive("CoOp w/ Spotlighter") and not is_transductive("PromptKDX")

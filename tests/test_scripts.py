@@ -192,7 +192,7 @@ def test_dg_dry_run_and_missing_checkpoint(env):
 # bad input
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script,args,extra,expect", [
-    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple ivlp promptsrc promptkd zsclip"),
+    ("base2new.sh", ["foo", "dtd", 16], {}, "unknown trainer 'foo'. Valid trainers: spotlighter coop cocoop maple ivlp promptsrc promptkd spotlighterkd zsclip"),
     ("xd.sh", ["bar", 16], {}, "unknown trainer 'bar'"),
     ("base2new.sh", ["coop", "pets", 16], {}, "unknown dataset 'pets'. Valid datasets for base-to-novel: imagenet caltech101"),
     ("base2new.sh", ["coop", "imagenet_a", 16], {}, "unknown dataset 'imagenet_a'"),
@@ -584,9 +584,43 @@ def test_promptkd_base2new_is_transductive_with_the_teacher_trained_once(env):
     r = env.run("base2new.sh", "promptkd", "dtd", 16, SEEDS="1", DRY_RUN="1")
     assert r.returncode == 0 and len(commands(r.stdout)) == 3 and "teachers/" not in r.stdout
     r = env.run("base2new.sh", "coop", "dtd", 16, DRY_RUN="1", TEACHER="train")
-    assert r.returncode == 2 and "CoOp distils from no teacher (only promptkd do)" in r.stderr
+    assert r.returncode == 2 and "CoOp distils from no teacher (only promptkd, spotlighterkd do)" in r.stderr
     r = env.run("base2new.sh", "promptkd", "dtd", 16, DRY_RUN="1", TEACHER="/x")
     assert r.returncode == 2 and "to use an existing teacher pass TRAINER.PROMPTKD.TEACHER PATH" in r.stderr
+    # Spotlighter on PromptKD: the same graph, the same teacher folder (one teacher per dataset)
+    r = env.run("base2new.sh", "spotlighterkd", "dtd", 16, SEEDS="1", DRY_RUN="1", TEACHER="train")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert len(cmds) == 4 and f"--output-dir {teacher}" in cmds[0]
+    student = "output/base2new/train_all/dtd/shots_16/SpotlighterKD/vit_b16_ep30_batch64_release/seed1"
+    assert f"--output-dir {student}" in cmds[1] and f"TRAINER.PROMPTKD.TEACHER {teacher}" in cmds[1]
+
+
+def test_distilling_trainers_cross_dataset_per_target_and_dg_from_the_source(env):
+    """xd: one teacher on the source; per target a student distilled on the target's whole unlabelled
+    train split (NUM_SHOTS 0), then evaluated there. dg: the student distils on the source's train
+    images in the same graph (never on a target's test images), then every target is evaluated."""
+    with open(os.path.join(env.repo, "configs", "trainers", "PromptSRC", "vit_l14_c2_ep20_batch8_4+4ctx.yaml"), "w") as f:
+        f.write("OPTIM:\n  MAX_EPOCH: 5\n")
+    r = env.run("xd.sh", "promptkd", 16, DRY_RUN=1, SEEDS="1", DATASETS="dtd eurosat", TEACHER="train")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    teacher = "output/teachers/imagenet/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx_16shots/seed1"
+    assert len(cmds) == 5 and f"--output-dir {teacher}" in cmds[0] and "SUBSAMPLE_CLASSES all" in cmds[0]
+    for i, target in ((1, "dtd"), (3, "eurosat")):
+        student = f"output/distilled/{target}/PromptKD/vit_b16_c2_ep20_batch8_4+4ctx_16shots/seed1"
+        train, ev = cmds[i:i + 2]
+        assert f"--output-dir {student}" in train and "--eval-only" not in train
+        assert f"configs/datasets/{target}.yaml" in train and "DATASET.NUM_SHOTS 0" in train
+        assert f"TRAINER.PROMPTKD.TEACHER {teacher}" in train and f"TRAINER.PROMPTKD.TEACHER {teacher}" in ev
+        assert f"--model-dir {student}" in ev and f"output/evaluation/PromptKD/" in ev and f"/{target}/seed1" in ev
+    r = env.run("dg.sh", "promptkd", 16, DRY_RUN=1, SEEDS="1", TEACHER="train")
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    source = "output/imagenet/PromptKD/vit_b16_c2_ep20_batch8_4+4ctx_16shots/seed1"
+    assert f"--output-dir {teacher}" in cmds[0] and f"--output-dir {source}" in cmds[1]
+    assert "configs/datasets/imagenet.yaml" in cmds[1] and "--eval-only" not in cmds[1]
+    assert len(cmds) == 2 + 4 and all(f"--model-dir {source}" in c for c in cmds[2:])
 
 
 def test_control_characters_in_paths_or_options_are_refused(env, tmp_path):

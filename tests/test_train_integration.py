@@ -30,6 +30,7 @@ CONFIGS = {
     "IVLP": "configs/trainers/IVLP/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
     "PromptSRC": "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
     "PromptKD": "configs/trainers/PromptKD/vit_b16_c2_ep20_batch8_4+4ctx.yaml",
+    "SpotlighterKD": "configs/trainers/SpotlighterKD/vit_b16_ep30_batch64_release.yaml",
 }
 EXTRA = {"Spotlighter": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
          "Spotlighter-release": ["TRAINER.SPOTLIGHTER.IRM.HEADS", "1"],
@@ -805,6 +806,21 @@ def test_promptkd_distils_from_a_promptsrc_teacher_and_evaluates_new_classes(dat
               model_dir=student)
     rec = read_result(new)
     assert rec["trainer"] == "PromptKD" and rec["subset"] == "new" and rec["total"] == 36 and rec["epoch"] == 1
+
+    # Spotlighter on PromptKD (release) from the same teacher: its terms logged, its memory saved and used
+    spot = tmp_path / "spot"
+    run_train(data_root, tiny_clip_path, spot, trainer="SpotlighterKD", subset="all", extra=kd)
+    log = open(spot / "log.txt").read()
+    assert "Trainable student: 14 tensors, 32,000 scalars" in log  # 2 prompts + 2 projectors (6 tensors each)
+    assert "Trainable memory: 9 tensors, 55,680 scalars" in log  # TRM 192 -> 96; IRM q, k, v, out 96 -> 96
+    assert all(f" {term} " in log for term in ("kd", "sem", "level1", "level2", "mem", "img"))
+    saved = torch.load(spot / "VLPromptLearner" / "model.pth.tar-1", weights_only=False)["state_dict"]
+    assert saved["memory.slots"].shape == (25, 96)
+    spot_new = tmp_path / "spot_new"
+    run_train(data_root, tiny_clip_path, spot_new, trainer="SpotlighterKD", subset="new", extra=kd, eval_only=True,
+              model_dir=spot)
+    rec = read_result(spot_new)
+    assert rec["trainer"] == "SpotlighterKD" and rec["total"] == 36 and rec["preset"] == "release"
 
 
 # ------------------------------------------------------------------ resumes of the same run (issue 26)

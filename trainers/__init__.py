@@ -1,3 +1,3 @@
 """Dassl adapters (thin): importing this package registers every trainer."""
 
-from . import cocoop, coop, ivlp, maple, promptkd, promptsrc, spotlighter, zsclip  # noqa: F401
+from . import cocoop, coop, ivlp, maple, promptkd, promptsrc, spotlighter, spotlighterkd, zsclip  # noqa: F401

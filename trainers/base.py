@@ -246,6 +246,7 @@ class PromptTrainer(TrainerX):
         n_tensors = sum(1 for p in self.model.parameters() if p.requires_grad)
         logger.info("Trainable scalars: %s in %d tensors (frozen CLIP excluded); precision %s on %s",
                     f"{n_trainable:,}", n_tensors, self.precision, self.device)
+        self.log_trainable()
         optim = sched = None
         if n_trainable:
             optim = build_optimizer(self.model, cfg.OPTIM)
@@ -253,6 +254,9 @@ class PromptTrainer(TrainerX):
         self.optim, self.sched = optim, sched
         self.register_model(self.MODULE_NAME, self.model, optim, sched)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "amp" and self.device.type == "cuda" else None
+
+    def log_trainable(self) -> None:
+        """Log a breakdown of the trainable tensors, where a trainer has one."""
 
     def warn_if_selecting_on_test(self) -> None:
         """CoOp's ImageNet (and its variants) use the test images as the val split: choosing the

@@ -22,13 +22,18 @@ class PromptKD(PromptTrainer):
         return text.replace("{root}", self.cfg.DATASET.ROOT).replace("{dataset}", self.cfg.DATASET.NAME)
 
     def build_custom_model(self, clip, classnames):
+        return self.build_student(clip, classnames, lambda n, teacher: kd.PromptKD(
+            clip, teacher, n_vision=n.N_CTX_VISION, vision_depth=n.PROMPT_DEPTH_VISION,
+            round_prompts=n.ROUND_PROMPTS_FP16, kd_weight=n.KD_WEIGHT, temperature=n.TEMPERATURE))
+
+    def build_student(self, clip, classnames, student):
+        """The teacher (loaded, frozen) and ``student(node, teacher)``."""
         n = self.node
         teacher_clip = FrozenCLIP(load_clip(n.TEACHER_NAME, self._path(n.TEACHER_PATH), self.device,
-                                            DTYPES[self.precision]))
+                                            DTYPES[self.precision]), explicit_attention=clip.explicit_attention)
         teacher = models.IVLP(teacher_clip, classnames, n_text=n.TEACHER_N_CTX_TEXT, n_vision=n.TEACHER_N_CTX_VISION,
                               ctx_init=n.TEACHER_CTX_INIT, text_depth=n.TEACHER_PROMPT_DEPTH_TEXT,
                               vision_depth=n.TEACHER_PROMPT_DEPTH_VISION, round_prompts=n.ROUND_PROMPTS_FP16)
         teacher.to(self.device)
         logger.info("Teacher: %s", kd.load_teacher(teacher, kd.teacher_file(self._path(n.TEACHER))))
-        return kd.PromptKD(clip, teacher, n_vision=n.N_CTX_VISION, vision_depth=n.PROMPT_DEPTH_VISION,
-                           round_prompts=n.ROUND_PROMPTS_FP16, kd_weight=n.KD_WEIGHT, temperature=n.TEMPERATURE)
+        return student(n, teacher)

@@ -114,13 +114,16 @@ def methods_of(results: Iterable[Result]) -> list[Method]:
     return sorted(found, key=lambda m: (_trainer_rank(m.trainer), m.config))
 
 
-def method_labels(methods: Sequence[Method]) -> dict[Method, str]:
-    """Trainer name, plus the config where a trainer appears with several configs."""
+def method_labels(methods: Sequence[Method], mark_transductive: bool = True) -> dict[Method, str]:
+    """Trainer name, plus the config where a trainer appears with several configs; distilling trainers
+    marked transductive where their protocol is (base-to-novel, cross-dataset; not DG, where they
+    distil on the source's images)."""
     configs = defaultdict(set)
     for m in methods:
         configs[m.trainer].add(m.config)
     labels = {m: m.trainer if len(configs[m.trainer]) == 1 else f"{m.trainer} ({m.config})" for m in methods}
-    return {m: label + (TRANSDUCTIVE_MARK if is_transductive(m.trainer) else "") for m, label in labels.items()}
+    return {m: label + (TRANSDUCTIVE_MARK if mark_transductive and is_transductive(m.trainer) else "")
+            for m, label in labels.items()}
 
 
 def ordered_datasets(found: Iterable[str], canonical: Sequence[str]) -> list[str]:
@@ -497,7 +500,7 @@ def transfer_table(
     shots = _single_shots(results, shots)
     index = _Index(results, root, protocol, shots, seeds, source)
     methods = [m for m in methods_of(results) if m in index.expected]
-    labels = method_labels(methods)
+    labels = method_labels(methods, mark_transductive=protocol != "dg")
     canonical = (DG_TARGETS_BY_SOURCE if protocol == "dg" else XD_TARGETS_BY_SOURCE).get(source, ())
     targets = [d for d in datasets if d != source] if datasets else ordered_datasets(
         (r.dataset for r in results if r.role == ROLE_TARGET and r.shots == shots), canonical)

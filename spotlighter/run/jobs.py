@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import preempt, registry
 from ..output_tree import (FINISH_SIGNAL, LOG_FILE, RESULT_FILE, ROLE_ALL, ROLE_BASE, ROLE_NEW, TEACHER_SEED,
-                           base2new_seed_dir, base2new_top, source_seed_dir, target_config_dir, target_seed_dir,
-                           teacher_seed_dir)
+                           base2new_seed_dir, base2new_top, distilled_seed_dir, source_seed_dir, target_config_dir,
+                           target_seed_dir, teacher_seed_dir)
 from ..runlock import lock_holder
 
 #: The trailing KEY VALUE options a job ran with: a finished job is only skipped when they match.
@@ -47,6 +47,9 @@ BACKUP_DIR = "backup"
 RUN_LOG = "run-{ts}.log"
 ELAPSED_PREFIX = "# elapsed "  # last line of a run log: "# elapsed <seconds> s, exit status <rc>"
 TRAIN, EVAL = "train", "eval"
+#: Cross-dataset with a distilling trainer: each target's student learns from the target's whole
+#: unlabelled train split (the released PromptKD / tkmc cross-dataset protocol)
+DISTILLED_SHOTS = 0
 
 
 class InputError(ValueError):
@@ -76,7 +79,9 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     typed_trainer: str = ""
-    transductive: bool = False  # base2new: trained on all classes' unlabelled images (PromptKD)
+    #: a distilling trainer (PromptKD): base2new trains on all classes' unlabelled images, xd distils one
+    #: student per target on its unlabelled train split, dg distils on the source's train images
+    transductive: bool = False
     #: A teacher trained in this graph (TEACHER=train): (trainer CLI name, config, the student's cfg key)
     teacher: Optional[List[str]] = None
 
@@ -175,10 +180,23 @@ def build_graph(s: Settings) -> List[Job]:
             jobs.append(Job(EVAL, te, train_args(s, seed, s.dataset, te),
                             ["--eval-only"] + shots + ["DATASET.SUBSAMPLE_CLASSES", "new"] + s.extra,
                             seed, s.dataset, "evaluation on new", model_dir=model(tr), deps=[tr]))
+        elif s.protocol == "xd" and s.transductive:
+            # as PromptKD: the (source) teacher's text for each target's classes, a student distilled
+            # on that target's unlabelled train images, evaluated on its test split
+            for t in s.targets:
+                dist = distilled_seed_dir(s.output, t, s.trainer, s.cfg, s.shots, seed)
+                jobs.append(Job(TRAIN, dist, train_args(s, seed, t, dist),
+                                ["DATASET.NUM_SHOTS", str(DISTILLED_SHOTS)] + teacher_opts + s.extra, seed, t,
+                                f"distilling on {t} (unlabelled)", deps=list(teacher_deps)))
+                d = target_seed_dir(s.output, s.source, s.trainer, s.cfg, s.shots, t, seed)
+                jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + teacher_opts + s.extra, seed, t,
+                                f"evaluation on {t}", model_dir=dist, deps=[dist]))
         else:
             src = source_dir(s, seed)
             deps: List[str] = []
-            if s.protocol == "xd":
+            # dg with a distilling trainer: its student learns from the source's unlabelled train images
+            # here (never from the targets' test images), then is evaluated on every target
+            if s.protocol == "xd" or (s.protocol == "dg" and s.transductive):
                 jobs.append(Job(first_kind, src, train_args(s, seed, s.source, src),
                                 first_tail + shots + teacher_opts + s.extra, seed, s.source,
                                 f"{first_what} {s.source}", deps=list(teacher_deps)))
@@ -187,7 +205,7 @@ def build_graph(s: Settings) -> List[Job]:
                 d = target_seed_dir(s.output, s.source, s.trainer, s.cfg, s.shots, t, seed)
                 jobs.append(Job(EVAL, d, train_args(s, seed, t, d), ["--eval-only"] + teacher_opts + s.extra, seed, t,
                                 f"evaluation on {t}", model_dir=model(src), deps=list(deps),
-                                needs_trained=s.protocol == "dg" and s.trains))
+                                needs_trained=s.protocol == "dg" and s.trains and not s.transductive))
     for job in jobs:
         job.trainer = job.trainer or s.trainer
     return jobs

@@ -117,7 +117,7 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
     if env.get("TEACHER"):
         if trainer.teacher is None:
             raise InputError(f"TEACHER={env['TEACHER']}: {trainer.name} distils from no teacher (only "
-                             f"{' '.join(t.cli for t in registry.TRAINERS.values() if t.teacher)} do)")
+                             f"{', '.join(t.cli for t in registry.TRAINERS.values() if t.teacher)} do)")
         if env["TEACHER"] != "train":
             raise InputError(f"TEACHER={env['TEACHER']!r}: expected 'train' (train the teacher in this run); to use an "
                              f"existing teacher pass {trainer.teacher[2]} PATH as a trailing KEY VALUE")
