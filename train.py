@@ -1,6 +1,6 @@
 """Train / evaluate a CLIP prompt trainer with Dassl (the ecosystem's train.py command line).
 
-cfg pipeline: Dassl defaults -> extend_cfg (this project's keys) -> Spotlighter preset -> dataset
+cfg pipeline: default_cfg (Dassl's defaults + this project's keys) -> Spotlighter preset -> dataset
 yaml -> trainer yaml -> command-line flags -> trailing ``KEY VALUE`` pairs -> freeze.
 
 Re-running a command into an output folder that holds checkpoints resumes that run; a resume with
@@ -108,12 +108,9 @@ def _merge_file(cfg, path: str, what: str) -> None:
 
 
 def build_cfg(args, preset: str = ""):
-    from dassl.config import get_cfg_default
+    from spotlighter.config import apply_preset, default_cfg
 
-    from spotlighter.config import apply_preset, extend_cfg
-
-    cfg = get_cfg_default()
-    extend_cfg(cfg)
+    cfg = default_cfg()
     if preset:
         apply_preset(cfg, preset)
     if args.dataset_config_file:

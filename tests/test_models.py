@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from yacs.config import CfgNode as CN
 
-from spotlighter.config import apply_preset, extend_cfg
+from spotlighter.config import apply_preset, default_cfg
 from spotlighter.method import HeadConfig
+from model_helpers import make_model
 from spotlighter.models import (CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP, count_trainable,
                                 zero_shot_text)
 
@@ -26,30 +26,24 @@ def images(batch=B, seed=0):
 
 
 def head_cfg(preset, heads=8):
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
+    cfg = default_cfg()
     apply_preset(cfg, preset)
     cfg.TRAINER.SPOTLIGHTER.IRM.HEADS = heads
     return HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
 
 
+#: kind -> (trainer, changes of its shipped config for the tiny CLIP)
+MODELS = {
+    "zsclip": ("zsclip", None), "coop": ("coop", None), "cocoop": ("cocoop", None),
+    "maple": ("maple", {"TRAINER.MAPLE.PROMPT_DEPTH": 2}),
+    "spot-paper": ("spotlighter", {"TRAINER.SPOTLIGHTER.IRM.HEADS": 8}),
+    "spot-release": ("spotlighter", {"TRAINER.SPOTLIGHTER.PRESET": "release", "TRAINER.SPOTLIGHTER.IRM.HEADS": 1}),
+}
+
+
 def build(kind, clip):
-    torch.manual_seed(0)
-    if kind == "zsclip":
-        return ZeroShotCLIP(clip, NAMES)
-    if kind == "coop":
-        return CoOp(clip, NAMES)
-    if kind == "cocoop":
-        return CoCoOp(clip, NAMES)
-    if kind == "maple":
-        return MaPLe(clip, NAMES, depth=2)
-    if kind == "spot-paper":
-        return Spotlighter(clip, NAMES, head_cfg("paper", 8))
-    if kind == "spot-release":
-        return Spotlighter(clip, NAMES, head_cfg("release", 1))
-    raise KeyError(kind)
+    trainer, changes = MODELS[kind]
+    return make_model(trainer, clip, NAMES, changes)
 
 
 KINDS = ["zsclip", "coop", "cocoop", "maple", "spot-paper", "spot-release"]

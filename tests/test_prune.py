@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from yacs.config import CfgNode as CN
 
 from spotlighter.backbone import (FUSED_INDEX, BackboneError, FrozenCLIP, PruneSpec, _attention_with_cls_row,
                                   _block_attention, _evit_tokens)
-from spotlighter.config import ConfigError, check_prune_cfg, extend_cfg
+from spotlighter.config import ConfigError, check_prune_cfg, default_cfg
 from spotlighter.models import CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP
 from test_models import NAMES, head_cfg, images
 from tiny_clip import build_tiny_clip
@@ -153,11 +152,7 @@ def test_remaining_and_kept():
 
 
 def _cfg():
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
-    return cfg
+    return default_cfg()
 
 
 @pytest.mark.parametrize("key,value,match", [("LAYERS", [6, 3], "increasing"), ("LAYERS", [-1], "increasing"),
