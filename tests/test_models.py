@@ -4,9 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spotlighter.config import apply_preset, default_cfg
-from spotlighter.method import HeadConfig
-from model_helpers import make_model
+from model_helpers import B, KINDS, NAMES, build, head_cfg, images
 from spotlighter.models import (CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP, count_trainable,
                                 zero_shot_text)
 
@@ -14,39 +12,9 @@ from spotlighter.models import (CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP, 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-NAMES = ["cat", "dog_house", "red car", "x"]
-B = 3
 FORBIDDEN = ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final",
              "text_projection", "logit_scale")
 CLASS_BUFFERS = ("token_prefix", "token_suffix", "tokenized_prompts")
-
-
-def images(batch=B, seed=0):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def head_cfg(preset, heads=8):
-    cfg = default_cfg()
-    apply_preset(cfg, preset)
-    cfg.TRAINER.SPOTLIGHTER.IRM.HEADS = heads
-    return HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
-
-
-#: kind -> (trainer, changes of its shipped config for the tiny CLIP)
-MODELS = {
-    "zsclip": ("zsclip", None), "coop": ("coop", None), "cocoop": ("cocoop", None),
-    "maple": ("maple", {"TRAINER.MAPLE.PROMPT_DEPTH": 2}),
-    "spot-paper": ("spotlighter", {"TRAINER.SPOTLIGHTER.IRM.HEADS": 8}),
-    "spot-release": ("spotlighter", {"TRAINER.SPOTLIGHTER.PRESET": "release", "TRAINER.SPOTLIGHTER.IRM.HEADS": 1}),
-}
-
-
-def build(kind, clip):
-    trainer, changes = MODELS[kind]
-    return make_model(trainer, clip, NAMES, changes)
-
-
-KINDS = ["zsclip", "coop", "cocoop", "maple", "spot-paper", "spot-release"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -13,7 +13,7 @@ from spotlighter.backbone import (FUSED_INDEX, BackboneError, FrozenCLIP, PruneS
                                   _block_attention, _evit_tokens)
 from spotlighter.config import ConfigError, check_prune_cfg, default_cfg
 from spotlighter.models import CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP
-from test_models import NAMES, head_cfg, images
+from model_helpers import NAMES, check_reduced_forward, head_cfg, images, reduction_models
 from tiny_clip import build_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,27 +68,6 @@ def reference_pruned(model, x, spec):
         seq = seq + block.mlp(block.ln_2(seq))
         h, fused = (seq, None) if fused is None else (seq[:, :-1], seq[:, -1])
     return v.ln_post(h[:, 0]) @ v.proj, index
-
-
-def check_reduced_forward(model, spec, reference):
-    """The reduced forward of ``spec`` against ``reference(model, x, spec)`` -> (global features, patch
-    indices), and the token bookkeeping every reduction mode shares; returns the ImageTokens."""
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    clip = FrozenCLIP(model, spec)
-    with torch.no_grad():
-        ref, ref_index = reference(model, x, spec)
-        out = clip.encode_image(x)
-        tok = clip.encode_image_tokens(x)
-    assert torch.allclose(out, ref, atol=1e-5)
-    assert torch.allclose(tok.global_feat, ref, atol=1e-5)
-    assert torch.equal(tok.patch_index, ref_index)
-    n = spec.remaining(16)
-    assert tok.tokens.shape == (3, 1 + n, model.visual.proj.shape[1])  # the fused token is not returned
-    assert tok.cls_attn.shape == (3, n)
-    assert len(tok.kept_index) == len(spec.layers) and torch.equal(tok.kept_index[-1], tok.patch_index)
-    for earlier, later in zip(tok.kept_index, tok.kept_index[1:]):  # a removed patch never comes back
-        assert all(set(l.tolist()) <= set(e.tolist()) for e, l in zip(earlier, later))
-    return tok
 
 
 @pytest.mark.parametrize("spec", [PruneSpec((1,), 0.5), PruneSpec((0, 2), 0.4), PruneSpec((1,), 0.3, fuse=False),
@@ -172,19 +151,12 @@ def test_prune_cfg_defaults_are_off_and_valid():
 
 
 # ----------------------------------------------------------------------------- models
-def _models(clip):
-    torch.manual_seed(0)
-    return {"zsclip": ZeroShotCLIP(clip, NAMES), "coop": CoOp(clip, NAMES), "cocoop": CoCoOp(clip, NAMES),
-            "spot-paper": Spotlighter(clip, NAMES, head_cfg("paper", 8)),
-            "spot-release": Spotlighter(clip, NAMES, head_cfg("release", 1))}
-
-
 def test_models_prune_at_test_and_in_training_as_configured(deep_clip):
     x = images(3)
     y = torch.tensor([0, 1, 3])
-    plain = _models(FrozenCLIP(deep_clip))
-    pruned = _models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5)))
-    no_train = _models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5, in_training=False)))
+    plain = reduction_models(FrozenCLIP(deep_clip))
+    pruned = reduction_models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5)))
+    no_train = reduction_models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5, in_training=False)))
     for kind in plain:
         for m in (plain[kind], pruned[kind], no_train[kind]):
             m.eval()
@@ -241,7 +213,7 @@ def test_unpruned_models_are_bit_identical_to_the_code_before_token_dropping():
     if ref["torch"] != str(torch.__version__) or ref["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
         pytest.skip(f"reference saved with torch {ref['torch']} ({ref['cpu_capability']} kernels); this is "
                     f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
-    import test_models as tm
+    import model_helpers as tm
     from spotlighter.backbone import load_clip
     from tiny_clip import save_tiny_clip
     import tempfile
