@@ -1,6 +1,6 @@
 """Train / evaluate a CLIP prompt trainer with Dassl (the ecosystem's train.py command line).
 
-cfg pipeline: Dassl defaults -> extend_cfg (this project's keys) -> Spotlighter preset -> dataset
+cfg pipeline: default_cfg (Dassl's defaults + this project's keys) -> Spotlighter preset -> dataset
 yaml -> trainer yaml -> command-line flags -> trailing ``KEY VALUE`` pairs -> freeze.
 
 Re-running a command into an output folder that holds checkpoints resumes that run; a resume with
@@ -109,12 +109,9 @@ def _merge_file(cfg, path: str, what: str) -> None:
 
 def build_cfg(args, presets=None):
     """The run's cfg; ``presets``: {node: preset} written underneath the files and options."""
-    from dassl.config import get_cfg_default
+    from spotlighter.config import apply_preset, default_cfg
 
-    from spotlighter.config import apply_preset, extend_cfg
-
-    cfg = get_cfg_default()
-    extend_cfg(cfg)
+    cfg = default_cfg()
     for node, preset in (presets or {}).items():
         apply_preset(cfg, preset, node)
     if args.dataset_config_file:
@@ -133,11 +130,10 @@ def build_cfg(args, presets=None):
 
 
 def setup_cfg(args):
-    from spotlighter.config import PRESET_NODES
+    from spotlighter.config import chosen_presets
 
     cfg = build_cfg(args)
-    presets = {node: cfg.TRAINER[node].PRESET for node, (_, default) in PRESET_NODES.items()
-               if cfg.TRAINER[node].PRESET != default}
+    presets = chosen_presets(cfg)
     if presets:  # rebuild with the presets underneath the files and options
         cfg = build_cfg(args, presets)
     if not cfg.TRAINER.CONFIG_NAME:

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -159,47 +159,39 @@ def build_clips(arch: str, device: torch.device, dtype: torch.dtype, seed: int =
     return full, light
 
 
-def default_cfg(preset: str = "paper"):
-    """This project's config defaults (spotlighter/config.py) with a Spotlighter preset."""
-    from yacs.config import CfgNode as CN
+#: Model kind -> (trainer, its config under configs/trainers/<trainer>/; None: the registry's default):
+#: every model is built from the config its trainer trains with.
+KINDS: Dict[str, Tuple[str, Optional[str]]] = {
+    "zsclip": ("zsclip", None), "coop": ("coop", None), "cocoop": ("cocoop", None), "maple": ("maple", None),
+    "paper": ("spotlighter", "vit_b16_ep20_paper"), "release": ("spotlighter", "vit_b16_ep20_release"),
+}
 
-    from .config import apply_preset, extend_cfg
 
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
-    apply_preset(cfg, preset)
+def model_cfg(kind: str, clip_model):
+    """The config of model ``kind`` (:data:`KINDS`); MaPLe's prompt depth is capped by the CLIP's depth
+    (the tiny CLIPs of the tests)."""
+    from .config import trainer_cfg
+    from .registry import trainer as registered
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown model {kind!r}; known: {', '.join(KINDS)}")
+    trainer, config = KINDS[kind]
+    cfg = trainer_cfg(trainer, config=config or registered(trainer).default_config)
+    if kind == "maple":
+        cfg.TRAINER.MAPLE.PROMPT_DEPTH = min(cfg.TRAINER.MAPLE.PROMPT_DEPTH, len(clip_model.transformer.resblocks),
+                                             len(clip_model.visual.transformer.resblocks))
     return cfg
 
 
-def head_config(preset: str):
-    from .method import HeadConfig
-
-    return HeadConfig.from_cfg(default_cfg(preset).TRAINER.SPOTLIGHTER)
-
-
 def build_model(kind: str, clip_model, prune: Optional[PruneSpec], classes: int, device):
-    from . import models
+    """Model ``kind`` for ``classes`` classes through :func:`spotlighter.factory.build_model`."""
+    from . import factory
 
+    cfg = model_cfg(kind, clip_model)
     clip = FrozenCLIP(clip_model, prune)
     names = [f"class {i}" for i in range(classes)]
     torch.manual_seed(0)
-    if kind == "zsclip":
-        m = models.ZeroShotCLIP(clip, names)
-    elif kind == "coop":
-        m = models.CoOp(clip, names)
-    elif kind == "cocoop":
-        m = models.CoCoOp(clip, names)
-    elif kind == "maple":  # the config's prompt depth, capped by the (tiny) CLIP's depth in tests
-        depth = min(default_cfg().TRAINER.MAPLE.PROMPT_DEPTH, len(clip_model.transformer.resblocks),
-                    len(clip_model.visual.transformer.resblocks))
-        m = models.MaPLe(clip, names, depth=depth)
-    elif kind in ("paper", "release"):
-        m = models.Spotlighter(clip, names, head_config(kind))
-    else:
-        raise ValueError(f"unknown model {kind!r}")
-    return m.to(device)
+    return factory.build_model(cfg, names, clip).to(device)
 
 
 def checkpoint_bytes(model) -> int:

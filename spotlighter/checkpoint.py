@@ -114,6 +114,48 @@ def load(path: str, *, trainer: str, preset: Optional[str] = None,
     return ckpt
 
 
+BEST_FILE = "model-best.pth.tar"
+LAST_POINTER = "checkpoint"  # Dassl's file naming the last checkpoint of a folder (used to resume)
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"model.pth.tar-{epoch}"
+
+
+def last_numbered(folder: str) -> Optional[str]:
+    """The highest-epoch ``model.pth.tar-N`` in ``folder`` (None if there is none)."""
+    if not os.path.isdir(folder):
+        return None
+    epochs = [int(n.rsplit("-", 1)[1]) for n in os.listdir(folder)
+              if n.startswith("model.pth.tar-") and n.rsplit("-", 1)[1].isdigit()]
+    return checkpoint_name(max(epochs)) if epochs else None
+
+
+def find_checkpoint(folder: str, epoch: Optional[int] = None,
+                    epoch_hint: str = "give --load-epoch N for model.pth.tar-N") -> Tuple[str, bool]:
+    """(the checkpoint file to evaluate in a module ``folder``, whether it is the last epoch's file found
+    without a pointer): ``model.pth.tar-<epoch>``, else the best-val one, else the one the
+    ``checkpoint`` pointer names, else the last ``model.pth.tar-N`` (an original repository's folder
+    copied without its pointer). None of them: a :class:`CheckpointError` saying what is expected."""
+    guessed = False
+    if epoch is not None:
+        path = os.path.join(folder, checkpoint_name(epoch))
+    elif os.path.isfile(os.path.join(folder, BEST_FILE)):
+        path = os.path.join(folder, BEST_FILE)
+    elif os.path.isfile(os.path.join(folder, LAST_POINTER)):
+        with open(os.path.join(folder, LAST_POINTER)) as f:
+            path = os.path.join(folder, f.read().strip())
+    elif last_numbered(folder):
+        path, guessed = os.path.join(folder, last_numbered(folder)), True
+    else:
+        raise CheckpointError(f"No checkpoint in {folder} (expected {BEST_FILE} or a '{LAST_POINTER}' file; "
+                              f"{epoch_hint}).")
+    if not os.path.isfile(path):
+        have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        raise CheckpointError(f"No checkpoint at {path}. Present in {folder}: {have or 'nothing'}.")
+    return path, guessed
+
+
 #: cfg keys that do not change what a run computes (where it reads and writes, how often it prints,
 #: which extra checkpoints it keeps, what it prints about the test): a resume may change them.
 #: Every other key does (seed, data, shots, subsample, model, optimiser, schedule, input, loaders,

@@ -1,16 +1,20 @@
 """Every config key this project adds, with its default, in one place.
 
-``extend_cfg`` is the ecosystem's hook (called on Dassl's defaults before the yaml files). It only
-needs yacs. Spotlighter's defaults are the ``paper`` preset; :data:`PRESETS` lists what the
-``release`` preset changes. ``apply_preset`` puts a preset's values in *before* the yaml files and
-command-line options are merged (see ``train.py``), so anything set explicitly still wins.
+:func:`default_cfg` is the complete default config every model is built from (``train.py``, the
+trainers, :mod:`spotlighter.factory`, the benchmark, the GPU check and the tests): Dassl's defaults
+plus this project's keys. ``extend_cfg`` is the ecosystem's hook that adds them (called on Dassl's
+defaults before the yaml files); it only needs yacs. Spotlighter's defaults are the ``paper`` preset;
+:data:`PRESETS` lists what the ``release`` preset changes. ``apply_preset`` puts a preset's values in
+*before* the yaml files and command-line options are merged (see :func:`trainer_cfg` and
+``train.py``), so anything set explicitly still wins.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List, Tuple
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from yacs.config import CfgNode as CN
 
@@ -229,6 +233,128 @@ def extend_cfg(cfg: CN) -> None:
 
     s.TEST = CN()
     s.TEST.LOCAL_GAMMA = 0.5  # test logits = global + gamma * level-weighted local (0 = global only)
+
+
+#: The keys of Dassl's defaults (``dassl/config/defaults.py``) that building a model and preparing its
+#: images read, with Dassl's values. :func:`default_cfg` starts from Dassl's own defaults; only where
+#: Dassl is not installed (the plain-torch API) does it start from these (a test compares them).
+DASSL_MODEL_DEFAULTS: Dict[str, Any] = {
+    "OUTPUT_DIR": "./output", "SEED": -1, "USE_CUDA": True,
+    "INPUT.SIZE": (224, 224), "INPUT.INTERPOLATION": "bilinear",
+    "INPUT.PIXEL_MEAN": [0.485, 0.456, 0.406], "INPUT.PIXEL_STD": [0.229, 0.224, 0.225],
+    "DATASET.ROOT": "", "DATASET.NAME": "", "MODEL.BACKBONE.NAME": "", "TRAINER.NAME": "",
+    "OPTIM.MAX_EPOCH": 10,
+}
+
+
+def _without_dassl() -> CN:
+    """:data:`DASSL_MODEL_DEFAULTS` as a config whose Dassl nodes accept any other key (a yaml file or a
+    saved run config names Dassl's data-loading and optimiser keys, which the model does not read)."""
+    cfg = CN(new_allowed=True)
+    cfg.TRAIN = CN(new_allowed=True)  # extend_cfg adds a key to it
+    for dotted, value in DASSL_MODEL_DEFAULTS.items():
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for part in parents:
+            if part not in node:
+                node[part] = CN(new_allowed=True)
+            node = node[part]
+        node[leaf] = copy.deepcopy(value)
+    return cfg
+
+
+def dassl_available() -> bool:
+    try:
+        import dassl.config  # noqa: F401  (yacs only: dassl/config imports no other part of Dassl)
+    except ImportError:
+        return False
+    return True
+
+
+def default_cfg() -> CN:
+    """The complete default config: Dassl's ``get_cfg_default()`` plus this project's keys
+    (:func:`extend_cfg`; Spotlighter's ``paper`` preset). Without Dassl installed, the Dassl part is
+    :data:`DASSL_MODEL_DEFAULTS` (enough to build every model)."""
+    if dassl_available():
+        from dassl.config import get_cfg_default
+
+        cfg = get_cfg_default()
+    else:
+        cfg = _without_dassl()
+    extend_cfg(cfg)
+    return cfg
+
+
+#: What :func:`merge_cfg` accepts as a change of the defaults.
+CfgChanges = Union[None, str, CN, Mapping[str, Any], Sequence[Any]]
+
+
+def merge_cfg(cfg: CN, changes: CfgChanges, what: str = "cfg") -> None:
+    """Merge ``changes`` into ``cfg``: a yaml file's path, a (partial) config node, a mapping of dotted
+    keys to values (``{"TRAINER.COOP.N_CTX": 16}``) or a ``[KEY, VALUE, ...]`` list. An unknown key or
+    a value of the wrong type is a :class:`ConfigError` that names it."""
+    if changes is None:
+        return
+    try:
+        if isinstance(changes, (str, os.PathLike)):
+            path = os.fspath(changes)
+            if not os.path.isfile(path):
+                raise ConfigError(f"{what}: the config file {path} does not exist.")
+            cfg.merge_from_file(path)
+        elif isinstance(changes, CN):
+            cfg.merge_from_other_cfg(changes)
+        elif isinstance(changes, Mapping):
+            cfg.merge_from_list([x for kv in changes.items() for x in kv])
+        elif isinstance(changes, Sequence):
+            if len(changes) % 2:
+                raise ConfigError(f"{what}: expected KEY VALUE pairs, got an odd number of items: {list(changes)}")
+            cfg.merge_from_list(list(changes))
+        else:
+            raise ConfigError(f"{what}: expected a yaml file, a CfgNode, a dict of dotted keys or a "
+                              f"[KEY, VALUE, ...] list, got {type(changes).__name__}.")
+    except (KeyError, ValueError, AssertionError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        message = exc.args[0] if exc.args else exc
+        raise ConfigError(f"{what}: {message} (the keys are Dassl's and those of spotlighter/config.py)") from None
+
+
+def trainer_cfg(trainer: str, changes: CfgChanges = None, config: Optional[str] = None,
+                defaults: Optional[Mapping[str, Any]] = None) -> CN:
+    """The default config of a registered trainer (:mod:`spotlighter.registry` name or alias) with
+    ``defaults`` (dotted key -> value), then ``config`` (a yaml file, or the name of one under
+    configs/trainers/<trainer>/ of the checkout), then ``changes`` merged (:func:`merge_cfg`); a
+    preset (Spotlighter's, SpotlighterKD's) named by any of them is put in underneath them all, as
+    ``train.py`` does."""
+    from .registry import trainer as lookup
+
+    spec = lookup(trainer)
+    if config and not os.path.isfile(config) and not config.endswith(".yaml"):
+        config = os.path.join(REPO, spec.config_file(config))
+
+    def build(presets: Dict[str, str]) -> CN:
+        cfg = default_cfg()
+        cfg.TRAINER.NAME = spec.name
+        for node, preset in presets.items():
+            apply_preset(cfg, preset, node)
+        merge_cfg(cfg, dict(defaults or {}), "defaults")
+        merge_cfg(cfg, config, "config")
+        merge_cfg(cfg, changes)
+        return cfg
+
+    cfg = build({})
+    presets = chosen_presets(cfg)
+    return build(presets) if presets else cfg
+
+
+def chosen_presets(cfg: CN) -> Dict[str, str]:
+    """{node: preset} of the preset nodes whose PRESET in ``cfg`` is not their default."""
+    return {node: cfg.TRAINER[node].PRESET for node, (_, default) in PRESET_NODES.items()
+            if cfg.TRAINER[node].PRESET != default}
+
+
+#: The checkout's root (configs/ lives there).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 #: The shipped token-reduction setting for ViT-B/16, per Spotlighter preset

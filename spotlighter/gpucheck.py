@@ -54,84 +54,59 @@ LR = 0.002  # the shipped configs' SGD learning rate
 MOMENTUM = 0.9
 
 
-def _spotlighter_head_cfg(preset: str, heads: Optional[int]):
-    from yacs.config import CfgNode as CN
-
-    from .config import apply_preset, extend_cfg
-    from .method import HeadConfig
-
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
-    apply_preset(cfg, preset)
-    head = HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
-    if heads is not None:
-        head.irm_heads = heads
-    return head, cfg.TRAINER.SPOTLIGHTER
-
-
-def _kd_head_cfg(preset: str):
-    from yacs.config import CfgNode as CN
-
-    from .config import apply_preset, extend_cfg
-    from .kd_spotlighter import KDHeadConfig
-
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
-    apply_preset(cfg, preset, "SPOTLIGHTERKD")
-    return KDHeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTERKD), cfg.TRAINER.SPOTLIGHTERKD
-
-
 def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
-    """Trainer -> model, with the shipped vit_b16 configs' prompt settings."""
-    from . import models
+    """Trainer -> model, built by :func:`spotlighter.factory.build_model` from each trainer's shipped
+    vit_b16 config (tiny: prompt depths 2 and one attention head, for its 2 blocks of width 64)."""
+    from .config import trainer_cfg
+    from .factory import build_model
+    from .registry import trainer as registered
 
     small = size == "tiny"
-    heads = 1 if small else None  # the tiny width 64 with 1 attention head
-    maple_depth = 2 if small else 9
-    ivlp = dict(n_text=4, n_vision=4, ctx_init="a photo of a", text_depth=maple_depth, vision_depth=maple_depth)
+    depth = 2 if small else 9
+    ivlp = {"N_CTX_TEXT": 4, "N_CTX_VISION": 4, "PROMPT_DEPTH_TEXT": depth, "PROMPT_DEPTH_VISION": depth}
 
-    def spot(preset):
-        def build(clip):
-            head, node = _spotlighter_head_cfg(preset, heads)
-            return models.Spotlighter(clip, CLASSNAMES, head, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
-        return build
+    def cfg(trainer: str, **changes):
+        node = f"TRAINER.{registered(trainer).node}."
+        return trainer_cfg(trainer, {node + k: v for k, v in changes.items()},
+                           config=registered(trainer).default_config)
+
+    def build(trainer: str, **changes):
+        return lambda clip: build_model(cfg(trainer, **changes), CLASSNAMES, clip)
+
+    def spot(preset: str):
+        heads = {"IRM.HEADS": 1} if small else {}
+        return build("spotlighter", PRESET=preset, **heads)
 
     def promptkd(clip):  # the teacher: an (untrained) IVLP on the same CLIP, frozen
-        from . import kd
-
-        teacher = models.IVLP(clip, CLASSNAMES, **ivlp)
+        teacher = build("ivlp", **ivlp)(clip)
         for p in teacher.parameters():
             p.requires_grad_(False)
-        return kd.PromptKD(clip, teacher.eval(), n_vision=4, vision_depth=maple_depth)
+        return build_model(cfg("promptkd", **{k: v for k, v in ivlp.items() if "VISION" in k}), CLASSNAMES, clip,
+                           teacher=teacher.eval())
 
-    def spotlighterkd(preset):  # PromptKD's student and teacher as above, with the preset's head
-        def build(clip):
-            from . import kd_spotlighter
-
-            head, node = _kd_head_cfg(preset)
-            teacher = models.IVLP(clip, CLASSNAMES, **ivlp)
+    def spotlighterkd(preset: str):  # PromptKD's student and teacher as above, with the preset's head
+        def make(clip):
+            teacher = build("ivlp", **ivlp)(clip)
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            clip.explicit_attention = bool(node.EXPLICIT_ATTENTION)
-            return kd_spotlighter.SpotlighterKD(clip, teacher.eval(), CLASSNAMES, head, n_vision=4,
-                                                vision_depth=maple_depth)
-        return build
+            changes = {k: v for k, v in ivlp.items() if "VISION" in k}
+            c = trainer_cfg("spotlighterkd", {**{f"TRAINER.PROMPTKD.{k}": v for k, v in changes.items()},
+                                              "TRAINER.SPOTLIGHTERKD.PRESET": preset},
+                            config=registered("spotlighterkd").default_config)
+            return build_model(c, CLASSNAMES, clip, teacher=teacher.eval())
+        return make
 
     def spot_pruned(clip):  # the shipped token reduction (tiny: its first block only, as it has 2)
         spec = PruneSpec.recommended("paper")
         return spot("paper")(FrozenCLIP(clip.model, dataclasses.replace(spec, layers=(0,)) if small else spec))
 
     return {
-        "ZeroshotCLIP": lambda clip: models.ZeroShotCLIP(clip, CLASSNAMES),
-        "CoOp": lambda clip: models.CoOp(clip, CLASSNAMES, n_ctx=4, ctx_init="a photo of a"),
-        "CoCoOp": lambda clip: models.CoCoOp(clip, CLASSNAMES, n_ctx=4, ctx_init="a photo of a"),
-        "MaPLe": lambda clip: models.MaPLe(clip, CLASSNAMES, n_ctx=2, ctx_init="a photo of a", depth=maple_depth),
-        "IVLP": lambda clip: models.IVLP(clip, CLASSNAMES, **ivlp),
-        "PromptSRC": lambda clip: models.PromptSRC(clip, CLASSNAMES, **ivlp),
+        "ZeroshotCLIP": build("zsclip"),
+        "CoOp": build("coop"),
+        "CoCoOp": build("cocoop"),
+        "MaPLe": build("maple", PROMPT_DEPTH=depth),
+        "IVLP": build("ivlp", **ivlp),
+        "PromptSRC": build("promptsrc", **ivlp),
         "PromptKD": promptkd,
         "Spotlighter-paper": spot("paper"),
         "Spotlighter-release": spot("release"),

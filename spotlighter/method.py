@@ -8,7 +8,7 @@ All computations here run in float32; callers cast backbone outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -52,10 +52,12 @@ def semantic_wise_score(patches: torch.Tensor, probs: torch.Tensor, prototypes: 
 
 @dataclass
 class ScoreWeights:
-    sample: float = 1.0
-    semantic: float = 1.0
-    attn: float = 0.0
-    eps: float = 1e-6
+    """TRAINER.SPOTLIGHTER.SCORE (defaults: spotlighter/config.py)."""
+
+    sample: float
+    semantic: float
+    attn: float
+    eps: float
 
 
 def token_scores(patches: torch.Tensor, probs: torch.Tensor, text: torch.Tensor,
@@ -304,33 +306,34 @@ class ImageRefiner(nn.Module):
 # --------------------------------------------------------------------------- the head
 @dataclass
 class HeadConfig:
-    """Flat view of ``cfg.TRAINER.SPOTLIGHTER`` used by :class:`SpotlighterHead`."""
+    """Flat view of ``cfg.TRAINER.SPOTLIGHTER`` used by :class:`SpotlighterHead`; built by :meth:`from_cfg`
+    (every default lives in spotlighter/config.py)."""
 
-    top_k: int = 5
-    level_sizes: Tuple[int, int] = (3, 2)
-    score: ScoreWeights = field(default_factory=ScoreWeights)
-    mapper_hidden: int = 0
-    mapper_at_test: bool = True
-    memory_kind: str = "class"
-    prototypes_per_class: int = 4
-    shared_slots: int = 25
-    momentum: float = 0.8
-    read_temperature: float = 0.1
-    memory_write: str = "selected"
-    memory_seed: int = 0
-    alpha: float = 0.2
-    irm_kind: str = "tokens"
-    irm_heads: int = 8
-    irm_dropout: float = 0.0
-    beta_train: float = 0.1
-    beta_test: float = 0.1
-    normalize_fused: bool = True
-    dynamic_level_weights: bool = True
-    local_weight: float = 1.0
-    consistency_weight: float = 20.0
-    local_text: str = "refined"
-    local_logits: str = "cosine"
-    test_local_gamma: float = 0.5
+    top_k: int
+    level_sizes: Tuple[int, int]
+    score: ScoreWeights
+    mapper_hidden: int
+    mapper_at_test: bool
+    memory_kind: str
+    prototypes_per_class: int
+    shared_slots: int
+    momentum: float
+    read_temperature: float
+    memory_write: str
+    memory_seed: int
+    alpha: float
+    irm_kind: str
+    irm_heads: int
+    irm_dropout: float
+    beta_train: float
+    beta_test: float
+    normalize_fused: bool
+    dynamic_level_weights: bool
+    local_weight: float
+    consistency_weight: float
+    local_text: str
+    local_logits: str
+    test_local_gamma: float
 
     @classmethod
     def from_cfg(cls, node) -> "HeadConfig":
@@ -351,6 +354,15 @@ class HeadConfig:
             test_local_gamma=node.TEST.LOCAL_GAMMA,
         )
 
+    @classmethod
+    def default(cls, preset: str = "paper") -> "HeadConfig":
+        """The defaults of ``preset`` (spotlighter/config.py)."""
+        from .config import apply_preset, default_cfg
+
+        cfg = default_cfg()
+        apply_preset(cfg, preset)
+        return cls.from_cfg(cfg.TRAINER.SPOTLIGHTER)
+
 
 @dataclass
 class HeadOutput:
@@ -360,6 +372,10 @@ class HeadOutput:
     top_scores: torch.Tensor  # (B, k)
     scores: Optional[torch.Tensor] = None  # (B, P') every remaining patch's score
     patch_idx: Optional[torch.Tensor] = None  # (B, k) original patch index (row-major grid) of token_idx
+    #: training only, detached scalars: ``sel_score`` the mean score of the selected tokens (scores are
+    #: standardised per image: how far they stand out), ``sel_level1_weight`` Level-1's mean weight in the
+    #: local loss (1/3 each when LOSS.LEVEL_WEIGHTS is fixed: Level-1, Level-2 and all)
+    stats: Optional[Dict[str, torch.Tensor]] = None
 
 
 @dataclass
@@ -439,12 +455,16 @@ class SpotlighterHead(nn.Module):
         local_text = F.normalize(t_ref, dim=-1) if cfg.local_text == "refined" else t_hat
 
         losses: Dict[str, torch.Tensor] = {}
+        stats: Dict[str, torch.Tensor] = {}
         if training:
             losses["global"] = F.cross_entropy(logits, labels)
             losses["local"] = cfg.local_weight * self._local_loss(mapped, rep, top_scores, local_text, s, labels)
             losses["consistency"] = cfg.consistency_weight * (
                 F.l1_loss(F.normalize(t_ref, dim=-1), t_hat) + F.l1_loss(F.normalize(o, dim=-1), v_hat))
             self._write_memory(patches, mapped, token_idx, top_scores, labels)
+            with torch.no_grad():
+                w = level_weights(top_scores, cfg.level_sizes, cfg.dynamic_level_weights, include_all=True)
+                stats = {"sel_score": top_scores.mean(), "sel_level1_weight": (w[:, 0] / w.sum(dim=1)).mean()}
         elif cfg.test_local_gamma > 0:
             levels = split_levels(rep, cfg.level_sizes)
             w = level_weights(top_scores, cfg.level_sizes, cfg.dynamic_level_weights, include_all=False)
@@ -454,7 +474,7 @@ class SpotlighterHead(nn.Module):
             logits = logits + cfg.test_local_gamma * local
         patch_idx = token_idx - 1 if img.patch_index is None else img.patch_index.gather(1, token_idx - 1)
         return HeadOutput(logits=logits, losses=losses, token_idx=token_idx, top_scores=top_scores,
-                          scores=scores, patch_idx=patch_idx)
+                          scores=scores, patch_idx=patch_idx, stats=stats)
 
     def class_side(self, text: torch.Tensor) -> "ClassSide":
         """What depends on the class text and the memory only, not on the images: the unit-norm

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .backbone import FrozenCLIP
 from .config import ConfigError
-from .method import HeadConfig, SpotlighterHead
+from .method import ClassMemory, HeadConfig, SpotlighterHead
 from .prompt import (CoCoOpPromptLearner, IVLPPromptLearner, MaPLePromptLearner, PromptLearner, TextEncoder,
                      check_class_prompts)
 from .templates import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES
@@ -328,7 +328,36 @@ class Spotlighter(CoOp):
         img = self.clip.encode_image_tokens(images, need_attn=self.head.cfg.score.attn > 0,
                                             pruned=self._pruned())
         out = self.head(img, self.text_features(), self.clip.logit_scale, labels)
+        self.stats = out.stats or {}  # the selected tokens' statistics of this (training) forward
         return out.logits, out.losses
+
+    def _memory(self) -> Optional[ClassMemory]:
+        memory = self.head.memory
+        return memory if isinstance(memory, ClassMemory) else None
+
+    def class_state(self) -> Optional[dict]:
+        """The class prototypes with their class names (None without a class memory)."""
+        memory = self._memory()
+        return memory.class_state() if memory is not None else None
+
+    def load_class_state(self, state: dict) -> Optional[Tuple[int, int]]:
+        """Load saved prototypes by class name: (classes loaded, classes left at their zero-shot text
+        init), or None without a class memory. A saved memory of another shape is a ValueError."""
+        memory = self._memory()
+        if memory is None:
+            return None
+        saved = state.get("prototypes")
+        if getattr(saved, "dim", lambda: 0)() != 3:
+            raise ValueError("class_state['prototypes'] is not a (classes, prototypes, dim) tensor")
+        if saved.shape[1] != memory.per_class:
+            raise ValueError(
+                f"class_state['prototypes'] holds {saved.shape[1]} prototypes per class, but "
+                f"TRAINER.SPOTLIGHTER.MEMORY.PROTOTYPES_PER_CLASS = {memory.per_class}: evaluate it with the "
+                f"value it was trained with ({saved.shape[1]})")
+        if saved.shape[2] != memory.prototypes.shape[2]:
+            raise ValueError(f"class_state['prototypes'] has dimension {saved.shape[2]}, this CLIP's embedding "
+                             f"{memory.prototypes.shape[2]}: it was trained with another MODEL.BACKBONE")
+        return memory.load_class_state(state)
 
 
 def count_trainable(module: nn.Module) -> int:

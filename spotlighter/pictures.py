@@ -192,15 +192,18 @@ def outlined_cells(picture, grid: int, cell: int, colour: Sequence[int], panel: 
     return found
 
 
-def load_image(path: str, size: int, mean: Sequence[float], std: Sequence[float]):
-    """(tensor (3, size, size) normalised, uint8 view (size, size, 3)): resize the shorter side to
-    ``size`` (bicubic) and centre-crop, as the trainers' test transform does."""
+def load_image(path, size: int, mean: Sequence[float], std: Sequence[float]):
+    """(tensor (3, size, size) normalised, uint8 view (size, size, 3)) of an image file or a PIL image:
+    resize the shorter side to ``size`` (bicubic) and centre-crop, as the trainers' test transform does."""
     from PIL import Image
 
-    try:
-        im = Image.open(path).convert("RGB")
-    except OSError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+    if isinstance(path, Image.Image):
+        im = path.convert("RGB")
+    else:
+        try:
+            im = Image.open(path).convert("RGB")
+        except OSError as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from None
     w, h = im.size
     scale = size / min(w, h)
     im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)

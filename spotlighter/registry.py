@@ -156,6 +156,8 @@ class Trainer:
     cli: str  # name on the command line (case-insensitive)
     name: str  # registered Dassl name (--trainer, configs/trainers/<name>/)
     default_config: str  # configs/trainers/<name>/<default_config>.yaml
+    node: str  # its config node, cfg.TRAINER.<node> (N_CTX, PREC, ...)
+    module: str  # the checkpoint folder inside an output directory (the original repository's name)
     trains: bool = True  # False: zero-shot, every run is --eval-only
     aliases: Tuple[str, ...] = ()
     published_method: Optional[str] = None  # its method in the shipped published table
@@ -201,25 +203,31 @@ class Trainer:
 # configs' epochs, batch sizes and per-step work relative to CoOp, not measured.
 TRAINERS: Dict[str, Trainer] = {
     t.cli: t for t in (
-        Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", published_method="CoOp w/ Spotlighter",
+        Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", "SPOTLIGHTER", "spotlighter",
+                published_method="CoOp w/ Spotlighter",
                 cost=(1.1, 0.75), minibench_config="minibench_ep10_paper"),
-        Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", published_method="CoOp", cost=(1.0, 0.7),
+        Trainer("coop", "CoOp", "vit_b16_ep20_ctx4", "COOP", "prompt_learner", published_method="CoOp",
+                cost=(1.0, 0.7),
                 minibench_config="minibench_ep50_ctx16"),
-        Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", cost=(2.5, 1.5),
+        Trainer("cocoop", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", "COCOOP", "prompt_learner", cost=(2.5, 1.5),
                 minibench_config="minibench_ep2_batch1_ctx4"),
-        Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", published_method="MaPLe", cost=(1.2, 0.8),
+        Trainer("maple", "MaPLe", "vit_b16_c2_ep5_batch4_2ctx", "MAPLE", "MultiModalPromptLearner",
+                published_method="MaPLe", cost=(1.2, 0.8),
                 minibench_config="minibench_ep5_batch4_2ctx_depth3"),
-        Trainer("ivlp", "IVLP", "vit_b16_c2_ep20_batch4_4+4ctx", cost=(4.0, 0.8),
+        Trainer("ivlp", "IVLP", "vit_b16_c2_ep20_batch4_4+4ctx", "IVLP", "VLPromptLearner", cost=(4.0, 0.8),
                 minibench_config="minibench_ep20_batch4_4+4ctx_depth3"),
-        Trainer("promptsrc", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", published_method="PromptSRC",
+        Trainer("promptsrc", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", "PROMPTSRC", "VLPromptLearner",
+                published_method="PromptSRC",
                 cost=(5.0, 0.8), minibench_config="minibench_ep20_batch4_4+4ctx_depth3"),
-        Trainer("promptkd", "PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx", published_method="PromptKD",
+        Trainer("promptkd", "PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx", "PROMPTKD", "VLPromptLearner",
+                published_method="PromptKD",
                 cost=(6.0, 1.0), transductive=True,
                 teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER")),
-        Trainer("spotlighterkd", "SpotlighterKD", "vit_b16_ep30_batch64_release",
+        Trainer("spotlighterkd", "SpotlighterKD", "vit_b16_ep30_batch64_release", "PROMPTKD", "VLPromptLearner",
                 published_method="PromptKD w/ Spotlighter", cost=(7.0, 1.0), transductive=True,
                 teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER")),
-        Trainer("zsclip", "ZeroshotCLIP", "vit_b16", trains=False, aliases=("zeroshotclip", "zeroshot"),
+        Trainer("zsclip", "ZeroshotCLIP", "vit_b16", "ZSCLIP", "prompt_learner", trains=False,
+                aliases=("zeroshotclip", "zeroshot"),
                 published_method="CLIP", cost=(0.75, 0.75), minibench_config="minibench"),
     )
 }

@@ -1,15 +1,42 @@
-"""Tiny models on the tiny CLIP, shared by the model, pruning, merging and picture tests."""
+"""Test models built the one way models are built (:func:`spotlighter.factory.build_model`), from a
+trainer's shipped default config (configs/trainers/<name>/<default>.yaml) with test changes on top."""
 
 import torch
-from yacs.config import CfgNode as CN
 
 from spotlighter.backbone import FrozenCLIP
-from spotlighter.config import apply_preset, extend_cfg
+from spotlighter.config import apply_preset, default_cfg, trainer_cfg
+from spotlighter.factory import build_model
 from spotlighter.method import HeadConfig
-from spotlighter.models import CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP
+from spotlighter.registry import trainer as registered
 
 NAMES = ["cat", "dog_house", "red car", "x"]
 B = 3
+
+
+def shipped_cfg(trainer: str, changes=None):
+    """The config of ``trainer``'s shipped default yaml file, with ``changes`` (dotted key -> value)."""
+    return trainer_cfg(trainer, changes, config=registered(trainer).default_config)
+
+
+def make_model(trainer: str, clip, classnames, changes=None, teacher=None):
+    """``trainer``'s model on the frozen ``clip`` (see :func:`shipped_cfg`)."""
+    return build_model(shipped_cfg(trainer, changes), classnames, clip, teacher=teacher)
+
+
+#: kind -> (trainer, changes of its shipped config for the tiny CLIP)
+MODELS = {
+    "zsclip": ("zsclip", None), "coop": ("coop", None), "cocoop": ("cocoop", None),
+    "maple": ("maple", {"TRAINER.MAPLE.PROMPT_DEPTH": 2}),
+    "spot-paper": ("spotlighter", {"TRAINER.SPOTLIGHTER.IRM.HEADS": 8}),
+    "spot-release": ("spotlighter", {"TRAINER.SPOTLIGHTER.PRESET": "release", "TRAINER.SPOTLIGHTER.IRM.HEADS": 1}),
+}
+KINDS = list(MODELS)
+
+
+def build(kind, clip, names=NAMES):
+    """Model ``kind`` (:data:`MODELS`) for ``names`` on the frozen ``clip``."""
+    trainer, changes = MODELS[kind]
+    return make_model(trainer, clip, names, changes)
 
 
 def images(batch=B, seed=0):
@@ -17,50 +44,17 @@ def images(batch=B, seed=0):
 
 
 def head_cfg(preset, heads=8):
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
+    """Spotlighter's head config of ``preset`` with ``heads`` IRM heads."""
+    cfg = default_cfg()
     apply_preset(cfg, preset)
     cfg.TRAINER.SPOTLIGHTER.IRM.HEADS = heads
     return HeadConfig.from_cfg(cfg.TRAINER.SPOTLIGHTER)
 
 
-def build(kind, clip):
+def reduction_models(clip):
+    """The models that support token reduction, on ``clip`` (seeded)."""
     torch.manual_seed(0)
-    if kind == "zsclip":
-        return ZeroShotCLIP(clip, NAMES)
-    if kind == "coop":
-        return CoOp(clip, NAMES)
-    if kind == "cocoop":
-        return CoCoOp(clip, NAMES)
-    if kind == "maple":
-        return MaPLe(clip, NAMES, depth=2)
-    if kind == "spot-paper":
-        return Spotlighter(clip, NAMES, head_cfg("paper", 8))
-    if kind == "spot-release":
-        return Spotlighter(clip, NAMES, head_cfg("release", 1))
-    raise KeyError(kind)
-
-
-KINDS = ["zsclip", "coop", "cocoop", "maple", "spot-paper", "spot-release"]
-
-
-def empty_cfg():
-    """A cfg with only the project's keys and their defaults (what train.py's extend_cfg adds)."""
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
-    return cfg
-
-
-def build_all(clip):
-    """One model of each kind that prunes (no MaPLe) on ``clip``, seeded."""
-    torch.manual_seed(0)
-    return {"zsclip": ZeroShotCLIP(clip, NAMES), "coop": CoOp(clip, NAMES), "cocoop": CoCoOp(clip, NAMES),
-            "spot-paper": Spotlighter(clip, NAMES, head_cfg("paper", 8)),
-            "spot-release": Spotlighter(clip, NAMES, head_cfg("release", 1))}
+    return {kind: build(kind, clip) for kind in ("zsclip", "coop", "cocoop", "spot-paper", "spot-release")}
 
 
 def check_reduced_forward(model, spec, reference):

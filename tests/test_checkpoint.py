@@ -6,12 +6,11 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
-from yacs.config import CfgNode as CN
 
 from conftest import requires_dassl
 from spotlighter import checkpoint as ckpt
 from spotlighter.checkpoint import FORMAT, CheckpointError, load, save, trainable_state
-from spotlighter.config import apply_preset, extend_cfg
+from spotlighter.config import apply_preset, default_cfg
 from spotlighter.method import ClassMemory, HeadConfig, SpotlighterHead
 from spotlighter.models import count_trainable
 from spotlighter.schedule import EpochLRSchedule
@@ -261,10 +260,7 @@ def test_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- size
 def spot_node(preset):
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
+    cfg = default_cfg()
     apply_preset(cfg, preset)
     return cfg.TRAINER.SPOTLIGHTER
 
@@ -320,11 +316,7 @@ def test_real_size_checkpoint_is_small_and_clip_free(tmp_path, preset):
 
 # ------------------------------------------------------------------ the settings that define a run
 def _dassl_cfg():
-    from dassl.config import get_cfg_default
-
-    cfg = get_cfg_default()
-    extend_cfg(cfg)
-    return cfg
+    return default_cfg()
 
 
 @requires_dassl

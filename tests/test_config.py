@@ -8,30 +8,20 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from spotlighter.config import (PRESETS, ConfigError, apply_preset, check_precision,
-                                check_spotlighter_cfg, extend_cfg)
+                                check_spotlighter_cfg, default_cfg)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def minimal_cfg() -> CN:
-    cfg = CN()
-    cfg.DATASET = CN()
-    cfg.MODEL = CN()
-    cfg.MODEL.BACKBONE = CN()
-    cfg.TRAINER = CN()
-    extend_cfg(cfg)
-    return cfg
-
-
 def spot(preset: str = "paper") -> CN:
-    cfg = minimal_cfg()
+    cfg = default_cfg()
     apply_preset(cfg, preset)
     return cfg.TRAINER.SPOTLIGHTER
 
 
 def test_paper_defaults_match_the_spec():
-    s = minimal_cfg().TRAINER.SPOTLIGHTER
+    s = default_cfg().TRAINER.SPOTLIGHTER
     assert s.PRESET == "paper"
     assert s.TOP_K == 5
     assert list(s.LEVEL_SIZES) == [3, 2]
@@ -50,7 +40,7 @@ def test_paper_defaults_match_the_spec():
 
 
 def test_extend_cfg_adds_the_other_trainers_and_shared_keys():
-    cfg = minimal_cfg()
+    cfg = default_cfg()
     assert cfg.DATASET.SUBSAMPLE_CLASSES == "all"
     assert cfg.MODEL.BACKBONE.PATH == ""
     assert cfg.TRAINER.COOP.CLASS_TOKEN_POSITION == "end"
@@ -78,7 +68,7 @@ def test_release_preset_values():
 
 
 def test_paper_preset_changes_nothing():
-    assert minimal_cfg().TRAINER.SPOTLIGHTER == spot("paper")
+    assert default_cfg().TRAINER.SPOTLIGHTER == spot("paper")
 
 
 def test_presets_only_differ_in_the_listed_keys():
@@ -99,7 +89,7 @@ def test_presets_only_differ_in_the_listed_keys():
 
 
 def test_explicit_values_win_over_the_preset():
-    cfg = minimal_cfg()
+    cfg = default_cfg()
     apply_preset(cfg, "release")
     cfg.merge_from_list(["TRAINER.SPOTLIGHTER.TOP_K", 6, "TRAINER.SPOTLIGHTER.LEVEL_SIZES", [3, 3]])
     assert cfg.TRAINER.SPOTLIGHTER.TOP_K == 6
@@ -119,7 +109,7 @@ def test_preset_lists_are_not_shared_between_configs():
 
 
 def test_unknown_preset():
-    cfg = minimal_cfg()
+    cfg = default_cfg()
     with pytest.raises(ConfigError) as err:
         apply_preset(cfg, "fancy")
     msg = str(err.value)
@@ -198,7 +188,7 @@ def test_invalid_precision_message():
 @pytest.mark.parametrize("node", ["COOP", "COCOOP"])
 def test_coop_and_cocoop_defaults_are_coops_own(node):
     """KaiyangZhou/CoOp train.py: N_CTX 16, CTX_INIT "", CSC False, CLASS_TOKEN_POSITION end, PREC fp16."""
-    n = minimal_cfg().TRAINER[node]
+    n = default_cfg().TRAINER[node]
     assert (n.N_CTX, n.CTX_INIT, n.PREC) == (16, "", "fp16")
     if node == "COOP":
         assert (n.CSC, n.CLASS_TOKEN_POSITION) == (False, "end")
@@ -245,11 +235,7 @@ def test_every_minibench_trainer_config_has_the_benchmarks_one_input_block():
 
 def dassl_cfg():
     pytest.importorskip("dassl")
-    from dassl.config import get_cfg_default
-
-    cfg = get_cfg_default()
-    extend_cfg(cfg)
-    return cfg
+    return default_cfg()
 
 
 def test_dassl_defaults_and_shipped_configs_pass_check_dassl_cfg():

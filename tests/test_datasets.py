@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("dassl", reason="upstream Dassl.pytorch is not installed (CI has none); "
                                      "the dataset classes are Dassl datasets")
 
-from dassl.config import get_cfg_default  # noqa: E402
 from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase  # noqa: E402
 from dassl.utils import set_random_seed  # noqa: E402
+from spotlighter.config import default_cfg  # noqa: E402
 
 from dataset_trees import (  # noqa: E402
     FGVC_VARIANTS, WNIDS, fgvc_tree, imagenet_tree, make_image, split_tree, variant_tree,
@@ -37,8 +37,7 @@ ALL_NAMES = [lay.name for lay in LAYOUTS.values()]  # every dataset of the one t
 
 
 def make_cfg(data, name, shots=-1, seed=1, subsample="all"):
-    cfg = get_cfg_default()
-    cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # what train.py's extend_cfg adds
+    cfg = default_cfg()
     cfg.DATASET.ROOT = str(data)
     cfg.DATASET.NAME = name
     cfg.DATASET.NUM_SHOTS = shots

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from spotlighter.backbone import (FrozenCLIP, PruneSpec, _attention_with_cls_row, _block_attention, _merge_tokens,
                                   _tome_tokens)
-from spotlighter.config import ConfigError, check_prune_cfg
+from spotlighter.config import ConfigError, check_prune_cfg, default_cfg
 from spotlighter.models import Spotlighter
-from model_helpers import NAMES, build_all, check_reduced_forward, empty_cfg, head_cfg, images
+from model_helpers import NAMES, check_reduced_forward, head_cfg, images, reduction_models
 from tiny_clip import build_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -153,8 +153,8 @@ def test_merge_with_nothing_to_merge_is_the_unpruned_forward(deep_clip):
 def test_models_merge_at_test_and_train_through_it(deep_clip):
     x = images(3)
     y = torch.tensor([0, 1, 3])
-    plain = build_all(FrozenCLIP(deep_clip))
-    merged = build_all(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5, mode="merge")))
+    plain = reduction_models(FrozenCLIP(deep_clip))
+    merged = reduction_models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5, mode="merge")))
     for kind in plain:
         plain[kind].eval(), merged[kind].eval()
         with torch.no_grad():
@@ -203,7 +203,7 @@ def test_spec_checks_mode_and_keep():
 @pytest.mark.parametrize("key,value,match", [("MODE", "blend", "drop.*merge"),
                                              ("KEEP", 0.4, r"\[0.5, 1\] with MODEL.PRUNE.MODE merge")])
 def test_merge_cfg_errors(key, value, match):
-    cfg = empty_cfg()
+    cfg = default_cfg()
     cfg.MODEL.PRUNE.MODE = "merge"
     cfg.MODEL.PRUNE.LAYERS = [1]
     cfg.MODEL.PRUNE[key] = value
@@ -212,7 +212,7 @@ def test_merge_cfg_errors(key, value, match):
 
 
 def test_merge_cfg_builds_the_spec():
-    node = empty_cfg().MODEL.PRUNE
+    node = default_cfg().MODEL.PRUNE
     assert node.MODE == "drop"
     node.LAYERS, node.KEEP, node.MODE = [1, 2], 0.6, "merge"
     check_prune_cfg(node)
@@ -328,7 +328,7 @@ def test_spotlighter_selects_among_tome_tokens(deep_clip):
     ({"MODE": "tome", "KEEP": 0.4}, r"MODEL.PRUNE.KEEP = 0.4 is invalid: .*\[0.5, 1\] with MODEL.PRUNE.MODE tome"),
 ])
 def test_tome_cfg_errors(changes, match):
-    cfg = empty_cfg()
+    cfg = default_cfg()
     cfg.MODEL.PRUNE.LAYERS = [1]
     for key, value in changes.items():
         cfg.MODEL.PRUNE[key] = value
@@ -337,7 +337,7 @@ def test_tome_cfg_errors(changes, match):
 
 
 def test_tome_and_evit_cfg_build_the_spec():
-    node = empty_cfg().MODEL.PRUNE
+    node = default_cfg().MODEL.PRUNE
     assert node.R == 0
     node.LAYERS, node.MODE, node.R, node.KEEP = [0, 1, 2], "tome", 8, 0.3  # R replaces KEEP (no KEEP check)
     check_prune_cfg(node)
@@ -356,8 +356,8 @@ def test_tome_and_evit_cfg_build_the_spec():
 def test_models_reduce_with_the_authors_rules_and_train_through_them(deep_clip, spec):
     x = images(3)
     y = torch.tensor([0, 1, 3])
-    plain = build_all(FrozenCLIP(deep_clip))
-    reduced = build_all(FrozenCLIP(deep_clip, spec))
+    plain = reduction_models(FrozenCLIP(deep_clip))
+    reduced = reduction_models(FrozenCLIP(deep_clip, spec))
     for kind in plain:
         plain[kind].eval(), reduced[kind].eval()
         with torch.no_grad():

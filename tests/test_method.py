@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from spotlighter.backbone import ImageTokens
-from spotlighter.config import apply_preset, extend_cfg
+from spotlighter.config import apply_preset, default_cfg
 from spotlighter.method import (ClassMemory, HeadConfig, ImageRefiner, ScoreWeights, SharedMemory, SpotlighterHead,
                                 attention_read, gather_tokens, level_weights, sample_wise_score,
                                 select_top_k, semantic_wise_score, split_levels, standardize, token_scores)
@@ -33,10 +33,7 @@ def close(a, b, **kw):
 
 
 def spot_node(preset="paper", **changes) -> CN:
-    cfg = CN()
-    cfg.DATASET, cfg.MODEL, cfg.TRAINER = CN(), CN(), CN()
-    cfg.MODEL.BACKBONE = CN()
-    extend_cfg(cfg)
+    cfg = default_cfg()
     apply_preset(cfg, preset)
     node = cfg.TRAINER.SPOTLIGHTER
     for dotted, value in changes.items():
@@ -127,9 +124,9 @@ def test_token_scores_paper_is_sum_of_standardised_terms():
 
 def test_token_scores_missing_inputs():
     with pytest.raises(ValueError, match="prototypes"):
-        token_scores(PATCHES, PROBS, TEXT, None, None, ScoreWeights(0.0, 1.0, 0.0))
+        token_scores(PATCHES, PROBS, TEXT, None, None, ScoreWeights(0.0, 1.0, 0.0, eps=0.0))
     with pytest.raises(ValueError, match="attention"):
-        token_scores(PATCHES, PROBS, TEXT, None, None, ScoreWeights(0.0, 0.0, 1.0))
+        token_scores(PATCHES, PROBS, TEXT, None, None, ScoreWeights(0.0, 0.0, 1.0, eps=0.0))
 
 
 # ============================================================================ selection and levels

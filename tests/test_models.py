@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_helpers import B, KINDS, NAMES, build, head_cfg, images
 from spotlighter.models import (CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP, count_trainable,
                                 zero_shot_text)
 
-from model_helpers import B, KINDS, NAMES, build, head_cfg, images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

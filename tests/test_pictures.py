@@ -10,9 +10,10 @@ from PIL import Image
 
 from spotlighter import pictures
 from spotlighter.backbone import FrozenCLIP, PruneSpec
-from spotlighter.models import Spotlighter
-from model_helpers import NAMES, head_cfg
+from model_helpers import make_model
 from tiny_clip import build_tiny_clip
+
+NAMES = ["cat", "dog_house", "red car", "x"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,7 +25,8 @@ def deep_clip():
 
 def _model(clip_model, prune=None, preset="paper"):
     torch.manual_seed(0)
-    return Spotlighter(FrozenCLIP(clip_model, prune), NAMES, head_cfg(preset, 8 if preset == "paper" else 1))
+    return make_model("spotlighter", FrozenCLIP(clip_model, prune), NAMES, {
+        "TRAINER.SPOTLIGHTER.PRESET": preset, "TRAINER.SPOTLIGHTER.IRM.HEADS": 8 if preset == "paper" else 1})
 
 
 def _views(n=2, size=32, seed=0):

@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spotlighter.backbone import (FUSED_INDEX, BackboneError, FrozenCLIP, PruneSpec, _attention_with_cls_row,
                                   _block_attention, _evit_tokens)
-from spotlighter.config import ConfigError, check_prune_cfg
-from spotlighter.models import MaPLe, Spotlighter
-from model_helpers import NAMES, build_all, check_reduced_forward, empty_cfg, head_cfg, images
+from spotlighter.config import ConfigError, check_prune_cfg, default_cfg
+from spotlighter.models import CoCoOp, CoOp, MaPLe, Spotlighter, ZeroShotCLIP
+from model_helpers import NAMES, check_reduced_forward, head_cfg, images, reduction_models
 from tiny_clip import build_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -129,18 +130,22 @@ def test_remaining_and_kept():
     assert PruneSpec((3,), 1.0).remaining(196) == 196 and PruneSpec((), 0.5).remaining(196) == 196
 
 
+def _cfg():
+    return default_cfg()
+
+
 @pytest.mark.parametrize("key,value,match", [("LAYERS", [6, 3], "increasing"), ("LAYERS", [-1], "increasing"),
                                              ("KEEP", 0.0, r"\(0, 1\]"), ("KEEP", 1.5, r"\(0, 1\]"),
                                              ("FUSE", 1, "True or False")])
 def test_prune_cfg_errors(key, value, match):
-    cfg = empty_cfg()
+    cfg = _cfg()
     cfg.MODEL.PRUNE[key] = value
     with pytest.raises(ConfigError, match=f"MODEL.PRUNE.{key}.*{match}"):
         check_prune_cfg(cfg.MODEL.PRUNE)
 
 
 def test_prune_cfg_defaults_are_off_and_valid():
-    node = empty_cfg().MODEL.PRUNE
+    node = _cfg().MODEL.PRUNE
     check_prune_cfg(node)
     assert not PruneSpec.from_cfg(node).active
 
@@ -149,9 +154,9 @@ def test_prune_cfg_defaults_are_off_and_valid():
 def test_models_prune_at_test_and_in_training_as_configured(deep_clip):
     x = images(3)
     y = torch.tensor([0, 1, 3])
-    plain = build_all(FrozenCLIP(deep_clip))
-    pruned = build_all(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5)))
-    no_train = build_all(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5, in_training=False)))
+    plain = reduction_models(FrozenCLIP(deep_clip))
+    pruned = reduction_models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5)))
+    no_train = reduction_models(FrozenCLIP(deep_clip, PruneSpec((1,), 0.5, in_training=False)))
     for kind in plain:
         for m in (plain[kind], pruned[kind], no_train[kind]):
             m.eval()

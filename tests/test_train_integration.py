@@ -863,8 +863,8 @@ def test_resume_with_other_settings_is_refused_and_restart_starts_over(data_root
                                                                                             "model.pth.tar-3"]
     log = open(out / "log.txt").read()
     # the killed run's log and the refused attempt's log.txt-<time> (which ends with the error above)
-    assert re.search(r"--restart: moved the earlier run's files \(log\.txt, log\.txt-[0-9-]+, prompt_learner, "
-                     r"tensorboard\) to " + re.escape(str(moved)), log)
+    assert re.search(r"--restart: moved the earlier run's files \(config\.yaml, log\.txt, log\.txt-[0-9-]+, "
+                     r"prompt_learner, tensorboard\) to " + re.escape(str(moved)), log)
     assert "No checkpoint found" in log and "Resumed from" not in log
     rec = read_result(out)
     assert (rec["seed"], rec["shots"], rec["epoch"]) == (2, 2, 3)  # what ran

@@ -31,19 +31,20 @@ from dassl.utils import AverageMeter, MetricMeter
 
 from spotlighter.data_layout import DatasetError
 from spotlighter import checkpoint as ckpt
-from spotlighter import foreign, preempt
-from spotlighter.backbone import FrozenCLIP, PruneSpec, load_clip
+from spotlighter import factory, foreign, preempt
+from spotlighter.backbone import FrozenCLIP
 from spotlighter.config import ConfigError, check_precision, check_prune_cfg
 from spotlighter.fileio import atomic_path
 from spotlighter.models import count_trainable
-from spotlighter.prompt import PromptTooLong
+from spotlighter.registry import trainer as registered
 from spotlighter.schedule import build_schedule
 
 logger = logging.getLogger(__name__)
 
-BEST_FILE = "model-best.pth.tar"
-LAST_POINTER = "checkpoint"  # Dassl's file naming the last checkpoint of a folder (used to resume)
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32}
+BEST_FILE, LAST_POINTER, checkpoint_name = ckpt.BEST_FILE, ckpt.LAST_POINTER, ckpt.checkpoint_name
+DTYPES = factory.DTYPES
+#: The run's config, saved next to its checkpoints: :func:`spotlighter.api.load_trained` rebuilds the model from it.
+CONFIG_FILE = "config.yaml"
 #: Test hook: SIGKILL this process right after the checkpoint of this (1-based) epoch is written,
 #: as a crash or a cluster's preemption would (tests/test_train_integration.py resumes from it).
 KILL_AFTER_EPOCH_ENV = "SPOTLIGHTER_TEST_KILL_AFTER_EPOCH"
@@ -116,10 +117,6 @@ class CheckedDatasetWrapper(DatasetWrapper):
                                "good copy (see DATASETS.md) or remove it from the split file.") from None
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"model.pth.tar-{epoch}"
-
-
 def step_checkpoint_name(epoch: int, step: int) -> str:
     """A stopped run's checkpoint: ``step`` batches of (1-based) ``epoch`` done."""
     return f"model.pth.tar-{epoch}-step{step}"
@@ -150,23 +147,19 @@ def restore_meters(meters: MetricMeter, state: Dict[str, list]) -> None:
         m.avg = total / count if count else 0.0
 
 
-def _last_numbered(folder: str) -> Optional[str]:
-    """The highest-epoch ``model.pth.tar-N`` in ``folder`` (None if there is none)."""
-    if not os.path.isdir(folder):
-        return None
-    epochs = [int(n.rsplit("-", 1)[1]) for n in os.listdir(folder)
-              if n.startswith("model.pth.tar-") and n.rsplit("-", 1)[1].isdigit()]
-    return checkpoint_name(max(epochs)) if epochs else None
-
-
 class PromptTrainer(TrainerX):
-    """Base of the CLIP prompt trainers. Subclasses set ``CFG_NODE`` and ``MODULE_NAME`` and
-    implement :meth:`build_custom_model` (a plain model from :mod:`spotlighter.models`)."""
+    """Base of the CLIP prompt trainers: one per trainer of :data:`spotlighter.registry.TRAINERS`,
+    named as registered there. The model comes from :func:`spotlighter.factory.build_model`."""
 
-    CFG_NODE = ""  # cfg.TRAINER.<CFG_NODE> holds PREC and the method's keys
-    MODULE_NAME = "prompt_learner"  # folder of the checkpoints inside OUTPUT_DIR
+    CFG_NODE = ""  # cfg.TRAINER.<CFG_NODE> holds PREC and the method's keys (from the registry)
+    MODULE_NAME = ""  # folder of the checkpoints inside OUTPUT_DIR (from the registry)
     #: The keys of cfg.TRAINER.<CFG_NODE> that fix the shapes of a checkpoint's tensors (error messages)
     CHECKPOINT_KEYS = "N_CTX / CTX_INIT (and CSC or PROMPT_DEPTH)"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        spec = registered(cls.__name__)
+        cls.CFG_NODE, cls.MODULE_NAME = spec.node, spec.module
 
     def __init__(self, cfg):
         self._start_time = time.time()
@@ -197,12 +190,7 @@ class PromptTrainer(TrainerX):
         check_prune_cfg(cfg.MODEL.PRUNE)
 
     def resolve_precision(self) -> str:
-        prec = self.node.PREC
-        if prec == "fp16" and self.device.type == "cpu":
-            logger.warning("TRAINER.%s.PREC = fp16 is not supported on CPU (about 20x slower, and "
-                           "half-precision CPU kernels are incomplete): falling back to fp32.", self.CFG_NODE)
-            return "fp32"
-        return prec
+        return factory.resolve_precision(self.cfg, self.device)
 
     # ------------------------------------------------------------------ data
     def build_data_loader(self) -> None:
@@ -216,17 +204,14 @@ class PromptTrainer(TrainerX):
 
     # ------------------------------------------------------------------ model
     def build_custom_model(self, clip: FrozenCLIP, classnames) -> nn.Module:
-        raise NotImplementedError
+        return factory.build_model(self.cfg, classnames, clip)
 
     def build_model(self) -> None:
         cfg = self.cfg
         self.warn_if_selecting_on_test()
         self.precision = self.resolve_precision()
-        backbone = cfg.MODEL.BACKBONE
-        path = backbone.PATH.replace("{root}", cfg.DATASET.ROOT)  # "{root}/..." = under DATASET.ROOT
-        clip_model = load_clip(backbone.NAME, path, self.device, DTYPES[self.precision])
-        prune = PruneSpec.from_cfg(cfg.MODEL.PRUNE)
-        self.clip = FrozenCLIP(clip_model, prune)
+        self.clip = factory.load_frozen_clip(cfg, self.device, self.precision)
+        prune = self.clip.prune
         if prune.active:
             amount = f"merge {prune.r} tokens" if prune.r else f"keep {prune.keep:.3g} of the patch tokens"
             logger.info("Token reduction (%s): blocks %s %s (fuse %s, in training %s): %d of %d patches reach the "
@@ -238,10 +223,7 @@ class PromptTrainer(TrainerX):
                               f"{self.clip.input_resolution}; set INPUT.SIZE ({self.clip.input_resolution}, "
                               f"{self.clip.input_resolution}).")
         classnames = self.dm.dataset.classnames
-        try:
-            self.model = self.build_custom_model(self.clip, classnames).to(self.device)
-        except PromptTooLong as exc:  # name this trainer's CTX_INIT key
-            raise exc.for_node(f"TRAINER.{self.CFG_NODE}") from None
+        self.model = self.build_custom_model(self.clip, classnames).to(self.device)
         n_trainable = count_trainable(self.model)
         n_tensors = sum(1 for p in self.model.parameters() if p.requires_grad)
         logger.info("Trainable scalars: %s in %d tensors (frozen CLIP excluded); precision %s on %s",
@@ -279,7 +261,15 @@ class PromptTrainer(TrainerX):
     def train(self):
         if self.optim is None:
             raise ConfigError(f"{self.cfg.TRAINER.NAME} has no trainable parameters: run it with --eval-only.")
+        self.save_config()
         super().train()
+
+    def save_config(self) -> None:
+        """The run's complete config as ``OUTPUT_DIR/config.yaml``, what
+        :func:`spotlighter.api.load_trained` rebuilds the model from."""
+        path = os.path.join(self.output_dir, CONFIG_FILE)
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.write(self.cfg.dump())
 
     def run_epoch(self):
         """Dassl's TrainerX loop (same operations in the same order, same log lines), plus: the
@@ -403,6 +393,7 @@ class PromptTrainer(TrainerX):
                 + (f" or leave half precision (TRAINER.{self.CFG_NODE}.PREC fp32)" if self.precision == "fp16" else "")
                 + ". " + self.AFTER_DIVERGENCE)
         summary = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        summary.update({k: float(v) for k, v in (getattr(self.model, "stats", None) or {}).items()})
         summary["acc"] = compute_accuracy(logits.detach(), labels)[0].item()
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
@@ -654,23 +645,10 @@ class PromptTrainer(TrainerX):
             return
         for name in self.get_model_names():
             folder = os.path.join(directory, name)
-            if epoch is not None:
-                path = os.path.join(folder, checkpoint_name(epoch))
-            elif os.path.isfile(os.path.join(folder, BEST_FILE)):
-                path = os.path.join(folder, BEST_FILE)
-            elif os.path.isfile(os.path.join(folder, LAST_POINTER)):
-                with open(os.path.join(folder, LAST_POINTER)) as f:
-                    path = os.path.join(folder, f.read().strip())
-            elif _last_numbered(folder):  # e.g. an original-repo folder copied without its pointer file
-                path = os.path.join(folder, _last_numbered(folder))
+            path, guessed = ckpt.find_checkpoint(folder, epoch)
+            if guessed:
                 logger.info("No %s or '%s' file in %s: loading the last epoch's %s", BEST_FILE, LAST_POINTER,
                             folder, os.path.basename(path))
-            else:
-                raise ckpt.CheckpointError(f"No checkpoint in {folder} (expected {BEST_FILE} or a "
-                                           f"'{LAST_POINTER}' file; give --load-epoch N for model.pth.tar-N).")
-            if not os.path.isfile(path):
-                have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-                raise ckpt.CheckpointError(f"No checkpoint at {path}. Present in {folder}: {have or 'nothing'}.")
             data = self._read_for_eval(path)
             self._restore(name, data, path)
             self.loaded_epoch = int(data["epoch"])

@@ -15,13 +15,10 @@ class PromptSRC(IVLP):
     """PromptSRC (Khattak et al., ICCV 2023): IVLP prompts with self-regulating constraints and
     Gaussian prompt aggregation (GPA) over the epochs."""
 
-    CFG_NODE = "PROMPTSRC"
-
     def build_custom_model(self, clip, classnames):
         n = self.node
         self.gpa = models.GaussianPromptAggregation(n.GPA_MEAN, n.GPA_STD, self.cfg.OPTIM.MAX_EPOCH)
-        return models.PromptSRC(clip, classnames, text_weight=n.TEXT_LOSS_WEIGHT,
-                                image_weight=n.IMAGE_LOSS_WEIGHT, **self.ivlp_kwargs())
+        return super().build_custom_model(clip, classnames)
 
     def after_epoch(self):
         """Add this epoch's prompts to the aggregate; after the last epoch the aggregate replaces them

@@ -2,7 +2,6 @@ import logging
 
 from dassl.engine import TRAINER_REGISTRY
 
-from spotlighter import kd_spotlighter
 from spotlighter.method import ClassMemory
 
 from .promptkd import PromptKD
@@ -20,19 +19,8 @@ class SpotlighterKD(PromptKD):
                        "TRAINER.SPOTLIGHTERKD.MEMORY / IRM)")
 
     @property
-    def head_node(self):
-        return self.cfg.TRAINER.SPOTLIGHTERKD
-
-    @property
     def preset(self):
-        return self.head_node.PRESET
-
-    def build_custom_model(self, clip, classnames):
-        head = kd_spotlighter.KDHeadConfig.from_cfg(self.head_node)
-        clip.explicit_attention = bool(self.head_node.EXPLICIT_ATTENTION)
-        return self.build_student(clip, classnames, lambda n, teacher: kd_spotlighter.SpotlighterKD(
-            clip, teacher, classnames, head, n_vision=n.N_CTX_VISION, vision_depth=n.PROMPT_DEPTH_VISION,
-            round_prompts=n.ROUND_PROMPTS_FP16, kd_weight=n.KD_WEIGHT, temperature=n.TEMPERATURE))
+        return self.cfg.TRAINER.SPOTLIGHTERKD.PRESET
 
     def log_trainable(self) -> None:
         for name, module in self.model.trainable_groups().items():
