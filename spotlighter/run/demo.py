@@ -192,14 +192,24 @@ class Clock:
     def outcome(self, job: Job, out: Outcome) -> None:
         proto = self.p.protocol_of[job.dir]
         self.last[proto] = time.monotonic()
+        self.left[proto] -= 1
+        if self.left[proto] == 0 and not out.ran:  # a job that ran says it in its finish line (describe)
+            self.say(f"== {proto} done in {fmt_seconds(self.seconds(proto))}")
+
+    def describe(self, job: Job, out: Outcome) -> str:
+        """The finish line's text of a job that ran: what it was, its accuracy, and (the protocol's
+        last job) the protocol's wall time."""
+        proto = self.p.protocol_of[job.dir]
+        s = self.p.settings_of[job.dir]
+        text = f"{proto} {s.typed_trainer} ({s.cfg}) seed {job.seed}, {job.what}"
         if out.status == "done":
             acc = accuracy_of(job.dir)
-            s = self.p.settings_of[job.dir]
-            self.say(f"{proto} {s.typed_trainer} ({s.cfg}) seed {job.seed}, {job.what}: accuracy "
-                     f"{'NA' if acc is None else f'{acc:.2f}%'}")
-        self.left[proto] -= 1
+            text += f": accuracy {'NA' if acc is None else f'{acc:.2f}%'}"
+        else:
+            text += f" ({job.dir})"
         if self.left[proto] == 0:
-            self.say(f"== {proto} done in {fmt_seconds(self.seconds(proto))}")
+            text += f"; == {proto} done in {fmt_seconds(self.seconds(proto))}"
+        return text
 
     def seconds(self, proto: str) -> float:
         if proto not in self.first:
@@ -296,7 +306,7 @@ def run_demo(args: Sequence[str], env: Dict[str, str], cwd: str) -> int:
     clock = Clock(p, say, known)
     outcomes = run_local(p.jobs, s0, say, slots=slots, gpus=gpus, known=known, start=starter, echo=False,
                          settings_of=lambda job: p.settings_of[job.dir], on_start=clock.started,
-                         on_outcome=clock.outcome)
+                         on_outcome=clock.outcome, detail=clock.describe)
     status = report(types.SimpleNamespace(say=say), outcomes, p.failures)
     has_plot = subprocess.run([*python, "-c", "import matplotlib"], capture_output=True).returncode == 0
     failed_tables = 0

@@ -418,8 +418,9 @@ def write_options(job: Job, s: Settings) -> None:
 
 def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True,
             env: Optional[Dict[str, str]] = None, start: Optional[Callable] = None,
-            forward_signals: bool = False) -> Outcome:
-    """Decide from the folder what the job needs, and run it (``echo``: its output on our stdout).
+            forward_signals: bool = False, announce: bool = True) -> Outcome:
+    """Decide from the folder what the job needs, and run it (``echo``: its output on our stdout;
+    ``announce``: say "run (<kind>): <dir>" and "skip (finished): <dir>" as it starts or skips).
 
     ``start(cmd, env)`` starts the job's process (default: :func:`popen`; the local launcher's
     pre-imported forkserver, spotlighter.run.fast, has the same interface); its ``stdout`` carries
@@ -437,7 +438,8 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
     if st.name == "changed":
         return Outcome("changed", f"{job.name}: {st.note}")
     if st.name == "finished":
-        say(f"skip (finished): {job.dir}")
+        if announce:
+            say(f"skip (finished): {job.dir}")
         return Outcome("skipped")
     load: List[str] = []
     if job.model_dir:
@@ -458,7 +460,8 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
         write_line(runlog, quote(cmd))
     except OSError as exc:
         return Outcome("failed", f"{job.name}: cannot write into {job.dir}: {exc.strerror or exc}")
-    say(f"run ({job.kind}): {job.dir}")
+    if announce:
+        say(f"run ({job.kind}): {job.dir}")
     t0 = time.monotonic()
     proc = None
     received: List[int] = []
@@ -506,6 +509,25 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
         except OSError as exc:
             return Outcome("failed", f"{job.name}: cannot write {OPTIONS_FILE}: {exc.strerror or exc}", dt, ran=True)
     return Outcome("done", seconds=dt, ran=True)
+
+
+def elapsed_total(d: str) -> Optional[float]:
+    """Seconds every run of a folder took together (its run logs' elapsed lines: a resumed training's
+    pieces add up to the whole job), or None when no run log says."""
+    total, found = 0.0, False
+    for log in glob.glob(os.path.join(glob.escape(d), "run-*.log")):
+        try:
+            with open(log) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        if lines and lines[-1].startswith(ELAPSED_PREFIX):
+            try:
+                total += float(lines[-1][len(ELAPSED_PREFIX):].split()[0])
+                found = True
+            except ValueError:
+                continue
+    return total if found else None
 
 
 def elapsed_of(d: str) -> Optional[float]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..registry import job_cost
-from .jobs import Job, Outcome, Settings, run_one
+from .jobs import Job, Outcome, Settings, elapsed_total, run_one
 
 OK = ("done", "skipped")
 BLOCKED_VERB = {"failed": "failed", "refused": "was finished with other trailing options",
@@ -37,9 +37,11 @@ def fmt_seconds(sec: float) -> str:
 class Progress:
     """Jobs done / running / queued, and an ETA from the jobs that ran.
 
-    A job's expected time is the mean of the finished jobs of the same (trainer, kind); before one
-    has finished, the trainer's cost prior (spotlighter/registry.py) times the measured seconds per
-    unit of prior of the jobs that did finish. No ETA before any job finished.
+    A job's expected time is the mean of the finished jobs of the same (trainer, kind), each timed as
+    the sum of its folder's run logs (a resumed training counts whole), jobs finished by an earlier
+    run included; before one has finished, the trainer's cost prior (spotlighter/registry.py) times
+    the measured seconds per unit of prior of the jobs that did finish. No ETA before any job
+    finished.
     """
 
     total: int
@@ -95,12 +97,19 @@ class Progress:
         return f"progress: {done}/{self.total} finished, {len(running)} running, {len(queued)} queued{tail}"
 
 
+def finish_line(job: Job, out: Outcome, detail: str = "") -> str:
+    """``finished (train, 2m51s): <detail or folder>`` (``FAILED``, ``stopped``, ...)."""
+    verdict = {"done": "finished", "failed": "FAILED"}.get(out.status, out.status)
+    return f"{verdict} ({job.kind}, {fmt_seconds(out.seconds)}): {detail or job.dir}"
+
+
 def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: int = 1,
               gpus: Sequence[str] = (), known: Optional[Dict[str, Outcome]] = None,
               start: Optional[Callable] = None, echo: Optional[bool] = None,
               settings_of: Optional[Callable[[Job], Settings]] = None,
               on_start: Optional[Callable[[Job], None]] = None,
-              on_outcome: Optional[Callable[[Job, Outcome], None]] = None) -> Dict[str, Outcome]:
+              on_outcome: Optional[Callable[[Job, Outcome], None]] = None,
+              detail: Optional[Callable[[Job, Outcome], str]] = None) -> Dict[str, Outcome]:
     """Run the graph; returns every job's outcome by folder (``blocked``: a dependency did not finish).
 
     ``known``: outcomes decided before (e.g. a folder found locked by FORCE=1); those jobs are not run.
@@ -108,6 +117,9 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
     fresh interpreter). ``echo``: job output on our stdout too (default: with one slot).
     ``settings_of``: each job's Settings when the graph mixes runs (the demo); default ``s``.
     ``on_start`` / ``on_outcome``: called (under the output lock) when a job starts / gets its outcome.
+    Each job that ran gets one line when it ends: its verdict, ``detail(job, outcome)`` (default its
+    folder) and the progress counts, taken once the freed slots have started their next jobs.
+    Jobs found finished are timed from their run logs, so a re-run's ETA starts from what they took.
     """
     slots = max(1, slots)
     devices: List[Optional[str]] = [gpus[i % len(gpus)] for i in range(slots)] if gpus else [None] * slots
@@ -132,11 +144,12 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
     def work(job: Job, dev: Optional[str]) -> None:
         env = {"CUDA_VISIBLE_DEVICES": dev} if dev is not None else None
         try:
-            out = run_one(job, settings_of(job), locked_say, echo=echo, env=env, start=start)
+            out = run_one(job, settings_of(job), locked_say, echo=echo, env=env, start=start, announce=echo)
         except Exception as exc:  # a bug must not hang the scheduler
             out = Outcome("failed", f"{job.name}: runner error: {exc!r}")
         done_q.put((job, out, dev))
 
+    ended: List[str] = []  # finish lines waiting for the next jobs to start (their progress counts them)
     while pending or running:
         started = True
         while started:
@@ -161,26 +174,31 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
                     if on_start:
                         with lock:
                             on_start(job)
-                    if slots > 1:
-                        locked_say(f"start ({job.kind}{', GPU ' + dev if dev is not None else ''}): {job.dir}")
                     threading.Thread(target=work, args=(job, dev), daemon=True).start()
                     started = True
                     if not devices:
                         break
+        for line in ended:
+            locked_say(f"{line} | {progress.line(len(outcomes), pending, running)}")
+        ended.clear()
         if not running:
             break
         job, out, dev = done_q.get()
         running.pop(job.dir)
         devices.append(dev)
         outcomes[job.dir] = out
-        if out.status == "done":
-            progress.add(job, out.seconds)
+        if out.status in OK:
+            took = elapsed_total(job.dir) if out.status == "skipped" else (elapsed_total(job.dir) or out.seconds)
+            if took:
+                progress.add(job, took)
         if on_outcome:
             with lock:
                 on_outcome(job, out)
         if out.ran:
-            n_done = len(outcomes)
-            verdict = {"done": "finished", "failed": "FAILED"}.get(out.status, out.status)
-            locked_say(f"{verdict} ({job.kind}, {fmt_seconds(out.seconds)}): {job.dir}")
-            locked_say(progress.line(n_done, pending, running))
+            ended.append(finish_line(job, out, detail(job, out) if detail else ""))
+    for line in ended:
+        locked_say(f"{line} | {progress.line(len(outcomes), pending, running)}")
+    skipped = sum(1 for j in jobs if outcomes.get(j.dir, Outcome("")).status == "skipped")
+    if skipped and not echo:  # with echo, run_one said it of each
+        locked_say(f"skip (finished): {skipped} job(s) whose folders hold a finished run")
     return outcomes
