@@ -131,6 +131,12 @@ def build_cfg(args, preset: str = ""):
     return cfg
 
 
+def is_openclip(name: str) -> bool:
+    from spotlighter.openclip import is_openclip as check
+
+    return check(name)
+
+
 def setup_cfg(args):
     cfg = build_cfg(args)
     preset = cfg.TRAINER.SPOTLIGHTER.PRESET
@@ -140,6 +146,10 @@ def setup_cfg(args):
         cfg.TRAINER.CONFIG_NAME = _stem(args.config_file)
     if not cfg.DATASET.CONFIG_NAME:
         cfg.DATASET.CONFIG_NAME = _stem(args.dataset_config_file)
+    if is_openclip(cfg.MODEL.BACKBONE.NAME):  # the model's own image size, mean and std
+        from spotlighter.openclip import adopt_input
+
+        args.adopted_input = adopt_input(cfg)
     cfg.freeze()
     return cfg
 
@@ -244,6 +254,8 @@ def run_locked(args, cfg, lock) -> None:
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)
     configure_logging()
+    if getattr(args, "adopted_input", None):
+        logger.info("%s: %s (the model's own preprocessing)", cfg.MODEL.BACKBONE.NAME, "; ".join(args.adopted_input))
     if moved:
         logger.info("--restart: moved the earlier run's files (%s) to %s", ", ".join(moved[1]), moved[0])
     if lock.taken_over is not None:
