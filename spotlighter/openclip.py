@@ -535,6 +535,32 @@ def load_openclip(name: str, path: str = "", device="cpu", dtype: torch.dtype = 
 
 
 # ---------------------------------------------------------------------------- config
+#: The image mean and std OpenAI's CLIP was trained with (OpenCLIP's default too).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_preprocessing(clip) -> Tuple[int, Tuple[float, ...], Tuple[float, ...]]:
+    """(resolution, mean, std) a FrozenCLIP expects its images in: an OpenCLIP model's own, else
+    OpenAI's mean and std at the model's resolution."""
+    info = clip.openclip
+    if info is None:
+        return clip.input_resolution, OPENAI_MEAN, OPENAI_STD
+    return info.resolution, info.mean, info.std
+
+
+def check_same_images(student, teacher, student_name: str, teacher_name: str) -> Optional[str]:
+    """A message when a teacher CLIP expects other images than the student (PromptKD gives both the
+    same batch), else None."""
+    a, b = image_preprocessing(student), image_preprocessing(teacher)
+    if a == b:
+        return None
+    say = lambda p: f"{p[0]} px, mean {tuple(p[1])}, std {tuple(p[2])}"  # noqa: E731
+    return (f"the teacher's CLIP {teacher_name} expects images at {say(b)}; the student's {student_name} at "
+            f"{say(a)}. PromptKD gives both the same images: choose a teacher (TRAINER.PROMPTKD.TEACHER_NAME) "
+            "with the student's resolution and normalisation.")
+
+
 #: The INPUT keys an OpenCLIP backbone sets from its own preprocessing.
 INPUT_KEYS = ("SIZE", "PIXEL_MEAN", "PIXEL_STD", "INTERPOLATION")
 DASSL_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -331,3 +331,25 @@ def test_a_refused_model_is_one_error_line(data_root, tiny_files, tmp_path, caps
     assert err.startswith("error: OpenCLIP model 'ViT-B-16-SigLIP' cannot be used as a backbone: its image tower "
                           "is the timm model 'vit_base_patch16_siglip_224' (SigLIP: no class token")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_half_precision_is_openais_conversion_of_the_same_weights(tiny_files):
+    path = tiny_files["spotlighter-tiny-odd"][1]
+    full = load_clip("openclip:spotlighter-tiny-odd", path=path)
+    half = load_clip("openclip:spotlighter-tiny-odd", path=path, dtype=torch.float16)
+    assert half.visual.conv1.weight.dtype == torch.float16 and half.visual.ln_post.weight.dtype == torch.float32
+    block, ref = half.visual.transformer.resblocks[1], full.visual.transformer.resblocks[1]
+    assert torch.equal(block.mlp.c_fc.weight, ref.mlp.c_fc.weight.half()) and isinstance(block.mlp.gelu, nn.GELU)
+    assert torch.equal(half.text_projection, full.text_projection.half())
+
+
+def test_a_promptkd_teacher_must_expect_the_students_images(tiny_tag, tiny_files, frozen_clip):
+    path = tiny_files["spotlighter-tiny"][1]
+    student = FrozenCLIP(load_clip("openclip:spotlighter-tiny", path=path))
+    assert oc.check_same_images(student, frozen_clip, "openclip:spotlighter-tiny", "ViT-B/16") is None
+    teacher = FrozenCLIP(load_clip(tiny_tag, path=path))
+    assert oc.check_same_images(student, teacher, "openclip:spotlighter-tiny", tiny_tag) == (
+        "the teacher's CLIP openclip:spotlighter-tiny:tinytag expects images at 32 px, mean (0.5, 0.5, 0.5), std "
+        "(0.25, 0.25, 0.25); the student's openclip:spotlighter-tiny at 32 px, mean (0.48145466, 0.4578275, "
+        "0.40821073), std (0.26862954, 0.26130258, 0.27577711). PromptKD gives both the same images: choose a "
+        "teacher (TRAINER.PROMPTKD.TEACHER_NAME) with the student's resolution and normalisation.")

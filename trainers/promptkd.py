@@ -4,6 +4,8 @@ from dassl.engine import TRAINER_REGISTRY
 
 from spotlighter import kd, models
 from spotlighter.backbone import FrozenCLIP, load_clip
+from spotlighter.config import ConfigError
+from spotlighter.openclip import check_same_images
 
 from .base import DTYPES, PromptTrainer
 
@@ -25,6 +27,9 @@ class PromptKD(PromptTrainer):
         n = self.node
         teacher_clip = FrozenCLIP(load_clip(n.TEACHER_NAME, self._path(n.TEACHER_PATH), self.device,
                                             DTYPES[self.precision]))
+        problem = check_same_images(clip, teacher_clip, self.cfg.MODEL.BACKBONE.NAME, n.TEACHER_NAME)
+        if problem:
+            raise ConfigError(problem)
         teacher = models.IVLP(teacher_clip, classnames, n_text=n.TEACHER_N_CTX_TEXT, n_vision=n.TEACHER_N_CTX_VISION,
                               ctx_init=n.TEACHER_CTX_INIT, text_depth=n.TEACHER_PROMPT_DEPTH_TEXT,
                               vision_depth=n.TEACHER_PROMPT_DEPTH_VISION, round_prompts=n.ROUND_PROMPTS_FP16)
