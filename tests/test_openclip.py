@@ -353,3 +353,19 @@ def test_a_promptkd_teacher_must_expect_the_students_images(tiny_tag, tiny_files
         "(0.25, 0.25, 0.25); the student's openclip:spotlighter-tiny at 32 px, mean (0.48145466, 0.4578275, "
         "0.40821073), std (0.26862954, 0.26130258, 0.27577711). PromptKD gives both the same images: choose a "
         "teacher (TRAINER.PROMPTKD.TEACHER_NAME) with the student's resolution and normalisation.")
+
+
+@requires_dassl
+def test_trained_prompts_evaluate_on_new_classes(data_root, tiny_files, tmp_path, capsys):
+    """Base-to-novel's second half: --eval-only --model-dir on the new classes, same backbone."""
+    out = tmp_path / "base"
+    train_one_step("CoOp", data_root, out, tiny_files, capsys)
+    name, path = "openclip:spotlighter-tiny", tiny_files["spotlighter-tiny"][1]
+    new = tmp_path / "new"
+    argv = argv_for("CoOp", data_root, new, name, path, ["DATASET.SUBSAMPLE_CLASSES", "new"])
+    code, err = run_train(["--eval-only", "--model-dir", str(out), "--load-epoch", "1"] + argv, capsys)
+    assert code == 0, err
+    import json
+
+    rec = json.load(open(new / "result.json"))
+    assert (rec["subset"], rec["epoch"], rec["total"]) == ("new", 1, 36)
