@@ -131,12 +131,6 @@ def build_cfg(args, preset: str = ""):
     return cfg
 
 
-def is_openclip(name: str) -> bool:
-    from spotlighter.openclip import is_openclip as check
-
-    return check(name)
-
-
 def setup_cfg(args):
     cfg = build_cfg(args)
     preset = cfg.TRAINER.SPOTLIGHTER.PRESET
@@ -146,10 +140,9 @@ def setup_cfg(args):
         cfg.TRAINER.CONFIG_NAME = _stem(args.config_file)
     if not cfg.DATASET.CONFIG_NAME:
         cfg.DATASET.CONFIG_NAME = _stem(args.dataset_config_file)
-    if is_openclip(cfg.MODEL.BACKBONE.NAME):  # the model's own image size, mean and std
-        from spotlighter.openclip import adopt_input
+    from spotlighter.openclip import adopt_input
 
-        args.adopted_input = adopt_input(cfg)
+    args.adopted_input = adopt_input(cfg)  # an OpenCLIP model's own image size, mean and std
     cfg.freeze()
     return cfg
 
