@@ -369,3 +369,16 @@ def test_trained_prompts_evaluate_on_new_classes(data_root, tiny_files, tmp_path
 
     rec = json.load(open(new / "result.json"))
     assert (rec["subset"], rec["epoch"], rec["total"]) == ("new", 1, 36)
+
+
+def test_an_openai_archive_loads_as_its_openclip_model(tiny_files, tmp_path):
+    """OpenAI's TorchScript archive read through the OpenCLIP path gives what the OpenAI path gives."""
+    from weight_archives import save_traced_clip
+
+    path = save_traced_clip(tmp_path / "ViT-tiny.pt", seed=3, half=False)
+    ours = FrozenCLIP(load_clip("openclip:spotlighter-tiny-openai", path=path))
+    openai = FrozenCLIP(load_clip("ViT-B/16", path=path))
+    x = images(32)
+    with torch.no_grad():
+        assert torch.equal(ours.encode_image(x), openai.encode_image(x))
+        assert torch.equal(ours.encode_text(TEXTS), openai.encode_text(TEXTS))

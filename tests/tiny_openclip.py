@@ -30,6 +30,10 @@ CONFIGS = {
                                               final_ln_after_pool=True),
                                   text=dict(ls_init_value=0.5, mlp_ratio=2.5, context_length=24)),
     "spotlighter-tiny-customtext": _tiny(custom_text=True, init_logit_bias=-10.0),
+    # the architecture of tests/tiny_clip.py's OpenAI CLIP (QuickGELU, heads = width // 64)
+    "spotlighter-tiny-openai": dict(embed_dim=64, quick_gelu=True,
+                                    vision_cfg={**TINY_VISION, "head_width": 64},
+                                    text_cfg={**TINY_TEXT, "heads": 1}),
 }
 
 
