@@ -345,6 +345,7 @@ def _where_to_get(name: OpenCLIPName, tag_cfg: dict) -> str:
 
 #: Seconds to wait for the download host before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
+PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def _unreachable_host(tag_cfg: dict) -> Optional[str]:
@@ -354,7 +355,7 @@ def _unreachable_host(tag_cfg: dict) -> Optional[str]:
     from urllib.parse import urlparse
 
     host = ("huggingface.co" if tag_cfg.get("hf_hub") else urlparse(tag_cfg.get("url", "")).hostname) or ""
-    if not host:
+    if not host or any(os.environ.get(k) for k in PROXY_ENVS):  # through a proxy: let the download try
         return None
     if tag_cfg.get("hf_hub") and os.environ.get("HF_ENDPOINT"):
         host = urlparse(os.environ["HF_ENDPOINT"]).hostname or host

@@ -382,3 +382,23 @@ def test_an_openai_archive_loads_as_its_openclip_model(tiny_files, tmp_path):
     with torch.no_grad():
         assert torch.equal(ours.encode_image(x), openai.encode_image(x))
         assert torch.equal(ours.encode_text(TEXTS), openai.encode_text(TEXTS))
+
+
+def test_an_unreachable_host_is_said_at_once(monkeypatch, tmp_path):
+    """Without a connection the error comes before Hugging Face's client retries for a minute."""
+    import socket
+
+    import huggingface_hub.constants
+
+    def no_network(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for key in ("SPOTLIGHTER_OFFLINE", "HF_HUB_OFFLINE", "HF_ENDPOINT", *oc.PROXY_ENVS):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(BackboneError) as err:
+        load_clip("openclip:ViT-B-16:laion2b_s34b_b88k")
+    assert str(err.value).startswith("The weights of openclip:ViT-B-16:laion2b_s34b_b88k are not in OpenCLIP's "
+                                     "cache and huggingface.co cannot be reached from this machine. Download "
+                                     "open_clip_pytorch_model.bin from https://huggingface.co/laion/")
