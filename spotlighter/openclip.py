@@ -449,9 +449,11 @@ def convert_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             k = k[len("text."):]
         out[k] = v.float()
     for key in [k for k in out if k.endswith((".ls_1.gamma", ".ls_2.gamma"))]:
-        gamma = out.pop(key)
         block = key.rsplit(".", 2)[0]
         target = f"{block}.attn.out_proj" if key.endswith("ls_1.gamma") else f"{block}.mlp.c_proj"
+        if f"{target}.weight" not in out or f"{target}.bias" not in out:
+            continue  # left in: the file is named as not holding the model
+        gamma = out.pop(key)
         out[f"{target}.weight"] = out[f"{target}.weight"] * gamma[:, None]
         out[f"{target}.bias"] = out[f"{target}.bias"] * gamma
     if "logit_scale" in out:
