@@ -29,6 +29,10 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib"],
+        # OpenCLIP backbones (MODEL.BACKBONE.NAME openclip:<MODEL>:<TAG>, spotlighter/openclip.py):
+        # open_clip and what this project imports of its dependencies directly. open-clip-torch
+        # asks for torch>=2.0, so an installed torch is kept.
+        "openclip": ["open-clip-torch>=3.0", "safetensors", "huggingface_hub"],
         "test": ["pytest>=7"],
     },
     entry_points={"console_scripts": ["spotlighter-results=spotlighter.results.cli:main"]},

@@ -140,6 +140,9 @@ def setup_cfg(args):
         cfg.TRAINER.CONFIG_NAME = _stem(args.config_file)
     if not cfg.DATASET.CONFIG_NAME:
         cfg.DATASET.CONFIG_NAME = _stem(args.dataset_config_file)
+    from spotlighter.openclip import adopt_input
+
+    args.adopted_input = adopt_input(cfg)  # an OpenCLIP model's own image size, mean and std
     cfg.freeze()
     return cfg
 
@@ -244,6 +247,8 @@ def run_locked(args, cfg, lock) -> None:
         set_random_seed(cfg.SEED)
     setup_logger(cfg.OUTPUT_DIR)
     configure_logging()
+    if getattr(args, "adopted_input", None):
+        logger.info("%s: %s (the model's own preprocessing)", cfg.MODEL.BACKBONE.NAME, "; ".join(args.adopted_input))
     if moved:
         logger.info("--restart: moved the earlier run's files (%s) to %s", ", ".join(moved[1]), moved[0])
     if lock.taken_over is not None:

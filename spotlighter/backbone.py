@@ -254,7 +254,12 @@ CLIP_DTYPES = (torch.float32, torch.float16)
 
 def load_clip(name: str, path: str = "", device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build ``clip.model.CLIP`` from weights (see :func:`build_clip`) found by :func:`resolve_weights`."""
+    """Build ``clip.model.CLIP`` from weights (see :func:`build_clip`) found by :func:`resolve_weights`;
+    an ``openclip:<MODEL>[:<TAG>]`` name is an OpenCLIP model (:func:`spotlighter.openclip.load_openclip`)."""
+    from .openclip import is_openclip, load_openclip
+
+    if is_openclip(name):
+        return load_openclip(name, path, device, dtype)
     file = resolve_weights(name, path)
     return build_clip(load_state_dict_file(file), device, dtype, source=file)
 
@@ -684,10 +689,27 @@ class FrozenCLIP(nn.Module):
         return super().train(False)
 
     # ------------------------------------------------------------------ text
+    @property
+    def openclip(self):
+        """The :class:`spotlighter.openclip.OpenCLIPInfo` of an OpenCLIP backbone, else None."""
+        return getattr(self.model, "openclip", None)
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids (N, context length), cut to the context with the end-of-text token kept last:
+        OpenAI's tokenizer, or OpenCLIP's for an OpenCLIP backbone."""
+        if self.openclip is not None:
+            return self.openclip.tokenize(texts)
         from clip import clip as clip_api
 
         return clip_api.tokenize(list(texts), context_length=self.context_length, truncate=True)
+
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text``, start and end tokens included, before any cut to the context."""
+        if self.openclip is not None:
+            return self.openclip.token_count(text)
+        from clip import clip as clip_api
+
+        return len(clip_api._tokenizer.encode(text)) + 2
 
     def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.token_embedding(tokens).type(self.dtype)

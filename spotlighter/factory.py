@@ -19,6 +19,7 @@ from . import models
 from .backbone import FrozenCLIP, PruneSpec, load_clip
 from .config import ConfigError, check_precision, check_prune_cfg, check_spotlighter_cfg
 from .method import HeadConfig
+from .openclip import check_same_images
 from .prompt import PromptTooLong
 from .registry import RegistryError
 from .registry import trainer as registered
@@ -121,6 +122,9 @@ def build_teacher(cfg, classnames: Sequence[str], clip: FrozenCLIP) -> nn.Module
     device = clip.model.positional_embedding.device
     teacher_clip = FrozenCLIP(load_clip(n.TEACHER_NAME, cfg_path(cfg, n.TEACHER_PATH), device, clip.dtype),
                               explicit_attention=clip.explicit_attention)
+    problem = check_same_images(clip, teacher_clip, cfg.MODEL.BACKBONE.NAME, n.TEACHER_NAME)
+    if problem:
+        raise ConfigError(problem)
     teacher = models.IVLP(teacher_clip, classnames, **ivlp_kwargs(n, "TEACHER_")).to(device)
     logger.info("Teacher: %s", kd.load_teacher(teacher, kd.teacher_file(cfg_path(cfg, n.TEACHER))))
     return teacher

@@ -35,8 +35,11 @@ class PromptTooLong(ConfigError):
         return PromptTooLong(str(self).replace(CTX_KEY, f"{node}.CTX_INIT"))
 
 
-def token_count(text: str) -> int:
-    """Tokens of ``text`` as CLIP's tokenizer makes them, start and end tokens included."""
+def token_count(text: str, clip: Optional[FrozenCLIP] = None) -> int:
+    """Tokens of ``text`` as CLIP's tokenizer (``clip``'s, when given) makes them, start and end
+    tokens included."""
+    if clip is not None:
+        return clip.token_count(text)
     from clip import clip as clip_api
 
     return len(clip_api._tokenizer.encode(text)) + 2
@@ -52,7 +55,7 @@ def check_class_prompts(clip: FrozenCLIP, classnames: Sequence[str], texts: Sequ
     same prompt). ``context``: what else is in the prompt (the key to shorten)."""
     limit = clip.context_length
     for name, text in zip(classnames, texts):
-        n = token_count(text)
+        n = token_count(text, clip)
         if n > limit:
             raise PromptTooLong(
                 f"the prompt of class {_short(name)!r} has {n} tokens ({_short(text)!r}), more than the text "
@@ -67,7 +70,7 @@ def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str, n_cls: int = 0,
     width = clip.text_width
     if ctx_init:
         words = ctx_init.replace("_", " ").strip()
-        n_words = token_count(words)
+        n_words = token_count(words, clip)
         if n_words + 1 > clip.context_length:  # no room left for a class name
             raise PromptTooLong(f"{CTX_KEY} = {_short(words)!r} has {n_words} tokens, which leaves no room for "
                                 f"the class name in the text encoder's context of {clip.context_length} tokens: "

@@ -218,6 +218,12 @@ class PromptTrainer(TrainerX):
                         "last block", prune.mode, list(prune.layers), amount, prune.fuse, prune.in_training,
                         prune.remaining(self.clip.num_patches), self.clip.num_patches)
         size = list(cfg.INPUT.SIZE)
+        if self.clip.openclip is not None:  # train.py sets INPUT.* to the model's; other callers may not
+            from spotlighter.openclip import check_input
+
+            problem = check_input(cfg, self.clip.openclip)
+            if problem:
+                raise ConfigError(problem)
         if size != [self.clip.input_resolution] * 2:
             raise ConfigError(f"INPUT.SIZE = {tuple(size)} does not match the CLIP input resolution "
                               f"{self.clip.input_resolution}; set INPUT.SIZE ({self.clip.input_resolution}, "
