@@ -26,6 +26,7 @@ median and the min-max of the reps. ``--json`` writes every figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import io
 import json
@@ -114,7 +115,7 @@ class Entry:
     """One row: a model name, how to build it, and its measurements."""
 
     name: str
-    kind: str  # zsclip | coop | cocoop | maple | paper | release
+    kind: str  # a key of KINDS
     prune: Optional[PruneSpec] = None
     eval_times: List[float] = field(default_factory=list)
     train_times: List[float] = field(default_factory=list)
@@ -164,12 +165,17 @@ def build_clips(arch: str, device: torch.device, dtype: torch.dtype, seed: int =
 KINDS: Dict[str, Tuple[str, Optional[str]]] = {
     "zsclip": ("zsclip", None), "coop": ("coop", None), "cocoop": ("cocoop", None), "maple": ("maple", None),
     "paper": ("spotlighter", "vit_b16_ep20_paper"), "release": ("spotlighter", "vit_b16_ep20_release"),
+    "promptkd": ("promptkd", None), "spotlighterkd": ("spotlighterkd", "vit_b16_ep30_batch64_release"),
+    "textrefiner": ("spotlighterkd", "vit_b16_ep30_batch64_textrefiner"),
 }
+#: The distilled students: built with a frozen (random) IVLP teacher on a ``--teacher-arch`` CLIP, whose
+#: image tower runs in every training step (its text features are computed once).
+KD_KINDS = ("promptkd", "spotlighterkd", "textrefiner")
 
 
-def model_cfg(kind: str, clip_model):
-    """The config of model ``kind`` (:data:`KINDS`); MaPLe's prompt depth is capped by the CLIP's depth
-    (the tiny CLIPs of the tests)."""
+def model_cfg(kind: str, clip_model, teacher_clip=None):
+    """The config of model ``kind`` (:data:`KINDS`); MaPLe's and the distilled students' prompt depths are
+    capped by the CLIP's depth (the tiny CLIPs of the tests)."""
     from .config import trainer_cfg
     from .registry import trainer as registered
 
@@ -177,21 +183,44 @@ def model_cfg(kind: str, clip_model):
         raise ValueError(f"unknown model {kind!r}; known: {', '.join(KINDS)}")
     trainer, config = KINDS[kind]
     cfg = trainer_cfg(trainer, config=config or registered(trainer).default_config)
+    depth = min(len(clip_model.transformer.resblocks), len(clip_model.visual.transformer.resblocks))
     if kind == "maple":
-        cfg.TRAINER.MAPLE.PROMPT_DEPTH = min(cfg.TRAINER.MAPLE.PROMPT_DEPTH, len(clip_model.transformer.resblocks),
-                                             len(clip_model.visual.transformer.resblocks))
+        cfg.TRAINER.MAPLE.PROMPT_DEPTH = min(cfg.TRAINER.MAPLE.PROMPT_DEPTH, depth)
+    if kind in KD_KINDS:  # the student has no text tower; the teacher's depths are capped by its CLIP's
+        n = cfg.TRAINER.PROMPTKD
+        n.PROMPT_DEPTH_VISION = min(n.PROMPT_DEPTH_VISION, len(clip_model.visual.transformer.resblocks))
+        if teacher_clip is not None:
+            n.TEACHER_PROMPT_DEPTH_TEXT = min(n.TEACHER_PROMPT_DEPTH_TEXT, len(teacher_clip.transformer.resblocks))
+            n.TEACHER_PROMPT_DEPTH_VISION = min(n.TEACHER_PROMPT_DEPTH_VISION,
+                                                len(teacher_clip.visual.transformer.resblocks))
     return cfg
 
 
-def build_model(kind: str, clip_model, prune: Optional[PruneSpec], classes: int, device):
-    """Model ``kind`` for ``classes`` classes through :func:`spotlighter.factory.build_model`."""
-    from . import factory
+def build_model(kind: str, clip_model, prune: Optional[PruneSpec], classes: int, device, teacher_clip=None):
+    """Model ``kind`` for ``classes`` classes through :func:`spotlighter.factory.build_model`; the
+    distilled students (:data:`KD_KINDS`) get a frozen IVLP teacher of their config's design on
+    ``teacher_clip``."""
+    from . import factory, models
 
-    cfg = model_cfg(kind, clip_model)
+    cfg = model_cfg(kind, clip_model, teacher_clip)
     clip = FrozenCLIP(clip_model, prune)
     names = [f"class {i}" for i in range(classes)]
     torch.manual_seed(0)
-    return factory.build_model(cfg, names, clip).to(device)
+    teacher = None
+    if kind in KD_KINDS:
+        explicit = kind != "promptkd" and bool(cfg.TRAINER.SPOTLIGHTERKD.EXPLICIT_ATTENTION)
+        tclip = FrozenCLIP(teacher_clip, explicit_attention=explicit)
+        teacher = models.IVLP(tclip, names, **factory.ivlp_kwargs(cfg.TRAINER.PROMPTKD, "TEACHER_")).to(device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+    return factory.build_model(cfg, names, clip, teacher=teacher).to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def teacher_clips(arch: str, device: torch.device, dtype: torch.dtype):
+    """The distilled students' teacher CLIP (built once per run)."""
+    return build_clips(arch, device, dtype, seed=1)[0]
 
 
 def checkpoint_bytes(model) -> int:
@@ -233,12 +262,14 @@ class EntrySteps:
         full, light = clips
         self.device, self.autocast = device, autocast
         self.eval_classes = args.slow_classes if (e.kind in TEXT_PER_BATCH and device.type == "cpu") else args.classes
+        dtype = next(full.visual.parameters()).dtype
+        teacher = teacher_clips(args.teacher_arch, device, dtype) if e.kind in KD_KINDS else None
         self.eval_model = build_model(e.kind, full if e.kind in TEXT_PER_BATCH else light, e.prune,
-                                      self.eval_classes, device).eval()
+                                      self.eval_classes, device, teacher).eval()
         self.train_model = None
         self.do_eval = not args.no_eval
         if e.kind != "zsclip" and not args.no_train:
-            self.train_model = build_model(e.kind, full, e.prune, args.train_classes, device).train()
+            self.train_model = build_model(e.kind, full, e.prune, args.train_classes, device, teacher).train()
             params = [p for p in self.train_model.parameters() if p.requires_grad]
             self.optim = torch.optim.SGD(params, **SGD)
         res = full.visual.input_resolution
@@ -316,6 +347,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m spotlighter.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="ViT-B/16", choices=sorted(ARCHS))
+    p.add_argument("--teacher-arch", default="ViT-L/14", choices=sorted(ARCHS),
+                   help="the teacher CLIP of the distilled students (promptkd, spotlighterkd, textrefiner)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "amp"],
                    help="default: fp32 on CPU, fp16 on CUDA (fp16 and amp need CUDA)")
@@ -351,7 +384,7 @@ def parse_args(argv=None):
     args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     if args.precision != "fp32" and not args.device.startswith("cuda"):
         p.error(f"--precision {args.precision} needs a CUDA device (CPU runs fp32)")
-    known = ("zsclip", "coop", "cocoop", "maple", "paper", "release")
+    known = tuple(KINDS)
     for m in args.models:
         if m.partition("+")[0] not in known or m.partition("+")[2] not in ("", "prune"):
             p.error(f"--models: {m!r} is not one of {', '.join(known)} (optionally NAME+prune)")
@@ -399,7 +432,8 @@ def cpu_memory(args, rows: List[Entry]) -> None:
     """Each entry's peak RSS in a fresh process (and that process's peak with the frozen CLIP only)."""
     for e in rows:
         cmd = [sys.executable, "-m", "spotlighter.bench", "--_probe", e.kind + ("+prune" if e.prune else ""),
-               "--arch", args.arch, "--device", "cpu", "--classes", str(args.classes),
+               "--arch", args.arch, "--teacher-arch", args.teacher_arch, "--device", "cpu",
+               "--classes", str(args.classes),
                "--slow-classes", str(args.slow_classes), "--batch", str(args.batch),
                "--train-batch", str(args.train_batch), "--train-classes", str(args.train_classes),
                "--threads", str(args.threads)]

@@ -174,6 +174,24 @@ def test_tiny_end_to_end_json(tiny_arch, tmp_path, capsys):
     assert "| zsclip prune 1:0.5 | 6 |" in text and "eval vs ZS-CLIP" in text
 
 
+def test_distilled_students_are_benchmarked_with_a_teacher(tiny_arch, tmp_path, capsys):
+    """PromptKD, SpotlighterKD and TextRefiner: a frozen teacher on --teacher-arch; the students' trainable
+    tensors are the released ones (prompts + projectors, + TRM and IRM for SpotlighterKD)."""
+    out = tmp_path / "kd.json"
+    assert bench.main(["--arch", "tiny", "--teacher-arch", "tiny", "--device", "cpu", "--classes", "6",
+                       "--batch", "2", "--train-batch", "2", "--train-classes", "4", "--reps", "1", "--no-memory",
+                       "--threads", "1", "--models", "zsclip", "coop", "promptkd", "spotlighterkd", "textrefiner",
+                       "--json", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    d = 64  # the tiny CLIP's embedding (student and teacher)
+    projector = d * d + d + 2 * d + d * d + d
+    assert rows["promptkd"]["trainable"] == 4 * 4 * 128 + projector  # depth capped at the tiny CLIP's 4 blocks
+    assert rows["textrefiner"]["trainable"] == rows["promptkd"]["trainable"] + projector + 2 * d * d
+    assert rows["spotlighterkd"]["trainable"] == rows["textrefiner"]["trainable"] + 4 * (d * d + d)
+    assert rows["spotlighterkd"]["train_step_s"]["n"] == 1
+    capsys.readouterr()
+
+
 def test_encoder_macs_cost_model():
     """Spec's cost model: ViT-B/16 block ~ 12·N·D² + 2·N²·D, 17.4 G for the 12 blocks."""
     full = bench.encoder_macs("ViT-B/16")
