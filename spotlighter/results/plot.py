@@ -161,7 +161,9 @@ def draw_curve(curve: Any, path: str | Path, published: bool = False) -> Path:
     axes.set_ylabel("test accuracy (%)")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small", loc="best")
-    axes.set_title(curve.title + "\nband: ± sample std over seeds", fontsize="medium")
+    banded = any(s.std is not None for stats in curve.series.values() for s in stats)
+    axes.set_title(curve.title + ("\nband: ± sample std over seeds" if banded else "\none seed per point (no std band)"),
+                   fontsize="medium")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
