@@ -147,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_job_spec(rest[0])
         if cmd == "status":
             if not rest:
-                raise InputError("usage: python -m spotlighter.run status PROTOCOL TRAINER [DATASET] SHOTS [KEY VALUE ...]")
+                raise InputError("usage: python -m spotlighter.run status PROTOCOL TRAINER [DATASET] SHOTS [KEY VALUE ...] "
+                                 "(fewshot: no SHOTS argument; SHOTS in the environment)")
             from .slurm import status
             s = settings_from(rest[0], rest[1:], {**env, "DRY_RUN": "1"}, cwd)
             os.chdir(s.repo)
