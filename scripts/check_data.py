@@ -48,7 +48,7 @@ PREPROCESSED_FIX = "delete it (it is re-created from images/ and classnames.txt)
 
 def protocol_datasets(protocol, source):
     """The datasets of $DATA a protocol reads (the registry's table), in its order."""
-    if protocol == "base2new":
+    if protocol in ("base2new", "fewshot"):  # few-shot runs on the base-to-novel datasets (all classes)
         names = list(R.BASE2NEW_DATASETS)
     else:
         targets = R.xd_targets(source) if protocol == "xd" else R.dg_targets(source)

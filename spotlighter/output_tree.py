@@ -7,6 +7,8 @@ results tool (``spotlighter.results``) reads there, both through this module::
     ROOT/<evaluation>/<Trainer>/<cfg>_<K>shots/<target>/seed<S>             xd/dg: its evaluations
     ROOT/teachers/<dataset>/<Trainer>/<cfg>_<K>shots/seed1                  a teacher trained in a graph
     ROOT/distilled/<target>/<Trainer>/<cfg>_<K>shots/seed<S>                xd: a distilling trainer's student
+    ROOT/fewshot/<dataset>/<Trainer>/<cfg>_<K>shots/seed<S>                 few-shot (CoOp): all classes, K shots
+    ROOT/fewshot/<dataset>/<Trainer>/<cfg>_0shots/seed<S>                   few-shot: a zero-shot model's evaluation
 
 ``<evaluation>`` is ``evaluation`` for ImageNet (CoOp's tree) and ``evaluation_from_<source>`` for
 any other source. Paths are built from ``str`` roots with ``/`` (what the runner prints) and from
@@ -26,7 +28,9 @@ ROLE_NEW = "new"
 ROLE_ALL = "all"  # transductive base2new (PromptKD): the model distilled on all classes' unlabelled images
 ROLE_SOURCE = "source"
 ROLE_TARGET = "target"
-ROLE_SUBSET: dict[str, str] = {ROLE_BASE: "base", ROLE_NEW: "new", ROLE_SOURCE: "all", ROLE_TARGET: "all"}
+ROLE_FEWSHOT = "fewshot"  # CoOp's few-shot protocol: trained on K shots of every class, tested on all classes
+ROLE_SUBSET: dict[str, str] = {ROLE_BASE: "base", ROLE_NEW: "new", ROLE_SOURCE: "all", ROLE_TARGET: "all",
+                               ROLE_FEWSHOT: "all"}
 
 # Folder names (ecosystem.md, "Output tree users already have").
 BASE2NEW_DIR = "base2new"
@@ -42,7 +46,11 @@ SEED_DIR_PREFIX = "seed"
 XD_CONFIG_SUFFIX = "shots"  # "<cfg>_<K>shots"
 TEACHERS_DIR = "teachers"  # ROOT/teachers/<dataset>/<Trainer>/<cfg>_<K>shots/seed1: teachers trained in a graph
 TEACHER_SEED = 1
-DISTILLED_DIR = "distilled"  # ROOT/distilled/<target>/...: cross-dataset students distilled on each target
+DISTILLED_DIR = "distilled"
+FEWSHOT_DIR = "fewshot"  # ROOT/fewshot/<dataset>/<Trainer>/<cfg>_<K>shots/seed<S>: CoOp's few-shot protocol
+#: The shot count in the folder of a model that trains nothing (zero-shot CLIP): one evaluation per
+#: dataset, whatever the shots (its result.json says shots null: the full training set was never used)
+ZERO_SHOT_SHOTS = 0  # ROOT/distilled/<target>/...: cross-dataset students distilled on each target
 
 # Files in a seed folder and the lines Dassl prints.
 RESULT_FILE = "result.json"
@@ -113,3 +121,15 @@ def distilled_seed_dir(root: Root, target: str, trainer: str, config: str, shots
                        seed: Union[int, str]) -> Root:
     """Cross-dataset with a distilling trainer: the student distilled on ``target``'s unlabelled train split."""
     return _join(root, DISTILLED_DIR, target, trainer, config_dir_name(config, shots), seed_dir_name(seed))
+
+
+def fewshot_top(root: Root) -> Root:
+    """``ROOT/fewshot``: the folder of every few-shot run."""
+    return _join(root, FEWSHOT_DIR)
+
+
+def fewshot_seed_dir(root: Root, dataset: str, trainer: str, config: str, shots: Union[int, str],
+                     seed: Union[int, str]) -> Root:
+    """A few-shot seed folder (CoOp's ``<dataset>/<Trainer>/<cfg>_<K>shots/seed<S>`` under ROOT/fewshot);
+    shots ZERO_SHOT_SHOTS for a zero-shot model's evaluation."""
+    return _join(fewshot_top(root), dataset, trainer, config_dir_name(config, shots), seed_dir_name(seed))

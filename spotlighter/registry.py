@@ -42,6 +42,10 @@ DG_TARGETS: Dict[str, Tuple[str, ...]] = {
 #: The source of the published cross-dataset and DG tables.
 DEFAULT_SOURCE = "imagenet"
 
+#: CoOp's few-shot protocol: shot counts trained per dataset (all classes), and the datasets it runs on.
+FEWSHOT_SHOTS: Tuple[int, ...] = (1, 2, 4, 8, 16)
+FEWSHOT_RUNNABLE: Tuple[str, ...] = BASE2NEW_RUNNABLE
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -55,6 +59,7 @@ PROTOCOLS: Dict[str, Protocol] = {
         Protocol("base2new", "Base-to-novel generalisation", "base2new.sh"),
         Protocol("xd", "Cross-dataset transfer", "xd.sh"),
         Protocol("dg", "Domain generalisation", "dg.sh"),
+        Protocol("fewshot", "Few-shot learning (CoOp's protocol)", "fewshot.sh"),
     )
 }
 
@@ -92,6 +97,7 @@ def protocol(name: str) -> Protocol:
 ROLE_BASE_NEW = "base+new"  # base2new: trained on the base classes, evaluated on the new ones
 ROLE_SOURCE = "source"
 ROLE_TARGET = "target"
+ROLE_ALL_CLASSES = "all classes"  # fewshot: trained and evaluated on every class
 
 
 def dataset_names() -> Tuple[str, ...]:
@@ -109,6 +115,8 @@ def dataset_roles(name: str) -> Tuple[Tuple[str, str], ...]:
     roles = []
     if name in BASE2NEW_RUNNABLE:
         roles.append(("base2new", ROLE_BASE_NEW))
+    if name in FEWSHOT_RUNNABLE:
+        roles.append(("fewshot", ROLE_ALL_CLASSES))
     for proto, table in (("xd", XD_TARGETS), ("dg", DG_TARGETS)):
         if name in table:
             roles.append((proto, ROLE_SOURCE))

@@ -12,7 +12,7 @@ import sys
 from spotlighter import data_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh"]
+SCRIPTS = ["base2new.sh", "xd.sh", "dg.sh", "fewshot.sh"]
 CFGS = {"Spotlighter": "vit_b16_ep20_paper", "CoOp": "vit_b16_ep20_ctx4",
         "CoCoOp": "vit_b16_c4_ep10_batch1_ctxv1", "MaPLe": "vit_b16_c2_ep5_batch4_2ctx",
         "IVLP": "vit_b16_c2_ep20_batch4_4+4ctx", "PromptSRC": "vit_b16_c2_ep20_batch4_4+4ctx",
@@ -124,7 +124,7 @@ def make_env(tmp_path):
     elsewhere.mkdir()
     base = {k: v for k, v in os.environ.items()
             if k not in ("DATA", "SEEDS", "CFG", "OUTPUT", "PYTHON", "FORCE", "DRY_RUN", "DATASETS",
-                         "SOURCE")}
+                         "SOURCE", "SHOTS")}
     base.update(DATA=str(data), STUB_CALLS=str(tmp_path / "calls.jsonl"), STUB_NO_RESULTS="1")
 
     class Env:

@@ -171,5 +171,5 @@ def test_collect_filters(tmp_path):
 
 
 def test_collect_unknown_protocol(tmp_path):
-    with pytest.raises(ValueError, match="unknown protocol 'fewshot'"):
-        collect(tmp_path, "fewshot")
+    with pytest.raises(ValueError, match="unknown protocol 'linear_probe'"):
+        collect(tmp_path, "linear_probe")

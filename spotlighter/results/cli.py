@@ -1,4 +1,5 @@
-"""``python -m spotlighter.results {base2new,xd,dg} --root OUTPUT ...``: seed-averaged tables;
+"""``python -m spotlighter.results {base2new,xd,dg,fewshot} --root OUTPUT ...``: seed-averaged tables
+(fewshot: accuracy vs shots per dataset, ``--plot``: the curve);
 ``python -m spotlighter.results compare {base2new,xd,dg} --root OUTPUT --a A --b B``: paired comparison."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 PROG = "spotlighter-results"
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 COMPARE_COMMAND = "compare"
+#: Protocols the paired comparison knows (few-shot tables compare methods per shot count by eye).
+COMPARE_PROTOCOLS = tuple(p for p in PROTOCOLS if p != "fewshot")
 
 
 def _names(text: str) -> list[str]:
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default="output", help="output root of the runs (default: output)")
     parser.add_argument("--trainers", type=_names, help="e.g. spotlighter,coop,maple,zsclip (case-insensitive)")
     parser.add_argument("--configs", type=_names, help="trainer config names, e.g. vit_b16_ep20_paper")
-    parser.add_argument("--datasets", type=_names, help="datasets (base2new) or targets (xd, dg) to show")
+    parser.add_argument("--datasets", "--dataset", type=_names,
+                        help="datasets (base2new, fewshot) or targets (xd, dg) to show")
     parser.add_argument("--source", help="xd/dg: the dataset the models were trained on (default: the source whose "
                                          f"targets --datasets names, else {XD_SOURCE}), e.g. minibench")
     parser.add_argument("--shots", type=_ints, help="shot counts, e.g. 16 (default: every one found)")
@@ -55,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "rows marked with a dagger)")
     parser.add_argument("--std", action="store_true", help="latex: cells are mean ± sample std (default: mean)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table(s) as CSV")
-    parser.add_argument("--plot", metavar="FILE_OR_DIR", help="also write PNG bar chart(s) (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE_OR_DIR", help="also write PNG bar chart(s) (fewshot: the accuracy-vs-"
+                                                              "shots curve per dataset; needs matplotlib)")
     parser.add_argument("--plot-deltas", nargs="?", const="ZeroshotCLIP", default=None, metavar="TRAINER",
                         help="plot each method's difference to TRAINER (default ZeroshotCLIP) instead of accuracies")
     parser.add_argument("--plot-published", action="store_true",
-                        help="also draw the published numbers shown in the table (hatched bars)")
+                        help="also draw the published numbers shown in the table (hatched bars; fewshot: dashed "
+                             "lines)")
     parser.add_argument("--no-published", action="store_true", help="hide published numbers and deltas")
     parser.add_argument("--published-methods", type=_names, default=[],
                         help="more published methods to show, or TRAINER=METHOD to compare a trainer with one")
@@ -100,17 +106,17 @@ def nothing_found_hints(args: argparse.Namespace, source: str) -> list[str]:
                             datasets=args.datasets, shots=args.shots, seeds=args.seeds, source=src))
 
     root, hints = Path(args.root), []
-    if args.protocol != "base2new" and not args.source:
+    if args.protocol in ("xd", "dg") and not args.source:
         table = DG_TARGETS_BY_SOURCE if args.protocol == "dg" else XD_TARGETS_BY_SOURCE
         hints += [f"hint: runs from source {other} are there: add --source {other}"
                   for other in table if other != source and found(root, other)]
     demo = root / DEMO_SUBDIR
     if demo.is_dir():
-        sources = [source] if args.protocol == "base2new" or args.source else \
+        sources = [source] if args.protocol in ("base2new", "fewshot") or args.source else \
             list(DG_TARGETS_BY_SOURCE if args.protocol == "dg" else XD_TARGETS_BY_SOURCE)
         for src in sources:
             if found(demo, src):
-                extra = f" --source {src}" if args.protocol != "base2new" and src != source else ""
+                extra = f" --source {src}" if args.protocol in ("xd", "dg") and src != source else ""
                 hints.append(f"hint: scripts/demo.sh writes to {demo}: python -m spotlighter.results "
                              f"{args.protocol} --root {demo}{extra}")
                 break
@@ -148,7 +154,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
                     "the mean difference A − B of Base, New and HM (HM per pair from its own Base and New; xd/dg: "
                     "the target accuracy) with a confidence interval; 'A > B' or 'B > A' only when the interval "
                     "excludes 0, else 'no decision'. Pairs missing on one side are listed.")
-    parser.add_argument("protocol", choices=PROTOCOLS, help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_TITLES.items()))
+    parser.add_argument("protocol", choices=COMPARE_PROTOCOLS,
+                        help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_TITLES.items() if k in COMPARE_PROTOCOLS))
     parser.add_argument("--root", default="output", help="output root of the runs (default: output)")
     parser.add_argument("--b", required=True, metavar="TRAINER[:CONFIG]",
                         help="method B, the baseline, e.g. coop or coop:vit_b16_ep50 (the config is needed only "
@@ -202,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.std and args.format != "latex":
         parser.error("--std applies to --format latex (markdown cells always show mean ± std)")
+    if args.protocol == "fewshot" and args.plot_deltas:
+        parser.error("--plot-deltas applies to the bar charts of base2new, xd and dg (the few-shot curve shows "
+                     "the zero-shot model as a flat line)")
     logging.basicConfig(level=_level(args.verbose), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.plot:
         from .plot import PlotUnavailable, figure_class

@@ -32,6 +32,13 @@ PUBLISHED_FILE = "base2new_published.csv"
 # Published cross-dataset and DG tables (source ImageNet): method,dataset,accuracy,source.
 TRANSFER_PUBLISHED_FILES: dict[str, str] = {"xd": "xd_published.csv", "dg": "dg_published.csv"}
 PUBLISHED_AVERAGE_ROW = "average"
+# Published few-shot accuracies (CoOp's protocol): method,dataset,shots,accuracy,backbone,source.
+FEWSHOT_PUBLISHED_FILE = "fewshot_published.csv"
+#: CSV rows of the few-shot table: one per method × shot count (and per published method × shot count).
+FEWSHOT_CSV_COLUMNS: list[str] = [
+    "protocol", "dataset", "shots", "trainer", "config", "acc_mean", "acc_std", "acc_n", "seeds_expected",
+    "complete", "zero_shot", "published_method", "pub_acc", "pub_backbone", "notes",
+]
 
 # Presentation.
 DECIMALS = 2

@@ -93,6 +93,12 @@ def tabular_lines(paper: PaperTable, *, std: bool = False) -> list[str]:
     return lines
 
 
+def _label_key(table: Table) -> str:
+    """``<protocol>_<K>shots``; few-shot: ``fewshot_<dataset>`` (one table per dataset)."""
+    dataset = getattr(table.curve, "dataset", None)
+    return f"{table.protocol}_{dataset}" if dataset else f"{table.protocol}_{table.shots}shots"
+
+
 def to_latex(table: Table, *, std: bool = False) -> str:
     """The table as a LaTeX ``table`` float (needs ``\\usepackage{booktabs}``), preceded by ``%`` comments
     holding the meta line and the footnotes of the Markdown table."""
@@ -109,7 +115,7 @@ def to_latex(table: Table, *, std: bool = False) -> str:
         r"\begin{table}[t]",
         r"\centering",
         rf"\caption{{{latex_escape(table.title)}: {cells}.}}",
-        rf"\label{{tab:{table.protocol}_{table.shots}shots}}",
+        rf"\label{{tab:{_label_key(table)}}}",
         *tabular_lines(paper, std=std),
     ]
     if paper.published_note:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..output_tree import (BASE2NEW_DIR, BASE2NEW_ROLE_DIRS, ROLE_SOURCE, ROLE_TARGET, SEED_DIR_PREFIX,
-                           SHOTS_DIR_PREFIX, XD_CONFIG_SUFFIX, base2new_seed_dir, base2new_top, source_seed_dir,
-                           target_seed_dir, transfer_dirs)
+from ..output_tree import (BASE2NEW_DIR, BASE2NEW_ROLE_DIRS, ROLE_FEWSHOT, ROLE_SOURCE, ROLE_TARGET,
+                           SEED_DIR_PREFIX, SHOTS_DIR_PREFIX, XD_CONFIG_SUFFIX, base2new_seed_dir, base2new_top,
+                           fewshot_seed_dir, fewshot_top, source_seed_dir, target_seed_dir, transfer_dirs)
 from .constants import DG_TARGETS_BY_SOURCE, PROTOCOLS, XD_SOURCE
 
 _SEED_RE = re.compile(rf"^{SEED_DIR_PREFIX}(\d+)$")
@@ -99,10 +99,21 @@ def _discover_transfer(root: Path, protocol: str, source: str = XD_SOURCE) -> It
                     yield SeedDir(protocol, trainer_dir.name, config, target_dir.name, ROLE_TARGET, shots, seed, path)
 
 
+def _discover_fewshot(root: Path) -> Iterator[SeedDir]:
+    for dataset_dir in _subdirs(fewshot_top(root)):
+        for trainer_dir in _subdirs(dataset_dir):
+            for config, shots, config_dir in _xd_configs(trainer_dir):
+                for seed, path in _seeds(config_dir):
+                    yield SeedDir("fewshot", trainer_dir.name, config, dataset_dir.name, ROLE_FEWSHOT, shots, seed,
+                                  path)
+
+
 def discover(root: str | Path, protocol: str, source: str = XD_SOURCE) -> list[SeedDir]:
     """Every seed folder of ``protocol`` under the output root (xd/dg: trained on ``source``)."""
     check_protocol(protocol)
     root = Path(root)
+    if protocol == "fewshot":
+        return list(_discover_fewshot(root))
     found = _discover_base2new(root) if protocol == "base2new" else _discover_transfer(root, protocol, source)
     return list(found)
 
@@ -113,6 +124,8 @@ def seed_dir_path(
 ) -> Path:
     """Where the seed folder of one run lives (whether or not it exists)."""
     root = Path(root)
+    if protocol == "fewshot":
+        return fewshot_seed_dir(root, dataset, trainer, config, shots, seed)
     if protocol == "base2new":
         return base2new_seed_dir(find_base2new_top(root), role, dataset, shots, trainer, config, seed)
     if role == ROLE_SOURCE:
@@ -124,6 +137,9 @@ def search_patterns(root: str | Path, protocol: str, source: str = XD_SOURCE) ->
     """The folder patterns searched for ``protocol``, for messages."""
     check_protocol(protocol)
     root = Path(root)
+    if protocol == "fewshot":
+        return [str(fewshot_top(root) / "<dataset>" / "<Trainer>" / f"<cfg>_<K>{XD_CONFIG_SUFFIX}"
+                    / f"{SEED_DIR_PREFIX}<S>")]
     if protocol == "base2new":
         top = find_base2new_top(root)
         return [

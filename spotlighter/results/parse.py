@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..output_tree import (EPOCH_PATTERN, FINISH_SIGNAL, LOG_FILE, LOG_TIMESTAMP_FORMAT, RESULT_FILE,
-                           RESULT_SIGNAL, ROLE_SOURCE, ROLE_SUBSET, ROLE_TARGET)
+                           RESULT_SIGNAL, ROLE_FEWSHOT, ROLE_SOURCE, ROLE_SUBSET, ROLE_TARGET, ZERO_SHOT_SHOTS)
 from .constants import TRAINER_ALIASES, XD_SOURCE
 from .layout import SeedDir, discover
 from .record import read_record
@@ -234,7 +234,9 @@ def record_contradictions(record: dict, seed: SeedDir) -> list[str]:
     for key, folder in (("config", seed.config), ("dataset", seed.dataset), ("seed", seed.seed)):
         if record[key] != folder:
             found.append(f"{key} {record[key]!r}, folder {folder!r}")
-    allowed = (seed.shots, None) if seed.role == ROLE_TARGET else (seed.shots,)
+    # a cross-dataset / DG target, or a zero-shot model's few-shot folder (<cfg>_0shots): the full sets
+    full = seed.role == ROLE_TARGET or (seed.role == ROLE_FEWSHOT and seed.shots == ZERO_SHOT_SHOTS)
+    allowed = (seed.shots, None) if full else (seed.shots,)
     if record["shots"] not in allowed:
         found.append(f"shots {record['shots']!r}, folder {seed.shots!r}")
     return found

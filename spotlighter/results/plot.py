@@ -1,4 +1,5 @@
-"""PNG bar charts of the tables (matplotlib is an optional dependency: ``pip install -e .[plot]``)."""
+"""PNG bar charts of the tables, and the few-shot protocol's accuracy-vs-shots curve (matplotlib is an
+optional dependency: ``pip install -e .[plot]``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ VALUE_FONT_SIZE = 7
 PUBLISHED_HATCH = "//"  # published bars: hatched, no error bar
 PUBLISHED_ALPHA = 0.45
 PUBLISHED_SUFFIX = " (published)"
+# The few-shot curve: accuracy vs shots on a log2 axis, one line per method with a ± std band.
+CURVE_SIZE_IN = (6.4, 4.2)  # width and height, inches (at DPI: 640 × 420 pixels)
+CURVE_BAND_ALPHA = 0.2
+CURVE_LINE_STYLE = "-"
+PUBLISHED_LINE_STYLE = "--"
 
 
 class PlotUnavailable(RuntimeError):
@@ -37,12 +43,13 @@ def figure_class() -> Any:
 def plot_paths(target: str | Path, tables: Sequence[Table]) -> list[Path]:
     """``target`` itself for one table and a ``.png`` target; else one file per table in it or beside it."""
     target = Path(target)
-    names = [f"{t.protocol}_{t.shots}shots{PNG_SUFFIX}" for t in tables]
+    keys = [f"{t.curve.dataset}" if t.curve is not None else f"{t.shots}shots" for t in tables]  # type: ignore[attr-defined]
+    names = [f"{t.protocol}_{key}{PNG_SUFFIX}" for t, key in zip(tables, keys)]
     if target.suffix.lower() != PNG_SUFFIX:
         return [target / name for name in names]
     if len(tables) == 1:
         return [target]
-    return [target.with_name(f"{target.stem}_{t.shots}shots{PNG_SUFFIX}") for t in tables]
+    return [target.with_name(f"{target.stem}_{key}{PNG_SUFFIX}") for key in keys]
 
 
 def _delta_series(series: dict[str, list[Stat]], reference: str) -> dict[str, list[Stat]] | None:
@@ -124,8 +131,53 @@ def draw_chart(chart: Chart, path: str | Path, deltas_to: str | None = None, pub
     return path
 
 
+def draw_curve(curve: Any, path: str | Path, published: bool = False) -> Path:
+    """The few-shot curve (:class:`spotlighter.results.fewshot.Curve`): accuracy vs shots on a log2 x
+    axis, one solid line per method with a mean ± sample std band (a zero-shot method: a flat dashed-dotted
+    line); ``published``: the published points as dashed lines (a published zero-shot number: flat)."""
+    figure = figure_class()(figsize=CURVE_SIZE_IN, dpi=DPI)
+    axes = figure.add_subplot(1, 1, 1)
+    xs = list(curve.shots)
+    for label, stats in curve.series.items():
+        means = [s.mean if s.mean is not None else math.nan for s in stats]
+        stds = [s.std if s.std is not None else 0.0 for s in stats]
+        flat = label in curve.flat
+        line, = axes.plot(xs, means, "-." if flat else CURVE_LINE_STYLE, marker=None if flat else "o",
+                          label=label)
+        axes.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                          color=line.get_color(), alpha=CURVE_BAND_ALPHA, linewidth=0)
+    if published:
+        for label, points in curve.published.items():
+            if set(points) == {0}:
+                axes.plot(xs, [points[0]] * len(xs), PUBLISHED_LINE_STYLE, label=label)
+            else:
+                shown = sorted(k for k in points if k in xs)
+                axes.plot(shown, [points[k] for k in shown], PUBLISHED_LINE_STYLE, marker="s", fillstyle="none",
+                          label=label)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(xs)
+    axes.set_xticklabels([str(k) for k in xs])
+    axes.set_xlabel("labelled training images per class (shots)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small", loc="best")
+    banded = any(s.std is not None for stats in curve.series.values() for s in stats)
+    axes.set_title(curve.title + ("\nband: ± sample std over seeds" if banded else "\none seed per point (no std band)"),
+                   fontsize="medium")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")  # the figure's own size: CURVE_SIZE_IN × DPI pixels
+    return path
+
+
 def plot_tables(target: str | Path, tables: Sequence[Table], deltas_to: str | None = None,
                 published: bool = False) -> list[Path]:
-    """Write one PNG per table; return their paths."""
-    return [draw_chart(t.chart, p, deltas_to, published)
-            for t, p in zip(tables, plot_paths(target, tables), strict=True) if t.chart]
+    """Write one PNG per table (bars; few-shot: its curve); return their paths."""
+    out = []
+    for t, p in zip(tables, plot_paths(target, tables), strict=True):
+        if t.curve is not None:
+            out.append(draw_curve(t.curve, p, published))
+        elif t.chart:
+            out.append(draw_chart(t.chart, p, deltas_to, published))
+    return out

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from .constants import PUBLISHED_AVERAGE_ROW, PUBLISHED_FILE, TRANSFER_PUBLISHED_FILES
+from .constants import FEWSHOT_PUBLISHED_FILE, PUBLISHED_AVERAGE_ROW, PUBLISHED_FILE, TRANSFER_PUBLISHED_FILES
 from .stats import harmonic_mean
 
 
@@ -142,6 +142,73 @@ def load_transfer_published(protocol: str, path: str | Path | None = None) -> Tr
     return parse_transfer_published(shipped.read_text(encoding="utf-8"), protocol)
 
 
-def load_protocol_published(protocol: str) -> Published | TransferPublished:
+@dataclass(frozen=True)
+class FewShotPoint:
+    """One published few-shot accuracy: its backbone and where it is printed."""
+
+    accuracy: float
+    backbone: str
+    source: str
+
+
+@dataclass(frozen=True)
+class FewShotPublished:
+    """Published few-shot accuracies keyed by (method, dataset, shots); shots 0 is a zero-shot model."""
+
+    rows: dict[tuple[str, str, int], FewShotPoint]
+
+    @property
+    def methods(self) -> list[str]:
+        """Methods in file order."""
+        return list(dict.fromkeys(method for method, _, _ in self.rows))
+
+    def of(self, method: str, dataset: str) -> dict[int, FewShotPoint]:
+        """shots -> point of one method on one dataset (empty when the file has none)."""
+        return {k: p for (m, d, k), p in self.rows.items() if m == method and d == dataset}
+
+    def citation(self, methods: Iterable[str], dataset: str) -> str:
+        """"CoOp (ViT-B/16): CoCoOp (CVPR 2022) Table 3; ..." for the rows of ``dataset``."""
+        parts: dict[str, None] = {}
+        for (m, d, _), p in self.rows.items():
+            if d == dataset and m in set(methods):
+                parts[f"{m} ({p.backbone}): {p.source}"] = None
+        return "; ".join(parts)
+
+
+FEWSHOT_COLUMNS = ("method", "dataset", "shots", "accuracy", "backbone", "source")
+
+
+def parse_fewshot_published(text: str, where: str = FEWSHOT_PUBLISHED_FILE) -> FewShotPublished:
+    """Parse a ``method,dataset,shots,accuracy,backbone,source`` CSV text (``#`` lines are comments);
+    ValueError naming ``where``, the line and the column for a bad row."""
+    reader = csv.DictReader(io.StringIO(_csv_body(text)))
+    missing = [c for c in FEWSHOT_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {', '.join(missing)}; expected {','.join(FEWSHOT_COLUMNS)}")
+    rows: dict[tuple[str, str, int], FewShotPoint] = {}
+    for n, row in enumerate(reader, 2):
+        try:
+            shots, value = int(row["shots"]), float(row["accuracy"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: data row {n - 1}: shots must be an integer >= 0 and accuracy a number "
+                             f"(got shots={row['shots']!r}, accuracy={row['accuracy']!r})") from None
+        if shots < 0 or not 0.0 <= value <= 100.0:
+            raise ValueError(f"{where}: data row {n - 1}: shots must be >= 0 and accuracy within 0-100 "
+                             f"(got shots={shots}, accuracy={value})")
+        rows[(row["method"], row["dataset"], shots)] = FewShotPoint(value, row["backbone"], row["source"])
+    return FewShotPublished(rows)
+
+
+def load_fewshot_published(path: str | Path | None = None) -> FewShotPublished:
+    """Load ``path``, or the few-shot table shipped with the package."""
+    if path is not None:
+        return parse_fewshot_published(Path(path).read_text(encoding="utf-8"), str(path))
+    shipped = resources.files("spotlighter") / "data" / FEWSHOT_PUBLISHED_FILE
+    return parse_fewshot_published(shipped.read_text(encoding="utf-8"))
+
+
+def load_protocol_published(protocol: str) -> Published | TransferPublished | FewShotPublished:
     """The shipped published numbers of ``protocol``."""
+    if protocol == "fewshot":
+        return load_fewshot_published()
     return load_published() if protocol == "base2new" else load_transfer_published(protocol)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..output_tree import ROLE_BASE, ROLE_NEW, ROLE_SOURCE, ROLE_TARGET, SEED_DIR_PREFIX
-from .constants import (BASE2NEW_DATASETS, CSV_ESCAPE_PREFIX, CSV_FORMULA_PREFIXES, DECIMALS,
+from .constants import (BASE2NEW_DATASETS, CSV_ESCAPE_PREFIX, CSV_FORMULA_PREFIXES, DECIMALS, FEWSHOT_CSV_COLUMNS,
                         DG_TARGETS_BY_SOURCE, MISSING_MARK, PROTOCOL_TITLES, PUBLISHED_METHOD_FOR_TRAINER,
                         TRAINER_ORDER, TRANSDUCTIVE_MARK, TRANSFER_PUBLISHED_FILES, XD_SOURCE,
                         XD_TARGETS_BY_SOURCE, is_transductive)
@@ -88,6 +88,7 @@ class Table:
     records: list[dict[str, object]] = field(default_factory=list)
     chart: Chart | None = None
     paper: PaperTable | None = None
+    curve: object | None = None  # fewshot: its accuracy-vs-shots curve (spotlighter.results.fewshot.Curve)
 
 
 class Notes:
@@ -637,8 +638,14 @@ def build_tables(
     published_methods: Sequence[str] = (),
     source: str = XD_SOURCE,
 ) -> list[Table]:
-    """One table per shot count found in ``results`` (xd/dg: runs trained on ``source``)."""
+    """One table per shot count found in ``results`` (xd/dg: runs trained on ``source``; fewshot: one
+    accuracy-vs-shots table per dataset)."""
     check_protocol(protocol)
+    if protocol == "fewshot":
+        from .fewshot import fewshot_tables
+
+        return fewshot_tables(results, root=root, seeds=seeds, datasets=datasets,
+                              published=published)  # type: ignore[arg-type]
     tables = []
     for shots in sorted({r.shots for r in results}):
         if protocol == "base2new":
@@ -689,6 +696,8 @@ def to_markdown(table: Table) -> str:
 
 
 def csv_columns(protocol: str) -> list[str]:
+    if protocol == "fewshot":
+        return FEWSHOT_CSV_COLUMNS
     return B2N_CSV_COLUMNS if protocol == "base2new" else TRANSFER_CSV_COLUMNS
 
 

@@ -1,8 +1,9 @@
-"""``python -m spotlighter.run``: the protocol runner (what scripts/base2new.sh, xd.sh, dg.sh call).
+"""``python -m spotlighter.run``: the protocol runner (what scripts/base2new.sh, xd.sh, dg.sh, fewshot.sh call).
 
     python -m spotlighter.run base2new TRAINER DATASET SHOTS [KEY VALUE ...]
     python -m spotlighter.run xd TRAINER SHOTS [KEY VALUE ...]
     python -m spotlighter.run dg TRAINER SHOTS [KEY VALUE ...]
+    python -m spotlighter.run fewshot TRAINER DATASET [KEY VALUE ...]   # CoOp's few-shot protocol (SHOTS)
     python -m spotlighter.run demo [KEY VALUE ...]          # all three protocols on MiniBench (demo --help)
     python -m spotlighter.run status PROTOCOL ARGS...     # done / running / queued / failed, ETA
     python -m spotlighter.run job SPEC.json                 # one job (what a SLURM job runs)
@@ -10,6 +11,7 @@
 Environment (all optional except DATA):
   DATA       folder that holds every dataset (CoOp's $DATA layout, see DATASETS.md); required
   SEEDS      seeds to run (default "1 2 3")
+  SHOTS      fewshot: the shot counts, one training each per seed (default "1 2 4 8 16")
   CFG        trainer config under configs/trainers/<Trainer>/ (default: the trainer's own; on MiniBench
              its MiniBench config, both in spotlighter/registry.py)
   OUTPUT     output root (default "output" in the repository)
@@ -145,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_job_spec(rest[0])
         if cmd == "status":
             if not rest:
-                raise InputError("usage: python -m spotlighter.run status PROTOCOL TRAINER [DATASET] SHOTS [KEY VALUE ...]")
+                raise InputError("usage: python -m spotlighter.run status PROTOCOL TRAINER [DATASET] SHOTS [KEY VALUE ...] "
+                                 "(fewshot: no SHOTS argument; SHOTS in the environment)")
             from .slurm import status
             s = settings_from(rest[0], rest[1:], {**env, "DRY_RUN": "1"}, cwd)
             os.chdir(s.repo)

@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import preempt, registry
 from ..output_tree import (FINISH_SIGNAL, LOG_FILE, RESULT_FILE, ROLE_ALL, ROLE_BASE, ROLE_NEW, TEACHER_SEED,
-                           base2new_seed_dir, base2new_top, distilled_seed_dir, source_seed_dir, target_config_dir,
-                           target_seed_dir, teacher_seed_dir)
+                           ZERO_SHOT_SHOTS, base2new_seed_dir, base2new_top, distilled_seed_dir, fewshot_seed_dir,
+                           source_seed_dir, target_config_dir, target_seed_dir, teacher_seed_dir)
 from ..runlock import lock_holder
 
 #: The trailing KEY VALUE options a job ran with: a finished job is only skipped when they match.
@@ -84,6 +84,8 @@ class Settings:
     transductive: bool = False
     #: A teacher trained in this graph (TEACHER=train): (trainer CLI name, config, the student's cfg key)
     teacher: Optional[List[str]] = None
+    #: fewshot: the shot counts, one training per (shots, seed) (``shots`` is the largest)
+    shots_list: List[int] = field(default_factory=list)
 
     @property
     def options_text(self) -> str:
@@ -130,6 +132,30 @@ def base2new_job_dir(s: Settings, role: str, seed: int) -> str:
     return base2new_seed_dir(base2new_top(s.output), role, s.dataset, s.shots, s.trainer, s.cfg, seed)
 
 
+def fewshot_job_dir(s: Settings, shots: int, seed: int) -> str:
+    return fewshot_seed_dir(s.output, s.dataset, s.trainer, s.cfg, shots, seed)
+
+
+def fewshot_jobs(s: Settings) -> List[Job]:
+    """CoOp's few-shot protocol: per shot count and seed, train on K images of every class and test on
+    all classes at the end of training. A zero-shot model trains nothing: one evaluation (the first
+    seed; shots do not matter), in the ZERO_SHOT_SHOTS folder."""
+    all_classes = ["DATASET.SUBSAMPLE_CLASSES", "all"]
+    if not s.trains:
+        seed = s.seeds[0]
+        d = fewshot_job_dir(s, ZERO_SHOT_SHOTS, seed)
+        return [Job(EVAL, d, train_args(s, seed, s.dataset, d), ["--eval-only"] + all_classes + s.extra, seed,
+                    s.dataset, "evaluation on all classes")]
+    jobs = []
+    for shots in s.shots_list:
+        for seed in s.seeds:
+            d = fewshot_job_dir(s, shots, seed)
+            jobs.append(Job(TRAIN, d, train_args(s, seed, s.dataset, d),
+                            ["DATASET.NUM_SHOTS", str(shots)] + all_classes + s.extra, seed, s.dataset,
+                            f"training on {shots} shots of all classes"))
+    return jobs
+
+
 def teacher_dir(s: Settings, dataset: str) -> str:
     """One teacher per dataset (and shots), shared by every seed and student: trained with seed 1."""
     return teacher_seed_dir(s.output, dataset, registry.trainer(s.teacher[0]).name, s.teacher[1], s.shots)
@@ -147,6 +173,11 @@ def teacher_job(s: Settings, dataset: str, subset: str) -> Job:
 
 def build_graph(s: Settings) -> List[Job]:
     """Jobs in the order a single device runs them (per seed: training, then its evaluations)."""
+    if s.protocol == "fewshot":
+        jobs = fewshot_jobs(s)
+        for job in jobs:
+            job.trainer = s.trainer
+        return jobs
     jobs: List[Job] = []
     teacher_opts: List[str] = []
     teacher_deps: List[str] = []

@@ -21,7 +21,7 @@ from .jobs import (InputError, Job, Outcome, Settings, base2new_job_dir, config_
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENV_KEYS = ("DATA", "SEEDS", "CFG", "OUTPUT", "PYTHON", "DATASETS", "SOURCE", "FORCE", "DRY_RUN", "LAUNCHER",
-            "JOBS", "GPUS", "TEACHER", "TEACHER_CFG")
+            "JOBS", "GPUS", "TEACHER", "TEACHER_CFG", "SHOTS")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHERS = ("local", "slurm")
 
@@ -32,6 +32,9 @@ def usage(protocol: str) -> str:
     if protocol == "base2new":
         return (f"usage: DATA=/path/to/datasets scripts/base2new.sh TRAINER DATASET SHOTS [KEY VALUE ...]\n"
                 f"  TRAINER: {trainers}   DATASET: {' '.join(registry.BASE2NEW_RUNNABLE)}")
+    if protocol == "fewshot":
+        return (f"usage: DATA=/path/to/datasets [SHOTS=\"1 2 4 8 16\"] scripts/fewshot.sh TRAINER DATASET "
+                f"[KEY VALUE ...]\n  TRAINER: {trainers}   DATASET: {' '.join(registry.FEWSHOT_RUNNABLE)}")
     return f"usage: DATA=/path/to/datasets scripts/{protocol}.sh TRAINER SHOTS [KEY VALUE ...]   (TRAINER: {trainers})"
 
 
@@ -45,7 +48,7 @@ def _flag(env: Dict[str, str], key: str) -> bool:
 
 
 #: The variables whose values end up in paths and commands (a control character there is refused).
-TEXT_KEYS = ("DATA", "OUTPUT", "PYTHON", "CFG", "SOURCE", "DATASETS", "SEEDS")
+TEXT_KEYS = ("DATA", "OUTPUT", "PYTHON", "CFG", "SOURCE", "DATASETS", "SEEDS", "SHOTS")
 
 
 def refuse_control_characters(args: Sequence[str], env: Dict[str, str]) -> None:
@@ -67,7 +70,12 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
     if len(args) < need:
         raise InputError(usage(protocol))
     typed = args[0]
-    dataset = args[1] if protocol == "base2new" else None
+    dataset = args[1] if protocol in ("base2new", "fewshot") else None
+    shots_list: List[int] = []
+    if protocol == "fewshot":  # the shots come from SHOTS, never from the arguments
+        shots_list = fewshot_shots(env.get("SHOTS"))
+        args = [args[0], args[1], str(max(shots_list)), *args[2:]]
+        need = 3
     shots_text = args[need - 1]
     extra = list(args[need:])
     try:
@@ -75,7 +83,14 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
     except registry.RegistryError as exc:
         raise InputError(str(exc)) from None
     source, targets = None, []
-    if protocol == "base2new":
+    if protocol == "fewshot":
+        if dataset not in registry.FEWSHOT_RUNNABLE:
+            raise InputError(f"unknown dataset '{dataset}'. Valid datasets for few-shot: "
+                             f"{' '.join(registry.FEWSHOT_RUNNABLE)}")
+        if trainer.transductive:
+            raise InputError(f"{trainer.name} distils on unlabelled images of every class (transductive): it has no "
+                             "labelled few-shot training; run it with scripts/base2new.sh or xd.sh")
+    elif protocol == "base2new":
         if dataset not in registry.BASE2NEW_RUNNABLE:
             raise InputError(f"unknown dataset '{dataset}'. Valid datasets for base-to-novel: "
                              f"{' '.join(registry.BASE2NEW_RUNNABLE)}")
@@ -131,11 +146,21 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
                     output=output, python=python, extra=extra, repo=REPO,
                     ts=time.strftime("%Y%m%d-%H%M%S"), dataset=dataset, source=source, targets=targets,
                     force=_flag(env, "FORCE"), dry_run=dry, typed_trainer=typed,
-                    transductive=trainer.transductive, teacher=teacher)
+                    transductive=trainer.transductive, teacher=teacher, shots_list=shots_list)
+
+
+def fewshot_shots(text: Optional[str]) -> List[int]:
+    """SHOTS of the few-shot protocol (default registry.FEWSHOT_SHOTS): positive integers, no repeats."""
+    if text is None or not text.strip():
+        return list(registry.FEWSHOT_SHOTS)
+    words = text.replace(",", " ").split()
+    if not all(re.fullmatch(r"[0-9]+", w) and int(w) > 0 for w in words):
+        raise InputError(f"SHOTS must be positive integers separated by spaces (e.g. SHOTS=\"1 2 4 8 16\"), got '{text}'")
+    return list(dict.fromkeys(int(w) for w in words))
 
 
 def protocol_datasets(s: Settings) -> List[str]:
-    names = [s.dataset] if s.protocol == "base2new" else ([s.source] if s.protocol == "xd" else []) + s.targets
+    names = [s.dataset] if s.protocol in ("base2new", "fewshot") else ([s.source] if s.protocol == "xd" else []) + s.targets
     return list(dict.fromkeys(names))
 
 
@@ -175,8 +200,12 @@ class ProtocolRun:
         s = self.s
         what = {"base2new": f"base2new on {s.dataset}",
                 "xd": f"cross-dataset: {s.source} -> {' '.join(s.targets)}",
-                "dg": f"domain generalisation: {s.source} -> {' '.join(s.targets)}"}[s.protocol]
-        self.say(f"{what} | trainer {s.trainer} | cfg {s.cfg} | shots {s.shots} | seeds {' '.join(map(str, s.seeds))}")
+                "dg": f"domain generalisation: {s.source} -> {' '.join(s.targets)}",
+                "fewshot": f"few-shot on {s.dataset} (all classes)"}[s.protocol]
+        shots = " ".join(map(str, s.shots_list)) if s.protocol == "fewshot" and s.trains else str(s.shots)
+        if s.protocol == "fewshot" and not s.trains:
+            shots = "none (zero-shot: one evaluation)"
+        self.say(f"{what} | trainer {s.trainer} | cfg {s.cfg} | shots {shots} | seeds {' '.join(map(str, s.seeds))}")
         self.say(f"DATA={s.data} OUTPUT={s.output} PYTHON={' '.join(s.python)}"
                  + (f" | extra: {' '.join(s.extra)}" if s.extra else ""))
         if s.dry_run:
@@ -260,6 +289,9 @@ class ProtocolRun:
         if s.protocol == "base2new":
             return ["base2new", "--root", s.output, "--trainers", s.trainer, "--configs", s.cfg, "--datasets",
                     s.dataset, "--shots", str(s.shots), "--seeds", seeds]
+        if s.protocol == "fewshot":  # a zero-shot model: one evaluation, with the first seed
+            return ["fewshot", "--root", s.output, "--trainers", s.trainer, "--configs", s.cfg, "--datasets",
+                    s.dataset, "--seeds", seeds if s.trains else str(s.seeds[0])]
         return [s.protocol, "--root", s.output, "--trainers", s.trainer, "--configs", s.cfg, "--shots",
                 str(s.shots), "--seeds", seeds, "--datasets", ",".join(s.targets)]
 
@@ -321,6 +353,10 @@ def plain_summary(s: Settings, jobs: List[Job]) -> str:
         b, n = _mean(bs), _mean(ns)
         hm = harmonic_mean(b, n) if b is not None and n is not None else None
         lines.append(f"{s.dataset}: {s.trainer} {s.shots} shots  Base {_f(b)}  New {_f(n)}  HM {_f(hm)}")
+        return "\n".join(lines)
+    if s.protocol == "fewshot":
+        for job in jobs:
+            lines.append(f"{job.dir}: {_f(accuracy_of(job.dir))}")
         return "\n".join(lines)
     rows = ([s.source] if s.protocol == "xd" else []) + s.targets
     for d in rows:

@@ -381,9 +381,10 @@ def submit(runner, jobs: List[Job], env: Dict[str, str], failures: List[str],
     reused = sum(1 for o in outcomes.values() if o.status == "submitted") - submitted
     code = report(runner, {d: o for d, o in outcomes.items() if o.status != "submitted"}, failures,
                   headline=f"submitted: {submitted} job(s)" + (f", {reused} already queued" if reused else ""))
-    args = [s.protocol, s.typed_trainer, *([s.dataset] if s.dataset else []), str(s.shots), *s.extra]
+    shots = [] if s.protocol == "fewshot" else [str(s.shots)]  # fewshot: SHOTS in the environment
+    args = [s.protocol, s.typed_trainer, *([s.dataset] if s.dataset else []), *shots, *s.extra]
     runner.say(f"where they stand: {quote(['python', '-m', 'spotlighter.run', 'status', *args])} "
-               "(with the same SEEDS/CFG/OUTPUT/DATASETS/SOURCE)")
+               "(with the same SEEDS/SHOTS/CFG/OUTPUT/DATASETS/SOURCE)")
     return code
 
 
