@@ -27,6 +27,9 @@ BASE2NEW_DATASETS: Tuple[str, ...] = (
 MINIBENCH = "minibench"
 #: Datasets the base-to-novel runner accepts: the published ones and the mini-benchmark.
 BASE2NEW_RUNNABLE: Tuple[str, ...] = BASE2NEW_DATASETS + (MINIBENCH,)
+#: The base-to-novel suites whose average the results tool prints (each dataset's rows, then the average
+#: over the suite's datasets found): the published eleven, and MiniBench's one dataset.
+BASE2NEW_SUITES: Tuple[Tuple[str, ...], ...] = (BASE2NEW_DATASETS, (MINIBENCH,))
 
 #: Cross-dataset transfer: a source trained on all its classes -> the targets it is evaluated on.
 XD_TARGETS: Dict[str, Tuple[str, ...]] = {

@@ -64,7 +64,7 @@ def test_trainers_side_by_side_and_no_published(root, capsys):
     assert "| minibench | CoOp | 60.00 ± 0.00 (3) | 50.20 ± 0.10 (3) |" in out
     # ZeroshotCLIP is listed before CoOp for each dataset, and all 11 datasets are listed
     assert out.index("| oxford_pets | ZeroshotCLIP") < out.index("| oxford_pets | CoOp")
-    assert "| Average (2 of 12 datasets) | CoOp |" in out and "Pub." not in out
+    assert "| Average (2 of 12 datasets), HM of mean Base and mean New | CoOp |" in out and "Pub." not in out
 
 
 def test_nothing_found_exits_1_naming_root_and_pattern(tmp_path, capsys):

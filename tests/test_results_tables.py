@@ -92,7 +92,7 @@ def test_ours_equal_to_published_clip_gives_its_average_and_zero_deltas(tmp_path
             write_log(b2n_dir(tmp_path, "ZeroshotCLIP", "vit_b16", dataset, "new", seed),
                       eval_log(round(row.new * 100), 10000, trainer="ZeroshotCLIP"))
     table = base2new_table(collect(tmp_path, "base2new"), root=tmp_path, published=published)
-    average = rows_by(table, "ZeroshotCLIP")["Average (11 of 11 datasets)"]
+    average = rows_by(table, "ZeroshotCLIP")["Average (11 of 11 datasets), HM of mean Base and mean New"]
     assert [round(cell(table, average, c).value, 2) for c in ("Base", "New", "HM")] == [69.34, 74.22, 71.70]
     assert [round(cell(table, average, c).value, 2) for c in ("Pub. Base", "Pub. New", "Pub. HM")] == [
         69.34, 74.22, 71.70]
@@ -124,12 +124,12 @@ def test_base2new_values_missing_markers_and_average(b2n_root):
     assert any("eurosat base seed 3: unfinished training log" in n for n in notes)
     assert any("eurosat new: seed 3 missing (no folder in" in n for n in notes)
 
-    average = maple["Average (1 of 3 datasets)"]  # only oxford_pets is complete
+    average = maple["Average (1 of 3 datasets), HM of mean Base and mean New"]  # only oxford_pets is complete
     assert cell(table, average, "Base").value == pytest.approx(95.4)
     assert cell(table, average, "HM").value == pytest.approx(hm.mean)
     assert "excluded: dtd, eurosat" in table.footnotes[cell(table, average, "HM").notes[0] - 1]
 
-    spot_avg = rows_by(table, SPOT)["Average (3 of 3 datasets)"]
+    spot_avg = rows_by(table, SPOT)["Average (3 of 3 datasets), HM of mean Base and mean New"]
     b, n = (97.6 + 76.2 + 85.2) / 3, (97.5 + 58.5 + 81.9) / 3
     assert cell(table, spot_avg, "Base").value == pytest.approx(b)
     assert cell(table, spot_avg, "HM").value == pytest.approx(harmonic_mean(b, n))
@@ -149,7 +149,7 @@ def test_base2new_markdown(b2n_root):
             "| 96.58 | -0.03 | -0.96 | -0.49 |") in md
     assert "| oxford_pets | Spotlighter | 97.60 ± 0.10 (3) | 97.50 ± 0.10 (3) | 97.55 ± 0.00 (3) | 97.40 |" in md
     assert "| dtd | MaPLe | 80.60 ± 0.60 (3) | — [1] | — [1] | 80.36 | 59.18 | 68.16 | +0.24 | — | — |" in md
-    assert "| Average (1 of 3 datasets) | MaPLe | 95.40 [" in md
+    assert "| Average (1 of 3 datasets), HM of mean Base and mean New | MaPLe | 95.40 [" in md
     assert "\n[1] MaPLe/vit_b16_c2_ep5_batch4_2ctx new: no run folder for this dataset (searched " in md
     # the unfinished log is shown as missing, never as its validation accuracy
     assert "91.00 ± " not in md and "seed 3: unfinished training log (no 'Finish training' line)" in md
@@ -159,7 +159,7 @@ def test_base2new_csv(b2n_root):
     table = base2new_table(collect(b2n_root, "base2new"), root=b2n_root, datasets=SHOWN,
                            published=load_published())
     rows = list(csv.DictReader(io.StringIO(to_csv([table]))))
-    assert len(rows) == 2 * 3 + 2  # trainer x dataset, plus one average per trainer
+    assert len(rows) == 2 * 3 + 2 * 2  # trainer x dataset, plus two averages (conventions) per trainer
     pets = next(r for r in rows if r["trainer"] == MAPLE and r["dataset"] == "oxford_pets")
     assert (pets["base_mean"], pets["base_std"], pets["base_n"]) == ("95.4", "0.4583", "3")
     assert (pets["published_method"], pets["pub_hm"], pets["complete"]) == ("MaPLe", "96.58", "True")
@@ -169,6 +169,47 @@ def test_base2new_csv(b2n_root):
     assert "no run folder" in dtd["notes"]
     spot = next(r for r in rows if r["trainer"] == SPOT and r["dataset"] == "average")
     assert spot["config"] == SPOT_CFG and spot["published_method"] == "CoOp w/ Spotlighter"
+    spot_hms = next(r for r in rows if r["trainer"] == SPOT and r["dataset"] == "average_of_hms")
+    assert spot_hms["base_mean"] == spot["base_mean"] and spot_hms["hm_mean"] != spot["hm_mean"]
+
+
+def test_suite_rows_and_both_averages_hand_computed(tmp_path):
+    """A tree with two of the eleven published datasets lists the eleven in the published order (missing
+    ones as missing) and prints both averages over the complete ones: HM(mean Base, mean New) -- the
+    published convention -- and the mean of the per-dataset HMs, each labelled. Values computed by hand:
+    datasets A (Base 60, New 40: HM 48) and B (Base 80, New 20: HM 32); mean Base 70, mean New 30,
+    HM of the means 2*70*30/100 = 42; mean of the HMs (48 + 32)/2 = 40."""
+    from spotlighter.registry import BASE2NEW_DATASETS
+
+    a, b = "dtd", "eurosat"
+    for dataset, (base, new) in ((a, (600, 400)), (b, (800, 200))):
+        for seed in (1, 2):
+            write_log(b2n_dir(tmp_path, "CoOp", "c", dataset, "base", seed), eval_log(base, 1000, trainer="CoOp"))
+            write_log(b2n_dir(tmp_path, "CoOp", "c", dataset, "new", seed), eval_log(new, 1000, trainer="CoOp"))
+    table = base2new_table(collect(tmp_path, "base2new"), root=tmp_path, published=None)
+    assert [row[0].value for row in table.rows] == list(BASE2NEW_DATASETS) + [
+        "Average (2 of 11 datasets), HM of mean Base and mean New",
+        "Average (2 of 11 datasets), mean of per-dataset HMs"]
+    coop = rows_by(table, "CoOp")
+    assert cell(table, coop[a], "HM").value.mean == pytest.approx(48.0)
+    assert cell(table, coop[b], "HM").value.mean == pytest.approx(32.0)
+    hm_of_means = coop["Average (2 of 11 datasets), HM of mean Base and mean New"]
+    mean_of_hms = coop["Average (2 of 11 datasets), mean of per-dataset HMs"]
+    assert [cell(table, hm_of_means, c).value for c in ("Base", "New", "HM")] == pytest.approx([70.0, 30.0, 42.0])
+    assert [cell(table, mean_of_hms, c).value for c in ("Base", "New", "HM")] == pytest.approx([70.0, 30.0, 40.0])
+    md = to_markdown(table)
+    assert "| Average (2 of 11 datasets), mean of per-dataset HMs | CoOp | 70.00" in md
+    assert "| 40.00" in md and "| 42.00" in md
+
+
+def test_published_average_in_both_conventions():
+    """The published Average row is HM(mean Base, mean New); the other convention averages the HMs."""
+    published = load_published()
+    rows = [published.get("CLIP", d) for d in ("dtd", "eurosat")]
+    got = published.mean_of_hms("CLIP", ["dtd", "eurosat"])
+    assert got == pytest.approx([(rows[0].base + rows[1].base) / 2, (rows[0].new + rows[1].new) / 2,
+                                 (rows[0].hm + rows[1].hm) / 2])
+    assert published.mean_of_hms("CLIP", ["dtd", "not_a_dataset"]) is None
 
 
 def test_seeds_option_marks_absent_seed_and_no_published_columns(b2n_root):
@@ -196,7 +237,7 @@ def test_published_methods_extra_rows_and_mapping(b2n_root):
                            published_methods=["promptsrc", "MaPLe=CLIP"])
     src = rows_by(table, "PromptSRC (published)")
     assert cell(table, src["dtd"], "HM").value == 71.75
-    assert cell(table, src["Average (3 of 3 datasets)"], "Base").value == pytest.approx((95.33 + 83.37 + 92.90) / 3)
+    assert cell(table, src["Average (3 of 3 datasets), HM of mean Base and mean New"], "Base").value == pytest.approx((95.33 + 83.37 + 92.90) / 3)
     maple_pets = rows_by(table, MAPLE)["oxford_pets"]
     assert cell(table, maple_pets, "Pub. Base").value == 91.17  # CLIP's row now
     with pytest.raises(ValueError, match="unknown published method 'NoSuch'"):

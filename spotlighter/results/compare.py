@@ -27,7 +27,7 @@ from .constants import (BASE2NEW_DATASETS, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, 
 from .layout import check_protocol, discover, search_patterns
 from .parse import Result, canonical_trainer, collect
 from .stats import harmonic_mean
-from .tables import Method, methods_of, ordered_datasets
+from .tables import Method, base2new_canonical, methods_of, ordered_datasets
 
 A_WINS = "A > B"
 B_WINS = "B > A"
@@ -327,7 +327,7 @@ def _values_of(results: Sequence[Result], m: Method, protocol: str, shots: int
 
 
 def _dataset_order(keys: Sequence[tuple[str, int]], protocol: str, source: str) -> list[tuple[str, int]]:
-    canonical = BASE2NEW_DATASETS if protocol == "base2new" else (
+    canonical = base2new_canonical(d for d, _ in keys) if protocol == "base2new" else (
         DG_TARGETS_BY_SOURCE if protocol == "dg" else XD_TARGETS_BY_SOURCE).get(source, ())
     order = {d: i for i, d in enumerate(ordered_datasets((d for d, _ in keys), canonical))}
     return sorted(keys, key=lambda k: (order[k[0]], k[1]))

@@ -12,6 +12,12 @@ PROTOCOL_TITLES: dict[str, str] = {p.name: p.title for p in registry.PROTOCOLS.v
 
 # Datasets in the order of the base-to-novel tables of CoOp/CoCoOp/MaPLe/Spotlighter.
 BASE2NEW_DATASETS: tuple[str, ...] = registry.BASE2NEW_DATASETS
+# The base-to-novel suites a table averages over (the published 11 datasets, MiniBench's suite).
+BASE2NEW_SUITES: tuple[tuple[str, ...], ...] = registry.BASE2NEW_SUITES
+# The two ways of averaging base-to-novel over datasets, as the average rows name them: the published
+# tables' (the HM of the mean Base and the mean New) and the mean of the per-dataset HMs.
+AVERAGE_HM_OF_MEANS = "HM of mean Base and mean New"
+AVERAGE_MEAN_OF_HMS = "mean of per-dataset HMs"
 XD_SOURCE = registry.DEFAULT_SOURCE
 XD_TARGETS: tuple[str, ...] = registry.xd_targets(XD_SOURCE)
 DG_TARGETS: tuple[str, ...] = registry.dg_targets(XD_SOURCE)

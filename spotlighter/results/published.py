@@ -51,6 +51,14 @@ class Published:
         new = statistics.fmean(r.new for r in rows)  # type: ignore[union-attr]
         return BaseNew(base, new, harmonic_mean(base, new))
 
+    def mean_of_hms(self, method: str, datasets: Iterable[str]) -> BaseNew | None:
+        """Mean Base, mean New and the mean of the per-dataset HMs over ``datasets``; None when one of
+        them has no published row."""
+        rows = [self.get(method, d) for d in datasets]
+        if not rows or any(r is None for r in rows):
+            return None
+        return BaseNew(*(statistics.fmean(r[i] for r in rows) for i in range(3)))  # type: ignore[index]
+
 
 def _csv_body(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))

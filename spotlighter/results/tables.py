@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..output_tree import ROLE_BASE, ROLE_NEW, ROLE_SOURCE, ROLE_TARGET, SEED_DIR_PREFIX
-from .constants import (BASE2NEW_DATASETS, CSV_ESCAPE_PREFIX, CSV_FORMULA_PREFIXES, DECIMALS, FEWSHOT_CSV_COLUMNS,
+from .constants import (AVERAGE_HM_OF_MEANS, AVERAGE_MEAN_OF_HMS, BASE2NEW_DATASETS, BASE2NEW_SUITES,
+                        CSV_ESCAPE_PREFIX, CSV_FORMULA_PREFIXES, DECIMALS, FEWSHOT_CSV_COLUMNS,
                         DG_TARGETS_BY_SOURCE, MISSING_MARK, PROTOCOL_TITLES, PUBLISHED_METHOD_FOR_TRAINER,
                         TRAINER_ORDER, TRANSDUCTIVE_MARK, TRANSFER_PUBLISHED_FILES, XD_SOURCE,
                         XD_TARGETS_BY_SOURCE, is_transductive)
@@ -136,6 +137,14 @@ def ordered_datasets(found: Iterable[str], canonical: Sequence[str]) -> list[str
     found = set(found)
     listed = list(canonical) if found & set(canonical) else []
     return listed + sorted(found - set(canonical))
+
+
+def base2new_canonical(found: Iterable[str]) -> tuple[str, ...]:
+    """The base-to-novel suites (``BASE2NEW_SUITES``) that hold a found dataset, concatenated in order:
+    the datasets a base-to-novel table lists, missing ones included (the published 11 when none is found)."""
+    found = set(found)
+    suites = [s for s in BASE2NEW_SUITES if found & set(s)] or [BASE2NEW_DATASETS]
+    return tuple(dict.fromkeys(d for s in suites for d in s))
 
 
 def _single_shots(results: Sequence[Result], shots: int | None) -> int:
@@ -312,12 +321,25 @@ def _deltas(ours: Sequence[float | None], pub: BaseNew | None) -> list[float | N
 
 
 def _average_of(rows: Sequence[_B2NRow]) -> tuple[float | None, float | None, float | None]:
-    """HM(mean Base, mean New) over ``rows``; Nones when there are none."""
+    """Mean Base, mean New and HM(mean Base, mean New) over ``rows`` (the published convention); Nones
+    when there are none."""
     if not rows:
         return None, None, None
     base = statistics.fmean(r.stats[0].mean for r in rows)  # type: ignore[misc]
     new = statistics.fmean(r.stats[1].mean for r in rows)  # type: ignore[misc]
     return base, new, harmonic_mean(base, new)
+
+
+def _mean_of_hms(rows: Sequence[_B2NRow]) -> tuple[float | None, float | None, float | None]:
+    """Mean Base, mean New and the mean of the per-dataset HMs over ``rows``; Nones when there are none."""
+    if not rows:
+        return None, None, None
+    return tuple(statistics.fmean(r.stats[i].mean for r in rows) for i in range(3))  # type: ignore[return-value,misc]
+
+
+def average_label(covered: int, shown: int, convention: str = AVERAGE_HM_OF_MEANS) -> str:
+    """The first cell of a base-to-novel average row: how many datasets it covers, and how it averages."""
+    return f"Average ({covered} of {shown} datasets), {convention}"
 
 
 @dataclass
@@ -364,8 +386,8 @@ def base2new_table(
     shots = _single_shots(results, shots)
     index = _Index(results, root, "base2new", shots, seeds)
     methods = [m for m in methods_of(results) if m in index.expected]
-    shown = list(datasets) if datasets else ordered_datasets(
-        (r.dataset for r in results if r.shots == shots), BASE2NEW_DATASETS)
+    found = [r.dataset for r in results if r.shots == shots]
+    shown = list(datasets) if datasets else ordered_datasets(found, base2new_canonical(found))
     labels = method_labels(methods)
     mapping, only = resolve_published_methods(published, methods, published_methods) if published else ({}, [])
     # Pub./Δ columns only when some shown dataset has a published number (none for e.g. MiniBench).
@@ -399,7 +421,7 @@ def base2new_table(
     for m in methods if with_average else ():
         covered = [d for d in shown if computed[(m, d)].complete]
         excluded = [d for d in shown if d not in covered]
-        refs = (notes.add(f"{labels[m]} average: HM(mean Base, mean New) over complete datasets only; "
+        refs = (notes.add(f"{labels[m]} averages: over complete datasets only; "
                           f"excluded: {', '.join(excluded)}"),) if excluded else ()
         values = _average_of([computed[(m, d)] for d in covered])
         averages[m] = [Stat(v, None, len(covered)) for v in values]
@@ -409,14 +431,26 @@ def base2new_table(
                   "complete": not excluded, "notes": _join(notes, refs),
                   **{f"{k}_mean": _round(v) for k, v in zip(METRICS, values, strict=True)}}
         layout_average_cells[m] = [Cell(v, refs) for v in values]
-        layout.add(f"Average ({len(covered)} of {len(shown)} datasets)", m, layout_average_cells[m], values,
+        layout.add(average_label(len(covered), len(shown)), m, layout_average_cells[m], values,
                    pub_method, pub, record)
+        # the other convention: the mean of the per-dataset HMs (Base and New are the same means)
+        values = _mean_of_hms([computed[(m, d)] for d in covered])
+        pub = published.mean_of_hms(pub_method, covered) if published and pub_method and covered else None
+        record = {"dataset": "average_of_hms", "seeds_expected": " ".join(map(str, index.expected[m])),
+                  "complete": not excluded, "notes": _join(notes, refs),
+                  **{f"{k}_mean": _round(v) for k, v in zip(METRICS, values, strict=True)}}
+        layout.add(average_label(len(covered), len(shown), AVERAGE_MEAN_OF_HMS), m,
+                   [Cell(v, refs) for v in values], values, pub_method, pub, record)
     for method in only if with_average else ():
         have = [d for d in shown if pub_of(method, d)]
         pub = published.average(method, have) if published and have else None
-        layout.add(f"Average ({len(have)} of {len(shown)} datasets)", Method(f"{method} (published)", MISSING_MARK),
+        layout.add(average_label(len(have), len(shown)), Method(f"{method} (published)", MISSING_MARK),
                    _pub_cells(pub), (None, None, None), None, None,
                    {"dataset": "average", "notes": "published numbers only"})
+        pub = published.mean_of_hms(method, have) if published and have else None
+        layout.add(average_label(len(have), len(shown), AVERAGE_MEAN_OF_HMS),
+                   Method(f"{method} (published)", MISSING_MARK), _pub_cells(pub), (None, None, None), None, None,
+                   {"dataset": "average_of_hms", "notes": "published numbers only"})
 
     title = f"{PROTOCOL_TITLES['base2new']} ({shots} shots)"
     panels = {
