@@ -53,29 +53,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def teacher_file(path: str) -> str:
-    """The checkpoint file of a teacher given as a file, an output folder, or its VLPromptLearner folder:
-    ``model-best.pth.tar``, else the file Dassl's ``checkpoint`` pointer names, else the last
-    ``model.pth.tar-N``."""
+    """The checkpoint file of a teacher given as a file, an output folder, or its VLPromptLearner folder,
+    found as evaluations find theirs (:func:`spotlighter.checkpoint.find_checkpoint`: best-val file, else
+    the ``checkpoint`` pointer's file, else the last ``model.pth.tar-N``)."""
     path = os.path.expanduser(path)
     if os.path.isfile(path):
         return path
     if not path or not os.path.isdir(path):
         raise ConfigError(f"TRAINER.PROMPTKD.TEACHER = {path!r} is not a checkpoint file or folder. {TEACHER_HELP}.")
     folder = os.path.join(path, TEACHER_MODULE) if os.path.isdir(os.path.join(path, TEACHER_MODULE)) else path
-    best = os.path.join(folder, "model-best.pth.tar")
-    if os.path.isfile(best):
-        return best
-    pointer = os.path.join(folder, "checkpoint")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            named = os.path.join(folder, f.read().strip())
-        if os.path.isfile(named):
-            return named
-    numbered = [n for n in os.listdir(folder) if n.startswith("model.pth.tar-") and n.rsplit("-", 1)[1].isdigit()]
-    if numbered:
-        return os.path.join(folder, max(numbered, key=lambda n: int(n.rsplit("-", 1)[1])))
-    raise ConfigError(f"TRAINER.PROMPTKD.TEACHER = {path!r}: no teacher checkpoint in {folder} (expected "
-                      f"model-best.pth.tar, a 'checkpoint' pointer or model.pth.tar-N). {TEACHER_HELP}.")
+    try:
+        return ckpt.find_checkpoint(folder)[0]
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"TRAINER.PROMPTKD.TEACHER = {path!r}: no teacher checkpoint in {folder} ({exc}). "
+                          f"{TEACHER_HELP}.") from None
 
 
 def read_teacher_state(path: str) -> Tuple[Dict[str, torch.Tensor], str]:

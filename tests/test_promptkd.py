@@ -146,6 +146,12 @@ def test_teacher_file_is_found_or_the_error_says_where_to_get_one(tmp_path):
     assert kd.teacher_file(str(folder)) == str(folder / "model.pth.tar-3")
     (folder / "model-best.pth.tar").write_bytes(b"x")
     assert kd.teacher_file(str(tmp_path / "out")) == str(folder / "model-best.pth.tar")
+    # a pointer to a file that is gone is an error, as for evaluations (never another epoch in silence)
+    os.remove(folder / "model-best.pth.tar")
+    (folder / "checkpoint").write_text("model.pth.tar-7\n")
+    with pytest.raises(ConfigError) as err:
+        kd.teacher_file(str(folder))
+    assert "No checkpoint at" in str(err.value) and "model.pth.tar-7" in str(err.value)
 
 
 def test_original_student_checkpoint_converts(frozen_clip, teacher_clip):
