@@ -53,7 +53,7 @@ def test_registry_reads_folders_and_sections_from_layout():
     for name in registry.dataset_names():  # every protocol dataset with a config has a layout
         if os.path.isfile(os.path.join(ROOT, registry.dataset(name).config)):
             assert name in layout.LAYOUTS, name
-    assert registry.dataset("dtd").roles == (("base2new", "base+new"), ("xd", "target"))
+    assert registry.dataset("dtd").roles == (("base2new", "base+new"), ("fewshot", "all classes"), ("xd", "target"))
     assert ("xd", "source") in registry.dataset("imagenet").roles and ("dg", "source") in registry.dataset("imagenet").roles
 
 def test_confinement_of_paths_to_the_dataset_folder(tmp_path):
