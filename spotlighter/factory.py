@@ -142,7 +142,9 @@ def _spotlighterkd(cfg, n, clip, classnames, teacher):
     from . import kd_spotlighter
 
     head = cfg.TRAINER.SPOTLIGHTERKD
-    clip.explicit_attention = bool(head.EXPLICIT_ATTENTION)  # before the teacher's text is computed
+    explicit = bool(head.EXPLICIT_ATTENTION)
+    if clip.explicit_attention != explicit:  # a view of the same frozen CLIP: the caller's stays as it is
+        clip = FrozenCLIP(clip.model, clip.prune, explicit_attention=explicit)
     teacher = teacher if teacher is not None else build_teacher(cfg, classnames, clip)
     return kd_spotlighter.SpotlighterKD(clip, teacher, classnames, kd_spotlighter.KDHeadConfig.from_cfg(head),
                                         n_vision=n.N_CTX_VISION, vision_depth=n.PROMPT_DEPTH_VISION,

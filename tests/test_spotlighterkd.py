@@ -390,3 +390,18 @@ def test_token_reduction_works_in_front_of_the_students_prompts(clips, mode):
     sum(losses.values()).backward()
     model.eval()
     assert model(x)[0].shape == (3, len(NAMES))
+
+
+def test_the_factory_leaves_the_callers_clip_as_it_is(clips):
+    """SpotlighterKD's explicit attention is its own view of the frozen CLIP: a CLIP shared with other
+    models (gpu_check, the benchmark) keeps the fused path."""
+    from spotlighter.config import trainer_cfg
+    from spotlighter.factory import build_model
+
+    student_path, _ = clips
+    shared = FrozenCLIP(load_clip("ViT-B/16", path=student_path))
+    teacher = build(clips).teacher
+    cfg = trainer_cfg("spotlighterkd", {"TRAINER.PROMPTKD.PROMPT_DEPTH_VISION": 2})
+    model = build_model(cfg, NAMES, shared, teacher=teacher)
+    assert cfg.TRAINER.SPOTLIGHTERKD.EXPLICIT_ATTENTION and model.clip.explicit_attention
+    assert not shared.explicit_attention and model.clip.model is shared.model
