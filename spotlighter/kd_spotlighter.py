@@ -362,7 +362,7 @@ def check_head(h: KDHeadConfig, num_patches: int) -> None:
         raise ConfigError(f"{p}IRM.KIND tokens attends over class prototypes: set MEMORY.KIND class.")
     if h.memory_kind == "class" and h.memory_write != "selected":
         raise ConfigError(f"{p}MEMORY.KIND class is written with the selected tokens: set MEMORY.WRITE selected.")
-    if (h.score.sample or h.score.semantic) and h.score.semantic and h.memory_kind != "class":
+    if h.score.semantic and h.memory_kind != "class":
         raise ConfigError(f"{p}SCORE.SEMANTIC_WEIGHT needs class prototypes: set MEMORY.KIND class.")
     if not 0 <= h.beta <= 1:
         raise ConfigError(f"{p}FUSION.BETA = {h.beta} is invalid: expected 0..1.")
