@@ -275,3 +275,18 @@ def test_demo_script_without_torch_says_what_comes_first(tmp_path):
                        env=dict(os.environ, RUNNER_PYTHON=str(py)), timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith(f"error: PyTorch is not installed for {py}. Install it first")
+
+
+def test_a_folders_time_is_the_sum_of_its_runs_and_the_last_good_one(tmp_path):
+    """elapsed_total adds every run log's elapsed line (a resumed training counts whole); elapsed_of is
+    the newest run that exited 0; a log without its elapsed line (still running, killed) counts for none."""
+    from spotlighter.run.jobs import elapsed_of, elapsed_total
+
+    assert elapsed_total(str(tmp_path)) is None and elapsed_of(str(tmp_path)) is None
+    logs = {"run-1.log": "cmd\n# elapsed 30.0 s, exit status 75\n", "run-2.log": "cmd\n# elapsed 12.5 s, exit status 0\n",
+            "run-3.log": "cmd\nstill running\n"}
+    for i, (name, text) in enumerate(logs.items()):
+        (tmp_path / name).write_text(text)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    assert elapsed_total(str(tmp_path)) == 42.5
+    assert elapsed_of(str(tmp_path)) == 12.5

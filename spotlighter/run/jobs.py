@@ -30,7 +30,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .. import preempt, registry
 from ..output_tree import (FINISH_SIGNAL, LOG_FILE, RESULT_FILE, ROLE_ALL, ROLE_BASE, ROLE_NEW, TEACHER_SEED,
@@ -542,10 +542,8 @@ def run_one(job: Job, s: Settings, say: Callable[[str], None], echo: bool = True
     return Outcome("done", seconds=dt, ran=True)
 
 
-def elapsed_total(d: str) -> Optional[float]:
-    """Seconds every run of a folder took together (its run logs' elapsed lines: a resumed training's
-    pieces add up to the whole job), or None when no run log says."""
-    total, found = 0.0, False
+def _run_log_ends(d: str) -> Iterator[Tuple[str, float, bool]]:
+    """(run log, seconds, exit status 0) of each run log of a folder that ends in its elapsed line."""
     for log in glob.glob(os.path.join(glob.escape(d), "run-*.log")):
         try:
             with open(log) as f:
@@ -554,27 +552,23 @@ def elapsed_total(d: str) -> Optional[float]:
             continue
         if lines and lines[-1].startswith(ELAPSED_PREFIX):
             try:
-                total += float(lines[-1][len(ELAPSED_PREFIX):].split()[0])
-                found = True
-            except ValueError:
+                seconds = float(lines[-1][len(ELAPSED_PREFIX):].split()[0])
+            except (ValueError, IndexError):
                 continue
-    return total if found else None
+            yield log, seconds, lines[-1].endswith("exit status 0")
+
+
+def elapsed_total(d: str) -> Optional[float]:
+    """Seconds every run of a folder took together (a resumed training's pieces add up to the whole
+    job), or None when no run log says."""
+    runs = [seconds for _, seconds, _ in _run_log_ends(d)]
+    return sum(runs) if runs else None
 
 
 def elapsed_of(d: str) -> Optional[float]:
     """Seconds the last successful run of a folder took (from its run log), or None."""
-    best: Optional[Tuple[float, float]] = None
-    for log in glob.glob(os.path.join(glob.escape(d), "run-*.log")):
-        try:
-            with open(log) as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        if lines and lines[-1].startswith(ELAPSED_PREFIX) and lines[-1].endswith("exit status 0"):
-            m = os.path.getmtime(log)
-            if best is None or m > best[0]:
-                best = (m, float(lines[-1][len(ELAPSED_PREFIX):].split()[0]))
-    return best[1] if best else None
+    done = [(os.path.getmtime(log), seconds) for log, seconds, ok in _run_log_ends(d) if ok]
+    return max(done)[1] if done else None
 
 
 def job_to_dict(job: Job) -> dict:
