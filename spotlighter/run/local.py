@@ -150,7 +150,7 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
         done_q.put((job, out, dev))
 
     ended: List[str] = []  # finish lines waiting for the next jobs to start (their progress counts them)
-    while pending or running:
+    while True:
         started = True
         while started:
             started = False
@@ -188,7 +188,7 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
         devices.append(dev)
         outcomes[job.dir] = out
         if out.status in OK:
-            took = elapsed_total(job.dir) if out.status == "skipped" else (elapsed_total(job.dir) or out.seconds)
+            took = elapsed_total(job.dir) or out.seconds  # a skipped job's own seconds are 0
             if took:
                 progress.add(job, took)
         if on_outcome:
@@ -196,8 +196,6 @@ def run_local(jobs: List[Job], s: Settings, say: Callable[[str], None], slots: i
                 on_outcome(job, out)
         if out.ran:
             ended.append(finish_line(job, out, detail(job, out) if detail else ""))
-    for line in ended:
-        locked_say(f"{line} | {progress.line(len(outcomes), pending, running)}")
     skipped = sum(1 for j in jobs if outcomes.get(j.dir, Outcome("")).status == "skipped")
     if skipped and not echo:  # with echo, run_one said it of each
         locked_say(f"skip (finished): {skipped} job(s) whose folders hold a finished run")
