@@ -77,22 +77,14 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         heads = {"IRM.HEADS": 1} if small else {}
         return build("spotlighter", PRESET=preset, **heads)
 
-    def promptkd(clip):  # the teacher: an (untrained) IVLP on the same CLIP, frozen
-        teacher = build("ivlp", **ivlp)(clip)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return build_model(cfg("promptkd", **{k: v for k, v in ivlp.items() if "VISION" in k}), CLASSNAMES, clip,
-                           teacher=teacher.eval())
-
-    def spotlighterkd(preset: str):  # PromptKD's student and teacher as above, with the preset's head
+    def distilled(trainer: str, **head):  # the teacher: an (untrained) IVLP on the same CLIP, frozen
         def make(clip):
             teacher = build("ivlp", **ivlp)(clip)
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            changes = {k: v for k, v in ivlp.items() if "VISION" in k}
-            c = trainer_cfg("spotlighterkd", {**{f"TRAINER.PROMPTKD.{k}": v for k, v in changes.items()},
-                                              "TRAINER.SPOTLIGHTERKD.PRESET": preset},
-                            config=registered("spotlighterkd").default_config)
+            changes = {f"TRAINER.PROMPTKD.{k}": v for k, v in ivlp.items() if "VISION" in k}
+            changes.update({f"TRAINER.SPOTLIGHTERKD.{k}": v for k, v in head.items()})
+            c = trainer_cfg(trainer, changes, config=registered(trainer).default_config)
             return build_model(c, CLASSNAMES, clip, teacher=teacher.eval())
         return make
 
@@ -107,13 +99,13 @@ def builders(size: str) -> Dict[str, Callable[[FrozenCLIP], nn.Module]]:
         "MaPLe": build("maple", PROMPT_DEPTH=depth),
         "IVLP": build("ivlp", **ivlp),
         "PromptSRC": build("promptsrc", **ivlp),
-        "PromptKD": promptkd,
+        "PromptKD": distilled("promptkd"),
         "Spotlighter-paper": spot("paper"),
         "Spotlighter-release": spot("release"),
         "Spotlighter-paper-prune": spot_pruned,
-        "SpotlighterKD-release": spotlighterkd("release"),
-        "SpotlighterKD-paper": spotlighterkd("paper"),
-        "SpotlighterKD-textrefiner": spotlighterkd("textrefiner"),
+        "SpotlighterKD-release": distilled("spotlighterkd", PRESET="release"),
+        "SpotlighterKD-paper": distilled("spotlighterkd", PRESET="paper"),
+        "SpotlighterKD-textrefiner": distilled("spotlighterkd", PRESET="textrefiner"),
     }
 
 
