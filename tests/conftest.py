@@ -74,3 +74,26 @@ def slurm(tmp_path_factory):
         pytest.skip(str(exc).splitlines()[0])
     yield cluster
     cluster.stop()
+
+
+_DASSL_LOGGERS = []  # kept alive on purpose, see run_in_process
+
+
+def run_in_process(argv, capsys):
+    """train.main in this process (imports paid once); restores the stdout Dassl's logger replaces."""
+    import logging
+
+    import train
+
+    saved, handlers = sys.stdout, logging.getLogger().handlers[:]
+    try:
+        code = train.main(argv)
+    finally:
+        if sys.stdout is not saved:  # Dassl's Logger: its __del__ would close pytest's stdout capture
+            if getattr(sys.stdout, "file", None) is not None:
+                sys.stdout.file.close()
+                sys.stdout.file = None
+            _DASSL_LOGGERS.append(sys.stdout)
+        sys.stdout = saved
+        logging.getLogger().handlers[:] = handlers
+    return code, capsys.readouterr().err

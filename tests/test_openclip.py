@@ -15,7 +15,7 @@ import torch.nn as nn
 
 open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is not installed (pip install -e '.[openclip]')")
 
-from conftest import ROOT, dassl_available  # noqa: E402
+from conftest import ROOT, dassl_available, run_in_process as run_train  # noqa: E402
 import tiny_openclip  # noqa: E402
 from spotlighter import openclip as oc  # noqa: E402
 from spotlighter.backbone import BackboneError, FrozenCLIP, load_clip  # noqa: E402
@@ -235,27 +235,6 @@ DEPTH2 = {
 ONE_STEP = ["OPTIM.MAX_EPOCH", "1", "DATASET.NUM_SHOTS", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "12",
             "DATALOADER.TEST.BATCH_SIZE", "36", "DATALOADER.NUM_WORKERS", "0", "TRAINER.COCOOP.PREC", "fp32",
             "DATASET.SUBSAMPLE_CLASSES", "base"]
-_DASSL_LOGGERS = []  # kept alive on purpose, see run_train
-
-
-def run_train(argv, capsys):
-    """train.main in this process (imports paid once); restores the stdout Dassl's logger replaces."""
-    import logging
-
-    import train
-
-    saved, handlers = sys.stdout, logging.getLogger().handlers[:]
-    try:
-        code = train.main(argv)
-    finally:
-        if sys.stdout is not saved:  # Dassl's Logger: its __del__ would close pytest's stdout capture
-            if getattr(sys.stdout, "file", None) is not None:
-                sys.stdout.file.close()
-                sys.stdout.file = None
-            _DASSL_LOGGERS.append(sys.stdout)
-        sys.stdout = saved
-        logging.getLogger().handlers[:] = handlers
-    return code, capsys.readouterr().err
 
 
 requires_dassl = pytest.mark.skipif(not dassl_available(), reason="upstream Dassl.pytorch is not installed")

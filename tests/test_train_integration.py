@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, requires_dassl
+from conftest import ROOT, requires_dassl, run_in_process
 from tiny_data import BASE_CLASSNAMES, make_tiny_minibench
 
 pytestmark = requires_dassl
@@ -72,27 +72,6 @@ def run_train(data_root, clip_path, out, trainer="Spotlighter", subset="base", e
     return proc
 
 
-_DASSL_LOGGERS = []  # kept alive on purpose, see run_in_process
-
-
-def run_in_process(argv, capsys):
-    """train.main in this process (imports paid once); restores the stdout Dassl's logger replaces."""
-    import logging
-
-    import train
-
-    saved, handlers = sys.stdout, logging.getLogger().handlers[:]
-    try:
-        code = train.main(argv)
-    finally:
-        if sys.stdout is not saved:  # Dassl's Logger: its __del__ would close pytest's stdout capture
-            if getattr(sys.stdout, "file", None) is not None:
-                sys.stdout.file.close()
-                sys.stdout.file = None
-            _DASSL_LOGGERS.append(sys.stdout)
-        sys.stdout = saved
-        logging.getLogger().handlers[:] = handlers
-    return code, capsys.readouterr().err
 
 
 def train_argv(data_root, clip_path, out, trainer="Spotlighter", extra=()):
