@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from spotlighter import kd_spotlighter as ks
 from spotlighter.backbone import FrozenCLIP, ImageTokens, load_clip
-from spotlighter.config import ConfigError, KD_PRESETS, apply_preset, extend_cfg
+from spotlighter.config import ConfigError, KD_PRESETS, apply_preset, default_cfg, merge_cfg
 from spotlighter.machine import cpu_name
 from spotlighter.models import IVLP
 from tiny_clip import save_tiny_clip
@@ -24,23 +24,11 @@ LAMBDA = 1000.0
 
 
 def kd_node(preset="release", **changes):
-    from yacs.config import CfgNode as CN
-
-    cfg = CN()
-    cfg.DATASET = CN()
-    cfg.MODEL = CN()
-    cfg.MODEL.BACKBONE = CN()
-    cfg.TRAINER = CN()
-    extend_cfg(cfg)
+    """TRAINER.SPOTLIGHTERKD of ``preset`` with ``changes`` (``IRM__HEADS=1``: TRAINER.SPOTLIGHTERKD.IRM.HEADS)."""
+    cfg = default_cfg()
     apply_preset(cfg, preset, "SPOTLIGHTERKD")
-    node = cfg.TRAINER.SPOTLIGHTERKD
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        target = node
-        for part in parents:
-            target = target[part]
-        target[leaf] = value
-    return node
+    merge_cfg(cfg, {f"TRAINER.SPOTLIGHTERKD.{k.replace('__', '.')}": v for k, v in changes.items()})
+    return cfg.TRAINER.SPOTLIGHTERKD
 
 
 @pytest.fixture(scope="module")
