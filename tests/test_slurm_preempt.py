@@ -15,7 +15,6 @@ import time
 import pytest
 import torch
 
-import slurm_cluster
 from conftest import ROOT, requires_dassl
 from tiny_data import make_tiny_minibench
 
@@ -25,16 +24,6 @@ pytestmark = requires_dassl
 STEP_SLEEP_S = "0.4"
 FAST = ["INPUT.SIZE", "(32, 32)", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
         "DATALOADER.NUM_WORKERS", "0"]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    try:
-        c = slurm_cluster.start(str(tmp_path_factory.mktemp("slurm")))
-    except slurm_cluster.ClusterUnavailable as exc:
-        pytest.skip(str(exc).splitlines()[0])
-    yield c
-    c.stop()
 
 
 def _squeue(c):
@@ -51,11 +40,11 @@ def _wait(what, ok, timeout=300):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_signalled_job_checkpoints_requeues_resumes_and_equals_an_uninterrupted_run(cluster, tmp_path,
+def test_signalled_job_checkpoints_requeues_resumes_and_equals_an_uninterrupted_run(slurm, tmp_path,
                                                                                      tiny_clip_path):
     data, out = tmp_path / "data", tmp_path / "output"
     make_tiny_minibench(str(data))
-    env = {**cluster.env, "DATA": str(data), "OUTPUT": str(out), "SEEDS": "1", "CFG": "minibench_ep10_ctx4",
+    env = {**slurm.env, "DATA": str(data), "OUTPUT": str(out), "SEEDS": "1", "CFG": "minibench_ep10_ctx4",
            "PYTHON": sys.executable, "LAUNCHER": "slurm", "PYTHONUNBUFFERED": "1",
            "SPOTLIGHTER_TEST_STEP_SLEEP": STEP_SLEEP_S}
     r = subprocess.run(["bash", "scripts/base2new.sh", "coop", "minibench", "4", *FAST, "MODEL.BACKBONE.PATH",
@@ -70,9 +59,9 @@ def test_signalled_job_checkpoints_requeues_resumes_and_equals_an_uninterrupted_
     # the warning SLURM sends <margin> s before the time limit, now: to the batch shell only (B:)
     _wait("the first epoch lines", lambda: os.path.exists(train["log"])
           and "epoch [1/2] batch [5/12]" in open(train["log"]).read())
-    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=cluster.env, check=True)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm.env, check=True)
     # requeued, it may start again when its old credential expires (slurm_cluster.CRED_EXPIRE_S)
-    _wait("every job to finish", lambda: not _squeue(cluster), timeout=600)
+    _wait("every job to finish", lambda: not _squeue(slurm), timeout=600)
 
     log = open(train["log"]).read()  # --open-mode=append: both runs of the job
     assert "stopped: by SIGUSR1 after batch" in log and f"requeueing SLURM job {jid} (scontrol requeue)" in log
@@ -103,12 +92,12 @@ def test_signalled_job_checkpoints_requeues_resumes_and_equals_an_uninterrupted_
     (table,) = glob.glob(str(out / "slurm" / "*" / "table-*.out"))
     assert any(line.startswith("| minibench | CoOp") for line in open(table))
 
-    if cluster.accounting:  # every job of this (private) cluster, each run of a requeued one on its own line
+    if slurm.accounting:  # every job of this (private) slurm, each run of a requeued one on its own line
         deadline, sacct = time.monotonic() + 30, ""
         while time.monotonic() < deadline and sacct.count("COMPLETED") < 3:
             time.sleep(1)
             sacct = subprocess.run(["sacct", "-D", "-X", "-o", "JobID,JobName%22,State,ExitCode,Start,End,Elapsed"],
-                                   env=cluster.env, capture_output=True, text=True).stdout
+                                   env=slurm.env, capture_output=True, text=True).stdout
         print("\n" + sacct)
         rows = [line.split() for line in sacct.splitlines()[2:]]
         assert [r[2] for r in rows if r[0] == jid] == ["REQUEUED", "COMPLETED"], sacct
