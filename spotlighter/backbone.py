@@ -238,10 +238,10 @@ def _read_state(path: str) -> dict:
 def _minibench_claim(path: str):
     """The MiniBench identity module when ``path`` is (or claims to be) a MiniBench CLIP, else None.
     Only files that may be one are checked: with a sidecar beside them (``path.json``) or named like
-    MiniBench's CLIP (:data:`spotlighter.benchmark.paths.CLIP_FILE`)."""
+    one of MiniBench's CLIPs (:data:`spotlighter.benchmark.paths.CLIP_FILES`)."""
     from .benchmark import paths
 
-    if not (os.path.isfile(paths.sidecar_path(path)) or os.path.basename(path) == paths.CLIP_FILE):
+    if not (os.path.isfile(paths.sidecar_path(path)) or os.path.basename(path) in paths.CLIP_FILES.values()):
         return None
     from .benchmark import reference
 

@@ -183,6 +183,8 @@ class Trainer:
     transductive: bool = False
     #: A distilling trainer's teacher: (trainer, config, the cfg key that points the student at it).
     teacher: Optional[Tuple[str, str, str]] = None
+    #: The teacher's config on MiniBench (its teacher-size CLIP) when ``teacher`` is set.
+    minibench_teacher_config: Optional[str] = None
 
     def job_cost(self, kind: str) -> float:
         """The cost prior of a ``train`` or ``eval`` job of this trainer."""
@@ -201,6 +203,15 @@ class Trainer:
             return self.minibench_config
         return self.default_config
 
+    def teacher_for(self, dataset: Optional[str]) -> Optional[Tuple[str, str, str]]:
+        """``teacher`` for runs on ``dataset``, with the MiniBench teacher config on MiniBench."""
+        if self.teacher is None:
+            return None
+        t_trainer, t_cfg, key = self.teacher
+        if dataset is not None and dataset.startswith(MINIBENCH) and self.minibench_teacher_config:
+            t_cfg = self.minibench_teacher_config
+        return t_trainer, t_cfg, key
+
     def available_configs(self, repo: str) -> List[str]:
         """The config names (``CFG`` values) under ``repo``'s configs/trainers/<name>/, sorted."""
         cdir = os.path.join(repo, self.config_dir)
@@ -212,6 +223,8 @@ class Trainer:
 # (batch size 1, an image-conditioned prompt per image), MaPLe (deep prompts), IVLP and PromptSRC (deep
 # prompts in both towers, 20 epochs at batch 4; PromptSRC adds a frozen image forward per step) from their
 # configs' epochs, batch sizes and per-step work relative to CoOp, not measured.
+#: PromptKD's teacher on MiniBench: PromptSRC on MiniBench's teacher-size CLIP.
+MINIBENCH_TEACHER_CONFIG = "minibench_teacher_ep20_batch4_4+4ctx_depth3"
 TRAINERS: Dict[str, Trainer] = {
     t.cli: t for t in (
         Trainer("spotlighter", "Spotlighter", "vit_b16_ep20_paper", "SPOTLIGHTER", "spotlighter",
@@ -232,11 +245,14 @@ TRAINERS: Dict[str, Trainer] = {
                 cost=(5.0, 0.8), minibench_config="minibench_ep20_batch4_4+4ctx_depth3"),
         Trainer("promptkd", "PromptKD", "vit_b16_c2_ep20_batch8_4+4ctx", "PROMPTKD", "VLPromptLearner",
                 published_method="PromptKD",
-                cost=(6.0, 1.0), transductive=True,
-                teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER")),
+                cost=(6.0, 1.0), transductive=True, minibench_config="minibench_ep20_batch32_4ctx_depth3",
+                teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER"),
+                minibench_teacher_config=MINIBENCH_TEACHER_CONFIG),
         Trainer("spotlighterkd", "SpotlighterKD", "vit_b16_ep30_batch64_release", "PROMPTKD", "VLPromptLearner",
                 published_method="PromptKD w/ Spotlighter", cost=(7.0, 1.0), transductive=True,
-                teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER")),
+                minibench_config="minibench_ep20_batch32_release",
+                teacher=("promptsrc", "vit_l14_c2_ep20_batch8_4+4ctx", "TRAINER.PROMPTKD.TEACHER"),
+                minibench_teacher_config=MINIBENCH_TEACHER_CONFIG),
         Trainer("zsclip", "ZeroshotCLIP", "vit_b16", "ZSCLIP", "prompt_learner", trains=False,
                 aliases=("zeroshotclip", "zeroshot"),
                 published_method="CLIP", cost=(0.75, 0.75), minibench_config="minibench"),

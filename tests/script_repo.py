@@ -109,9 +109,13 @@ def make_env(tmp_path):
     from spotlighter import registry
 
     minibench = {t.name: t.minibench_config or CFGS[t.name] for t in registry.TRAINERS.values()}
+    teachers: dict = {}  # the teachers' MiniBench configs (PromptSRC on the teacher-size CLIP)
+    for t in registry.TRAINERS.values():
+        if t.minibench_teacher_config:
+            teachers.setdefault(registry.trainer(t.teacher[0]).name, set()).add(t.minibench_teacher_config)
     for trainer, cfg in CFGS.items():
         os.makedirs(repo / "configs" / "trainers" / trainer)
-        for name in (cfg, minibench[trainer]):
+        for name in (cfg, minibench[trainer], *sorted(teachers.get(trainer, ()))):
             (repo / "configs" / "trainers" / trainer / f"{name}.yaml").write_text(
                 "DATALOADER:\n  NUM_WORKERS: 0\nOPTIM:\n  NAME: \"sgd\"\n  MAX_EPOCH: 5\n")
     data = tmp_path / "data"

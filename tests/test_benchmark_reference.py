@@ -67,6 +67,62 @@ def test_ensure_clip_installs_the_reference_without_pretraining(exported, tmp_pa
     assert reference.matches(TINY, refdir)["digest"] == meta["digest"]
 
 
+def test_teacher_size_reference_beside_the_students(exported, tmp_path, monkeypatch):
+    """A teacher-size CLIP (the same recipe, CLIP_SIZES' wider and deeper image tower) is exported to its
+    own files next to the student's; the recipe finds each reference by its params, ensure_clip installs
+    the teacher's bits, and a teacher installed where prepare puts it is checked against its reference."""
+    path, side, refdir, meta = exported
+    tparams = recipe.size_params(recipe.TEACHER, TINY)
+    assert tparams["vision_width"] > TINY["vision_width"] and tparams["vision_layers"] > TINY["vision_layers"]
+    tpath = str(tmp_path / "built" / "teacher.pt")
+    tside = pretrain.ensure_clip(tpath, use_reference=False, **tparams)
+    tmeta = reference.export(tpath, refdir, size=recipe.TEACHER)
+    assert os.path.basename(reference.weights_file(refdir, recipe.TEACHER)) == (
+        f"minibench_clip_teacher_v{recipe.PRETRAIN_VERSION}.pt")
+    assert reference.weights_file(refdir, recipe.TEACHER) != reference.weights_file(refdir)
+    assert reference.matches(TINY, refdir)["size"] == recipe.STUDENT
+    found = reference.matches(tparams, refdir)
+    assert found["size"] == recipe.TEACHER and found["digest"] == tmeta["digest"] == tside["digest"] != meta["digest"]
+    monkeypatch.setattr(reference, "REFERENCE_DIR", refdir)
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained instead of installing"))
+    root = str(tmp_path / "data")
+    out = paths.clip_path(root, recipe.TEACHER)
+    assert out.endswith(os.path.join("minibench", "clip", "minibench_clip_teacher.pt"))
+    got = pretrain.ensure_clip(out, **tparams)
+    assert got["origin"] == "reference" and got["reference"] == os.path.basename(reference.weights_file(refdir, "teacher"))
+    assert reference.file_digest(out) == tmeta["digest"]
+    assert paths.data_root(out) == root and reference.claims_minibench(out)
+    assert reference.check_clip(out)["digest"] == tmeta["digest"]
+    torch.save(recipe.build_clip(dict(tparams, seed=7)).state_dict(), out)  # same shapes, other weights
+    with pytest.raises(reference.ClipMismatch, match="minibench_clip_teacher_v"):
+        reference.check_clip(out)
+    with pytest.raises(ValueError, match="MiniBench CLIP size 'huge': expected one of student, teacher"):
+        recipe.size_params("huge")
+
+
+def test_prepare_builds_the_teacher_size_clip_beside_the_student(tmp_path, capsys):
+    """prepare(sizes=(student, teacher)) writes both CLIPs where the configs read them, each with its own
+    recipe (the teacher's architecture over the same params) and its zero-shot accuracy; --sizes is checked."""
+    root = str(tmp_path / "root")
+    s = cli.prepare(root, seed=0, dataset_params=dict(train_per_class=1, val_per_class=1, test_per_class=2),
+                    clip_params=TINY, keys=("minibench",), use_reference=False,
+                    sizes=(recipe.STUDENT, recipe.TEACHER))
+    assert set(s["clips"]) == {recipe.STUDENT, recipe.TEACHER}
+    teacher = s["clips"][recipe.TEACHER]
+    assert teacher["path"] == os.path.abspath(paths.clip_path(root, recipe.TEACHER)) and teacher["built"]
+    assert teacher["clip"]["params"] == recipe.normalise_params(recipe.size_params(recipe.TEACHER, dict(TINY, seed=0)))
+    assert teacher["clip"]["digest"] == reference.file_digest(teacher["path"]) != s["clip"]["digest"]
+    assert "zeroshot" in teacher["clip"] and s["clips"][recipe.STUDENT]["clip"] == s["clip"]
+    state = torch.load(teacher["path"], weights_only=True)
+    assert state["visual.conv1.weight"].shape[0] == recipe.CLIP_SIZES[recipe.TEACHER]["vision_width"]
+    again = cli.prepare(root, seed=0, dataset_params=dict(train_per_class=1, val_per_class=1, test_per_class=2),
+                        clip_params=TINY, keys=("minibench",), use_reference=False,
+                        sizes=(recipe.STUDENT, recipe.TEACHER))
+    assert not any(c["built"] for c in again["clips"].values())  # cached, digests checked
+    assert cli.main(["prepare", "--root", root, "--sizes", "student,huge"]) == 2
+    assert "--sizes 'student,huge': huge is not a MiniBench CLIP size; valid: student, teacher" in capsys.readouterr().err
+
+
 def test_use_reference_false_pretrains_here(exported, tmp_path, monkeypatch):
     _, _, refdir, meta = exported
     monkeypatch.setattr(reference, "REFERENCE_DIR", refdir)
@@ -116,6 +172,24 @@ def test_shipped_reference_is_the_current_recipe_and_reconstructs():
     assert z["chance_base"] == pytest.approx(100 / data.NUM_BASE, abs=0.01)
     assert z["base"] >= 3 * z["chance_base"] and z["new"] >= 3 * z["chance_new"]
     assert os.path.getsize(reference.weights_file()) < 12 * 2**20
+
+
+def test_shipped_teacher_size_reference_is_the_current_recipe_and_wider_and_deeper():
+    """The teacher-size reference: the current recipe with CLIP_SIZES' teacher architecture, rebuilt to its
+    digest here, with a wider and deeper image tower and joint space than the student reference, and a
+    zero-shot accuracy of at least 3x chance on both halves."""
+    meta = reference.read_meta(size=recipe.TEACHER)
+    assert meta is not None, f"no teacher-size reference CLIP at {reference.weights_file(size=recipe.TEACHER)}"
+    found = reference.matches(recipe.size_params(recipe.TEACHER))
+    assert found is not None and found["size"] == recipe.TEACHER and found["digest"] == meta["digest"]
+    teacher = reference.reconstruct(size=recipe.TEACHER)  # raises on a digest mismatch
+    student = reference.reconstruct()
+    blocks = lambda st: len({k.split(".")[3] for k in st if k.startswith("visual.transformer.resblocks.")})  # noqa: E731
+    assert blocks(teacher) > blocks(student) and teacher["visual.proj"].shape[0] > student["visual.proj"].shape[0]
+    assert teacher["text_projection"].shape[1] == teacher["visual.proj"].shape[1] > student["visual.proj"].shape[1]
+    z = meta["zeroshot"]
+    assert z["base"] >= 3 * z["chance_base"] and z["new"] >= 3 * z["chance_new"]
+    assert os.path.getsize(reference.weights_file(size=recipe.TEACHER)) < 16 * 2**20
 
 
 def test_cli_prepare_pretrain_flag_and_export(tmp_path, monkeypatch, capsys):

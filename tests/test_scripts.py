@@ -363,12 +363,16 @@ def test_registry_default_configs_exist_and_match_the_runner():
     assert {t.name: t.default_config for t in registry.TRAINERS.values()} == CFGS
     for t in registry.TRAINERS.values():
         assert os.path.isfile(os.path.join(ROOT, t.config_file())), t.name
-        if t.minibench_config is None:  # PromptKD: no teacher-size MiniBench CLIP yet
-            assert t.config_for("minibench") == t.default_config
-            continue
+        assert t.minibench_config is not None, f"{t.name} has no MiniBench config"
         assert os.path.isfile(os.path.join(ROOT, t.config_file(t.minibench_config))), t.name
         assert t.config_for("minibench") == t.config_for("minibench_glyphs") == t.minibench_config
         assert t.config_for("dtd") == t.config_for(None) == t.default_config
+        if t.teacher is not None:  # the distilling trainers' teacher: on MiniBench the teacher-size CLIP's config
+            teacher = registry.trainer(t.teacher[0])
+            assert t.teacher_for("dtd") == t.teacher and t.teacher_for("minibench")[1] == t.minibench_teacher_config
+            assert os.path.isfile(os.path.join(ROOT, teacher.config_file(t.minibench_teacher_config))), t.name
+        else:
+            assert t.teacher_for("minibench") is None
 
 
 def test_minibench_runs_get_minibench_configs_without_cfg(env):
@@ -594,6 +598,26 @@ def test_promptkd_base2new_is_transductive_with_the_teacher_trained_once(env):
     assert len(cmds) == 4 and f"--output-dir {teacher}" in cmds[0]
     student = "output/base2new/train_all/dtd/shots_16/SpotlighterKD/vit_b16_ep30_batch64_release/seed1"
     assert f"--output-dir {student}" in cmds[1] and f"TRAINER.PROMPTKD.TEACHER {teacher}" in cmds[1]
+
+
+def test_distilling_trainers_on_minibench_use_the_teacher_size_clip(env):
+    """On MiniBench the teacher is PromptSRC's config on the teacher-size CLIP and the students run
+    their MiniBench configs; TEACHER_CFG still picks another teacher config."""
+    from spotlighter import registry
+
+    for cli in ("promptkd", "spotlighterkd"):
+        r = env.run("base2new.sh", cli, "minibench", 16, SEEDS="1", DRY_RUN="1", TEACHER="train")
+        assert r.returncode == 0, r.stderr
+        cmds = commands(r.stdout)
+        teacher = f"output/teachers/minibench/PromptSRC/{registry.MINIBENCH_TEACHER_CONFIG}_16shots/seed1"
+        assert len(cmds) == 4 and f"--output-dir {teacher}" in cmds[0]
+        assert f"configs/trainers/PromptSRC/{registry.MINIBENCH_TEACHER_CONFIG}.yaml" in cmds[0]
+        t = registry.trainer(cli)
+        assert f"configs/trainers/{t.name}/{t.minibench_config}.yaml" in cmds[1]
+        assert f"TRAINER.PROMPTKD.TEACHER {teacher}" in cmds[1]
+    r = env.run("base2new.sh", "promptkd", "minibench", 16, SEEDS="1", DRY_RUN="1", TEACHER="train",
+                TEACHER_CFG="nonexistent")
+    assert r.returncode == 2 and "TEACHER_CFG=nonexistent" in r.stderr
 
 
 def test_distilling_trainers_cross_dataset_per_target_and_dg_from_the_source(env):

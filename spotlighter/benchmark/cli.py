@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, clip_params: Optional[dict] = None,
             keys: Sequence[str] = tuple(data.SPECS), target_params: Optional[dict] = None,
-            use_reference: bool = True) -> dict:
-    """Ensure every generated dataset ``root/<key>`` and the CLIP ``root/minibench/clip/minibench_clip.pt``.
+            use_reference: bool = True, sizes: Sequence[str] = (recipe.STUDENT,)) -> dict:
+    """Ensure every generated dataset ``root/<key>`` and the CLIP ``root/minibench/clip/minibench_clip.pt``
+    (and, with ``sizes`` naming it, the teacher-size CLIP ``minibench_clip_teacher.pt`` beside it:
+    ``clip_params`` with :data:`.recipe.CLIP_SIZES`' architecture over them).
 
     ``dataset_params`` apply to MiniBench (the source), ``target_params`` (e.g. smaller counts for
     tests) to the other datasets, which otherwise use their defaults; all use ``seed``. The CLIP is
@@ -31,6 +33,8 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
     cparams = dict(clip_params or {})
     cparams["seed"] = seed
     cpath = clip_path(root)
+    for size in sizes:
+        recipe.size_params(size)  # an unknown size is refused before anything is built
     built, seconds, metas = {}, {}, {}
     for key in keys:
         params = dict((dataset_params if key == "minibench" else target_params) or {})
@@ -47,10 +51,17 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
     t0 = time.time()
     others = [dataset_dir(root, k) for k in keys if k != "minibench"]
     # two prepares on one $DATA: the second waits for the first's CLIP, then finds it in place
+    clips, built_clips = {}, {}
     with FileLock(os.path.join(dataset_dir(root), CLIP_LOCK)):
-        had_clip, had_file = read_sidecar(cpath), _file_version(cpath)
-        side = pretrain.ensure_clip(cpath, dataset_dir=dataset_dir(root), eval_dirs=others,
-                                    use_reference=use_reference, **cparams)
+        for size in dict.fromkeys((recipe.STUDENT, *sizes)):
+            path = clip_path(root, size)
+            had_clip, had_file = read_sidecar(path), _file_version(path)
+            clips[size] = pretrain.ensure_clip(path, dataset_dir=dataset_dir(root),
+                                               eval_dirs=others if size == recipe.STUDENT else (),
+                                               use_reference=use_reference, **recipe.size_params(size, cparams))
+            # reinstalled: same sidecar, new file
+            built_clips[size] = had_clip != clips[size] or had_file != _file_version(path)
+    side = clips[recipe.STUDENT]
     t_clip = time.time() - t0
     ddir = dataset_dir(root)
     return {
@@ -59,7 +70,9 @@ def prepare(root: str, *, seed: int = 0, dataset_params: Optional[dict] = None, 
         "clip_path": os.path.abspath(cpath),
         "built_dataset": built.get("minibench", False),
         "built": built,
-        "built_clip": had_clip != side or had_file != _file_version(cpath),  # reinstalled: same sidecar, new file
+        "built_clip": built_clips[recipe.STUDENT],
+        "clips": {size: {"path": os.path.abspath(clip_path(root, size)), "built": built_clips[size], "clip": c}
+                  for size, c in clips.items()},
         "dataset_seconds": seconds.get("minibench", 0.0),
         "seconds": seconds,
         "clip_seconds": round(t_clip, 1),
@@ -76,6 +89,16 @@ def _file_version(path: str):
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _sizes(text: str) -> list:
+    """``--sizes`` as a list of CLIP sizes (an unknown one is refused with the valid ones named)."""
+    sizes = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in sizes if w not in recipe.CLIP_SIZES]
+    if bad or not sizes:
+        raise ValueError(f"--sizes {text!r}: {', '.join(bad) or 'nothing'} is not a MiniBench CLIP size; "
+                         f"valid: {', '.join(recipe.CLIP_SIZES)}")
+    return sizes
 
 
 def describe_origin(side: dict) -> str:
@@ -114,10 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pp.add_argument("--pretrain", action="store_true",
                     help="pretrain the CLIP here (minutes) instead of installing the shipped reference CLIP; "
                          "its weights, and every accuracy measured with them, then depend on this CPU kind")
+    pp.add_argument("--sizes", default=",".join(recipe.CLIP_SIZES),
+                    help="CLIP sizes to install or pretrain, comma-separated (default: all; the teacher-size CLIP "
+                         "is for distilling trainers' teachers; --pretrain --sizes student skips its pretraining)")
     ep = sub.add_parser("export-reference",
                         help="(maintainers) make ROOT's pretrained CLIP the shipped reference CLIP "
                              "(spotlighter/benchmark/reference/)")
     ep.add_argument("--root", required=True)
+    ep.add_argument("--sizes", default=recipe.STUDENT, help="CLIP sizes to export, comma-separated (student, teacher)")
     zp = sub.add_parser("zeroshot", help="re-measure the zero-shot accuracy of the prepared CLIP")
     zp.add_argument("--root", required=True)
     zp.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -165,6 +192,7 @@ def _run(args) -> int:
                 ),
                 clip_params=dict(steps=args.pretrain_steps),
                 use_reference=not args.pretrain,
+                sizes=_sizes(args.sizes),
             )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -174,7 +202,7 @@ def _run(args) -> int:
             print(f"error: cannot write{where} ({e.strerror or e}): give a --root on a writable file system "
                   "with free space", file=sys.stderr)
             return 2
-        if not any(s["built"].values()) and not s["built_clip"]:
+        if not any(s["built"].values()) and not any(c["built"] for c in s["clips"].values()):
             print("MiniBench already prepared; nothing to do.")
         for key, meta in s["datasets"].items():
             how = "generated in %.1fs" % s["seconds"][key] if s["built"][key] else "cached"
@@ -187,16 +215,28 @@ def _run(args) -> int:
             print(f"zero-shot: {_fmt_acc(s['clip']['zeroshot'])}")
         for z in (s["clip"].get("zeroshot_targets") or {}).values():
             print(f"zero-shot: {_fmt_acc(z)}")
+        for size, c in s["clips"].items():
+            if size != recipe.STUDENT:
+                print(f"{size}:  {c['path']}  ({'built' if c['built'] else 'cached'}; {describe_origin(c['clip'])})")
+                if "zeroshot" in c["clip"]:
+                    print(f"{size} zero-shot: {_fmt_acc(c['clip']['zeroshot'])}")
         return 0
 
     if args.cmd == "export-reference":
         try:
-            meta = reference.export(clip_path(args.root))
+            sizes = _sizes(args.sizes)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"reference: {reference.weights_file()} ({os.path.getsize(reference.weights_file()) / 2**20:.1f} MiB, "
-              f"{meta['sparse_rows']} trained token-embedding rows, digest {meta['digest'][:16]}...)")
+        for size in sizes:
+            try:
+                meta = reference.export(clip_path(args.root, size), size=size)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            ref = reference.weights_file(size=size)
+            print(f"reference: {ref} ({os.path.getsize(ref) / 2**20:.1f} MiB, "
+                  f"{meta['sparse_rows']} trained token-embedding rows, digest {meta['digest'][:16]}...)")
         return 0
     ddir = dataset_dir(args.root)
     weights = args.weights or clip_path(args.root)

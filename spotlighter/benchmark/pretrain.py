@@ -347,8 +347,9 @@ def ensure_clip(path: str, *, dataset_dir: Optional[str] = None, eval_dirs: Sequ
     if os.path.exists(sidecar_path(path)):
         os.remove(sidecar_path(path))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if use_reference and reference.matches(p):
-        meta = {"pretrain_version": PRETRAIN_VERSION, "params": p, **reference.install(path)}
+    ref = reference.matches(p) if use_reference else None
+    if ref is not None:
+        meta = {"pretrain_version": PRETRAIN_VERSION, "params": p, **reference.install(path, size=ref["size"])}
         logger.info("Installed the reference MiniBench CLIP (pretrained on %s, digest %s) at %s",
                     meta["cpu"], meta["digest"][:16], path)
     else:

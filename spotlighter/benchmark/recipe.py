@@ -58,6 +58,25 @@ DEFAULT_CLIP_PARAMS: Dict[str, object] = {
 }
 
 
+#: The CLIP sizes MiniBench ships: each is the recipe above with its own architecture overrides. The
+#: student-size CLIP is the one every trainer tunes; the teacher-size CLIP has a wider and deeper image
+#: tower and a wider joint space (as ViT-L/14 is to ViT-B/16), for distilling trainers' teachers
+#: (PromptKD's PromptSRC teacher). Its text tower is the student's: the teacher's text features are
+#: computed once per dataset, its image tower runs on every training image.
+STUDENT, TEACHER = "student", "teacher"
+CLIP_SIZES: Dict[str, Dict[str, int]] = {
+    STUDENT: {},
+    TEACHER: {"embed_dim": 192, "vision_width": 192, "vision_layers": 6},
+}
+
+
+def size_params(size: str, params: Optional[dict] = None) -> dict:
+    """``params`` with the architecture of CLIP size ``size`` (a key of :data:`CLIP_SIZES`) over them."""
+    if size not in CLIP_SIZES:
+        raise ValueError(f"MiniBench CLIP size {size!r}: expected one of {', '.join(CLIP_SIZES)}")
+    return {**(params or {}), **CLIP_SIZES[size]}
+
+
 def build_clip(params: Optional[dict] = None) -> "torch.nn.Module":
     """A freshly initialised float32 ``clip.model.CLIP`` of the MiniBench size."""
     from clip.model import CLIP

@@ -33,20 +33,22 @@ import torch
 
 from ..fileio import atomic_path
 from . import data
-from .paths import data_root, read_sidecar, sidecar_path
-from .recipe import PRETRAIN_VERSION, build_clip, normalise_params
+from .paths import CLIP_FILES, data_root, read_sidecar, sidecar_path
+from .recipe import CLIP_SIZES, PRETRAIN_VERSION, STUDENT, build_clip, normalise_params
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 SPARSE_KEY = "token_embedding.weight"
 
 
-def weights_file(directory: Optional[str] = None) -> str:
-    """The reference weights in ``directory`` (default: the shipped :data:`REFERENCE_DIR`)."""
-    return os.path.join(directory or REFERENCE_DIR, f"minibench_clip_v{PRETRAIN_VERSION}.pt")
+def weights_file(directory: Optional[str] = None, size: str = STUDENT) -> str:
+    """The reference weights of CLIP size ``size`` in ``directory`` (default: the shipped :data:`REFERENCE_DIR`):
+    ``minibench_clip_v<recipe>.pt``, ``minibench_clip_teacher_v<recipe>.pt``."""
+    stem = os.path.splitext(CLIP_FILES[size])[0]
+    return os.path.join(directory or REFERENCE_DIR, f"{stem}_v{PRETRAIN_VERSION}.pt")
 
 
-def meta_file(directory: Optional[str] = None) -> str:
-    return weights_file(directory)[: -len(".pt")] + ".json"
+def meta_file(directory: Optional[str] = None, size: str = STUDENT) -> str:
+    return weights_file(directory, size)[: -len(".pt")] + ".json"
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -70,28 +72,30 @@ def _initial_state(params: dict) -> Dict[str, torch.Tensor]:
     return build_clip(params).state_dict()
 
 
-def read_meta(directory: Optional[str] = None) -> Optional[dict]:
-    path = meta_file(directory)
-    if not (os.path.isfile(path) and os.path.isfile(weights_file(directory))):
+def read_meta(directory: Optional[str] = None, size: str = STUDENT) -> Optional[dict]:
+    path = meta_file(directory, size)
+    if not (os.path.isfile(path) and os.path.isfile(weights_file(directory, size))):
         return None
     with open(path) as f:
         return json.load(f)
 
 
 def matches(params: dict, directory: Optional[str] = None) -> Optional[dict]:
-    """The reference's metadata when it was pretrained with exactly ``params`` (normalised) under
-    the current recipe and generator versions, else None."""
-    meta = read_meta(directory)
-    if meta is None or meta.get("pretrain_version") != PRETRAIN_VERSION:
-        return None
-    ref = meta.get("params") or {}
-    if ref.get("generator_version") != data.GENERATOR_VERSION:
-        return None
-    return meta if json.dumps(ref, sort_keys=True) == json.dumps(normalise_params(params), sort_keys=True) else None
+    """The metadata of the reference (of any size; its ``"size"`` is added) that was pretrained with
+    exactly ``params`` (normalised) under the current recipe and generator versions, else None."""
+    want = json.dumps(normalise_params(params), sort_keys=True)
+    for size in CLIP_SIZES:
+        meta = read_meta(directory, size)
+        if meta is None or meta.get("pretrain_version") != PRETRAIN_VERSION:
+            continue
+        ref = meta.get("params") or {}
+        if ref.get("generator_version") == data.GENERATOR_VERSION and json.dumps(ref, sort_keys=True) == want:
+            return {**meta, "size": size}
+    return None
 
 
-def export(clip_path: str, directory: Optional[str] = None) -> dict:
-    """Write the reference from a CLIP built by ``prepare`` (its sidecar gives the recipe)."""
+def export(clip_path: str, directory: Optional[str] = None, size: str = STUDENT) -> dict:
+    """Write the reference of CLIP size ``size`` from a CLIP built by ``prepare`` (its sidecar gives the recipe)."""
     side = read_sidecar(clip_path)
     if side is None:
         raise ValueError(f"{clip_path}: no complete MiniBench CLIP there (weights and {sidecar_path(clip_path)} "
@@ -109,8 +113,8 @@ def export(clip_path: str, directory: Optional[str] = None) -> dict:
         "sparse_rows": rows,
         "sparse_values": emb[rows].clone(),
     }
-    os.makedirs(os.path.dirname(weights_file(directory)), exist_ok=True)
-    with atomic_path(weights_file(directory)) as tmp:
+    os.makedirs(os.path.dirname(weights_file(directory, size)), exist_ok=True)
+    with atomic_path(weights_file(directory, size)) as tmp:
         torch.save(payload, tmp)
     meta = {
         "pretrain_version": side["pretrain_version"],
@@ -123,23 +127,23 @@ def export(clip_path: str, directory: Optional[str] = None) -> dict:
     for z in [meta.get("zeroshot")] + list((meta.get("zeroshot_targets") or {}).values()):
         if isinstance(z, dict):
             z.pop("dataset_dir", None)
-    data._write_json_atomic(meta_file(directory), meta)
+    data._write_json_atomic(meta_file(directory, size), meta)
     # the round trip must give the same bits, or the reference is not written
-    check = reconstruct(directory)
+    check = reconstruct(directory, size)
     if state_digest(check) != meta["digest"]:
-        os.remove(meta_file(directory))
+        os.remove(meta_file(directory, size))
         raise RuntimeError("reference export: the reconstructed weights differ from the exported ones")
     return meta
 
 
-def reconstruct(directory: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def reconstruct(directory: Optional[str] = None, size: str = STUDENT) -> Dict[str, torch.Tensor]:
     """The reference's full float32 state dict (raises ``ValueError`` if its digest does not match)."""
-    meta = read_meta(directory)
+    meta = read_meta(directory, size)
     if meta is None:
-        raise ValueError(f"no reference MiniBench CLIP in {directory or REFERENCE_DIR} (expected {weights_file(directory)} and "
-                         f"{meta_file(directory)})")
+        raise ValueError(f"no reference MiniBench CLIP in {directory or REFERENCE_DIR} (expected {weights_file(directory, size)} and "
+                         f"{meta_file(directory, size)})")
     try:
-        payload = torch.load(weights_file(directory), map_location="cpu", weights_only=True)
+        payload = torch.load(weights_file(directory, size), map_location="cpu", weights_only=True)
         key = meta.get("sparse_key", SPARSE_KEY)
         init = _initial_state(meta["params"])
         emb = init[key].clone()
@@ -149,31 +153,31 @@ def reconstruct(directory: Optional[str] = None) -> Dict[str, torch.Tensor]:
         if set(payload["dense"]) != set(init) - {key}:
             raise KeyError(f"tensors {sorted(set(payload['dense']) ^ (set(init) - {key}))}")
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
-        raise ValueError(f"{weights_file(directory)}: not a readable reference CLIP ({type(e).__name__}: {e}); "
+        raise ValueError(f"{weights_file(directory, size)}: not a readable reference CLIP ({type(e).__name__}: {e}); "
                          "restore it with `git checkout -- spotlighter/benchmark/reference` "
                          "or pretrain locally with `prepare --pretrain`") from None
     digest = state_digest(state)
     if digest != meta["digest"]:
         raise ValueError(
-            f"{weights_file(directory)}: the reconstructed reference CLIP has digest {digest[:16]}..., its "
-            f"{os.path.basename(meta_file(directory))} records {meta['digest'][:16]}... (a damaged file, or "
+            f"{weights_file(directory, size)}: the reconstructed reference CLIP has digest {digest[:16]}..., its "
+            f"{os.path.basename(meta_file(directory, size))} records {meta['digest'][:16]}... (a damaged file, or "
             f"this machine initialises the untrained token-embedding rows differently: torch "
             f"{torch.__version__} here, {meta.get('torch')} at export). Pretrain locally with "
             "`python -m spotlighter.benchmark prepare --pretrain --root DATA`.")
     return state
 
 
-def install(path: str, directory: Optional[str] = None) -> dict:
+def install(path: str, directory: Optional[str] = None, size: str = STUDENT) -> dict:
     """Write the reference weights to ``path`` (a float32 state dict, as pretraining writes it) and
     return the part of the sidecar that describes them."""
-    state = reconstruct(directory)
-    meta = read_meta(directory)
+    state = reconstruct(directory, size)
+    meta = read_meta(directory, size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return {
         "origin": "reference",
-        "reference": os.path.basename(weights_file(directory)),
+        "reference": os.path.basename(weights_file(directory, size)),
         "digest": meta["digest"],
         "cpu": meta.get("cpu"),
         "torch": meta.get("torch"),
@@ -226,7 +230,7 @@ def expected_digest(path: str, side: dict) -> Tuple[str, str]:
             raise ClipMismatch(path, f"its sidecar says it is the shipped reference CLIP, but no shipped reference "
                                      f"CLIP has its recipe (pretraining recipe {side.get('pretrain_version')}; this "
                                      f"code ships recipe {PRETRAIN_VERSION} in {meta_file()})")
-        return ref["digest"], f"the shipped reference CLIP's ({meta_file()})"
+        return ref["digest"], f"the shipped reference CLIP's ({meta_file(size=ref['size'])})"
     digest = side.get("digest")
     if not (isinstance(digest, str) and len(digest) == 64):
         raise ClipMismatch(path, f"its sidecar {sidecar_path(path)} records no digest")

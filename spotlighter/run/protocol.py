@@ -136,7 +136,7 @@ def settings_from(protocol: str, args: Sequence[str], env: Dict[str, str], cwd: 
         if env["TEACHER"] != "train":
             raise InputError(f"TEACHER={env['TEACHER']!r}: expected 'train' (train the teacher in this run); to use an "
                              f"existing teacher pass {trainer.teacher[2]} PATH as a trailing KEY VALUE")
-        t_trainer, t_cfg, key = trainer.teacher
+        t_trainer, t_cfg, key = trainer.teacher_for(dataset or source)
         t_cfg = env.get("TEACHER_CFG") or t_cfg
         if not os.path.isfile(os.path.join(REPO, registry.trainer(t_trainer).config_file(t_cfg))):
             raise InputError(f"TEACHER_CFG={t_cfg}: {registry.trainer(t_trainer).config_file(t_cfg)} does not exist")
