@@ -167,10 +167,11 @@ KINDS: Dict[str, Tuple[str, Optional[str]]] = {
     "paper": ("spotlighter", "vit_b16_ep20_paper"), "release": ("spotlighter", "vit_b16_ep20_release"),
     "promptkd": ("promptkd", None), "spotlighterkd": ("spotlighterkd", "vit_b16_ep30_batch64_release"),
     "textrefiner": ("spotlighterkd", "vit_b16_ep30_batch64_textrefiner"),
+    "spotlighterkd_paper": ("spotlighterkd", "vit_b16_ep30_batch64_paper"),
 }
 #: The distilled students: built with a frozen (random) IVLP teacher on a ``--teacher-arch`` CLIP, whose
 #: image tower runs in every training step (its text features are computed once).
-KD_KINDS = ("promptkd", "spotlighterkd", "textrefiner")
+KD_KINDS = ("promptkd", "spotlighterkd", "textrefiner", "spotlighterkd_paper")
 
 
 def model_cfg(kind: str, clip_model, teacher_clip=None):

@@ -181,7 +181,7 @@ def test_distilled_students_are_benchmarked_with_a_teacher(tiny_arch, tmp_path, 
     assert bench.main(["--arch", "tiny", "--teacher-arch", "tiny", "--device", "cpu", "--classes", "6",
                        "--batch", "2", "--train-batch", "2", "--train-classes", "4", "--reps", "1", "--no-memory",
                        "--threads", "1", "--models", "zsclip", "coop", "promptkd", "spotlighterkd", "textrefiner",
-                       "--json", str(out)]) == 0
+                       "spotlighterkd_paper", "--json", str(out)]) == 0
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     d = 64  # the tiny CLIP's embedding (student and teacher)
     projector = d * d + d + 2 * d + d * d + d
@@ -189,6 +189,10 @@ def test_distilled_students_are_benchmarked_with_a_teacher(tiny_arch, tmp_path, 
     assert rows["textrefiner"]["trainable"] == rows["promptkd"]["trainable"] + projector + 2 * d * d
     assert rows["spotlighterkd"]["trainable"] == rows["textrefiner"]["trainable"] + 4 * (d * d + d)
     assert rows["spotlighterkd"]["train_step_s"]["n"] == 1
+    # paper: class prototypes (MEMORY.KIND class, a buffer) instead of the trained 25-slot memory; the same
+    # projectors, TRM and IRM of the token sets
+    assert rows["spotlighterkd_paper"]["train_step_s"]["n"] == 1
+    assert rows["spotlighterkd_paper"]["trainable"] == rows["spotlighterkd"]["trainable"]
     capsys.readouterr()
 
 
