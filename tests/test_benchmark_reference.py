@@ -389,3 +389,18 @@ def test_train_refuses_a_swapped_minibench_clip_from_the_configs_path(installed,
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"{path} is not the MiniBench CLIP it claims to be: its weights have digest" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_minibench_clip_names_the_command_that_installs_it(tmp_path):
+    """A $DATA prepared before the teacher-size CLIP existed: the error names the file and `prepare`."""
+    from spotlighter.backbone import BackboneError, resolve_weights
+
+    root = str(tmp_path / "data")
+    for size in recipe.CLIP_SIZES:
+        path = paths.clip_path(root, size)
+        with pytest.raises(BackboneError) as e:
+            resolve_weights("MiniBench-ViT", path)
+        assert f"it is MiniBench's {os.path.basename(path)}" in str(e.value)
+        assert f"python -m spotlighter.benchmark prepare --root {root}" in str(e.value)
+    with pytest.raises(BackboneError, match="which is not a file. Give the path of a CLIP weight file"):
+        resolve_weights("MiniBench-ViT", str(tmp_path / "elsewhere.pt"))
