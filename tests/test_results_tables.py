@@ -292,3 +292,17 @@ def test_transductive_trainers_and_published_rows_are_marked():
     assert method_labels([spot], mark_transductive=False)[spot] == "SpotlighterKD"  # DG: distilled on the source
     assert is_transductive("PromptKD w/ Spotlighter") and is_transductive("PromptKD w/ TextRefiner")
     assert not is_transductive("CoOp w/ Spotlighter") and not is_transductive("PromptKDX")
+
+
+def test_base2new_table_marks_distilling_rows_transductive(tmp_path):
+    """The rendered base-to-novel table and its CSV records say which rows are transductive."""
+    from spotlighter.results.constants import TRANSDUCTIVE_MARK
+
+    for trainer, cfg in (("CoOp", "c"), ("PromptKD", "k")):
+        for subset, correct in (("base", 600), ("new", 400)):
+            write_log(b2n_dir(tmp_path, trainer, cfg, "dtd", subset, 1), eval_log(correct, 1000, trainer=trainer))
+    table = base2new_table(collect(tmp_path, "base2new"), root=tmp_path, published=None)
+    md = to_markdown(table)
+    assert f"| dtd | PromptKD{TRANSDUCTIVE_MARK} |" in md and "| dtd | CoOp |" in md
+    flags = {r["trainer"]: r["transductive"] for r in table.records if r["dataset"] == "dtd"}
+    assert flags == {"CoOp": False, "PromptKD": True}

@@ -361,12 +361,13 @@ class _B2NLayout:
     def add(self, first: str, method: Method, ours: Sequence[Cell], values: Sequence[float | None],
             pub_method: str | None, pub: BaseNew | None, record: dict[str, object]) -> None:
         deltas = _deltas(values, pub)
-        cells = [Cell(first), Cell(method.trainer)] + ([Cell(method.config)] if self.with_config else []) + list(ours)
+        name = method.trainer + (TRANSDUCTIVE_MARK if is_transductive(method.trainer) else "")
+        cells = [Cell(first), Cell(name)] + ([Cell(method.config)] if self.with_config else []) + list(ours)
         if self.with_pub:
             cells += _pub_cells(pub) + [Cell(d, signed=True) for d in deltas]
         self.rows.append(cells)
         record.update(protocol="base2new", shots=self.shots, trainer=method.trainer, config=method.config,
-                      published_method=pub_method or "")
+                      transductive=is_transductive(method.trainer), published_method=pub_method or "")
         for key, pub_value, delta in zip(METRICS, pub or (None, None, None), deltas, strict=True):
             record.update({f"pub_{key}": _round(pub_value), f"delta_{key}": _round(delta)})
         self.records.append(record)
