@@ -89,14 +89,11 @@ def resolve_weights(name: str, path: str = "") -> str:
     if path:
         path = os.path.expanduser(path)
         if not os.path.isfile(path):
-            from .benchmark import paths
+            from .benchmark import paths, reference
 
-            root = paths.data_root(path)
-            if root is not None:  # one of MiniBench's CLIPs (the teacher-size one is new to older $DATA folders)
-                raise BackboneError(
-                    f"MODEL.BACKBONE.PATH points to {path!r}, which is not a file: it is MiniBench's "
-                    f"{os.path.basename(path)}. Install it with `python -m spotlighter.benchmark prepare --root "
-                    f"{root}` (prepare installs the shipped student- and teacher-size CLIPs).")
+            if paths.data_root(path) is not None:  # a MiniBench CLIP (older $DATA folders lack the teacher-size one)
+                raise BackboneError(f"MODEL.BACKBONE.PATH points to {path!r}, which is not a file: it is MiniBench's "
+                                    f"{os.path.basename(path)}. {reference.advice(path)}")
             raise BackboneError(
                 f"MODEL.BACKBONE.PATH points to {path!r}, which is not a file. Give the path of a "
                 "CLIP weight file (an OpenAI TorchScript archive such as ViT-B-16.pt, or a state dict "

@@ -18,7 +18,8 @@ from .recipe import STUDENT, TEACHER
 DATASET_SUBDIR = "minibench"
 #: File name of MiniBench's CLIP (``DATA/minibench/clip/minibench_clip.pt``).
 CLIP_FILE = "minibench_clip.pt"
-CLIP_RELPATH = os.path.join("clip", CLIP_FILE)
+CLIP_SUBDIR = "clip"  # DATA/minibench/clip/ holds every CLIP size
+CLIP_RELPATH = os.path.join(CLIP_SUBDIR, CLIP_FILE)
 #: File name of each CLIP size (:data:`.recipe.CLIP_SIZES`) in ``DATA/minibench/clip/``.
 CLIP_FILES = {STUDENT: CLIP_FILE, TEACHER: "minibench_clip_teacher.pt"}
 CLIP_LOCK = ".clip.lock"  # in the MiniBench folder, held while its CLIP is checked or built
@@ -32,14 +33,14 @@ def dataset_dir(root: str, key: str = "minibench") -> str:
 
 def clip_path(root: str, size: str = STUDENT) -> str:
     """Where ``prepare`` puts the CLIP of size ``size`` under the data root."""
-    return os.path.join(dataset_dir(root), "clip", CLIP_FILES[size])
+    return os.path.join(dataset_dir(root), CLIP_SUBDIR, CLIP_FILES[size])
 
 
 def data_root(path: str) -> Optional[str]:
     """``DATA`` when ``path`` is one of ``DATA/minibench/clip/``'s CLIPs (where ``prepare`` puts them), else None."""
     full = os.path.abspath(path)
     for name in CLIP_FILES.values():
-        tail = os.sep + os.path.join(DATASET_SUBDIR, "clip", name)
+        tail = os.sep + os.path.join(DATASET_SUBDIR, CLIP_SUBDIR, name)
         if full.endswith(tail):
             return full[: -len(tail)] or os.sep
     return None
